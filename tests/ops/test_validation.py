@@ -1,0 +1,120 @@
+"""Every input error of the public ops: the message names the argument and what was expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lr2kernels as lr2
+from tests.ops.conftest import make_table
+
+TABLE = make_table(64)
+
+
+def _qkv(hq=4, hk=2, seq=8, head_dim=64, dtype=torch.float32):
+    return (
+        torch.randn(1, hq, seq, head_dim, dtype=dtype),
+        torch.randn(1, hk, seq, head_dim, dtype=dtype),
+        torch.randn(1, hk, seq, head_dim, dtype=dtype),
+    )
+
+
+def test_table_type():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="table: expected a lr2kernels.RopeTable"):
+        lr2.rope_attention(q, k, v, {"rope_type": "longrope"})
+
+
+def test_head_dim_mismatch():
+    q, k, v = _qkv(head_dim=80)
+    with pytest.raises(ValueError, match=r"q: expected head_dim = table.head_dim = 64 .*got 80"):
+        lr2.rope_attention(q, k, v, TABLE)
+
+
+def test_heads_not_divisible():
+    q, k, v = _qkv(hq=6, hk=4)
+    with pytest.raises(ValueError, match="k: expected a number of heads dividing q's 6, got 4"):
+        lr2.rope_attention(q, k, v, TABLE)
+
+
+def test_dtype_mismatch():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"k: expected dtype torch.float32 \(as q\), got torch.float16"):
+        lr2.rope_attention(q, k.half(), v, TABLE)
+    with pytest.raises(ValueError, match=r"v: expected dtype torch.float32 \(as k\), got torch.float64"):
+        lr2.rope_attention(q, k, v.double(), TABLE)
+
+
+def test_integer_inputs_and_non_tensors():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="q: expected dtype float16, bfloat16, float32 or float64, got torch.int64"):
+        lr2.apply_rope(q.long(), k, TABLE)
+    with pytest.raises(TypeError, match="k: expected a torch.Tensor, got list"):
+        lr2.apply_rope(q, [1.0], TABLE)
+
+
+def test_wrong_rank_and_shapes():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"q: expected a 4-D tensor \[batch, heads, seq, head_dim\]"):
+        lr2.rope_attention(q[0], k, v, TABLE)
+    with pytest.raises(ValueError, match="k: expected the same batch and sequence sizes as q"):
+        lr2.rope_attention(q, k[:, :, :5], v[:, :, :5], TABLE)
+    with pytest.raises(ValueError, match="v: expected the shape of k"):
+        lr2.rope_attention(q, k, v[:, :1], TABLE)
+
+
+def test_position_ids_checks():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"position_ids: expected shape \[8\] or \[1, 8\]"):
+        lr2.rope_attention(q, k, v, TABLE, position_ids=torch.arange(9))
+    with pytest.raises(TypeError, match="position_ids: expected an integer tensor, got dtype torch.float32"):
+        lr2.rope_attention(q, k, v, TABLE, position_ids=torch.arange(8.0))
+
+
+def test_cu_seqlens_checks():
+    q, k, v = torch.randn(10, 4, 64), torch.randn(10, 2, 64), torch.randn(10, 2, 64)
+    with pytest.raises(ValueError, match="cu_seqlens: expected non-decreasing offsets, got"):
+        lr2.rope_attention(q, k, v, TABLE, cu_seqlens=torch.tensor([0, 6, 4, 10]))
+    with pytest.raises(ValueError, match="cu_seqlens: expected offsets from 0 to total_tokens = 10, got 0 .. 9"):
+        lr2.rope_attention(q, k, v, TABLE, cu_seqlens=torch.tensor([0, 5, 9]))
+    with pytest.raises(ValueError, match="cu_seqlens: expected a 1-D int32/int64 tensor"):
+        lr2.rope_attention(q, k, v, TABLE, cu_seqlens=torch.tensor([0.0, 10.0]))
+    with pytest.raises(ValueError, match=r"max_seqlen: expected at least the longest sequence \(6\), got 5"):
+        lr2.rope_attention(q, k, v, TABLE, cu_seqlens=torch.tensor([0, 6, 10]), max_seqlen=5)
+    with pytest.raises(ValueError, match=r"q: expected a 3-D tensor \[total_tokens, heads, head_dim\] \(varlen\)"):
+        lr2.rope_attention(q[None], k[None], v[None], TABLE, cu_seqlens=torch.tensor([0, 10]))
+
+
+def test_scalar_argument_checks():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="softmax_scale: expected a value > 0, got -1"):
+        lr2.rope_attention(q, k, v, TABLE, softmax_scale=-1.0)
+    with pytest.raises(TypeError, match="long: expected True, False or None, got str"):
+        lr2.rope_attention(q, k, v, TABLE, long="yes")
+
+
+def test_decode_checks():
+    q = torch.randn(2, 4, 1, 64)
+    k_cache, v_cache = torch.zeros(2, 2, 16, 64), torch.zeros(2, 2, 16, 64)
+    with pytest.raises(ValueError, match=r"cache_seqlens: expected values in \[1 \(new tokens\), 16 \(cache size\)\]"):
+        lr2.rope_decode(q, k_cache, v_cache, torch.tensor([3, 17]), TABLE)
+    with pytest.raises(ValueError, match=r"cache_seqlens: expected values in \[1 \(new tokens\), 16"):
+        lr2.rope_decode(q, k_cache, v_cache, torch.tensor([0, 5]), TABLE)
+    with pytest.raises(ValueError, match=r"cache_seqlens: expected an int32/int64 tensor of shape \[2\]"):
+        lr2.rope_decode(q, k_cache, v_cache, torch.tensor([3]), TABLE)
+    with pytest.raises(ValueError, match="k_cache: expected a number of heads dividing q's 4, got 3"):
+        lr2.rope_decode(q, torch.zeros(2, 3, 16, 64), torch.zeros(2, 3, 16, 64), torch.tensor([3, 4]), TABLE)
+    with pytest.raises(ValueError, match="v_cache: expected the shape of k_cache"):
+        lr2.rope_decode(q, k_cache, v_cache[:, :, :8], torch.tensor([3, 4]), TABLE)
+    with pytest.raises(ValueError, match="k_cache: expected batch 2 \\(as q\\), got 1"):
+        lr2.rope_decode(q, k_cache[:1], v_cache[:1], torch.tensor([3, 4]), TABLE)
+
+
+def test_rerotate_checks():
+    k = torch.randn(1, 2, 8, 64)
+    with pytest.raises(ValueError, match="position_ids: expected the keys' positions, got None"):
+        lr2.rerotate(k, TABLE, None, False, True)
+    with pytest.raises(TypeError, match="to_long: expected a bool, got int"):
+        lr2.rerotate(k, TABLE, torch.arange(8), False, 1)
+    with pytest.raises(ValueError, match=r"k: expected \[B, H, L, D\] or \[T, H, D\]"):
+        lr2.rerotate(k[0, 0], TABLE, torch.arange(8), False, True)

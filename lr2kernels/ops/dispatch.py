@@ -15,7 +15,7 @@ import torch
 # `is_available(device) -> (bool, reason)`; None marks a backend that is planned but not in this version.
 _BACKEND_MODULES: dict[str, str | None] = {
     "torch": "lr2kernels.ops.torch_backend",
-    "triton": None,
+    "triton": "lr2kernels.ops.triton",
     "cuda": None,
 }
 _NOT_BUILT_REASON = "not part of this version of lr2kernels yet"

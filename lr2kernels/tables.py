@@ -243,10 +243,11 @@ class RopeTable:
         default, linear, dynamic, yarn, llama3 and longrope, partial rotary, Phi3's top-level
         ``original_max_position_embeddings`` and PhiMoE's ``short_mscale`` / ``long_mscale``.
 
-        L0 for longrope is the top-level ``original_max_position_embeddings`` when present. transformers itself
-        only honours it for Phi3-style configs; for e.g. a ``llama`` LongRoPE2 config it sets L0 to
-        ``max_position_embeddings`` and never switches to the long table. Here the long table is used above the
-        real L0, with a one-time warning that stock transformers behaves differently.
+        L0 for longrope is the top-level ``original_max_position_embeddings`` when present. For a ``llama``
+        LongRoPE2 config, the rope parameters alone say L0 = ``max_position_embeddings`` (transformers standardises
+        them before the top-level field is set, and re-reads it only when it builds the rotary module), so code that
+        reads them never switches to the long table. Here the top-level value wins, with a one-time warning naming
+        both values.
 
         Args:
             config: HF config object or dict.
@@ -535,9 +536,10 @@ def _from_hf_config(cls: type[RopeTable], config: Any, seq_len: int | None) -> R
         if hf_l0 != l0:
             _warn_once(
                 f"l0-trap-{model_type}-{l0}-{hf_l0}",
-                f"config has original_max_position_embeddings={l0} at the top level, but transformers uses "
-                f"L0={hf_l0} for model_type {model_type!r} and so never switches to the long factors at {l0}. "
-                f"lr2kernels uses L0={l0}: the long table for sequences longer than {l0} tokens.",
+                f"config: the top-level original_max_position_embeddings is {l0} but the rope parameters say L0 = "
+                f"{hf_l0} (model_type {model_type!r}). lr2kernels uses L0 = {l0}: the long table for sequences longer "
+                f"than {l0} tokens. transformers >= 5 re-reads the top-level value when it builds the rotary module; "
+                f"code that reads only the rope parameters would use {hf_l0} and never switch.",
             )
     for key in ("short_factor", "long_factor"):
         if key not in rope:

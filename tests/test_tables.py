@@ -69,7 +69,7 @@ def hf_config(data: dict):
 def quiet_table(config, seq_len=None) -> RopeTable:
     """``from_hf_config`` without the one-time L0 warning (tested on its own in the L0-trap test)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*original_max_position_embeddings=", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*top-level original_max_position_embeddings", category=UserWarning)
         return RopeTable.from_hf_config(config, seq_len=seq_len)
 
 
@@ -193,7 +193,7 @@ def test_real_config_cos_sin_matches_hf_rotary_module(name, long):
 def test_llama3_longrope2_l0_trap():
     data = real_dict("llama3-8b-longrope2")
     tables._warned.clear()
-    with pytest.warns(UserWarning, match="8192"):
+    with pytest.warns(UserWarning, match="top-level original_max_position_embeddings is 8192 but the rope parameters say L0 = 131072"):
         table = RopeTable.from_hf_config(data)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process: a second read is silent

@@ -268,7 +268,9 @@ def report(rows: list[dict], out: Path) -> None:
             ax.plot(*zip(*points), marker="o", label=provider)
         ax.set(title=mode, xlabel="sequence length", ylabel="ms", xscale="log", yscale="log")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{rows[0]['device_name']} {rows[0]['dtype']} D={rows[0]['head_dim']} GQA {rows[0]['hq']}:{rows[0]['hk']}")
+    fig.suptitle(
+        f"{rows[0]['device_name']} {rows[0]['dtype']} D={rows[0]['head_dim']} GQA {rows[0]['hq']}:{rows[0]['hk']}"
+    )
     fig.tight_layout()
     fig.savefig(out / "bench_kernels.png", dpi=110)
     print(f"wrote {csv_path} and {out / 'bench_kernels.png'}")

@@ -58,9 +58,7 @@ def inverse_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return rotate(x, cos / scale_sq, -sin / scale_sq)
 
 
-def default_position_ids(
-    seq_len: int, device: torch.device, cu_seqlens: torch.Tensor | None = None
-) -> torch.Tensor:
+def default_position_ids(seq_len: int, device: torch.device, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """0..L-1 (dense, ``[L]``), or 0..len_i-1 for each sequence of a varlen batch (``[total_tokens]``)."""
     if cu_seqlens is None:
         return torch.arange(seq_len, device=device)
@@ -69,9 +67,7 @@ def default_position_ids(
     return torch.arange(int(cu_seqlens[-1]), device=device) - starts
 
 
-def sequence_long_flags(
-    table: RopeTable, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
-) -> list[bool]:
+def sequence_long_flags(table: RopeTable, position_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> list[bool]:
     """Per sequence of a varlen batch: long table iff the sequence's max position + 1 exceeds L0."""
     flags = []
     bounds = cu_seqlens.tolist()

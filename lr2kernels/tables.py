@@ -60,9 +60,7 @@ def _check_factors(name: str, factors: Any, expected_len: int) -> tuple[float, .
     if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence):
         raise TypeError(f"{name}: expected a sequence of {expected_len} numbers, got {type(factors).__name__}")
     if len(factors) != expected_len:
-        raise ValueError(
-            f"{name}: expected rotary_dim // 2 = {expected_len} factors, got {len(factors)}"
-        )
+        raise ValueError(f"{name}: expected rotary_dim // 2 = {expected_len} factors, got {len(factors)}")
     values = []
     for i, f in enumerate(factors):
         if isinstance(f, bool) or not isinstance(f, (int, float)):
@@ -290,9 +288,7 @@ class RopeTable:
         """fp32 inverse frequencies ``[rotary_dim // 2]`` of the short (``long=False``) or long table."""
         return self._inv_freq(long, device).clone()
 
-    def cos_sin(
-        self, position_ids: torch.Tensor, long: bool | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, position_ids: torch.Tensor, long: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for integer positions, HF layout, fp32, multiplied by the attention factor.
 
         Args:

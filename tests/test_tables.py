@@ -193,7 +193,9 @@ def test_real_config_cos_sin_matches_hf_rotary_module(name, long):
 def test_llama3_longrope2_l0_trap():
     data = real_dict("llama3-8b-longrope2")
     tables._warned.clear()
-    with pytest.warns(UserWarning, match="top-level original_max_position_embeddings is 8192 but the rope parameters say L0 = 131072"):
+    with pytest.warns(
+        UserWarning, match="top-level original_max_position_embeddings is 8192 but the rope parameters say L0 = 131072"
+    ):
         table = RopeTable.from_hf_config(data)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process: a second read is silent

@@ -76,9 +76,7 @@ def check_cu_seqlens(cu_seqlens: object, total_tokens: int, device: torch.device
     return cu_seqlens
 
 
-def check_position_ids(
-    position_ids: object, shape: AttentionShape, device: torch.device
-) -> torch.Tensor | None:
+def check_position_ids(position_ids: object, shape: AttentionShape, device: torch.device) -> torch.Tensor | None:
     if position_ids is None:
         return None
     if not isinstance(position_ids, torch.Tensor):
@@ -115,9 +113,7 @@ def check_qk(
         check_head_dim(name, x, table)
     token_axis = 0 if varlen else 2
     if k.shape[token_axis] != q.shape[token_axis] or (not varlen and k.shape[0] != q.shape[0]):
-        raise ValueError(
-            f"k: expected the same batch and sequence sizes as q {tuple(q.shape)}, got {tuple(k.shape)}"
-        )
+        raise ValueError(f"k: expected the same batch and sequence sizes as q {tuple(q.shape)}, got {tuple(k.shape)}")
     head_axis = 1
     check_gqa(q.shape[head_axis], k.shape[head_axis])
     if varlen:
@@ -150,9 +146,7 @@ def check_max_seqlen(max_seqlen: object, cu_seqlens: torch.Tensor | None) -> int
     return max_seqlen
 
 
-def check_decode(
-    q: object, k_cache: object, v_cache: object, cache_seqlens: object, table: object
-) -> torch.Tensor:
+def check_decode(q: object, k_cache: object, v_cache: object, cache_seqlens: object, table: object) -> torch.Tensor:
     """Check decode inputs; returns cache_seqlens."""
     check_table(table)
     q = check_tensor("q", q)

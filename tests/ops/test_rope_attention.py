@@ -97,7 +97,9 @@ def test_gradcheck_fp64_varlen():
     q = torch.randn(9, 2, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(9, 1, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(9, 1, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q, k, v: lr2.rope_attention(q, k, v, table, cu_seqlens=cu_seqlens), (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: lr2.rope_attention(q, k, v, table, cu_seqlens=cu_seqlens), (q, k, v)
+    )
 
 
 def test_position_ids_with_offsets_use_the_batch_rule():

@@ -56,7 +56,9 @@ def test_dense_forward_and_gradients(heads, head_dim, seq, causal):
     _check(q, k, v, table, causal=causal)
 
 
-@pytest.mark.parametrize("head_dim,rotary_dim", [(128, 96), (64, 32), (256, 256)], ids=["D128rot96", "D64rot32", "D256"])
+@pytest.mark.parametrize(
+    "head_dim,rotary_dim", [(128, 96), (64, 32), (256, 256)], ids=["D128rot96", "D64rot32", "D256"]
+)
 def test_partial_rotary_and_large_heads(head_dim, rotary_dim):
     table = make_table(head_dim, rotary_dim=rotary_dim)
     q, k, v = _inputs((1, 2, 70, head_dim), (1, 1, 70, head_dim))

@@ -22,6 +22,27 @@ from lr2kernels.ops.triton._rope import _angles, _load_split, _rotate, _rotate_t
 LOG2E = 1.4426950408889634
 
 
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(backward: bool) -> list[triton.Config]:
+    """Autotune space: Ampere/Hopper tiles on a GPU; one small tile in the interpreter (numpy runs every lane)."""
+    if triton_interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    tiles = [(64, 64), (64, 32), (32, 64)] if backward else [(128, 64), (128, 32), (64, 64), (64, 32)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n in tiles
+        for w in (4, 8)
+        for s in ((2, 3) if not backward else (2,))
+    ]
+
+
+# Not keyed on the length: varlen batches change it every step, and a retune per length would dominate.
+_TUNE_KEY = ["HEAD_DIM", "HALF", "PASS", "IS_CAUSAL", "IS_VARLEN", "PRECISION"]
+
+
 @triton.jit
 def _seq_bounds(cu_seqlens_ptr, seq, seq_len_dense, IS_VARLEN: tl.constexpr):
     if IS_VARLEN:
@@ -50,6 +71,7 @@ def _qk_scores(q1, q2, qp, k1, k2, kp, PASS: tl.constexpr, PRECISION: tl.constex
     return scores
 
 
+@triton.autotune(configs=_configs(backward=False), key=_TUNE_KEY)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, INV_FREQ, CU_SEQLENS, POS, IS_LONG,
@@ -130,6 +152,7 @@ def _fwd_kernel(
     tl.store(LSE + seq.to(tl.int64) * stride_lse_b + head * stride_lse_h + start + offs_m, lse, mask=m_mask)
 
 
+@triton.autotune(configs=_configs(backward=True), key=_TUNE_KEY)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, INV_FREQ, CU_SEQLENS, POS, IS_LONG,
@@ -209,6 +232,7 @@ def _bwd_dq_kernel(
     _store_split(dq_base, offs_m, stride_qt, m_mask, dq1, dq2, dqp * sm_scale, HALF, HALF_PAD, PASS, PASS_PAD)
 
 
+@triton.autotune(configs=_configs(backward=True), key=_TUNE_KEY)
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, INV_FREQ, CU_SEQLENS, POS, IS_LONG,
@@ -294,18 +318,6 @@ def _bwd_dkdv_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ host side
-def _block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    if triton_interpreting():
-        return 16, 16  # one small config: the interpreter runs every lane in numpy
-    if head_dim > 128 or dtype == torch.float32:
-        return 64, 32
-    return 128, 64
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 class _Launch:
     """Strides and flags of one call, shared by the forward and the two backward kernels."""
 
@@ -334,7 +346,6 @@ class _Launch:
         else:
             self.stride_pos_b = 0
         self.precision = "ieee" if q.dtype == torch.float32 else None  # fp32 stays fp32, not tf32
-        self.block_m, self.block_n = _block_sizes(self.head_dim, q.dtype)
 
     def strides(self, x: torch.Tensor) -> tuple[int, int, int]:
         """(batch, head, token) strides; varlen tensors have no batch stride (sequences are row ranges)."""
@@ -374,13 +385,13 @@ def attention_forward(launch: _Launch, q, k, v):
     else:
         lse = torch.empty((launch.batch, launch.num_q_heads, launch.seq_len), dtype=torch.float32, device=q.device)
     pos, stride_pos_b = launch.scalars()
-    grid = (triton.cdiv(launch.seq_len, launch.block_m), launch.batch * launch.num_q_heads)
+    grid = lambda meta: (triton.cdiv(launch.seq_len, meta["BLOCK_M"]), launch.batch * launch.num_q_heads)
     _fwd_kernel[grid](
         q, k, v, out, lse, launch.inv_freq, launch.cu_seqlens, pos, launch.is_long,
         *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(out),
         *launch.lse_strides(lse), stride_pos_b,
         launch.seq_len, launch.num_q_heads, launch.group, launch.sm_scale * LOG2E, *launch.attention,
-        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, **launch.constexprs(),
+        **launch.constexprs(),
     )  # fmt: skip
     return out, lse
 
@@ -391,15 +402,15 @@ def attention_backward(launch: _Launch, q, k, v, out, lse, grad_out):
     delta = delta if not launch.varlen else delta.transpose(0, 1).contiguous()  # varlen: [H, T] like lse
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     pos, stride_pos_b = launch.scalars()
-    common = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, **launch.constexprs())
-    grid_q = (triton.cdiv(launch.seq_len, launch.block_m), launch.batch * launch.num_q_heads)
+    common = launch.constexprs()
+    grid_q = lambda meta: (triton.cdiv(launch.seq_len, meta["BLOCK_M"]), launch.batch * launch.num_q_heads)
     _bwd_dq_kernel[grid_q](
         q, k, v, grad_out, dq, lse, delta, launch.inv_freq, launch.cu_seqlens, pos, launch.is_long,
         *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out),
         *launch.lse_strides(lse), stride_pos_b,
         launch.seq_len, launch.num_q_heads, launch.group, launch.sm_scale, *launch.attention, **common,
     )  # fmt: skip
-    grid_kv = (triton.cdiv(launch.seq_len, launch.block_n), launch.batch * launch.num_kv_heads)
+    grid_kv = lambda meta: (triton.cdiv(launch.seq_len, meta["BLOCK_N"]), launch.batch * launch.num_kv_heads)
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, grad_out, dk, dv, lse, delta, launch.inv_freq, launch.cu_seqlens, pos, launch.is_long,
         *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out),

@@ -149,3 +149,17 @@ def test_low_precision_within_twice_the_torch_backend(dtype):
     our_err = (ours.double() - exact).abs().max().item()
     assert ours.dtype == dtype
     assert our_err <= 2 * torch_err + FWD_TOL[dtype] / 3, (our_err, torch_err)
+
+
+def test_positions_near_128k_keep_hf_precision():
+    # The kernels take HF's fp32 angle (float32(pos) * inv_freq, one rounding) and a precise cos/sin, so at
+    # positions up to 131071 they agree with the reference's cos/sin (HF's path) far inside the fp32 budget.
+    table = make_table(128, rotary_dim=96, original_max_position=4096)
+    assert table.max_position == 32768  # make_table: 8 x L0; positions past it are still well defined
+    q, k, v = _inputs((1, 2, 32, 128), (1, 1, 32, 128))
+    position_ids = torch.arange(131040, 131072, device=DEVICE)
+    _check(q, k, v, table, position_ids=position_ids)
+    q_rot, k_rot = lr2.apply_rope(q.detach(), k.detach(), table, position_ids=position_ids, backend="triton")
+    ref_q, ref_k = reference.apply_rope(q.detach().double(), k.detach().double(), table, position_ids=position_ids)
+    torch.testing.assert_close(q_rot.double(), ref_q, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(k_rot.double(), ref_k, atol=2e-6, rtol=2e-6)

@@ -2,10 +2,11 @@
 
 Run: python benchmarks/table_precision.py [--positions 131072] [--configs DIR]
 
-For every real config (``../shared/real-configs/*.json`` by default) this builds the HF config, the HF rotary module
-and ``RopeTable.from_hf_config``, evaluates cos/sin of the long table at every position ``0 .. positions-1`` with
-both, and compares them with each other and with the float64 truth (``inv_freq`` in float64 from the table's float64
-factors, angle = position * inv_freq in float64). Prints a markdown table.
+For every real config (by default ``tests/data/real_configs/*.json``, copies of ``../shared/real-configs``) this
+builds the HF config, the HF rotary module and ``RopeTable.from_hf_config``, evaluates cos/sin of the long table at
+every position ``0 .. positions-1`` with both, and compares them with each other and with the float64 truth
+(``inv_freq`` in float64 from the table's float64 factors, angle = position * inv_freq in float64). Prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ except ModuleNotFoundError:  # run from a checkout that is not installed: use th
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lr2kernels.tables import RopeTable
 
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "shared" / "real-configs"
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "real_configs"
 ROTARY_MODULES = {
     "llama": "transformers.models.llama.modeling_llama.LlamaRotaryEmbedding",
     "phi3": "transformers.models.phi3.modeling_phi3.Phi3RotaryEmbedding",

@@ -31,10 +31,12 @@ from lr2kernels import tables
 from lr2kernels.tables import ROPE_TYPES, RopeTable
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_CONFIG_DIR = Path(os.environ.get("LR2_REAL_CONFIGS", ROOT.parent / "shared" / "real-configs"))
+# Copies of ../shared/real-configs (the published configs of the models we target), kept in the repo so that
+# these tests never depend on what sits beside the checkout.
+REAL_CONFIG_DIR = Path(os.environ.get("LR2_REAL_CONFIGS", ROOT / "tests" / "data" / "real_configs"))
 REAL_CONFIGS = sorted(REAL_CONFIG_DIR.glob("*.json"))
 REAL_IDS = [p.stem for p in REAL_CONFIGS]
-needs_real = pytest.mark.skipif(not REAL_CONFIGS, reason=f"no real configs in {REAL_CONFIG_DIR} (set LR2_REAL_CONFIGS)")
+assert REAL_CONFIGS, f"no real configs in {REAL_CONFIG_DIR}"
 ROTARY = {
     "llama": LlamaRotaryEmbedding,
     "phi3": Phi3RotaryEmbedding,
@@ -189,7 +191,6 @@ def test_real_config_cos_sin_matches_hf_rotary_module(name, long):
     assert_matches_hf(table, module, positions, hf_rope_type(config))
 
 
-@needs_real
 def test_llama3_longrope2_l0_trap():
     data = real_dict("llama3-8b-longrope2")
     tables._warned.clear()
@@ -217,7 +218,6 @@ def test_llama3_longrope2_l0_trap():
     assert not torch.allclose(cos_long, cos_short, atol=1e-2)  # the tables really differ there
 
 
-@needs_real
 def test_llama3_longrope2_what_stock_transformers_does():
     """Documents transformers 5.24's handling of the top-level L0 of a ``llama`` LongRoPE2 config.
 
@@ -240,7 +240,6 @@ def test_llama3_longrope2_what_stock_transformers_does():
     assert not torch.allclose(cos, table.cos_sin(torch.tensor([[0, 8200]]), long=False)[0], atol=1e-2)
 
 
-@needs_real
 def test_phi4_mini_partial_rotary():
     table = RopeTable.from_hf_config(real_dict("phi4-mini-instruct"))
     assert (table.head_dim, table.rotary_dim) == (128, 96)
@@ -643,8 +642,8 @@ def test_partial_rotary_factor_truncates_back(head_dim, rotary_dim):
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param("real-llama3-8b-longrope2", marks=needs_real),
-        pytest.param("real-phi4-mini-instruct", marks=needs_real),
+        "real-llama3-8b-longrope2",
+        "real-phi4-mini-instruct",
         "longrope-partial",
         "short-attention-factor",
         "yarn-converted",

@@ -26,6 +26,37 @@ def _angles(pos, inv_freq_ptr, is_long, attention, HALF: tl.constexpr, HALF_PAD:
 
 
 @triton.jit
+def _sequence_table(is_long_ptr, seq, attention_short, attention_long):
+    """(is_long, attention factor) of one sequence: 1 and the long factor iff its flag is set."""
+    is_long = tl.load(is_long_ptr + seq)
+    return is_long, tl.where(is_long != 0, attention_long, attention_short)
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_stride, row_mask, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """Whole-head rows ``[BLOCK, HEAD_DIM_PAD]`` (v, dO, partial outputs), zero outside the mask."""
+    cols = tl.arange(0, HEAD_DIM_PAD)
+    return tl.load(
+        ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
+        mask=row_mask[:, None] & (cols < HEAD_DIM)[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def _online_softmax_step(scores, m_i, l_i):
+    """One key tile of the online softmax, log2 units: (p, alpha, new max, new sum).
+
+    Rows that have seen no visible key yet (max still -inf) use 0 as their max, so they stay at p = 0, not NaN.
+    """
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _rotate(x1, x2, cos, sin):
     """RoPE on the pairs (x1, x2): (x1 cos - x2 sin, x2 cos + x1 sin)."""
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin

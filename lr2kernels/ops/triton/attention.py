@@ -17,7 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
-from lr2kernels.ops.triton._rope import _angles, _load_split, _rotate, _rotate_transposed, _store_split, split_sizes
+from lr2kernels.ops.triton._rope import (
+    _angles,
+    _load_rows,
+    _load_split,
+    _online_softmax_step,
+    _rotate,
+    _rotate_transposed,
+    _sequence_table,
+    _store_split,
+    split_sizes,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -94,8 +104,7 @@ def _fwd_kernel(
     start, seq_len = _seq_bounds(CU_SEQLENS, seq, seq_len_dense, IS_VARLEN)
     if pid_m * BLOCK_M >= seq_len:
         return
-    is_long = tl.load(IS_LONG + seq)
-    attention = tl.where(is_long != 0, attention_long, attention_short)
+    is_long, attention = _sequence_table(IS_LONG, seq, attention_short, attention_long)
     dtype = Q.dtype.element_ty
 
     q_base = Q + seq.to(tl.int64) * stride_qb + head * stride_qh + start.to(tl.int64) * stride_qt
@@ -127,18 +136,9 @@ def _fwd_kernel(
         if IS_CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
         scores = tl.where(visible, scores, float("-inf"))  # [BLOCK_M, BLOCK_N], log2 units
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at 0
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n.to(tl.int64)[:, None] * stride_vt + d_cols[None, :],
-            mask=n_mask[:, None] & (d_cols < HEAD_DIM)[None, :],
-            other=0.0,
-        )  # [BLOCK_N, HEAD_DIM_PAD]
+        p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i)
+        v = _load_rows(v_base, offs_n, stride_vt, n_mask, HEAD_DIM, HEAD_DIM_PAD)  # [BLOCK_N, HEAD_DIM_PAD]
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
-        m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows give 0, not NaN
     out = acc / l_safe[:, None]
@@ -176,8 +176,7 @@ def _bwd_dq_kernel(
     start, seq_len = _seq_bounds(CU_SEQLENS, seq, seq_len_dense, IS_VARLEN)
     if pid_m * BLOCK_M >= seq_len:
         return
-    is_long = tl.load(IS_LONG + seq)
-    attention = tl.where(is_long != 0, attention_long, attention_short)
+    is_long, attention = _sequence_table(IS_LONG, seq, attention_short, attention_long)
     dtype = Q.dtype.element_ty
     # q, do and dq share one layout (dq is allocated like q, do is made contiguous like q).
     q_base = Q + seq.to(tl.int64) * stride_qb + head * stride_qh + start.to(tl.int64) * stride_qt
@@ -189,15 +188,12 @@ def _bwd_dq_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < seq_len
-    d_cols = tl.arange(0, HEAD_DIM_PAD)
-    d_mask = (d_cols < HEAD_DIM)[None, :]
     q1, q2, qp = _load_split(q_base, offs_m, stride_qt, m_mask, HALF, HALF_PAD, PASS, PASS_PAD)
     cos, sin = _angles(_positions(POS, seq, stride_pos_b, start, offs_m, m_mask, HAS_POS), INV_FREQ, is_long,
                        attention, HALF, HALF_PAD)  # fmt: skip
     q1, q2 = _rotate(q1, q2, cos, sin)
     q1, q2, qp = q1.to(dtype), q2.to(dtype), qp.to(dtype)
-    do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dot + d_cols[None, :],
-                 mask=m_mask[:, None] & d_mask, other=0.0)  # fmt: skip
+    do = _load_rows(do_base, offs_m, stride_dot, m_mask, HEAD_DIM, HEAD_DIM_PAD)
     lse = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(DELTA + row_base + offs_m, mask=m_mask, other=0.0)
@@ -219,8 +215,7 @@ def _bwd_dq_kernel(
         if IS_CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
         p = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
-        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vt + d_cols[None, :],
-                    mask=n_mask[:, None] & d_mask, other=0.0)  # fmt: skip
+        v = _load_rows(v_base, offs_n, stride_vt, n_mask, HEAD_DIM, HEAD_DIM_PAD)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = (p * (dp - delta[:, None])).to(dtype)
         dq1 += tl.dot(ds, k1, input_precision=PRECISION)
@@ -255,8 +250,7 @@ def _bwd_dkdv_kernel(
     start, seq_len = _seq_bounds(CU_SEQLENS, seq, seq_len_dense, IS_VARLEN)
     if pid_n * BLOCK_N >= seq_len:
         return
-    is_long = tl.load(IS_LONG + seq)
-    attention = tl.where(is_long != 0, attention_long, attention_short)
+    is_long, attention = _sequence_table(IS_LONG, seq, attention_short, attention_long)
     dtype = Q.dtype.element_ty
     # k, dk share a layout; v, dv share a layout.
     k_base = K + seq.to(tl.int64) * stride_kb + kv_head * stride_kh + start.to(tl.int64) * stride_kt
@@ -267,14 +261,12 @@ def _bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < seq_len
     d_cols = tl.arange(0, HEAD_DIM_PAD)
-    d_mask = (d_cols < HEAD_DIM)[None, :]
     k1, k2, kp = _load_split(k_base, offs_n, stride_kt, n_mask, HALF, HALF_PAD, PASS, PASS_PAD)
     cos_k, sin_k = _angles(_positions(POS, seq, stride_pos_b, start, offs_n, n_mask, HAS_POS), INV_FREQ, is_long,
                            attention, HALF, HALF_PAD)  # fmt: skip
     k1, k2 = _rotate(k1, k2, cos_k, sin_k)
     k1, k2, kp = k1.to(dtype), k2.to(dtype), kp.to(dtype)
-    v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vt + d_cols[None, :],
-                mask=n_mask[:, None] & d_mask, other=0.0)  # fmt: skip
+    v = _load_rows(v_base, offs_n, stride_vt, n_mask, HEAD_DIM, HEAD_DIM_PAD)
 
     dk1 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
@@ -294,8 +286,7 @@ def _bwd_dkdv_kernel(
                                is_long, attention, HALF, HALF_PAD)  # fmt: skip
             q1, q2 = _rotate(q1, q2, cos, sin)
             q1, q2, qp = q1.to(dtype), q2.to(dtype), qp.to(dtype)
-            do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dot + d_cols[None, :],
-                         mask=m_mask[:, None] & d_mask, other=0.0)  # fmt: skip
+            do = _load_rows(do_base, offs_m, stride_dot, m_mask, HEAD_DIM, HEAD_DIM_PAD)
             lse = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)
             delta = tl.load(DELTA + row_base + offs_m, mask=m_mask, other=0.0)
@@ -314,7 +305,7 @@ def _bwd_dkdv_kernel(
     dk1, dk2 = _rotate_transposed(dk1 * sm_scale, dk2 * sm_scale, cos_k, sin_k)
     _store_split(dk_base, offs_n, stride_kt, n_mask, dk1, dk2, dkp * sm_scale, HALF, HALF_PAD, PASS, PASS_PAD)
     tl.store(dv_base + offs_n.to(tl.int64)[:, None] * stride_vt + d_cols[None, :], dv.to(DV.dtype.element_ty),
-             mask=n_mask[:, None] & d_mask)  # fmt: skip
+             mask=n_mask[:, None] & (d_cols < HEAD_DIM)[None, :])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ host side

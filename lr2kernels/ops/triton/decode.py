@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lr2kernels.ops.triton._rope import _angles, _load_split, _rotate, split_sizes
+from lr2kernels.ops.triton._rope import _angles, _load_rows, _load_split, _online_softmax_step, _rotate, split_sizes
 from lr2kernels.ops.triton.attention import _qk_scores, inv_freq_pair, triton_interpreting
 from lr2kernels.tables import RopeTable
 
@@ -124,18 +124,9 @@ def _decode_kernel(
         scores = _qk_scores(q1, q2, qp, k1.to(dtype), k2.to(dtype), kp.to(dtype), PASS, PRECISION) * sm_scale_log2
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])  # causal among the new tokens
         scores = tl.where(visible, scores, float("-inf"))  # [BLOCK_M, BLOCK_N], log2 units
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at 0
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n.to(tl.int64)[:, None] * stride_vt + d_cols[None, :],
-            mask=n_mask[:, None] & (d_cols < HEAD_DIM)[None, :],
-            other=0.0,
-        )  # [BLOCK_N, HEAD_DIM_PAD]
+        p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i)
+        v = _load_rows(v_base, offs_n, stride_vt, n_mask, HEAD_DIM, HEAD_DIM_PAD)  # [BLOCK_N, HEAD_DIM_PAD]
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
-        m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that sees nothing in this split: output 0, lse -inf
     out = acc / l_safe[:, None]

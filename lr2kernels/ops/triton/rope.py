@@ -26,7 +26,15 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from lr2kernels.ops.triton import sequence_is_long
-from lr2kernels.ops.triton._rope import _angles, _load_split, _rotate, _rotate_transposed, _store_split, split_sizes
+from lr2kernels.ops.triton._rope import (
+    _angles,
+    _load_split,
+    _rotate,
+    _rotate_transposed,
+    _sequence_table,
+    _store_split,
+    split_sizes,
+)
 from lr2kernels.ops.triton.attention import _positions, _seq_bounds, inv_freq_pair, triton_interpreting
 
 __all__ = ["apply_rope", "rerotate"]
@@ -70,8 +78,7 @@ def _rope_kernel(
     start, seq_len = _seq_bounds(CU_SEQLENS, seq, seq_len_dense, IS_VARLEN)
     if pid_t * BLOCK >= seq_len:
         return
-    is_long = tl.load(IS_LONG + seq)
-    attention = tl.where(is_long != 0, attention_long, attention_short)
+    is_long, attention = _sequence_table(IS_LONG, seq, attention_short, attention_long)
 
     rows = pid_t * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] token index within the sequence
     row_mask = rows < seq_len

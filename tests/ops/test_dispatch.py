@@ -61,3 +61,11 @@ def test_import_is_cheap():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cuda_tensors_get_the_fused_backend_by_default():
+    # No GPU is needed to check the choice itself: the triton backend accepts any CUDA device when triton is there.
+    ok, reason = dispatch.backend_status("triton", torch.device("cuda"))
+    assert ok, f"triton is a dependency of the package on Linux x86_64: {reason}"
+    assert dispatch.resolve(None, torch.device("cuda")).NAME == "triton"
+    assert dispatch.resolve(None, torch.device("cpu")).NAME == "torch"

@@ -1,0 +1,211 @@
+"""lr2kernels.patch on tiny random transformers models of every supported architecture."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import lr2kernels as lr2
+from lr2kernels.hf import is_patched
+
+L0 = 32
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+
+
+def tiny_model(model_type: str, num_layers: int = 2, partial_rotary: float = 1.0) -> torch.nn.Module:
+    """2-layer model with GQA 2:1 and a LongRoPE table whose L0 = 32 the tests cross."""
+    head_dim = 16
+    rotary_dim = int(head_dim * partial_rotary)
+    half = rotary_dim // 2
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.05 * i for i in range(half)],
+        "long_factor": [1.0 + 1.5 * i for i in range(half)],
+        "original_max_position_embeddings": L0,
+    }
+    if partial_rotary != 1.0:
+        rope["partial_rotary_factor"] = partial_rotary
+    kwargs = dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=num_layers,
+        intermediate_size=96, vocab_size=101, max_position_embeddings=8 * L0, pad_token_id=0, rope_parameters=rope,
+        head_dim=head_dim,
+    )  # fmt: skip
+    if model_type == "phi3":
+        kwargs["original_max_position_embeddings"] = L0
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.CONFIG_MAPPING[model_type](**kwargs)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.eval()
+
+
+def _ids(batch: int, length: int) -> torch.Tensor:
+    return torch.randint(1, 101, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def _incremental_errors(model, ids: torch.Tensor, prefill: int) -> float:
+    """Max |logits of each cached step - logits of a full forward over the same prefix|."""
+    out = model(ids[:, :prefill], use_cache=True)
+    cache, worst = out.past_key_values, 0.0
+    for t in range(prefill, ids.shape[1]):
+        step = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        cache = step.past_key_values
+        full = model(ids[:, : t + 1]).logits[:, -1]
+        worst = max(worst, (step.logits[:, -1] - full).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patched_logits_equal_stock(arch):
+    model = tiny_model(arch)
+    short, long = _ids(2, L0 - 2), _ids(2, 3 * L0)  # below L0 (short table) and past it (long table)
+    with torch.no_grad():
+        stock = [model(x).logits for x in (short, long)]
+        lr2.patch(model)
+        assert is_patched(model)
+        patched = [model(x).logits for x in (short, long)]
+        for got, want in zip(patched, stock):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        lr2.unpatch(model)
+        assert not is_patched(model)
+        assert torch.equal(model(short).logits, stock[0])  # unpatch restores the exact stock outputs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_incremental_across_l0_equals_full_forward_one_layer(arch):
+    # One layer: the PRE-RoPE cache makes every step past L0 exactly a full forward over the prefix;
+    # stock transformers keeps short-table keys in its cache and drifts.
+    model = tiny_model(arch, num_layers=1)
+    ids = _ids(2, L0 + 8)
+    with torch.no_grad():
+        stock_error = _incremental_errors(model, ids, prefill=L0 - 4)
+        lr2.patch(model)
+        patched_error = _incremental_errors(model, ids, prefill=L0 - 4)
+    assert patched_error <= 1e-5, patched_error
+    assert stock_error > 1e-3, stock_error
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_incremental_across_l0_deeper_models(arch):
+    # With more layers, the hidden states of tokens decoded before the switch were computed with the short table,
+    # while a full forward recomputes them with the long one: no cache layout can remove that part. The patched
+    # model still removes the stale-key error (the larger part).
+    model = tiny_model(arch, num_layers=2)
+    ids = _ids(2, L0 + 8)
+    with torch.no_grad():
+        stock_error = _incremental_errors(model, ids, prefill=L0 - 4)
+        lr2.patch(model)
+        patched_error = _incremental_errors(model, ids, prefill=L0 - 4)
+        # Steps whose whole prefix was decoded with one table are exact.
+        short_error = _incremental_errors(model, ids[:, : L0 - 1], prefill=L0 - 6)
+    assert short_error <= 1e-5
+    assert patched_error < stock_error / 3, (patched_error, stock_error)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_generate_greedy_and_sampling_match_stock_below_l0(arch):
+    model = tiny_model(arch)
+    prompt = _ids(2, 10)
+    stock = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    torch.manual_seed(3)
+    stock_sampled = model.generate(prompt, max_new_tokens=12, do_sample=True, top_k=5)
+    lr2.patch(model)
+    assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False), stock)
+    torch.manual_seed(3)
+    assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=True, top_k=5), stock_sampled)
+
+
+def test_phi3_does_not_re_prefill_at_the_boundary():
+    model = tiny_model("phi3")
+    lengths: list[int] = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[1]))
+    prompt = _ids(1, L0 - 3)
+    model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert max(lengths[1:]) > 1  # stock Phi3 drops its cache and re-runs the whole sequence past L0
+    lengths.clear()
+    lr2.patch(model)
+    model.generate(prompt, max_new_tokens=8, do_sample=False)
+    hook.remove()
+    assert lengths == [L0 - 3] + [1] * 7  # one prefill, then one token per step
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_left_padding_with_attention_mask_matches_stock(arch):
+    model = tiny_model(arch)
+    ids = _ids(2, 40)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # row 0 is left-padded
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask, position_ids=position_ids).logits
+        lr2.patch(model)
+        patched = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    torch.testing.assert_close(patched[mask.bool()], stock[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_training_loss_and_gradients_match_stock(arch):
+    model = tiny_model(arch).train()
+    ids = _ids(2, 48)  # past L0: the long table
+    stock_loss = model(ids, labels=ids).loss
+    stock_grads = torch.autograd.grad(stock_loss, list(model.parameters()), allow_unused=True)
+    lr2.patch(model)
+    loss = model(ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, stock_loss, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, stock_grads):
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_partial_rotary_phi3():
+    model = tiny_model("phi3", partial_rotary=0.5)
+    ids = _ids(1, 3 * L0)
+    with torch.no_grad():
+        stock = model(ids).logits
+        lr2.patch(model)
+        torch.testing.assert_close(model(ids).logits, stock, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_close_to_stock(dtype):
+    model = tiny_model("llama").to(dtype)
+    ids = _ids(2, 40)
+    with torch.no_grad():
+        stock = model(ids).logits.float()
+        lr2.patch(model)
+        patched = model(ids).logits.float()
+    assert (patched - stock).abs().max().item() <= 2e-2
+
+
+def test_patch_twice_is_a_no_op_and_use_cache_false():
+    model = tiny_model("llama")
+    ids = _ids(1, 40)
+    lr2.patch(model)
+    with torch.no_grad():
+        once = model(ids, use_cache=False).logits
+        assert lr2.patch(model) is model
+        torch.testing.assert_close(model(ids, use_cache=False).logits, once, atol=0, rtol=0)
+    lr2.unpatch(model)
+    lr2.unpatch(model)  # unpatching twice is a no-op too
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_unsupported_model_type_lists_the_supported_ones():
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    model = transformers.GPT2LMHeadModel(config)
+    with pytest.raises(ValueError, match=r"model.config.model_type: expected one of \['llama', 'mistral'"):
+        lr2.patch(model)
+
+
+def test_wrong_factor_length_fails_at_patch_time():
+    model = tiny_model("llama")
+    model.config.rope_parameters["long_factor"] = [1.0] * 5  # head_dim 16 needs 8
+    with pytest.raises(ValueError, match="long_factor: expected rotary_dim // 2 = 8 factors, got 5"):
+        lr2.patch(model)
+    assert not is_patched(model)

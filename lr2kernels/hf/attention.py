@@ -5,10 +5,11 @@ module returns the identity rotation (cos 1, sin 0), so its attention layers han
 store PRE-RoPE keys in the KV cache; this function rotates both with the table the whole sequence needs now. That
 is why crossing L0 during generation costs nothing: the next step simply rotates with the long table.
 
-Which table: HF's rule, for the whole batch: long iff max(position_ids) + 1 > L0, i.e. what a full forward over
-the sequence so far would use. Fast paths: no mask (causal, no padding) -> the fused ``rope_attention`` (prefill,
-training) or ``rope_decode`` (cached steps). Anything else (padding masks, sliding windows, dropout, static caches)
--> rotate with the table, then transformers' own SDPA attention with its mask.
+Which table: by default HF's rule, for the whole batch: long iff max(position_ids) + 1 > L0, i.e. what a full
+forward over the sequence so far would use; or, with ``patch(model, rule="position")``, each token by its own
+position (see :func:`rope_attention_forward`). Fast paths: no mask (causal, no padding) -> the fused
+``rope_attention`` (prefill, training) or ``rope_decode`` (cached steps). Anything else (padding masks, sliding
+windows, dropout, static caches) -> rotate with the table, then transformers' own SDPA attention with its mask.
 """
 
 from __future__ import annotations
@@ -37,6 +38,40 @@ def _rotate(x: torch.Tensor, table: RopeTable, positions: torch.Tensor, long: bo
     return reference.rotate(x, cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
 
 
+def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding_window, position_ids, long, kwargs):
+    """Attention with every query and key rotated with one table (``long``): fused when the call allows it."""
+    table: RopeTable = module._lr2_table
+    backend: str | None = module._lr2_backend
+    batch, _, num_queries, _ = query.shape
+    num_keys = key.shape[2]
+    plain = (
+        attention_mask is None
+        and (dropout == 0.0 or not module.training)
+        and (sliding_window is None or sliding_window >= num_keys)
+        and bool((position_ids[:, -1] == num_keys - 1).all())  # keys sit at 0..T-1
+        and getattr(module, "is_causal", True)
+    )
+    if plain and num_queries == num_keys:
+        out = rope_attention(
+            query, key, value, table, position_ids=position_ids, softmax_scale=scaling, long=long, backend=backend
+        )
+        return out.transpose(1, 2)
+    if plain and long == table.use_long(num_keys):  # rope_decode picks the table from the length itself
+        cache_seqlens = torch.full((batch,), num_keys, dtype=torch.int32, device=query.device)
+        out = rope_decode(query, key, value, cache_seqlens, table, backend=backend, softmax_scale=scaling)
+        return out.transpose(1, 2)
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    query = _rotate(query, table, position_ids, long)
+    key = _rotate(key, table, _key_positions(position_ids, num_keys), long)
+    out, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, sliding_window=sliding_window,
+        position_ids=position_ids, **kwargs,
+    )  # fmt: skip
+    return out
+
+
 def rope_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -49,39 +84,26 @@ def rope_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface signature. query ``[B, Hq, L, D]``, key/value ``[B, Hk, T, D]`` (pre-RoPE,
-    T = cached + new). Returns ``([B, L, Hq, D], None)``."""
+    T = cached + new). Returns ``([B, L, Hq, D], None)``.
+
+    The table follows the patch's rule: ``"hf"``: one table for the whole batch, long iff max(position) + 1 > L0;
+    ``"position"``: each query token uses the table of its own position (long iff position + 1 > L0), with every
+    key it sees rotated the same way, so a full forward computes each token exactly as incremental decoding does.
+    """
     table: RopeTable = module._lr2_table
-    backend: str | None = module._lr2_backend
     batch, _, num_queries, _ = query.shape
     num_keys = key.shape[2]
-    position_ids = kwargs.get("position_ids")
+    position_ids = kwargs.pop("position_ids", None)
     if position_ids is None:
         position_ids = torch.arange(num_keys - num_queries, num_keys, device=query.device)[None]
     position_ids = position_ids.expand(batch, num_queries)
-    last_positions = position_ids[:, -1].tolist()
-    long = table.use_long(max(last_positions) + 1)
-    plain = (
-        attention_mask is None
-        and (dropout == 0.0 or not module.training)
-        and (sliding_window is None or sliding_window >= num_keys)
-        and all(p == num_keys - 1 for p in last_positions)  # keys sit at 0..T-1
-        and getattr(module, "is_causal", True)
-    )
-    if plain and num_queries == num_keys:
-        out = rope_attention(
-            query, key, value, table, position_ids=position_ids, softmax_scale=scaling, long=long, backend=backend
-        )
-        return out.transpose(1, 2), None
-    if plain:
-        cache_seqlens = torch.full((batch,), num_keys, dtype=torch.int32, device=query.device)
-        out = rope_decode(query, key, value, cache_seqlens, table, backend=backend, softmax_scale=scaling)
-        return out.transpose(1, 2), None
-
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    query = _rotate(query, table, position_ids, long)
-    key = _rotate(key, table, _key_positions(position_ids, num_keys), long)
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, sliding_window=sliding_window,
-        **kwargs,
-    )  # fmt: skip
+    args = (module, query, key, value, attention_mask, scaling, dropout, sliding_window, position_ids)
+    l0 = table.original_max_position
+    if module._lr2_rule == "hf":
+        return _attend(*args, table.use_long(int(position_ids.max()) + 1), kwargs), None
+    row_is_long = position_ids + 1 > l0  # [B, L]
+    if bool(row_is_long.all()) or not bool(row_is_long.any()):
+        return _attend(*args, bool(row_is_long[0, 0]), kwargs), None
+    # Queries on both sides of L0 (a prefill or chunk that crosses it): both tables, then each row its own.
+    short, long = _attend(*args, False, kwargs), _attend(*args, True, kwargs)  # [B, L, Hq, D]
+    return torch.where(row_is_long[:, :, None, None], long, short), None

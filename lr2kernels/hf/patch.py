@@ -71,7 +71,12 @@ def _table_for(config: Any) -> RopeTable:
         raise ValueError(f"model.config: its RoPE parameters cannot be used: {error}") from error
 
 
-def patch(model: torch.nn.Module, backend: str | None = None, table: RopeTable | None = None) -> torch.nn.Module:
+RULES = ("hf", "position")
+
+
+def patch(
+    model: torch.nn.Module, backend: str | None = None, table: RopeTable | None = None, rule: str = "hf"
+) -> torch.nn.Module:
     """Run ``model``'s attention through lr2kernels with a PRE-RoPE KV cache. Idempotent; returns the model.
 
     Args:
@@ -79,7 +84,15 @@ def patch(model: torch.nn.Module, backend: str | None = None, table: RopeTable |
         backend: "torch", "triton", "cuda" or None (the best available for the model's device).
         table: the RoPE table to use; default ``RopeTable.from_hf_config(model.config)``. Swapping tables on a
             patched model (e.g. during a factor search) is ``patch(model, table=new_table)``.
+        rule: which table a token uses. ``"hf"`` (default): transformers' rule, one table for the whole sequence
+            (long iff it is longer than L0), so the patched model's logits equal the stock model's at every length;
+            past L0 a cached step then differs slightly from a full forward in models of 2+ layers, because earlier
+            tokens' hidden states were computed with the short table. ``"position"``: each token uses the table of
+            its own position, so incremental decoding equals a full forward exactly, at every length; a full
+            forward past L0 then differs from stock transformers' (which re-rotates the whole prefix).
     """
+    if rule not in RULES:
+        raise ValueError(f"rule: expected one of {list(RULES)}, got {rule!r}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -103,8 +116,9 @@ def patch(model: torch.nn.Module, backend: str | None = None, table: RopeTable |
     for module in attention:
         module._lr2_table = table
         module._lr2_backend = backend
+        module._lr2_rule = rule
     if getattr(model, _STATE, None) is not None:
-        return model  # already patched: table and backend updated above
+        return model  # already patched: table, backend and rule updated above
 
     name = _register_attention()
     state = {"attn_implementation": config._attn_implementation, "rotary": rotary, "attention": attention}
@@ -131,7 +145,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         del module.forward  # the instance attribute hid the class's forward
         del module._lr2_rotary_width
     for module in state["attention"]:
-        del module._lr2_table, module._lr2_backend
+        del module._lr2_table, module._lr2_backend, module._lr2_rule
     model.config._attn_implementation = state["attn_implementation"]
     if state.get("generation"):
         del model.prepare_inputs_for_generation

@@ -107,6 +107,28 @@ def test_incremental_across_l0_deeper_models(arch):
     assert patched_error < stock_error / 3, (patched_error, stock_error)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_position_rule_decodes_exactly_like_a_full_forward(arch):
+    # rule="position": every token uses the table of its own position, so each cached step past L0 is exactly the
+    # full forward over the prefix, for any depth, and nothing is ever re-computed.
+    model = tiny_model(arch, num_layers=3)
+    ids = _ids(2, L0 + 12)
+    with torch.no_grad():
+        stock_short = model(ids[:, : L0 - 2]).logits
+        lr2.patch(model, rule="position")
+        assert _incremental_errors(model, ids, prefill=L0 - 5) <= 1e-4
+        torch.testing.assert_close(model(ids[:, : L0 - 2]).logits, stock_short, atol=1e-5, rtol=1e-5)
+        # A chunk of several tokens that crosses L0 (chunked prefill) is the same computation too.
+        out = model(ids[:, : L0 - 5], use_cache=True)
+        chunk = model(ids[:, L0 - 5 : L0 + 7], cache=out.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(chunk, model(ids[:, : L0 + 7]).logits[:, L0 - 5 :], atol=1e-4, rtol=1e-4)
+
+
+def test_bad_rule():
+    with pytest.raises(ValueError, match=r"rule: expected one of \['hf', 'position'\], got 'causal'"):
+        lr2.patch(tiny_model("llama"), rule="causal")
+
+
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_generate_greedy_and_sampling_match_stock_below_l0(arch):
     model = tiny_model(arch)
@@ -209,3 +231,15 @@ def test_wrong_factor_length_fails_at_patch_time():
     with pytest.raises(ValueError, match="long_factor: expected rotary_dim // 2 = 8 factors, got 5"):
         lr2.patch(model)
     assert not is_patched(model)
+
+
+@pytest.mark.parametrize("rule", ["hf", "position"])
+def test_static_cache_generation(rule):
+    # StaticCache hands attention the whole preallocated buffer plus a mask: the masked path must ignore the slots
+    # past the sequence, and crossing L0 must give the same tokens as the dynamic cache.
+    model = tiny_model("llama")
+    prompt = _ids(1, L0 - 4)
+    lr2.patch(model, rule=rule)
+    dynamic = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    static = model.generate(prompt, max_new_tokens=10, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, dynamic)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +245,42 @@ def test_static_cache_generation(rule):
     dynamic = model.generate(prompt, max_new_tokens=10, do_sample=False)
     static = model.generate(prompt, max_new_tokens=10, do_sample=False, cache_implementation="static")
     assert torch.equal(static, dynamic)
+
+
+REAL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "data" / "real_configs").glob("*.json"))
+
+
+def shrunk_real_model(path: Path) -> torch.nn.Module:
+    """The real config at toy size: its RoPE (factors, partial rotary, GQA ratio, head_dim) kept, L0 moved to 32."""
+    data = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    head_dim = data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"]
+    ratio = data["num_attention_heads"] // data["num_key_value_heads"]
+    data.update(
+        num_hidden_layers=2, num_attention_heads=ratio, num_key_value_heads=1, hidden_size=ratio * head_dim,
+        head_dim=head_dim, intermediate_size=64, vocab_size=101, max_position_embeddings=16 * L0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    rope = data.get("rope_scaling") or {}
+    if "original_max_position_embeddings" in data:
+        data["original_max_position_embeddings"] = L0
+    if "original_max_position_embeddings" in rope:
+        rope["original_max_position_embeddings"] = L0
+        rope["factor"] = 16.0
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.CONFIG_MAPPING[data["model_type"]](**data)
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("path", REAL_CONFIGS, ids=lambda p: p.stem)
+def test_real_configs_shrunk(path):
+    model = shrunk_real_model(path)
+    ids = _ids(1, 3 * L0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LongRoPE2 llama config's one-time L0 notice
+        stock = model(ids).logits
+        lr2.patch(model)
+        torch.testing.assert_close(model(ids).logits, stock, atol=1e-5, rtol=1e-5)
+        lr2.patch(model, rule="position")
+        assert _incremental_errors(model, ids[:, : L0 + 6], prefill=L0 - 3) <= 1e-4

@@ -284,6 +284,23 @@ class RopeTable:
             self._inv_freq_cache[key] = cached
         return cached
 
+    def _cos_sin_prefix(
+        self, long: bool, length: int, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions 0..length-1 ``[length, rotary_dim]``, cached (capacity doubles as needed).
+
+        The values are exactly ``cos_sin(arange(length), long)``'s: the same elementwise fp32 ops per position.
+        Shared, read-only tensors for the package's own decode paths, which would otherwise redo the trig for the
+        whole cache at every step.
+        """
+        key = ("cos_sin", bool(long), str(torch.device(device) if device is not None else torch.device("cpu")))
+        cached = self._inv_freq_cache.get(key)
+        if cached is None or cached[0].shape[0] < length:
+            capacity = max(256, 1 << max(length - 1, 1).bit_length())
+            cached = self.cos_sin(torch.arange(capacity, device=key[2]), long=long)
+            self._inv_freq_cache[key] = cached
+        return cached[0][:length], cached[1][:length]
+
     def inv_freq(self, long: bool, device: torch.device | str | None = None) -> torch.Tensor:
         """fp32 inverse frequencies ``[rotary_dim // 2]`` of the short (``long=False``) or long table."""
         return self._inv_freq(long, device).clone()

@@ -90,26 +90,34 @@ def rope_decode(
     softmax_scale: float | None,
 ) -> torch.Tensor:
     n_new = q.shape[2]
-    max_len = int(cache_seqlens.max())  # slots past every sequence's length are never read
+    lengths = cache_seqlens.tolist()
+    max_len = max(lengths)  # slots past every sequence's length are never read
     k_cache, v_cache = k_cache[:, :, :max_len], v_cache[:, :, :max_len]
     key_positions = torch.arange(max_len, device=q.device)
-    cos_short, sin_short = table.cos_sin(key_positions, long=False)  # [max_len, rotary_dim]
-    cos_long, sin_long = table.cos_sin(key_positions, long=True)
-    is_long = (cache_seqlens > table.original_max_position)[:, None, None]  # [B, 1, 1]: table per sequence
-    cos = torch.where(is_long, cos_long, cos_short).to(q.dtype)  # [B, max_len, rotary_dim]
-    sin = torch.where(is_long, sin_long, sin_short).to(q.dtype)
+    long_flags = [table.use_long(n) for n in lengths]
+    if all(f == long_flags[0] for f in long_flags):  # one table for the batch: no per-sequence select
+        cos, sin = (c.to(q.dtype)[None] for c in table._cos_sin_prefix(long_flags[0], max_len, q.device))
+    else:
+        cos_short, sin_short = table._cos_sin_prefix(False, max_len, q.device)  # [max_len, rotary_dim]
+        cos_long, sin_long = table._cos_sin_prefix(True, max_len, q.device)
+        is_long = torch.tensor(long_flags, device=q.device)[:, None, None]  # [B, 1, 1]: table per sequence
+        cos = torch.where(is_long, cos_long, cos_short).to(q.dtype)  # [B, max_len, rotary_dim]
+        sin = torch.where(is_long, sin_long, sin_short).to(q.dtype)
     k_rot = reference.rotate(k_cache, cos[:, None], sin[:, None])  # [B, Hk, max_len, D]
     q_positions = cache_seqlens[:, None].long() - n_new + torch.arange(n_new, device=q.device)  # [B, n]
     gather_index = q_positions[..., None].expand(-1, -1, cos.shape[-1])
-    q_rot = reference.rotate(
-        q, cos.gather(1, gather_index)[:, None], sin.gather(1, gather_index)[:, None]
-    )  # [B, Hq, n, D]
+    cos_q = cos.expand(q.shape[0], -1, -1).gather(1, gather_index)[:, None]  # [B, 1, n, rotary_dim]
+    sin_q = sin.expand(q.shape[0], -1, -1).gather(1, gather_index)[:, None]
+    q_rot = reference.rotate(q, cos_q, sin_q)  # [B, Hq, n, D]
+    if n_new == 1 and all(n == max_len for n in lengths):
+        return _sdpa(q_rot, k_rot, v_cache, False, softmax_scale)  # every key visible: no mask to build
     visible = key_positions[None, None, :] <= q_positions[:, :, None]  # [B, n, max_len]
-    # Unwritten cache slots may hold anything (torch.empty): zero them so that NaN garbage cannot leak through
-    # the masked product (0 * NaN = NaN).
-    valid = (key_positions[None, :] < cache_seqlens[:, None])[:, None, :, None]  # [B, 1, max_len, 1]
-    k_rot = torch.where(valid, k_rot, 0.0)
-    v_cache = torch.where(valid, v_cache, 0.0)
+    if any(n < max_len for n in lengths):
+        # Unwritten cache slots may hold anything (torch.empty): zero them so that NaN garbage cannot leak through
+        # the masked product (0 * NaN = NaN).
+        valid = (key_positions[None, :] < cache_seqlens[:, None])[:, None, :, None]  # [B, 1, max_len, 1]
+        k_rot = torch.where(valid, k_rot, 0.0)
+        v_cache = torch.where(valid, v_cache, 0.0)
     return _sdpa(q_rot, k_rot, v_cache, False, softmax_scale, attn_mask=visible[:, None])
 
 

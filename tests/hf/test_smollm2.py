@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import lr2kernels
 import lr2kernels as lr2
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TEXT = Path(__file__).resolve().parents[1] / "data" / "english_text.txt"
+TEXT = Path(lr2kernels.__file__).parent / "data" / "english_text.txt"
 
 
 @pytest.fixture(scope="module")

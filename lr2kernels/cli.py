@@ -57,12 +57,36 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from lr2kernels.bench import e2e, kernels
+
+    suites = ["kernels", "e2e"] if args.suite == "all" else [args.suite]
+    for suite in suites:
+        print(f"== lr2kernels bench: {suite} on {args.device}")
+        rows = {"kernels": kernels, "e2e": e2e}[suite].run_from_args(args)
+        if not rows:
+            print(f"{suite}: no rows measured")
+            return 1
+    return 0
+
+
+def _add_bench_parser(sub) -> None:
+    from lr2kernels.bench import e2e, kernels  # imports torch: only when the parser is built
+
+    bench = sub.add_parser("bench", help="benchmarks: kernels vs stock attention + RoPE; stock vs patched model")
+    bench.add_argument("--suite", choices=["kernels", "e2e", "all"], default="all")
+    kernels.add_arguments(bench)
+    e2e.add_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lr2kernels", description="LongRoPE2-style RoPE kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="print versions, CUDA device and available backends")
     info.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     info.set_defaults(func=_cmd_info)
+    _add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,35 @@
+"""Benchmark smoke tests: tiny sizes; they check that the suites produce sane rows, a CSV and a PNG (no timings)."""
+
+from __future__ import annotations
+
+import csv
+
+import torch
+
+from lr2kernels.bench import kernels
+from lr2kernels.cli import main
+
+
+def test_kernel_suite_rows_csv_and_plot(tmp_path):
+    rows = kernels.run(torch.device("cpu"), [32, 48], [16], [(2, 1)], ["fwd", "fwd_bwd", "decode", "rerotate"], 1, 1)
+    providers = {(r["mode"], r["provider"]) for r in rows}
+    assert ("fwd", "lr2-torch") in providers and ("fwd", "sdpa+rope") in providers
+    assert ("rerotate", "lr2-torch") in providers
+    assert all(r["ms"] > 0 for r in rows)
+    ours = [r for r in rows if r["provider"] == "lr2-torch" and r["mode"] != "rerotate"]
+    assert len(ours) == 6 and all(r["ratio"] > 0 for r in ours)  # ours / baseline on the same shape
+    assert all(r["device_name"].startswith("cpu") and r["torch"] == torch.__version__ for r in rows)
+
+
+def test_cli_bench_writes_csv_and_png(tmp_path, capsys):
+    args = ["bench", "--suite", "kernels", "--device", "cpu", "--out", str(tmp_path), "--seqlens", "32",
+            "--head-dims", "16", "--heads", "2:1", "--modes", "fwd", "decode", "--reps", "1"]  # fmt: skip
+    assert main(args) == 0
+    assert main(args) == 0  # appends to the same CSV
+    with open(tmp_path / "kernels.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 8 and {r["mode"] for r in table} == {"fwd", "decode"}
+    assert all(float(r["ms"]) > 0 for r in table) and all(r["commit"] is not None for r in table)
+    png = tmp_path / "kernels_D16_H2-1.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "ratio" in capsys.readouterr().out

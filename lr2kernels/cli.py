@@ -80,6 +80,20 @@ def _add_bench_parser(sub) -> None:
     bench.set_defaults(func=_cmd_bench)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lr2kernels import demo
+
+    return demo.run(args)
+
+
+def _add_demo_parser(sub) -> None:
+    from lr2kernels import demo  # imports torch: only when the parser is built
+
+    parser = sub.add_parser("demo", help="the main job: stock vs patched real model, passkey, the L0 boundary")
+    demo.add_arguments(parser)
+    parser.set_defaults(func=_cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lr2kernels", description="LongRoPE2-style RoPE kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     info.set_defaults(func=_cmd_info)
     _add_bench_parser(sub)
+    _add_demo_parser(sub)
     return parser
 
 

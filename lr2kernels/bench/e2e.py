@@ -18,6 +18,7 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels.bench.report import PeakMemory, append_csv, environment, plot_vs_length, print_table
+from lr2kernels.hf.models import small_l0_table
 
 DATA = Path(lr2.__file__).parent / "data" / "english_text.txt"
 
@@ -57,20 +58,6 @@ def _decode_steps(model, ids: torch.Tensor, steps: int) -> Callable[[], float]:
             return time.perf_counter() - start
 
     return run
-
-
-def boundary_table(model, original_max_position: int) -> lr2.RopeTable:
-    """A LongRoPE table on the model's own RoPE: short factors 1, YaRN-shaped long factors for 8x, L0 as given."""
-    base = lr2.RopeTable.from_hf_config(model.config)
-    long = lr2.RopeTable.yarn(
-        head_dim=base.head_dim, base=base.base, rotary_dim=base.rotary_dim,
-        original_max_position=original_max_position, max_position=8 * original_max_position,
-    )  # fmt: skip
-    return lr2.RopeTable.longrope(
-        head_dim=base.head_dim, base=base.base, rotary_dim=base.rotary_dim,
-        original_max_position=original_max_position, max_position=8 * original_max_position,
-        short_factor=[1.0] * (base.rotary_dim // 2), long_factor=long.long_factor,
-    )  # fmt: skip
 
 
 def run(model, tokenizer, device: torch.device, lengths: list[int], decode_steps: int, reps: int) -> list[dict]:
@@ -116,7 +103,7 @@ def run(model, tokenizer, device: torch.device, lengths: list[int], decode_steps
 def _boundary(model, tokenizer, device, length, reps, add) -> None:
     """First token past L0 = length: stock re-runs all length + 1 tokens; patched takes one cached step."""
     ids = _prompt(tokenizer, length + 1, device)
-    table = boundary_table(model, length)
+    table = small_l0_table(model.config, length)
     lr2.patch(model, table=table)
     with torch.no_grad():
         cache = model(ids[:, :length], use_cache=True).past_key_values

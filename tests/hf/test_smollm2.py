@@ -13,6 +13,7 @@ import torch
 
 import lr2kernels
 import lr2kernels as lr2
+from tests.hf.conftest import incremental_errors
 
 TEXT = Path(lr2kernels.__file__).parent / "data" / "english_text.txt"
 
@@ -30,18 +31,6 @@ def text_ids(patchable):
     ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids
     assert ids.shape[1] >= 600
     return ids
-
-
-def _incremental_vs_full(model, ids: torch.Tensor, prefill: int) -> float:
-    with torch.no_grad():
-        out = model(ids[:, :prefill], use_cache=True)
-        cache, worst = out.past_key_values, 0.0
-        for t in range(prefill, ids.shape[1]):
-            step = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-            cache = step.past_key_values
-            full = model(ids[:, : t + 1]).logits[:, -1]
-            worst = max(worst, (step.logits[:, -1] - full).abs().max().item())
-    return worst
 
 
 def test_real_config_is_what_we_expect(patchable):
@@ -93,9 +82,9 @@ def test_longrope_table_decoding_across_l0(patchable, text_ids):
     ids = text_ids[:, :112]
     try:
         lr2.patch(model, table=table, rule="position")
-        position_error = _incremental_vs_full(model, ids, prefill=88)
+        position_error = incremental_errors(model, ids, prefill=88)
         lr2.patch(model, table=table, rule="hf")
-        hf_rule_error = _incremental_vs_full(model, ids, prefill=88)
+        hf_rule_error = incremental_errors(model, ids, prefill=88)
     finally:
         lr2.unpatch(model)
     print(f"SmolLM2, L0 = 96: incremental vs full, rule=position {position_error:.3e}, rule=hf {hf_rule_error:.3e}")

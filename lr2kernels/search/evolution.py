@@ -1,0 +1,371 @@
+"""LongRoPE2's evolutionary factor search: seeded, checkpointed after every evaluation, resumable, and parallel
+across processes with torch.distributed (gloo on CPUs, nccl on GPUs; ``torchrun`` launchable).
+
+Determinism is what makes resuming exact: every choice comes from ``random.Random(seed)`` and from scores already
+known, in a fixed order. A resumed search replays from the start, taking the scores of logged candidates from the
+log instead of evaluating them again, so it reaches the same state and ends with the same result as a search that
+was never interrupted. Processes split each generation's new candidates round-robin and exchange the scores, so
+every process holds the same state, and the result does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lr2kernels.search.space import Candidate, SearchSpace
+from lr2kernels.tables import RopeTable
+
+LOG_FORMAT = "lr2kernels-search-log"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """The evolutionary search's budget and moves (defaults: the LongRoPE2 paper and its released code).
+
+    Attributes:
+        population: candidates in the first generation (NTK-style seeds, then their mutations).
+        parents: the best candidates so far that each later generation is bred from.
+        mutations / crossovers: children per generation made by mutation / by crossover of two parents.
+        iterations: generations after the first.
+        mutation_prob: chance that each factor (and the critical dimension) of a mutated child moves.
+        mutation_step: std of a factor's move, as a fraction of the width of ``[s, upper * s]``.
+        seed: seeds every random choice.
+    """
+
+    population: int = 64
+    parents: int = 32
+    mutations: int = 16
+    crossovers: int = 16
+    iterations: int = 40
+    mutation_prob: float = 0.3
+    mutation_step: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("population", "parents"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        for name in ("mutations", "crossovers", "iterations", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
+        if self.iterations and self.mutations + self.crossovers == 0:
+            raise ValueError("mutations / crossovers: expected at least one child per iteration, got 0 and 0")
+        if not 0.0 < self.mutation_prob <= 1.0:
+            raise ValueError(f"mutation_prob: expected a probability in (0, 1], got {self.mutation_prob!r}")
+        if not 0.0 < self.mutation_step <= 1.0:
+            raise ValueError(f"mutation_step: expected a fraction in (0, 1], got {self.mutation_step!r}")
+
+    @property
+    def budget(self) -> int:
+        """The most evaluations the search makes."""
+        return self.population + self.iterations * (self.mutations + self.crossovers)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """The outcome of :func:`evolutionary_search`.
+
+    Attributes:
+        best: the best candidate; ``table`` is its RopeTable and ``score`` its objective (lower is better).
+        history: the best score after each generation (generation 0 = the first population).
+        evaluations: distinct candidates scored; ``reused`` of them came from the log of an earlier run.
+        log: every scored candidate in the order the search made them, ``(candidate, score)``.
+        wall_s: seconds this run took.
+    """
+
+    best: Candidate
+    score: float
+    table: RopeTable
+    history: tuple[float, ...]
+    evaluations: int
+    reused: int
+    log: tuple[tuple[Candidate, float], ...]
+    wall_s: float
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the default torch.distributed group, (0, 1) when none is initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------- the log
+class SearchLog:
+    """A JSON-lines log: a header line (the search's space and config), then one line per evaluation.
+
+    Process ``r > 0`` of a distributed search writes ``<path>.rank<r>``; reading merges every shard. A line cut
+    short by a kill (the last of a file) is ignored; anything else unreadable is an error.
+    """
+
+    def __init__(self, path: str | os.PathLike, header: dict[str, Any], rank: int) -> None:
+        self.path, self.header = Path(path), header
+        self.own = self.path if rank == 0 else self.path.with_name(f"{self.path.name}.rank{rank}")
+        self._file = None
+
+    def shards(self) -> list[Path]:
+        return [self.path, *sorted(self.path.parent.glob(f"{self.path.name}.rank*"))]
+
+    def read(self) -> dict[str, float]:
+        """Scores of the candidates already logged, by key."""
+        scores: dict[str, float] = {}
+        for shard in self.shards():
+            if not shard.exists():
+                continue
+            lines = shard.read_text(encoding="utf-8").split("\n")
+            for number, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if number >= len(lines) - 2:  # the last line, cut short by a kill mid-write
+                        continue
+                    raise ValueError(f"log: line {number + 1} of {shard} is not JSON") from None
+                if record.get("kind") == "header":
+                    if record["search"] != self.header:
+                        raise ValueError(
+                            f"log: {shard} was written by a different search (other model, target length, space or "
+                            "config); expected the same settings to resume, or a new output folder / --fresh"
+                        )
+                elif record.get("kind") == "evaluation":
+                    scores[record["key"]] = float(record["score"])
+        return scores
+
+    def append(self, candidate: Candidate, score: float, generation: int) -> None:
+        if self._file is None:
+            fresh = not self.own.exists() or self.own.stat().st_size == 0
+            self.own.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.own, "a", encoding="utf-8")  # noqa: SIM115 (kept open across appends; close())
+            if fresh:
+                self._write({"kind": "header", "format": LOG_FORMAT, "search": self.header})
+            elif not self._ends_with_newline():
+                self._file.write("\n")  # end a line cut short by a kill, so the next record starts clean
+        record = {"kind": "evaluation", "key": candidate.key, "generation": generation, "score": score,
+                  **candidate.to_dict(), "time": time.time()}  # fmt: skip
+        self._write(record)
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.own, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def delete_log(path: str | os.PathLike) -> None:
+    """Remove a search log and its per-process shards (a fresh start)."""
+    path = Path(path)
+    for shard in [path, *path.parent.glob(f"{path.name}.rank*")]:
+        shard.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.start = total, enabled, time.perf_counter()
+        self.live = enabled and sys.stderr.isatty()
+
+    def update(self, done: int, reused: int, best: float, generation: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        width = 24
+        filled = int(width * done / max(self.total, 1))
+        line = (f"search [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} evaluations "
+                f"({reused} from log)  generation {generation}  best {best:.4f}  {elapsed:.0f}s")  # fmt: skip
+        print(("\r" + line) if self.live else line, end="" if self.live else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.live:
+            print(file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- the search
+class _Scores:
+    """Every scored candidate, in the order the search made them; evaluates the new ones of a generation."""
+
+    def __init__(self, objective, space, logged, log, rank, world, progress) -> None:
+        self.objective, self.space, self.logged, self.log = objective, space, logged, log
+        self.rank, self.world, self.progress = rank, world, progress
+        self.scores: dict[str, float] = {}
+        self.order: list[Candidate] = []
+        self.reused = 0
+        self.best_seen = math.inf
+
+    def best(self) -> tuple[Candidate, float]:
+        return self.ranked()[0]
+
+    def ranked(self) -> list[tuple[Candidate, float]]:
+        # NaN (a diverged evaluation) ranks last; ties keep the order the search made them in.
+        scored = [(c, self.scores[c.key]) for c in self.order]
+        return sorted(scored, key=lambda item: math.inf if math.isnan(item[1]) else item[1])
+
+    def evaluate(self, batch: list[Candidate], generation: int) -> None:
+        new = [c for c in dict((c.key, c) for c in batch).values() if c.key not in self.scores]
+        missing = [c for c in new if c.key not in self.logged]
+        mine: dict[str, float] = {}
+        for candidate in missing[self.rank :: self.world]:
+            score = float(self.objective(self.space.table(candidate)))
+            mine[candidate.key] = score
+            if self.log is not None:
+                self.log.append(candidate, score, generation)
+            self._seen(score)
+            self.progress.update(len(self.order) + len(mine), self.reused, self.best_seen, generation)
+        merged: dict[str, float] = {}
+        for part in _all_gather(mine, self.world):
+            merged.update(part)
+        for candidate in new:
+            if candidate.key in merged:
+                self.scores[candidate.key] = merged[candidate.key]
+            else:
+                self.scores[candidate.key] = self.logged[candidate.key]
+                self.reused += 1
+            self._seen(self.scores[candidate.key])
+            self.order.append(candidate)
+        if len(new) != len(mine):  # scores from the log or from other processes: show the merged state
+            self.progress.update(len(self.order), self.reused, self.best_seen, generation)
+
+    def _seen(self, score: float) -> None:
+        if not math.isnan(score):
+            self.best_seen = min(self.best_seen, score)
+
+
+def _children(space: SearchSpace, config: SearchConfig, parents: list[Candidate], rng: random.Random, seen) -> list:
+    children: list[Candidate] = []
+    keys = set(seen)
+
+    def add(make: Callable[[], Candidate], count: int) -> None:
+        for _ in range(count):
+            for _attempt in range(20):  # a child already scored teaches nothing: try again
+                child = make()
+                if child.key not in keys:
+                    break
+            else:
+                continue
+            keys.add(child.key)
+            children.append(child)
+
+    add(lambda: space.mutate(rng.choice(parents), rng, config.mutation_prob, config.mutation_step), config.mutations)
+    if len(parents) >= 2:
+        add(lambda: space.crossover(*rng.sample(parents, 2), rng), config.crossovers)
+    return children
+
+
+def initial_population(space: SearchSpace, config: SearchConfig, rng: random.Random) -> list[Candidate]:
+    """The first generation: the NTK-style seeds (:meth:`SearchSpace.seeds`), then mutations of them."""
+    population = space.seeds()[: config.population]
+    keys = {c.key for c in population}
+    seeds, attempts = list(population), 0
+    while len(population) < config.population and attempts < 50 * config.population:
+        attempts += 1
+        child = space.mutate(rng.choice(seeds), rng, config.mutation_prob, config.mutation_step)
+        if child.key not in keys:
+            keys.add(child.key)
+            population.append(child)
+    return population
+
+
+def evolutionary_search(
+    objective: Callable[[RopeTable], float],
+    space: SearchSpace,
+    config: SearchConfig | None = None,
+    *,
+    log_path: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> SearchResult:
+    """LongRoPE2's evolutionary search for the long factors that minimise ``objective``.
+
+    Generation 0 is ``config.population`` candidates (NTK-style seeds and their mutations); each of
+    ``config.iterations`` later generations breeds ``config.mutations`` mutants and ``config.crossovers``
+    crossovers from the ``config.parents`` best candidates so far. Every candidate satisfies the space's
+    constraints (:meth:`SearchSpace.violations` is empty).
+
+    Args:
+        objective: ``objective(table) -> float``, lower is better (e.g. :meth:`NeedleEvaluator.loss`). It must be
+            deterministic for resuming and multi-process runs to give the same result as one uninterrupted run.
+        space: the search space (:meth:`SearchSpace.for_table`).
+        config: budget, moves and seed.
+        log_path: a JSON-lines log written after every evaluation. If it exists (from an interrupted run of the
+            same search), its scores are reused and the search continues where it stopped.
+        progress: print a progress bar with the best score so far (first process only).
+
+    When torch.distributed is initialised, every process must call this with the same arguments: each evaluates
+    its share of every generation (round-robin) and all of them return the same result.
+    """
+    config = SearchConfig() if config is None else config
+    if not isinstance(space, SearchSpace):
+        raise TypeError(f"space: expected a SearchSpace, got {type(space).__name__}")
+    if not isinstance(config, SearchConfig):
+        raise TypeError(f"config: expected a SearchConfig, got {type(config).__name__}")
+    start = time.perf_counter()
+    rank, world = _process_group()
+    header = {"space": space.to_dict(), "config": dataclasses.asdict(config)}
+    log = None if log_path is None else SearchLog(log_path, header, rank)
+    logged = {} if log is None else log.read()
+    _barrier(world)  # every process has read the log before any appends to it
+    bar = _Progress(config.budget, progress and rank == 0)
+    scores = _Scores(objective, space, logged, log, rank, world, bar)
+    rng = random.Random(config.seed)
+    history = []
+    try:
+        scores.evaluate(initial_population(space, config, rng), generation=0)
+        history.append(scores.best()[1])
+        for generation in range(1, config.iterations + 1):
+            parents = [c for c, _ in scores.ranked()[: config.parents]]
+            scores.evaluate(_children(space, config, parents, rng, scores.scores), generation)
+            history.append(scores.best()[1])
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    best, score = scores.best()
+    return SearchResult(
+        best=best,
+        score=score,
+        table=space.table(best),
+        history=tuple(history),
+        evaluations=len(scores.order),
+        reused=scores.reused,
+        log=tuple((c, scores.scores[c.key]) for c in scores.order),
+        wall_s=time.perf_counter() - start,
+    )

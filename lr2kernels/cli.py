@@ -94,6 +94,20 @@ def _add_demo_parser(sub) -> None:
     parser.set_defaults(func=_cmd_demo)
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from lr2kernels.search import job
+
+    return job.run(args)
+
+
+def _add_search_parser(sub) -> None:
+    from lr2kernels.search import job  # imports torch: only when the parser is built
+
+    parser = sub.add_parser("search", help="LongRoPE2 factor search: needle-driven evolutionary search of long factors")
+    job.add_arguments(parser)
+    parser.set_defaults(func=_cmd_search)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lr2kernels", description="LongRoPE2-style RoPE kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -102,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     _add_bench_parser(sub)
     _add_demo_parser(sub)
+    _add_search_parser(sub)
     return parser
 
 

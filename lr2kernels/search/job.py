@@ -1,0 +1,165 @@
+"""``lr2kernels search``: a model + a target length -> a LongRoPE factor table, HF config and plot.
+
+Single process, or one process per device under ``torchrun`` (gloo on CPUs, nccl on GPUs): every process loads
+the model and evaluates its share of each generation; the first process writes the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from lr2kernels.search.critical import baseline_tables, critical_dimension
+from lr2kernels.search.evaluate import NeedleEvaluator
+from lr2kernels.search.evolution import SearchConfig, delete_log, evolutionary_search
+from lr2kernels.search.needle import needle_samples, read_texts
+from lr2kernels.search.outputs import plot_factors, save_hf_config
+from lr2kernels.search.space import SearchSpace
+from lr2kernels.tables import RopeTable
+
+LOG_NAME = "search_log.jsonl"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SearchConfig()
+    parser.add_argument("--model", default="smollm2", help="smollm2 (default), a local HF model folder or a .gguf")
+    parser.add_argument("--target-length", type=int, default=None, help="length to extend to (default 4 x L_train)")
+    parser.add_argument(
+        "--original-length",
+        type=int,
+        default=None,
+        help="L_train, the pretraining length (default: the model's max_position_embeddings)",
+    )
+    parser.add_argument("--eval-length", type=int, default=None, help="needle sample tokens (default: the target)")
+    parser.add_argument("--samples", type=int, default=4, help="needle samples per evaluation")
+    parser.add_argument("--depth", type=float, default=0.1, help="needle depth as a fraction of the filler")
+    parser.add_argument("--digits", type=int, default=7, help="digits of the magic number")
+    parser.add_argument(
+        "--text",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="filler text file (repeatable; default: the package's English essay)",
+    )
+    parser.add_argument(
+        "--critical-dim",
+        type=int,
+        default=None,
+        help="highest critical pair searched (default: the theoretical critical dimension)",
+    )
+    parser.add_argument("--critical-window", type=int, default=4, help="also search this many pairs below it")
+    parser.add_argument("--population", type=int, default=defaults.population)
+    parser.add_argument("--parents", type=int, default=defaults.parents)
+    parser.add_argument("--mutations", type=int, default=defaults.mutations)
+    parser.add_argument("--crossovers", type=int, default=defaults.crossovers)
+    parser.add_argument("--iterations", type=int, default=defaults.iterations)
+    parser.add_argument("--mutation-prob", type=float, default=defaults.mutation_prob)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the needle samples and the search")
+    parser.add_argument("--out", default="lr2_search", help="output folder (its log makes a rerun resume)")
+    parser.add_argument("--fresh", action="store_true", help="discard the folder's log instead of resuming it")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="model dtype (default: bfloat16 on cuda, float32 on cpu)",
+    )
+    parser.add_argument("--backend", default=None, help="attention backend: torch, triton (default: best)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _init_processes(device_arg: str | None) -> tuple[torch.device, int, int]:
+    """(device, rank, world): joins the torchrun process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+    if world == 1:
+        return torch.device(device_arg or ("cuda" if cuda else "cpu")), 0, 1
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def model_table_for(config, original_length: int | None) -> RopeTable:
+    """The model's own table, with ``max_position`` = L_train (``original_length`` when given)."""
+    table = RopeTable.from_hf_config(config)
+    if original_length is None:
+        return table
+    if original_length <= 0:
+        raise ValueError(f"--original-length: expected a positive length, got {original_length}")
+    return dataclasses.replace(
+        table, original_max_position=min(table.original_max_position, original_length), max_position=original_length
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    device, rank, world = _init_processes(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    from lr2kernels.hf.models import load_model
+
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    model, tokenizer = load_model(args.model, device, dtype)
+    model_table = model_table_for(model.config, args.original_length)
+    original = model_table.max_position
+    target = args.target_length or 4 * original
+    space = SearchSpace.for_table(model_table, target, args.critical_dim, args.critical_window)
+    config = SearchConfig(population=args.population, parents=args.parents, mutations=args.mutations,
+                          crossovers=args.crossovers, iterations=args.iterations, mutation_prob=args.mutation_prob,
+                          seed=args.seed)  # fmt: skip
+    text = read_texts(args.text) if args.text else None
+    length = args.eval_length or target
+    samples = needle_samples(tokenizer, length, args.samples, args.depth, args.seed, text, args.digits)
+    evaluator = NeedleEvaluator(model, samples, backend=args.backend)
+    theory = critical_dimension(model_table.base, model_table.rotary_dim, original)
+    say(f"lr2kernels search: {args.model} ({model.config.model_type}, {dtype}, {device}, {world} process(es)); "
+        f"L_train {original} -> {target} (s = {space.scale:g}); theoretical critical dim {theory} of "
+        f"{space.half} pairs, searching {space.critical_min}..{space.critical_max}; {args.samples} needle sample(s) "
+        f"of {length} tokens; budget {config.budget} evaluations")  # fmt: skip
+
+    out = Path(args.out)
+    log_path = out / LOG_NAME
+    if args.fresh and rank == 0:
+        delete_log(log_path)
+    if world > 1:
+        torch.distributed.barrier()
+    result = evolutionary_search(evaluator.loss, space, config, log_path=log_path, progress=not args.no_progress)
+    if rank != 0:
+        return 0
+
+    baselines = baseline_tables(model_table, target, critical=result.best.critical_dim)
+    scores = {name: evaluator(table) for name, table in baselines.items()}
+    scores["searched"] = evaluator(result.table)
+    out.mkdir(parents=True, exist_ok=True)
+    result.table.save(out / "table.json")
+    save_hf_config(out / "config.json", model.config, result.table)
+    plot_factors(out / "factors.png", {**baselines, "searched": result.table}, result.best.critical_dim,
+                 f"{args.model}: L_train {original} -> {target}")  # fmt: skip
+    summary = {
+        "model": args.model, "original_length": original, "target_length": target, "eval_length": length,
+        "samples": args.samples, "theoretical_critical_dim": theory, "critical_dim": result.best.critical_dim,
+        "evaluations": result.evaluations, "reused_from_log": result.reused, "wall_s": result.wall_s,
+        "processes": world, "device": str(device), "dtype": str(dtype), "config": dataclasses.asdict(config),
+        "history": list(result.history), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "scores": {name: dataclasses.asdict(score) for name, score in scores.items()},
+    }  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    say(f"\n{result.evaluations} evaluations ({result.reused} from the log) in {result.wall_s:.0f} s; "
+        f"critical dim {result.best.critical_dim}")  # fmt: skip
+    say(f"needle loss at {length} tokens ({args.samples} samples):")
+    say(f"  {'table':<10}{'loss':>10}{'ppl':>10}{'accuracy':>10}")
+    for name, score in scores.items():
+        say(f"  {name:<10}{score.loss:>10.4f}{score.perplexity:>10.3f}{score.accuracy:>10.2f}")
+    say(f"wrote {out / 'table.json'}, {out / 'config.json'}, {out / 'factors.png'}, {out / 'summary.json'}")
+    return 0

@@ -1,0 +1,80 @@
+"""What a search leaves behind: the table as JSON, a Hugging Face ``config.json`` that transformers and vLLM load,
+and a plot of factor against frequency pair for the result and the baselines."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lr2kernels.tables import RopeTable
+
+
+def hf_config_dict(model_config: Any, table: RopeTable) -> dict[str, Any]:
+    """The model's config as a ``config.json`` dict, extended with ``table`` as a ``longrope`` RoPE.
+
+    Written three ways so every loader finds it: ``rope_parameters`` (transformers >= 5), ``rope_scaling`` with
+    ``type`` and ``rope_type`` (older transformers, vLLM), and the top-level ``original_max_position_embeddings``
+    (which Phi3 and transformers' longrope read for L0). ``max_position_embeddings`` becomes the table's length.
+    """
+    if hasattr(model_config, "to_dict"):
+        data = model_config.to_dict()
+    elif isinstance(model_config, Mapping):
+        data = copy.deepcopy(dict(model_config))
+    else:
+        raise TypeError(f"model_config: expected a transformers config or a dict, got {type(model_config).__name__}")
+    rope = table.to_hf_rope_parameters()
+    if rope["rope_type"] != "longrope":
+        raise ValueError("table: expected a LongRoPE table (different short/long factors or L0 < max_position)")
+    data["rope_parameters"] = dict(rope)
+    data["rope_scaling"] = {"type": "longrope", **rope}
+    data["rope_theta"] = table.base
+    data["max_position_embeddings"] = table.max_position
+    data["original_max_position_embeddings"] = table.original_max_position
+    data.pop("_name_or_path", None)
+    return data
+
+
+def save_hf_config(path: str | os.PathLike, model_config: Any, table: RopeTable) -> Path:
+    """Write :func:`hf_config_dict` to ``path`` (a folder gets ``config.json``). Returns the file."""
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".json":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "config.json"
+    with open(path, "w") as f:
+        json.dump(hf_config_dict(model_config, table), f, indent=2)
+        f.write("\n")
+    return path
+
+
+def plot_factors(
+    path: str | os.PathLike, tables: Mapping[str, RopeTable], critical_dim: int | None = None, title: str = ""
+) -> Path:
+    """PNG of long factor against frequency pair (log scale) for each named table, the critical pair marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, table in tables.items():
+        ax.plot(range(len(table.long_factor)), table.long_factor, marker="." if name == "searched" else None,
+                linewidth=2.5 if name == "searched" else 1.2, label=name)  # fmt: skip
+    if critical_dim is not None:
+        ax.axvline(critical_dim, color="grey", linestyle="--", linewidth=1)
+        ax.text(critical_dim, ax.get_ylim()[1], f" critical dim {critical_dim}", va="top", fontsize=8, color="grey")
+    ax.set_yscale("log")
+    ax.set_xlabel("frequency pair i (period 2*pi*base^(2i/d))")
+    ax.set_ylabel("long factor (frequency divisor)")
+    ax.set_title(title or "RoPE long factors")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,102 @@
+"""``lr2kernels search`` end to end on a tiny random model saved as a local HF folder (with SmolLM2's tokenizer):
+the outputs, the config transformers loads, resuming from the folder's log, and a 2-process torchrun run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import lr2kernels as lr2
+from lr2kernels.cli import main
+from lr2kernels.search.outputs import hf_config_dict
+from tests.search.conftest import tiny_llama
+
+ARGS = ["--target-length", "512", "--eval-length", "320", "--samples", "2", "--population", "4", "--parents", "2",
+        "--mutations", "2", "--crossovers", "2", "--iterations", "2", "--critical-window", "2", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_llama(len(tokenizer), max_position=256, seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_search_writes_a_table_a_config_transformers_loads_and_a_plot(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["search", "--model", str(model_dir), "--out", str(out), *ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert "critical dim" in printed and "searched" in printed and "YaRN" in printed
+
+    table = lr2.RopeTable.load(out / "table.json")
+    assert table.original_max_position == 256 and table.max_position == 512
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluations"] <= 4 + 2 * 4 and summary["reused_from_log"] == 0
+    assert set(summary["scores"]) == {"PI", "NTK", "YaRN", "NTK-rcd", "YaRN-rcd", "searched"}
+    assert summary["scores"]["searched"]["loss"] == min(json.loads(line)["score"] for line in
+                                                        (out / "search_log.jsonl").read_text().splitlines()[1:])  # fmt: skip
+    assert (out / "factors.png").stat().st_size > 10_000
+
+    # transformers reads the config back into the same table, and the model runs past L_train with it.
+    config = AutoConfig.from_pretrained(out)
+    assert lr2.RopeTable.from_hf_config(config) == table
+    assert config.max_position_embeddings == 512
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config).eval()
+    positions = torch.arange(400)[None]  # past L_train: transformers switches to the long factors
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    expected_cos, expected_sin = table.cos_sin(positions, long=True)
+    assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+    with torch.no_grad():
+        logits = model(torch.randint(0, 1000, (1, 400))).logits
+    assert torch.isfinite(logits).all()
+    # What vLLM reads for a longrope model (rope_scaling, L0) is there.
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["rope_scaling"]["type"] == raw["rope_scaling"]["rope_type"] == "longrope"
+    assert raw["rope_scaling"]["long_factor"] == list(table.long_factor)
+    assert raw["rope_scaling"]["short_factor"] == list(table.short_factor)
+    assert raw["original_max_position_embeddings"] == 256
+
+    # Running it again resumes from the folder's log: nothing is evaluated twice.
+    assert main(["search", "--model", str(model_dir), "--out", str(out), *ARGS]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["reused_from_log"] == again["evaluations"] == summary["evaluations"]
+    assert lr2.RopeTable.load(out / "table.json") == table
+    # Another target cannot reuse that log.
+    with pytest.raises(ValueError, match="different search"):
+        main(["search", "--model", str(model_dir), "--out", str(out), *ARGS, "--target-length", "1024"])
+
+
+def test_hf_config_dict_rejects_a_plain_table():
+    with pytest.raises(ValueError, match="table"):
+        hf_config_dict({"model_type": "llama"}, lr2.RopeTable.default(head_dim=16, base=1e4, max_position=256))
+    with pytest.raises(TypeError, match="model_config"):
+        hf_config_dict(42, lr2.RopeTable.default(head_dim=16, base=1e4, max_position=256))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_give_the_one_process_table(model_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cli = ["-m", "lr2kernels", "search", "--model", str(model_dir), "--device", "cpu", *ARGS]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, *cli, "--out", str(one)], env=env, check=True, timeout=300, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(_free_port())]  # fmt: skip
+    done = subprocess.run([*torchrun, *cli, "--out", str(two)], env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    assert lr2.RopeTable.load(two / "table.json") == lr2.RopeTable.load(one / "table.json")
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["processes"] == 2
+    assert (two / "search_log.jsonl.rank1").exists()  # the second process evaluated (and logged) its share

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.search import search_worker, synthetic
 
 from lr2kernels.search import SearchConfig, SearchLog, delete_log, evolutionary_search
+from tests.search import search_worker, synthetic
 
 WORKER = Path(search_worker.__file__)
 CONFIG = SearchConfig(**search_worker.CONFIG)

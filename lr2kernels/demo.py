@@ -30,6 +30,7 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels.hf.models import small_l0_table
+from lr2kernels.search.needle import PASSKEY_FILLER
 
 TEXT = Path(__file__).resolve().parent / "data" / "english_text.txt"
 
@@ -40,7 +41,6 @@ PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n\n"
 )
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 PASSKEY_NEW_TOKENS = 6

@@ -21,11 +21,20 @@ from lr2kernels.search.evolution import (
     evolutionary_search,
     initial_population,
 )
-from lr2kernels.search.needle import IGNORE_INDEX, NeedleSample, needle_samples, package_text, read_texts
+from lr2kernels.search.needle import (
+    IGNORE_INDEX,
+    PASSKEY_FILLER,
+    NeedleSample,
+    needle_samples,
+    package_text,
+    passkey_samples,
+    read_texts,
+)
 from lr2kernels.search.space import Candidate, SearchSpace
 
 __all__ = [
     "IGNORE_INDEX",
+    "PASSKEY_FILLER",
     "Candidate",
     "NeedleEvaluator",
     "NeedleSample",
@@ -45,6 +54,7 @@ __all__ = [
     "ntk_critical_factors",
     "ntk_shaped_factors",
     "package_text",
+    "passkey_samples",
     "read_texts",
     "yarn_critical_factors",
 ]

@@ -21,6 +21,8 @@ QUESTION = (
     "\n\nQuestion: what is the special magic number mentioned in the text above?\nAnswer: The special magic number is"
 )
 ANSWER = " {number}"
+# The classic passkey-retrieval filler (Landmark Attention, LongRoPE): repetitive, so only the needle carries meaning.
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
 def package_text() -> str:
@@ -163,3 +165,13 @@ def needle_samples(
             )
         )
     return samples
+
+
+def passkey_samples(tokenizer, length: int, num_samples: int = 1, seed: int = 0, digits: int = 5) -> list[NeedleSample]:
+    """Passkey retrieval: the needle in the classic repetitive filler (:data:`PASSKEY_FILLER`) at a random depth
+    per sample (uniform in [0, 1], from ``seed``), a ``digits``-long key. Score with :class:`PasskeyEvaluator`."""
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
+    rng = random.Random(seed)
+    depths = [rng.random() for _ in range(num_samples)]
+    return needle_samples(tokenizer, length, num_samples, depths, seed, PASSKEY_FILLER * 8, digits)

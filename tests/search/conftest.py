@@ -40,3 +40,12 @@ def tiny_llama(vocab_size: int, max_position: int = 256, layers: int = 2, seed: 
 @pytest.fixture
 def tiny_model(tokenizer):
     return tiny_llama(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tokenizer, tmp_path_factory):
+    """A tiny random llama (L_train 256) saved with SmolLM2's tokenizer as a local HF model folder."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_llama(len(tokenizer), max_position=256, seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -15,19 +15,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import lr2kernels as lr2
 from lr2kernels.cli import main
 from lr2kernels.search.outputs import hf_config_dict
-from tests.search.conftest import tiny_llama
 
 ARGS = ["--target-length", "512", "--eval-length", "320", "--samples", "2", "--population", "4",
         "--parents", "2", "--mutations", "2", "--crossovers", "2", "--iterations", "2", "--critical-window", "2",
         "--no-progress"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_llama(len(tokenizer), max_position=256, seed=1).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_search_writes_a_table_a_config_transformers_loads_and_a_plot(model_dir, tmp_path, capsys):

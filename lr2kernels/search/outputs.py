@@ -55,6 +55,7 @@ def plot_factors(
 ) -> Path:
     """PNG of long factor against frequency pair (log scale) for each named table, the critical pair marked."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -66,7 +67,9 @@ def plot_factors(
     if critical_dim is not None:
         ax.axvline(critical_dim, color="grey", linestyle="--", linewidth=1)
         ax.text(critical_dim, ax.get_ylim()[1], f" critical dim {critical_dim}", va="top", fontsize=8, color="grey")
-    ax.set_yscale("log")
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
     ax.set_xlabel("frequency pair i (period 2*pi*base^(2i/d))")
     ax.set_ylabel("long factor (frequency divisor)")
     ax.set_title(title or "RoPE long factors")

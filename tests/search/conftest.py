@@ -4,6 +4,7 @@ that share its vocabulary, so needle samples built from real text run through th
 from __future__ import annotations
 
 import os
+import socket
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -49,3 +50,10 @@ def model_dir(tokenizer, tmp_path_factory):
     tiny_llama(len(tokenizer), max_position=256, seed=1).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

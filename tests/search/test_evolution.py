@@ -2,7 +2,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import pytest
 
 from lr2kernels.search import SearchConfig, SearchLog, delete_log, evolutionary_search
 from tests.search import search_worker, synthetic
+from tests.search.conftest import free_port
 
 WORKER = Path(search_worker.__file__)
 CONFIG = SearchConfig(**search_worker.CONFIG)
@@ -130,12 +130,6 @@ def test_bad_arguments():
 
 
 # ---------------------------------------------------------------------------------------------------- processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
@@ -162,7 +156,7 @@ def test_sigkill_and_resume_in_a_real_process(tmp_path):
 def test_two_gloo_processes_under_torchrun_equal_one_process(tmp_path):
     out, log = tmp_path / "out", tmp_path / "log.jsonl"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(WORKER), str(out), str(log)]  # fmt: skip
+               "--master_port", str(free_port()), str(WORKER), str(out), str(log)]  # fmt: skip
     subprocess.run(command, env=_env(), check=True, timeout=180, capture_output=True)
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
     whole, _ = run()

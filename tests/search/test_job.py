@@ -3,7 +3,6 @@ the outputs, the config transformers loads, resuming from the folder's log, and 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import lr2kernels as lr2
 from lr2kernels.cli import main
 from lr2kernels.search.outputs import hf_config_dict
+from tests.search.conftest import free_port
 
 ARGS = ["--target-length", "512", "--eval-length", "320", "--samples", "2", "--population", "4",
         "--parents", "2", "--mutations", "2", "--crossovers", "2", "--iterations", "2", "--critical-window", "2",
@@ -72,19 +72,13 @@ def test_hf_config_dict_rejects_a_plain_table():
         hf_config_dict(42, lr2.RopeTable.default(head_dim=16, base=1e4, max_position=256))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_give_the_one_process_table(model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cli = ["-m", "lr2kernels", "search", "--model", str(model_dir), "--device", "cpu", *ARGS]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, *cli, "--out", str(one)], env=env, check=True, timeout=300, capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(_free_port())]  # fmt: skip
+                "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
     done = subprocess.run([*torchrun, *cli, "--out", str(two)], env=env, timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stdout

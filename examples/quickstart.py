@@ -68,7 +68,7 @@ def main() -> None:
     k_cache = torch.zeros(1, 2, 512, 64, device=device)
     v_cache = torch.zeros(1, 2, 512, 64, device=device)
     k_cache[:, :, :257], v_cache[:, :, :257] = k[:, :, :257], v[:, :, :257]
-    step = lr2.rope_decode(q[:, :, 256:257], k_cache, v_cache, torch.tensor([257], device=device), table)
+    step = lr2.rope_decode(q[:, :, 256:257], k_cache, v_cache, table, cache_seqlens=torch.tensor([257], device=device))
     full = reference.rope_attention(q[:, :, :257].double(), k[:, :, :257].double(), v[:, :, :257].double(), table)
     step_error = (step.double() - full[:, :, 256:]).abs().max()
     print(f"decode step at position 256 (257 > L0): max |step - full forward| = {step_error:.2e}")

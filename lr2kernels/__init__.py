@@ -6,7 +6,7 @@
 from lr2kernels._version import __version__
 from lr2kernels.hf import patch, unpatch
 from lr2kernels.nn import LongRopeAttention
-from lr2kernels.ops import apply_rope, available_backends, rerotate, rope_attention, rope_decode
+from lr2kernels.ops import apply_rope, available_backends, rerotate, rope_attention, rope_decode, set_value_checks
 from lr2kernels.tables import RopeTable
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "rerotate",
     "rope_attention",
     "rope_decode",
+    "set_value_checks",
     "unpatch",
 ]

@@ -58,12 +58,19 @@ class LongRopeAttention(nn.Module):
             k = self.k_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim)
             v = self.v_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim)
             out = rope_attention(
-                q, k, v, self.table, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend
+                q,
+                k,
+                v,
+                self.table,
+                position_ids=position_ids,
+                cu_seqlens=cu_seqlens,
+                max_seqlen=max_seqlen,
+                backend=self.backend,
             )
             return self.o_proj(out.reshape(tokens, -1))
         batch, seq, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, L, D]
         k = self.k_proj(hidden_states).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        out = rope_attention(q, k, v, self.table, position_ids, backend=self.backend)  # [B, Hq, L, D]
+        out = rope_attention(q, k, v, self.table, position_ids=position_ids, backend=self.backend)  # [B, Hq, L, D]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

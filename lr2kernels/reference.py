@@ -41,13 +41,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """Rotate the first ``cos.shape[-1]`` channels of ``x`` (NeoX split-half pairing); the rest pass through.
 
     ``cos``/``sin`` (HF layout: both halves equal) already carry the attention factor and broadcast against
-    ``x[..., :rotary_dim]``. Written on the two halves, ``(x1 c - x2 s, x2 c + x1 s)``: the same roundings as HF's
-    ``x * cos + rotate_half(x) * sin``, so equal to it bit for bit, in fewer passes over memory.
+    ``x[..., :rotary_dim]``. Written literally as transformers does: ``x * cos + rotate_half(x) * sin``.
     """
-    half = cos.shape[-1] // 2
-    x1, x2, x_pass = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    c, s = cos[..., :half], sin[..., :half]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, x_pass), dim=-1)
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    first, second = x_rot.chunk(2, dim=-1)
+    rotated_half = torch.cat((-second, first), dim=-1)  # HF's rotate_half
+    return torch.cat((x_rot * cos + rotated_half * sin, x_pass), dim=-1)
 
 
 def inverse_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lr2kernels import reference
-from lr2kernels.ops import rope_attention, rope_decode
+from lr2kernels.ops import rope_attention, rope_decode, rotary
 from lr2kernels.tables import RopeTable
 
 ATTENTION_NAME = "lr2kernels"
@@ -34,11 +33,44 @@ def _key_positions(position_ids: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, table: RopeTable, positions: torch.Tensor, long: bool) -> torch.Tensor:
-    cos, sin = table.cos_sin(positions, long=long)  # [B, L, rotary_dim] fp32
-    return reference.rotate(x, cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
+    cos, sin = rotary.token_cos_sin(table, positions, long, x.dtype)  # [B, L, rotary_dim]
+    return rotary.rotate(x, cos[:, None], sin[:, None])
 
 
-def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding_window, position_ids, long, kwargs):
+class ForwardFacts:
+    """What every layer of one forward needs to know about its positions, read from the device ONCE per forward.
+
+    All attention layers of a forward receive the same ``position_ids`` tensor, so the first layer reads
+    (max position, min position, whether every row's newest key sits at index T - 1) in one device-to-host copy
+    and the other layers reuse it. A new tensor, or the same one modified in place, is a new forward.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._positions: torch.Tensor | None = None  # held so that its id cannot be reused while remembered
+        self.max_position = self.min_position = 0
+        self.keys_at_arange = False
+
+    @classmethod
+    def of_arange(cls, first: int, end: int) -> ForwardFacts:
+        facts = cls()
+        facts.min_position, facts.max_position, facts.keys_at_arange = first, end - 1, True
+        return facts
+
+    def update(self, position_ids: torch.Tensor, num_keys: int) -> ForwardFacts:
+        key = (id(position_ids), position_ids._version, num_keys)
+        if key != self._key or self._positions is not position_ids:
+            newest_at_end = (position_ids[:, -1] == num_keys - 1).all()
+            facts = torch.stack([position_ids.max(), position_ids.min(), newest_at_end.to(position_ids.dtype)])
+            self.max_position, self.min_position, keys_at_arange = facts.tolist()  # the one host sync
+            self.keys_at_arange = bool(keys_at_arange)
+            self._key, self._positions = key, position_ids
+        return self
+
+
+def _attend(
+    module, query, key, value, attention_mask, scaling, dropout, sliding_window, position_ids, facts, long, kwargs
+):
     """Attention with every query and key rotated with one table (``long``): fused when the call allows it."""
     table: RopeTable = module._lr2_table
     backend: str | None = module._lr2_backend
@@ -48,7 +80,7 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding
         attention_mask is None
         and (dropout == 0.0 or not module.training)
         and (sliding_window is None or sliding_window >= num_keys)
-        and bool((position_ids[:, -1] == num_keys - 1).all())  # keys sit at 0..T-1
+        and facts.keys_at_arange  # keys sit at 0..T-1
         and getattr(module, "is_causal", True)
     )
     if plain and num_queries == num_keys:
@@ -58,7 +90,7 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding
         return out.transpose(1, 2)
     if plain and long == table.use_long(num_keys):  # rope_decode picks the table from the length itself
         cache_seqlens = torch.full((batch,), num_keys, dtype=torch.int32, device=query.device)
-        out = rope_decode(query, key, value, cache_seqlens, table, backend=backend, softmax_scale=scaling)
+        out = rope_decode(query, key, value, table, cache_seqlens=cache_seqlens, softmax_scale=scaling, backend=backend)
         return out.transpose(1, 2)
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -94,16 +126,18 @@ def rope_attention_forward(
     batch, _, num_queries, _ = query.shape
     num_keys = key.shape[2]
     position_ids = kwargs.pop("position_ids", None)
-    if position_ids is None:
+    if position_ids is None:  # the newest tokens, right after the cache: known without reading the device
         position_ids = torch.arange(num_keys - num_queries, num_keys, device=query.device)[None]
+        facts = ForwardFacts.of_arange(num_keys - num_queries, num_keys)
+    else:
+        facts = module._lr2_forward_facts.update(position_ids, num_keys)
     position_ids = position_ids.expand(batch, num_queries)
-    args = (module, query, key, value, attention_mask, scaling, dropout, sliding_window, position_ids)
-    l0 = table.original_max_position
+    args = (module, query, key, value, attention_mask, scaling, dropout, sliding_window, position_ids, facts)
     if module._lr2_rule == "hf":
-        return _attend(*args, table.use_long(int(position_ids.max()) + 1), kwargs), None
-    row_is_long = position_ids + 1 > l0  # [B, L]
-    if bool(row_is_long.all()) or not bool(row_is_long.any()):
-        return _attend(*args, bool(row_is_long[0, 0]), kwargs), None
+        return _attend(*args, table.use_long(facts.max_position + 1), kwargs), None
+    if table.use_long(facts.min_position + 1) or not table.use_long(facts.max_position + 1):
+        return _attend(*args, table.use_long(facts.max_position + 1), kwargs), None  # one table for every query
     # Queries on both sides of L0 (a prefill or chunk that crosses it): both tables, then each row its own.
+    row_is_long = position_ids + 1 > table.original_max_position  # [B, L]
     short, long = _attend(*args, False, kwargs), _attend(*args, True, kwargs)  # [B, L, Hq, D]
     return torch.where(row_is_long[:, :, None, None], long, short), None

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lr2kernels.hf.attention import ForwardFacts
 from lr2kernels.tables import RopeTable
 
 # model_type -> whether its generate() re-prefills at the LongRoPE boundary (Phi3 does; patched models need not).
@@ -113,10 +114,12 @@ def patch(
     if head_dim is not None and head_dim != table.head_dim:
         raise ValueError(f"table.head_dim: expected the model's head_dim {head_dim}, got {table.head_dim}")
 
+    forward_facts = attention[0].__dict__.get("_lr2_forward_facts") or ForwardFacts()  # one per model
     for module in attention:
         module._lr2_table = table
         module._lr2_backend = backend
         module._lr2_rule = rule
+        module._lr2_forward_facts = forward_facts
     if getattr(model, _STATE, None) is not None:
         return model  # already patched: table, backend and rule updated above
 
@@ -145,7 +148,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         del module.forward  # the instance attribute hid the class's forward
         del module._lr2_rotary_width
     for module in state["attention"]:
-        del module._lr2_table, module._lr2_backend, module._lr2_rule
+        del module._lr2_table, module._lr2_backend, module._lr2_rule, module._lr2_forward_facts
     model.config._attn_implementation = state["attn_implementation"]
     if state.get("generation"):
         del model.prepare_inputs_for_generation

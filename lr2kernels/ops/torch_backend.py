@@ -1,8 +1,10 @@
-"""The "torch" backend: plain PyTorch ops, differentiable, runs everywhere.
+"""The "torch" backend: plain PyTorch ops, differentiable by autograd, runs on every device.
 
 RoPE uses HF's own arithmetic (fp32 cos/sin cast to the input dtype, rotation in the input dtype), so a model
-patched onto this backend reproduces stock transformers; attention goes through
-``torch.nn.functional.scaled_dot_product_attention``. Inputs are validated by ``lr2kernels.ops``.
+patched onto this backend reproduces stock transformers; attention is ``scaled_dot_product_attention``. Nothing
+here reads a device tensor's values on the host: where the data is on the host already (CPU tensors outside
+``torch.compile``, see :func:`lr2kernels.ops.validation.reads_values`) faster shapes of the same math are chosen
+from it, so the backend is CUDA-graph safe on a GPU and ``torch.compile(fullgraph=True)`` traces it on any device.
 """
 
 from __future__ import annotations
@@ -10,130 +12,189 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lr2kernels import reference
+from lr2kernels.ops import rotary, validation
+from lr2kernels.ops.calls import AttentionCall, CallSpec, DecodeCall, RerotateCall, RopeCall
 from lr2kernels.tables import RopeTable
 
-NAME = "torch"
+# Queries per block of the log-sum-exp attention: bounds its fp32 score block to [B, H, 1024, L].
+_LSE_QUERY_BLOCK = 1024
 
 
-def is_available(device: torch.device | None = None) -> tuple[bool, str]:
-    return True, ""
+def _token_is_long(
+    table: RopeTable,
+    position_ids: torch.Tensor,
+    long: bool | None,
+    cu_seqlens: torch.Tensor | None,
+    num_sequences: int,
+) -> bool | torch.Tensor:
+    """The table of every token: a bool for the whole call, or a bool tensor broadcastable to ``position_ids``."""
+    if long is not None:
+        return long
+    if cu_seqlens is None:  # HF's rule for the whole batch: long iff max(position) + 1 > L0
+        if validation.reads_values(position_ids):
+            return position_ids.numel() > 0 and table.use_long(int(position_ids.max()) + 1)
+        return position_ids.max() + 1 > table.original_max_position
+    flags = rotary.sequence_is_long(table, num_sequences, 0, position_ids, cu_seqlens, None, position_ids.device)
+    return flags.bool()[rotary.sequence_of_token(cu_seqlens, position_ids.numel())]  # [T]: each sequence its own
 
 
-def apply_rope(
+def _rotate_qk(
     q: torch.Tensor,
     k: torch.Tensor,
     table: RopeTable,
     position_ids: torch.Tensor | None,
     long: bool | None,
     cu_seqlens: torch.Tensor | None,
+    num_sequences: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     varlen = cu_seqlens is not None
     if position_ids is None:
-        position_ids = reference.default_position_ids(q.shape[0] if varlen else q.shape[2], q.device, cu_seqlens)
-    cos, sin = reference.token_cos_sin(table, position_ids, long, cu_seqlens, q.dtype)
+        position_ids = rotary.default_position_ids(q.shape[0] if varlen else q.shape[2], q.device, cu_seqlens)
+    is_long = _token_is_long(table, position_ids, long, cu_seqlens, num_sequences)
+    cos, sin = (_over_heads(c, varlen) for c in rotary.token_cos_sin(table, position_ids, is_long, q.dtype))
+    return rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
+
+
+def _over_heads(cos: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """cos or sin per token -> broadcastable over the heads: [T, r] -> [T, 1, r]; [L, r] -> [1, 1, L, r];
+    [B, L, r] -> [B, 1, L, r]."""
     if varlen:
-        cos, sin = cos[:, None], sin[:, None]  # [T, 1, rotary_dim]
-    else:
-        cos, sin = reference.broadcast_dense(cos), reference.broadcast_dense(sin)  # [B|1, 1, L, rotary_dim]
-    return reference.rotate(q, cos, sin), reference.rotate(k, cos, sin)
+        return cos[:, None]
+    return cos[None, None] if cos.dim() == 2 else cos[:, None]
 
 
-def _sdpa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool,
-    softmax_scale: float | None,
-    attn_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def _sdpa(q, k, v, causal: bool, softmax_scale: float, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=causal, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
     )
 
 
-def rope_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    table: RopeTable,
-    position_ids: torch.Tensor | None,
-    causal: bool,
-    softmax_scale: float | None,
-    cu_seqlens: torch.Tensor | None,
-    max_seqlen: int | None,
-    long: bool | None,
-    return_lse: bool,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    q_rot, k_rot = apply_rope(q, k, table, position_ids, long, cu_seqlens)
-    if return_lse:
-        # SDPA does not return the log-sum-exp: materialise the fp32 scores instead (O(L^2) memory).
-        out, lse = reference.attention(q_rot, k_rot, v, causal, softmax_scale, cu_seqlens, return_lse=True)
-        return out.to(v.dtype), lse.float()
-    if cu_seqlens is None:
-        return _sdpa(q_rot, k_rot, v, causal, softmax_scale)
-    outputs = []
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        # [L, H, D] -> [1, H, L, D] -> SDPA -> [L, H, D]
-        qs, ks, vs = (x[start:end].transpose(0, 1)[None] for x in (q_rot, k_rot, v))
-        outputs.append(_sdpa(qs, ks, vs, causal, softmax_scale)[0].transpose(0, 1))
-    return torch.cat(outputs)
+def _varlen_visibility(cu_seqlens: torch.Tensor, num_tokens: int, causal: bool) -> torch.Tensor:
+    """``[T, T]`` bool: token i may attend to token j (same sequence, and j <= i when causal)."""
+    sequence = rotary.sequence_of_token(cu_seqlens, num_tokens)
+    visible = sequence[:, None] == sequence[None, :]
+    if causal:
+        visible = visible & torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return visible
 
 
-def rope_decode(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    table: RopeTable,
-    softmax_scale: float | None,
-) -> torch.Tensor:
-    n_new = q.shape[2]
-    lengths = cache_seqlens.tolist()
-    max_len = max(lengths)  # slots past every sequence's length are never read
-    k_cache, v_cache = k_cache[:, :, :max_len], v_cache[:, :, :max_len]
-    key_positions = torch.arange(max_len, device=q.device)
-    long_flags = [table.use_long(n) for n in lengths]
-    if all(f == long_flags[0] for f in long_flags):  # one table for the batch: no per-sequence select
-        cos, sin = (c.to(q.dtype)[None] for c in table._cos_sin_prefix(long_flags[0], max_len, q.device))
-    else:
-        cos_short, sin_short = table._cos_sin_prefix(False, max_len, q.device)  # [max_len, rotary_dim]
-        cos_long, sin_long = table._cos_sin_prefix(True, max_len, q.device)
-        is_long = torch.tensor(long_flags, device=q.device)[:, None, None]  # [B, 1, 1]: table per sequence
-        cos = torch.where(is_long, cos_long, cos_short).to(q.dtype)  # [B, max_len, rotary_dim]
-        sin = torch.where(is_long, sin_long, sin_short).to(q.dtype)
-    k_rot = reference.rotate(k_cache, cos[:, None], sin[:, None])  # [B, Hk, max_len, D]
-    q_positions = cache_seqlens[:, None].long() - n_new + torch.arange(n_new, device=q.device)  # [B, n]
-    gather_index = q_positions[..., None].expand(-1, -1, cos.shape[-1])
-    cos_q = cos.expand(q.shape[0], -1, -1).gather(1, gather_index)[:, None]  # [B, 1, n, rotary_dim]
-    sin_q = sin.expand(q.shape[0], -1, -1).gather(1, gather_index)[:, None]
-    q_rot = reference.rotate(q, cos_q, sin_q)  # [B, Hq, n, D]
-    if n_new == 1 and all(n == max_len for n in lengths):
-        return _sdpa(q_rot, k_rot, v_cache, False, softmax_scale)  # every key visible: no mask to build
-    visible = key_positions[None, None, :] <= q_positions[:, :, None]  # [B, n, max_len]
-    if any(n < max_len for n in lengths):
-        # Unwritten cache slots may hold anything (torch.empty): zero them so that NaN garbage cannot leak through
-        # the masked product (0 * NaN = NaN).
-        valid = (key_positions[None, :] < cache_seqlens[:, None])[:, None, :, None]  # [B, 1, max_len, 1]
-        k_rot = torch.where(valid, k_rot, 0.0)
-        v_cache = torch.where(valid, v_cache, 0.0)
-    return _sdpa(q_rot, k_rot, v_cache, False, softmax_scale, attn_mask=visible[:, None])
+def _attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and its fp32 log-sum-exp on rotated ``[B, H, L, D]`` inputs, by blocks of queries.
+
+    SDPA does not return the log-sum-exp, so the scores are formed here, at most ``_LSE_QUERY_BLOCK`` queries at a
+    time. ``visible`` ``[L, L]`` replaces the causal mask when given. A query that sees no key gets 0 and -inf.
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    groups = q.shape[1] // k.shape[1]
+    k = k.to(compute).repeat_interleave(groups, dim=1)  # GQA: kv head h serves q heads h*g .. h*g+g-1
+    v = v.to(compute).repeat_interleave(groups, dim=1)
+    num_queries, num_keys = q.shape[2], k.shape[2]
+    if visible is None and causal:
+        visible = torch.ones(num_queries, num_keys, dtype=torch.bool, device=q.device).tril()
+    outputs, lses = [], []
+    for first in range(0, num_queries, _LSE_QUERY_BLOCK):
+        block = slice(first, min(first + _LSE_QUERY_BLOCK, num_queries))
+        scores = torch.einsum("bhqd,bhkd->bhqk", q[:, :, block].to(compute), k) * scale  # [B, H, block, L]
+        if visible is not None:
+            scores = scores.masked_fill(~visible[block], float("-inf"))
+        lse = scores.logsumexp(dim=-1)  # [B, H, block]
+        weights = (scores - lse.nan_to_num(neginf=0.0)[..., None]).exp()  # rows that see nothing stay 0
+        outputs.append(torch.einsum("bhqk,bhkd->bhqd", weights, v))
+        lses.append(lse)
+    return torch.cat(outputs, dim=2).to(q.dtype), torch.cat(lses, dim=2).float()
 
 
-def rerotate(
-    k: torch.Tensor, table: RopeTable, position_ids: torch.Tensor, from_long: bool, to_long: bool
-) -> torch.Tensor:
-    # One rotation by (theta_to - theta_from) scaled by a_to / a_from, from the fp32 scaled cos/sin of both tables:
-    # cos' = (C_t C_f + S_t S_f) / a_f^2, sin' = (S_t C_f - C_t S_f) / a_f^2.
-    compute = torch.float64 if k.dtype == torch.float64 else torch.float32
-    cos_from, sin_from = (c.to(compute) for c in table.cos_sin(position_ids, long=from_long))
-    cos_to, sin_to = (c.to(compute) for c in table.cos_sin(position_ids, long=to_long))
-    inv_sq = 1.0 / table.attention_factor_for(from_long) ** 2
-    cos = (cos_to * cos_from + sin_to * sin_from) * inv_sq
-    sin = (sin_to * cos_from - cos_to * sin_from) * inv_sq
-    if k.dim() == 4:
-        cos, sin = reference.broadcast_dense(cos), reference.broadcast_dense(sin)
-    else:
-        cos, sin = cos[:, None], sin[:, None]
-    return reference.rotate(k.to(compute), cos, sin).to(k.dtype)
+class TorchBackend:
+    NAME = "torch"
+
+    def is_available(self, device: torch.device | None = None) -> tuple[bool, str]:
+        return True, ""
+
+    def supports(self, spec: CallSpec) -> tuple[bool, str]:
+        return True, ""
+
+    def apply_rope(self, call: RopeCall) -> tuple[torch.Tensor, torch.Tensor]:
+        return _rotate_qk(call.q, call.k, call.table, call.position_ids, call.long, call.cu_seqlens, call.batch)
+
+    def rope_attention(self, call: AttentionCall) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        q, k = _rotate_qk(call.q, call.k, call.table, call.position_ids, call.long, call.cu_seqlens, call.batch)
+        v, causal, scale = call.v, call.causal, call.softmax_scale
+        if call.cu_seqlens is None:
+            if call.return_lse:
+                return _attention_with_lse(q, k, v, None, causal, scale)
+            return _sdpa(q, k, v, causal, scale)
+        # Varlen [T, H, D]: one batch of T tokens, attention kept within each sequence.
+        q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T, D]
+        num_tokens = q.shape[2]
+        if call.return_lse:
+            visible = _varlen_visibility(call.cu_seqlens, num_tokens, causal)
+            out, lse = _attention_with_lse(q, k, v, visible, causal, scale)
+            return out[0].transpose(0, 1), lse[0]  # [T, Hq, D], [Hq, T]
+        if validation.reads_values(call.cu_seqlens):
+            # Bounds known on the host: SDPA per sequence, O(len^2) memory per sequence instead of O(T^2).
+            bounds = call.cu_seqlens.tolist()
+            pieces = [
+                _sdpa(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], causal, scale)
+                for start, end in zip(bounds[:-1], bounds[1:])
+            ]
+            out = torch.cat(pieces, dim=2)
+        else:
+            visible = _varlen_visibility(call.cu_seqlens, num_tokens, causal)
+            out = _sdpa(q, k, v, False, scale, attn_mask=visible)
+        return out[0].transpose(0, 1)
+
+    def rope_decode(self, call: DecodeCall) -> torch.Tensor:
+        table, q, seqlens = call.table, call.q, call.cache_seqlens
+        k_cache, v_cache, n_new = call.k_cache, call.v_cache, call.num_new
+        if validation.reads_values(seqlens):
+            lengths = seqlens.tolist()
+            max_len = max(lengths)  # slots past every sequence's length are never read
+            k_cache, v_cache = k_cache[:, :, :max_len], v_cache[:, :, :max_len]
+            long_flags = [table.use_long(n) for n in lengths]
+            if all(flag == long_flags[0] for flag in long_flags):  # one table: the shared cached prefix
+                cos, sin = (c.to(q.dtype)[None] for c in table._cos_sin_prefix(long_flags[0], max_len, q.device))
+            else:
+                is_long = torch.tensor(long_flags, device=q.device)[:, None]  # [B, 1]
+                cos, sin = rotary.token_cos_sin(table, torch.arange(max_len, device=q.device), is_long, q.dtype)
+            every_slot_valid = all(n == max_len for n in lengths)
+        else:
+            max_len = k_cache.shape[2]
+            is_long = (seqlens > table.original_max_position)[:, None]  # [B, 1]: each sequence by its length
+            cos, sin = rotary.token_cos_sin(table, torch.arange(max_len, device=q.device), is_long, q.dtype)
+            every_slot_valid = False
+        # cos/sin: [1 or B, max_len, rotary_dim]
+        k_rot = rotary.rotate(k_cache, cos[:, None], sin[:, None])  # [B, Hk, max_len, D]
+        q_positions = seqlens[:, None].long() - n_new + torch.arange(n_new, device=q.device)  # [B, n]
+        gather_index = q_positions[..., None].expand(-1, -1, cos.shape[-1])  # [B, n, rotary_dim]
+        cos_q = cos.expand(q.shape[0], -1, -1).gather(1, gather_index)[:, None]  # [B, 1, n, rotary_dim]
+        sin_q = sin.expand(q.shape[0], -1, -1).gather(1, gather_index)[:, None]
+        q_rot = rotary.rotate(q, cos_q, sin_q)  # [B, Hq, n, D]
+        if every_slot_valid and n_new == 1:
+            return _sdpa(q_rot, k_rot, v_cache, False, call.softmax_scale)  # every key visible: no mask
+        key_positions = torch.arange(max_len, device=q.device)
+        visible = key_positions[None, None, :] <= q_positions[:, :, None]  # [B, n, max_len]
+        if not every_slot_valid:
+            # Unwritten cache slots may hold anything (torch.empty): zero them so that NaN garbage cannot leak
+            # through the masked product (0 * NaN = NaN).
+            valid = (key_positions[None, :] < seqlens[:, None])[:, None, :, None]  # [B, 1, max_len, 1]
+            k_rot = torch.where(valid, k_rot, 0.0)
+            v_cache = torch.where(valid, v_cache, 0.0)
+        return _sdpa(q_rot, k_rot, v_cache, False, call.softmax_scale, attn_mask=visible[:, None])
+
+    def rerotate(self, call: RerotateCall) -> torch.Tensor:
+        # One rotation by (theta_to - theta_from) scaled by a_to / a_from, from the fp32 scaled cos/sin of both
+        # tables: cos' = (C_t C_f + S_t S_f) / a_f^2, sin' = (S_t C_f - C_t S_f) / a_f^2.
+        table, k = call.table, call.k
+        compute = torch.float64 if k.dtype == torch.float64 else torch.float32
+        cos_from, sin_from = rotary.token_cos_sin(table, call.position_ids, call.from_long, compute)
+        cos_to, sin_to = rotary.token_cos_sin(table, call.position_ids, call.to_long, compute)
+        inv_sq = 1.0 / table.attention_factor_for(call.from_long) ** 2
+        cos = (cos_to * cos_from + sin_to * sin_from) * inv_sq
+        sin = (sin_to * cos_from - cos_to * sin_from) * inv_sq
+        cos, sin = _over_heads(cos, call.varlen), _over_heads(sin, call.varlen)
+        return rotary.rotate(k.to(compute), cos, sin).to(k.dtype)
+
+
+BACKEND = TorchBackend()

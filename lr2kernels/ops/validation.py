@@ -1,31 +1,60 @@
-"""Input checks shared by every backend: each error names the argument, what was given and what was expected."""
+"""Input checks of the public ops; each error names the argument, what was given and what was expected.
+
+Two kinds of check:
+- metadata checks (types, dtypes, devices, ranks, shapes) always run: they cost no device work;
+- value checks (``cu_seqlens`` offsets, ``cache_seqlens`` range, ``max_seqlen`` bound) need the data on the host.
+  They run where reading it costs no device sync (CPU tensors, outside ``torch.compile``), and on device tensors
+  only when asked for (``set_value_checks("always")`` or ``LR2KERNELS_CHECK_VALUES=always``), because a read there
+  stalls the GPU and breaks CUDA graph capture. ``"never"`` skips them everywhere.
+
+The ``check_*_call`` functions return the typed call description (:mod:`lr2kernels.ops.calls`) a backend runs.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import os
 
 import torch
 
+from lr2kernels.ops.calls import AttentionCall, DecodeCall, RerotateCall, RopeCall
 from lr2kernels.tables import RopeTable
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+VALUE_CHECK_MODES = ("auto", "always", "never")
+_value_checks = os.environ.get("LR2KERNELS_CHECK_VALUES", "auto")
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionShape:
-    """What the checks learned about a dense or varlen q/k/v triple."""
-
-    varlen: bool
-    batch: int  # number of sequences (varlen: len(cu_seqlens) - 1)
-    seq_len: int  # dense: L; varlen: total tokens
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
+def set_value_checks(mode: str) -> str:
+    """Choose when the value checks run: ``"auto"`` (default: host tensors only), ``"always"`` (device tensors too:
+    one device-to-host copy per checked tensor; for debugging) or ``"never"``. Returns the previous mode."""
+    global _value_checks
+    if mode not in VALUE_CHECK_MODES:
+        raise ValueError(f"mode: expected one of {list(VALUE_CHECK_MODES)}, got {mode!r}")
+    previous, _value_checks = _value_checks, mode
+    return previous
 
 
-def check_table(table: object) -> None:
+def reads_values(x: torch.Tensor) -> bool:
+    """Whether the package may read ``x``'s values on the host: free for CPU tensors outside ``torch.compile``.
+
+    Also gates the torch backend's host fast paths. Tests replace this function to see the package as it runs on
+    a GPU (every read would then be a device sync).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return x.device.type == "cpu"
+
+
+def _run_value_checks(x: torch.Tensor) -> bool:
+    if _value_checks == "never" or torch.compiler.is_compiling():
+        return False
+    return _value_checks == "always" or reads_values(x)
+
+
+def check_table(table: object) -> RopeTable:
     if not isinstance(table, RopeTable):
         raise TypeError(f"table: expected a lr2kernels.RopeTable, got {type(table).__name__}")
+    return table
 
 
 def check_tensor(name: str, x: object) -> torch.Tensor:
@@ -51,9 +80,28 @@ def check_head_dim(name: str, x: torch.Tensor, table: RopeTable) -> None:
         )
 
 
-def check_gqa(num_q_heads: int, num_kv_heads: int) -> None:
+def check_gqa(name: str, num_q_heads: int, num_kv_heads: int) -> None:
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
-        raise ValueError(f"k: expected a number of heads dividing q's {num_q_heads}, got {num_kv_heads}")
+        raise ValueError(f"{name}: expected a number of heads dividing q's {num_q_heads}, got {num_kv_heads}")
+
+
+def check_bool(name: str, flag: object, allow_none: bool = False) -> None:
+    if allow_none and flag is None:
+        return
+    if not isinstance(flag, bool):
+        expected = "True, False or None" if allow_none else "a bool"
+        raise TypeError(f"{name}: expected {expected}, got {type(flag).__name__}")
+
+
+def check_softmax_scale(softmax_scale: object, head_dim: int) -> float:
+    """The scale to use: ``head_dim ** -0.5`` for None."""
+    if softmax_scale is None:
+        return head_dim**-0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    if not softmax_scale > 0:
+        raise ValueError(f"softmax_scale: expected a value > 0, got {softmax_scale}")
+    return float(softmax_scale)
 
 
 def check_cu_seqlens(cu_seqlens: object, total_tokens: int, device: torch.device) -> torch.Tensor:
@@ -66,17 +114,21 @@ def check_cu_seqlens(cu_seqlens: object, total_tokens: int, device: torch.device
         )
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens: expected device {device} (as q), got {cu_seqlens.device}")
-    offsets = cu_seqlens.tolist()
-    if offsets[0] != 0 or offsets[-1] != total_tokens:
-        raise ValueError(
-            f"cu_seqlens: expected offsets from 0 to total_tokens = {total_tokens}, got {offsets[0]} .. {offsets[-1]}"
-        )
-    if any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
-        raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {offsets}")
+    if _run_value_checks(cu_seqlens):
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0 or offsets[-1] != total_tokens:
+            raise ValueError(
+                f"cu_seqlens: expected offsets from 0 to total_tokens = {total_tokens}, got {offsets[0]} .. "
+                f"{offsets[-1]}"
+            )
+        if any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
+            raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {offsets}")
     return cu_seqlens
 
 
-def check_position_ids(position_ids: object, shape: AttentionShape, device: torch.device) -> torch.Tensor | None:
+def check_position_ids(
+    position_ids: object, varlen: bool, batch: int, seq_len: int, device: torch.device
+) -> torch.Tensor | None:
     if position_ids is None:
         return None
     if not isinstance(position_ids, torch.Tensor):
@@ -85,10 +137,7 @@ def check_position_ids(position_ids: object, shape: AttentionShape, device: torc
         raise TypeError(f"position_ids: expected an integer tensor, got dtype {position_ids.dtype}")
     if position_ids.device != device:
         raise ValueError(f"position_ids: expected device {device} (as q), got {position_ids.device}")
-    if shape.varlen:
-        expected = [(shape.seq_len,)]
-    else:
-        expected = [(shape.seq_len,), (shape.batch, shape.seq_len), (1, shape.seq_len)]
+    expected = [(seq_len,)] if varlen else [(seq_len,), (batch, seq_len), (1, seq_len)]
     if tuple(position_ids.shape) not in expected:
         raise ValueError(
             f"position_ids: expected shape {' or '.join(str(list(s)) for s in expected)}, "
@@ -97,11 +146,9 @@ def check_position_ids(position_ids: object, shape: AttentionShape, device: torc
     return position_ids
 
 
-def check_qk(
-    q: object, k: object, table: object, cu_seqlens: object = None, position_ids: object = None
-) -> tuple[AttentionShape, torch.Tensor | None, torch.Tensor | None]:
-    """Check q, k (dense ``[B, H, L, D]`` or varlen ``[T, H, D]``), the table, cu_seqlens and position_ids."""
-    check_table(table)
+def _check_qk(q: object, k: object, table: object, cu_seqlens: object, position_ids: object) -> dict:
+    """Checks shared by apply_rope and rope_attention; returns the call fields they share."""
+    table = check_table(table)
     q, k = check_tensor("q", q), check_tensor("k", k)
     check_same("k", k, "q", q)
     varlen = cu_seqlens is not None
@@ -114,23 +161,26 @@ def check_qk(
     token_axis = 0 if varlen else 2
     if k.shape[token_axis] != q.shape[token_axis] or (not varlen and k.shape[0] != q.shape[0]):
         raise ValueError(f"k: expected the same batch and sequence sizes as q {tuple(q.shape)}, got {tuple(k.shape)}")
-    head_axis = 1
-    check_gqa(q.shape[head_axis], k.shape[head_axis])
+    check_gqa("k", q.shape[1], k.shape[1])
     if varlen:
         cu_seqlens = check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
-        shape = AttentionShape(True, cu_seqlens.numel() - 1, q.shape[0], q.shape[1], k.shape[1], q.shape[-1])
+        batch, seq_len = cu_seqlens.numel() - 1, q.shape[0]
     else:
-        shape = AttentionShape(False, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.shape[-1])
-    position_ids = check_position_ids(position_ids, shape, q.device)
-    return shape, cu_seqlens, position_ids
+        batch, seq_len = q.shape[0], q.shape[2]
+    position_ids = check_position_ids(position_ids, varlen, batch, seq_len, q.device)
+    return dict(
+        table=table, varlen=varlen, batch=batch, seq_len=seq_len, num_q_heads=q.shape[1], num_kv_heads=k.shape[1],
+        head_dim=q.shape[-1], dtype=q.dtype, device=q.device, q=q, k=k, position_ids=position_ids,
+        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
 
 
-def check_v(v: object, k: torch.Tensor) -> torch.Tensor:
-    v = check_tensor("v", v)
-    check_same("v", v, "k", k)
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    return v
+def check_rope_call(
+    q: object, k: object, table: object, position_ids: object, long: object, cu_seqlens: object
+) -> RopeCall:
+    fields = _check_qk(q, k, table, cu_seqlens, position_ids)
+    check_bool("long", long, allow_none=True)
+    return RopeCall(**fields, long=long)
 
 
 def check_max_seqlen(max_seqlen: object, cu_seqlens: torch.Tensor | None) -> int | None:
@@ -140,15 +190,49 @@ def check_max_seqlen(max_seqlen: object, cu_seqlens: torch.Tensor | None) -> int
         raise ValueError("max_seqlen: only meaningful with cu_seqlens (varlen layout), got it without")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise TypeError(f"max_seqlen: expected an int, got {type(max_seqlen).__name__}")
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    if max_seqlen < longest:
-        raise ValueError(f"max_seqlen: expected at least the longest sequence ({longest}), got {max_seqlen}")
+    if _run_value_checks(cu_seqlens):
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if max_seqlen < longest:
+            raise ValueError(f"max_seqlen: expected at least the longest sequence ({longest}), got {max_seqlen}")
     return max_seqlen
 
 
-def check_decode(q: object, k_cache: object, v_cache: object, cache_seqlens: object, table: object) -> torch.Tensor:
-    """Check decode inputs; returns cache_seqlens."""
-    check_table(table)
+def check_attention_call(
+    q: object,
+    k: object,
+    v: object,
+    table: object,
+    position_ids: object,
+    long: object,
+    cu_seqlens: object,
+    max_seqlen: object,
+    causal: object,
+    softmax_scale: object,
+    return_lse: object,
+) -> AttentionCall:
+    fields = _check_qk(q, k, table, cu_seqlens, position_ids)
+    v = check_tensor("v", v)
+    check_same("v", v, "k", fields["k"])
+    if v.shape != fields["k"].shape:
+        raise ValueError(f"v: expected the shape of k {tuple(fields['k'].shape)}, got {tuple(v.shape)}")
+    check_bool("long", long, allow_none=True)
+    check_bool("causal", causal)
+    check_bool("return_lse", return_lse)
+    return AttentionCall(
+        **fields, v=v, long=long, max_seqlen=check_max_seqlen(max_seqlen, fields["cu_seqlens"]), causal=causal,
+        softmax_scale=check_softmax_scale(softmax_scale, fields["head_dim"]), return_lse=return_lse,
+    )  # fmt: skip
+
+
+def check_decode_call(
+    q: object, k_cache: object, v_cache: object, table: object, cache_seqlens: object, softmax_scale: object
+) -> DecodeCall:
+    if isinstance(table, torch.Tensor) and isinstance(cache_seqlens, RopeTable):
+        raise TypeError(
+            "table: expected a lr2kernels.RopeTable, got a Tensor; since 0.2 the table comes fourth and "
+            "cache_seqlens is keyword-only: rope_decode(q, k_cache, v_cache, table, cache_seqlens=...)"
+        )
+    table = check_table(table)
     q = check_tensor("q", q)
     k_cache, v_cache = check_tensor("k_cache", k_cache), check_tensor("v_cache", v_cache)
     check_same("k_cache", k_cache, "q", q)
@@ -161,8 +245,7 @@ def check_decode(q: object, k_cache: object, v_cache: object, cache_seqlens: obj
         raise ValueError(f"v_cache: expected the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     if k_cache.shape[0] != q.shape[0]:
         raise ValueError(f"k_cache: expected batch {q.shape[0]} (as q), got {k_cache.shape[0]}")
-    if q.shape[1] % k_cache.shape[1]:
-        raise ValueError(f"k_cache: expected a number of heads dividing q's {q.shape[1]}, got {k_cache.shape[1]}")
+    check_gqa("k_cache", q.shape[1], k_cache.shape[1])
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens: expected an integer torch.Tensor [batch], got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (q.shape[0],):
@@ -173,24 +256,34 @@ def check_decode(q: object, k_cache: object, v_cache: object, cache_seqlens: obj
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens: expected device {q.device} (as q), got {cache_seqlens.device}")
     n_new, max_len = q.shape[2], k_cache.shape[2]
-    lengths = cache_seqlens.tolist()
-    bad = [n for n in lengths if n < n_new or n > max_len]
-    if bad:
-        raise ValueError(
-            f"cache_seqlens: expected values in [{n_new} (new tokens), {max_len} (cache size)], got {lengths}"
-        )
-    return cache_seqlens
+    if _run_value_checks(cache_seqlens):
+        lengths = cache_seqlens.tolist()
+        if any(n < n_new or n > max_len for n in lengths):
+            raise ValueError(
+                f"cache_seqlens: expected values in [{n_new} (new tokens), {max_len} (cache size)], got {lengths}"
+            )
+    return DecodeCall(
+        table=table, varlen=False, batch=q.shape[0], seq_len=max_len, num_q_heads=q.shape[1],
+        num_kv_heads=k_cache.shape[1], head_dim=q.shape[-1], dtype=q.dtype, device=q.device, q=q, k_cache=k_cache,
+        v_cache=v_cache, cache_seqlens=cache_seqlens, softmax_scale=check_softmax_scale(softmax_scale, q.shape[-1]),
+    )  # fmt: skip
 
 
-def check_softmax_scale(softmax_scale: object) -> None:
-    if softmax_scale is None:
-        return
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
-    if not softmax_scale > 0:
-        raise ValueError(f"softmax_scale: expected a value > 0, got {softmax_scale}")
-
-
-def check_long(long: object) -> None:
-    if long is not None and not isinstance(long, bool):
-        raise TypeError(f"long: expected True, False or None, got {type(long).__name__}")
+def check_rerotate_call(k: object, table: object, position_ids: object, from_long: object, to_long: object):
+    table = check_table(table)
+    k = check_tensor("k", k)
+    if k.dim() not in (3, 4):
+        raise ValueError(f"k: expected [B, H, L, D] or [T, H, D], got shape {tuple(k.shape)}")
+    check_head_dim("k", k, table)
+    if position_ids is None:
+        raise ValueError("position_ids: expected the keys' positions, got None")
+    varlen = k.dim() == 3  # [T, H, D]: one sequence of T tokens
+    batch, seq_len = (1, k.shape[0]) if varlen else (k.shape[0], k.shape[2])
+    position_ids = check_position_ids(position_ids, varlen, batch, seq_len, k.device)
+    check_bool("from_long", from_long)
+    check_bool("to_long", to_long)
+    return RerotateCall(
+        table=table, varlen=varlen, batch=batch, seq_len=seq_len, num_q_heads=k.shape[1], num_kv_heads=k.shape[1],
+        head_dim=k.shape[-1], dtype=k.dtype, device=k.device, k=k, position_ids=position_ids, from_long=from_long,
+        to_long=to_long,
+    )  # fmt: skip

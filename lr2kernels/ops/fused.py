@@ -1,0 +1,85 @@
+"""What every fused-kernel backend shares: turning a call into the custom ops' tensors and primitives.
+
+A kernel backend (triton, cuda) subclasses :class:`FusedBackend` and provides ``launchers()`` (the
+:class:`lr2kernels.ops.custom_ops.Launchers` of its kernels), ``is_available`` and ``supports``. The preparation
+here runs on the device without host reads, except one documented case: a varlen call without ``max_seqlen`` whose
+offsets live on a GPU reads the longest length once (the grid needs it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lr2kernels.ops import custom_ops, rotary
+from lr2kernels.ops.calls import AttentionCall, DecodeCall, RerotateCall, RopeCall
+from lr2kernels.tables import RopeTable
+
+
+def _int32(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.to(torch.int32).contiguous()
+
+
+def _max_seqlen(call: RopeCall | AttentionCall, given: int | None) -> int:
+    """The dense length, or the longest varlen sequence (given, else read from cu_seqlens: a host read)."""
+    if call.cu_seqlens is None:
+        return call.seq_len
+    if given is not None:
+        return given
+    if call.batch == 0:
+        return 0
+    return int((call.cu_seqlens[1:] - call.cu_seqlens[:-1]).max())
+
+
+def _table_args(table: RopeTable, device: torch.device) -> tuple[torch.Tensor, float, float]:
+    inv_freq = rotary.inv_freq_pair(table, device).contiguous()  # [2, rotary_dim // 2]
+    return inv_freq, table.attention_factor_for(False), table.attention_factor_for(True)
+
+
+class FusedBackend:
+    """Base of the kernel backends: the four ops through ``torch.ops.lr2kernels`` with this backend's launchers."""
+
+    NAME: str
+
+    def launchers(self) -> custom_ops.Launchers:
+        raise NotImplementedError
+
+    def _sequence_args(self, call: RopeCall | AttentionCall, max_seqlen: int) -> tuple:
+        position_ids, cu_seqlens = _int32(call.position_ids), _int32(call.cu_seqlens)
+        is_long = rotary.sequence_is_long(
+            call.table, call.batch, max_seqlen, call.position_ids, call.cu_seqlens, call.long, call.device
+        )
+        return is_long, position_ids, cu_seqlens
+
+    def apply_rope(self, call: RopeCall) -> tuple[torch.Tensor, torch.Tensor]:
+        max_seqlen = _max_seqlen(call, None)
+        inv_freq, attention_short, attention_long = _table_args(call.table, call.device)
+        is_long, position_ids, cu_seqlens = self._sequence_args(call, max_seqlen)
+        return torch.ops.lr2kernels.apply_rope(
+            call.q, call.k, inv_freq, is_long, position_ids, cu_seqlens, max_seqlen, attention_short, attention_long,
+            False, self.NAME,
+        )  # fmt: skip
+
+    def rope_attention(self, call: AttentionCall) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        max_seqlen = _max_seqlen(call, call.max_seqlen)
+        inv_freq, attention_short, attention_long = _table_args(call.table, call.device)
+        is_long, position_ids, cu_seqlens = self._sequence_args(call, max_seqlen)
+        out, lse = torch.ops.lr2kernels.rope_attention_fwd(
+            call.q, call.k, call.v, inv_freq, is_long, position_ids, cu_seqlens, max_seqlen, call.causal,
+            call.softmax_scale, attention_short, attention_long, self.NAME,
+        )  # fmt: skip
+        return (out, lse) if call.return_lse else out
+
+    def rope_decode(self, call: DecodeCall) -> torch.Tensor:
+        inv_freq, attention_short, attention_long = _table_args(call.table, call.device)
+        return torch.ops.lr2kernels.rope_decode(
+            call.q, call.k_cache, call.v_cache, call.cache_seqlens, inv_freq, call.table.original_max_position,
+            attention_short, attention_long, call.softmax_scale, self.NAME,
+        )  # fmt: skip
+
+    def rerotate(self, call: RerotateCall) -> torch.Tensor:
+        table = call.table
+        inv_freq = rotary.inv_freq_pair(table, call.device).contiguous()
+        scale = table.attention_factor_for(call.to_long) / table.attention_factor_for(call.from_long)
+        return torch.ops.lr2kernels.rerotate(
+            call.k, inv_freq, _int32(call.position_ids), call.from_long, call.to_long, scale, False, self.NAME
+        )

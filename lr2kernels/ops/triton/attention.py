@@ -7,33 +7,48 @@ either: the backward recomputes the rotation and returns gradients w.r.t. the pr
 Dense ``[B, H, L, D]`` and varlen ``[T, H, D]`` share one kernel body: varlen is a batch whose sequence bounds
 come from ``cu_seqlens`` (IS_VARLEN). GQA maps q head h to kv head ``h // (Hq // Hk)``; the dk/dv program of a kv
 head loops over its q heads, so no atomics are needed.
+
+Launchers (:func:`rope_attention_fwd`, :func:`rope_attention_bwd`) take tensors and Python scalars only, prepared
+by the caller (``lr2kernels.ops``): the ``[2, rotary_dim // 2]`` fp32 inverse frequencies (short row, long row),
+an int32 long-table flag per sequence, int32 positions / ``cu_seqlens`` and a host-side ``max_seqlen``. They never
+read device data on the host. Every output is allocated contiguous and written with its own strides.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from lr2kernels.ops.triton._rope import (
-    _angles,
-    _load_rows,
-    _load_split,
-    _online_softmax_step,
-    _rotate,
-    _rotate_transposed,
-    _sequence_table,
-    _store_split,
+from lr2kernels.ops.triton._host import (
+    LOG2E,
+    bht_strides,
+    contiguous_last,
+    dot_precision,
+    head_sizes,
+    new_like,
+    rotary_dim_of,
+    sequence_args,
+    sequences,
     split_sizes,
+    triton_interpreting,
+)
+from lr2kernels.ops.triton._jit import (
+    _attend_finish,
+    _attend_tile,
+    _head_offset,
+    _load_rotated,
+    _load_rows,
+    _positions,
+    _qk_scores,
+    _rotate_transposed,
+    _sequence_program,
+    _store_rows,
+    _store_split,
 )
 
-LOG2E = 1.4426950408889634
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+__all__ = ["rope_attention_bwd", "rope_attention_fwd"]
 
 
 def _configs(backward: bool) -> list[triton.Config]:
@@ -54,374 +69,349 @@ _TUNE_KEY = ["HEAD_DIM", "HALF", "PASS", "IS_CAUSAL", "IS_VARLEN", "PRECISION"]
 
 
 @triton.jit
-def _seq_bounds(cu_seqlens_ptr, seq, seq_len_dense, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        start = tl.load(cu_seqlens_ptr + seq)
-        seq_len = tl.load(cu_seqlens_ptr + seq + 1) - start
-    else:
-        start = 0
-        seq_len = seq_len_dense
-    return start, seq_len
+def _load_rotated_tile(
+    x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
+    BLOCK: tl.constexpr, HAS_POS: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+):  # fmt: skip
+    """Tokens ``first .. first + BLOCK - 1`` of a sequence, rotated (q, or k) with the sequence's table.
+
+    Returns (rows ``[BLOCK]``, row mask, x1, x2, xp in ``dtype``, cos, sin ``[BLOCK, HALF_PAD]``).
+    """
+    rows = first + tl.arange(0, BLOCK)
+    row_mask = rows < seq_len
+    pos = _positions(pos_base, rows, row_mask, HAS_POS)
+    x1, x2, xp, cos, sin = _load_rotated(x_base, rows, stride_xt, row_mask, pos, INV_FREQ, is_long, attention,
+                                         dtype, HALF, HALF_PAD, PASS, PASS_PAD)  # fmt: skip
+    return rows, row_mask, x1, x2, xp, cos, sin
 
 
 @triton.jit
-def _positions(pos_ptr, seq, stride_pos_b, start, rows, row_mask, HAS_POS: tl.constexpr):
-    if HAS_POS:
-        return tl.load(pos_ptr + seq * stride_pos_b + start + rows, mask=row_mask, other=0)
-    return rows
+def _load_token_tile(
+    x_base, y_base, stride_xt, stride_yt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
+    BLOCK: tl.constexpr, HAS_POS: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):  # fmt: skip
+    """:func:`_load_rotated_tile` of x (q, or k) and the same tokens' whole rows of y (dO, or v)
+    ``[BLOCK, HEAD_DIM_PAD]``, loaded right after: (rows, row mask, x1, x2, xp, cos, sin, y)."""
+    rows, row_mask, x1, x2, xp, cos, sin = _load_rotated_tile(
+        x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK, HAS_POS,
+        HALF, HALF_PAD, PASS, PASS_PAD,
+    )  # fmt: skip
+    y = _load_rows(y_base, rows, stride_yt, row_mask, HEAD_DIM, HEAD_DIM_PAD)
+    return rows, row_mask, x1, x2, xp, cos, sin, y
 
 
 @triton.jit
-def _qk_scores(q1, q2, qp, k1, k2, kp, PASS: tl.constexpr, PRECISION: tl.constexpr):
-    """q k^T over the split layout: ``[BLOCK_M, BLOCK_N]`` fp32."""
-    scores = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-    scores += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
+def _probs(a1, a2, ap, b1, b2, bp, lse, visible, sm_scale, PASS: tl.constexpr, PRECISION: tl.constexpr):
+    """Softmax probabilities of one tile, in either orientation: ``exp(a b^T scale - lse)`` where visible, else 0
+    (lse broadcast by the caller). dq passes (q, k) and gets ``[BLOCK_M, BLOCK_N]``; dk/dv pass (k, q) and get the
+    transposed ``[BLOCK_N, BLOCK_M]``."""
+    scores = _qk_scores(a1, a2, ap, b1, b2, bp, PASS, PRECISION) * sm_scale
+    return tl.where(visible, tl.exp(scores - lse), 0.0)
+
+
+@triton.jit
+def _score_grads(p, x, y, delta, dtype, PRECISION: tl.constexpr):
+    """Gradients of the scores of a tile of probabilities p: ``p (x y^T - delta)`` in ``dtype`` (delta broadcast by
+    the caller). dq passes (dO, v); dk/dv pass (v, dO) for the transposed tile."""
+    dp = tl.dot(x, tl.trans(y), input_precision=PRECISION)
+    return (p * (dp - delta)).to(dtype)
+
+
+@triton.jit
+def _dot_split_acc(acc1, acc2, accp, ds, x1, x2, xp, PASS: tl.constexpr, PRECISION: tl.constexpr):
+    """(acc1, acc2, accp) += ds @ (x1, x2, xp): a gradient accumulated in the split layout."""
+    acc1 += tl.dot(ds, x1, input_precision=PRECISION)
+    acc2 += tl.dot(ds, x2, input_precision=PRECISION)
     if PASS > 0:
-        scores += tl.dot(qp, tl.trans(kp), input_precision=PRECISION)
-    return scores
+        accp += tl.dot(ds, xp, input_precision=PRECISION)
+    return acc1, acc2, accp
+
+
+@triton.jit
+def _store_pre_rope_grad(
+    ptr, rows, row_stride, row_mask, g1, g2, gp, cos, sin, scale,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+):  # fmt: skip
+    """Store ``scale * g``, a gradient w.r.t. the ROTATED input, as the gradient w.r.t. the pre-RoPE input: the
+    transposed rotation (by -angle, same attention factor); pass-through channels unchanged."""
+    g1, g2 = _rotate_transposed(g1 * scale, g2 * scale, cos, sin)
+    _store_split(ptr, rows, row_stride, row_mask, g1, g2, gp * scale, HALF, HALF_PAD, PASS, PASS_PAD)
+
+
+@triton.jit
+def _row_stats(lse_ptr, delta_ptr, rows, row_mask):
+    """The forward's lse (natural log; -inf of a row that saw nothing -> 0) and delta = rowsum(dO * O) of rows."""
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    return lse, tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
 
 
 @triton.autotune(configs=_configs(backward=False), key=_TUNE_KEY)
 @triton.jit
-def _fwd_kernel(
+def _rope_attention_fwd_kernel(
     Q, K, V, O, LSE, INV_FREQ, CU_SEQLENS, POS, IS_LONG,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     stride_lse_b, stride_lse_h, stride_pos_b,
-    seq_len_dense, num_q_heads, group, sm_scale_log2, attention_short, attention_long,
+    seq_len_dense, num_q_heads, group, sm_scale_log2, attention_short, attention_long,  # sm_scale * log2(e)
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    seq = pid_bh // num_q_heads
-    head = pid_bh % num_q_heads
-    kv_head = head // group
-    start, seq_len = _seq_bounds(CU_SEQLENS, seq, seq_len_dense, IS_VARLEN)
-    if pid_m * BLOCK_M >= seq_len:
+    """Output and lse of one block of queries of one q head: loop over the key tiles of its kv head."""
+    first, seq, head, start, seq_len, is_long, attention, pos_base = _sequence_program(  # queries of q head `head`
+        num_q_heads, CU_SEQLENS, IS_LONG, POS, stride_pos_b, seq_len_dense, attention_short, attention_long,
+        BLOCK_M, IS_VARLEN,
+    )  # fmt: skip
+    if first >= seq_len:
         return
-    is_long, attention = _sequence_table(IS_LONG, seq, attention_short, attention_long)
+    q_base = Q + _head_offset(seq, head, start, stride_qb, stride_qh, stride_qt)
+    k_base = K + _head_offset(seq, head // group, start, stride_kb, stride_kh, stride_kt)
+    v_base = V + _head_offset(seq, head // group, start, stride_vb, stride_vh, stride_vt)
     dtype = Q.dtype.element_ty
 
-    q_base = Q + seq.to(tl.int64) * stride_qb + head * stride_qh + start.to(tl.int64) * stride_qt
-    k_base = K + seq.to(tl.int64) * stride_kb + kv_head * stride_kh + start.to(tl.int64) * stride_kt
-    v_base = V + seq.to(tl.int64) * stride_vb + kv_head * stride_vh + start.to(tl.int64) * stride_vt
+    offs_m, m_mask, q1, q2, qp, cos_q, sin_q = _load_rotated_tile(  # q [BLOCK_M, *] rotated
+        q_base, stride_qt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_M, HAS_POS,
+        HALF, HALF_PAD, PASS, PASS_PAD,
+    )  # fmt: skip
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < seq_len
-    q1, q2, qp = _load_split(q_base, offs_m, stride_qt, m_mask, HALF, HALF_PAD, PASS, PASS_PAD)  # [BLOCK_M, *]
-    cos, sin = _angles(_positions(POS, seq, stride_pos_b, start, offs_m, m_mask, HAS_POS), INV_FREQ, is_long,
-                       attention, HALF, HALF_PAD)  # fmt: skip
-    q1, q2 = _rotate(q1, q2, cos, sin)
-    q1, q2, qp = q1.to(dtype), q2.to(dtype), qp.to(dtype)
-
-    d_cols = tl.arange(0, HEAD_DIM_PAD)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    hi = tl.minimum(seq_len, (pid_m + 1) * BLOCK_M) if IS_CAUSAL else seq_len
+    hi = tl.minimum(seq_len, first + BLOCK_M) if IS_CAUSAL else seq_len
     for n_start in range(0, hi, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < seq_len
-        k1, k2, kp = _load_split(k_base, offs_n, stride_kt, n_mask, HALF, HALF_PAD, PASS, PASS_PAD)  # [BLOCK_N, *]
-        cos_k, sin_k = _angles(_positions(POS, seq, stride_pos_b, start, offs_n, n_mask, HAS_POS), INV_FREQ,
-                               is_long, attention, HALF, HALF_PAD)  # fmt: skip
-        k1, k2 = _rotate(k1, k2, cos_k, sin_k)
-        scores = _qk_scores(q1, q2, qp, k1.to(dtype), k2.to(dtype), kp.to(dtype), PASS, PRECISION) * sm_scale_log2
+        offs_n, n_mask, k1, k2, kp, cos_k, sin_k = _load_rotated_tile(  # k [BLOCK_N, *] rotated
+            k_base, stride_kt, n_start, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_N, HAS_POS,
+            HALF, HALF_PAD, PASS, PASS_PAD,
+        )  # fmt: skip
         visible = n_mask[None, :]
         if IS_CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
-        scores = tl.where(visible, scores, float("-inf"))  # [BLOCK_M, BLOCK_N], log2 units
-        p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i)
-        v = _load_rows(v_base, offs_n, stride_vt, n_mask, HEAD_DIM, HEAD_DIM_PAD)  # [BLOCK_N, HEAD_DIM_PAD]
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q1, q2, qp, k1, k2, kp, visible, sm_scale_log2, v_base, offs_n, stride_vt, n_mask,
+            HEAD_DIM, HEAD_DIM_PAD, PASS, PRECISION,
+        )  # fmt: skip
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows give 0, not NaN
-    out = acc / l_safe[:, None]
-    o_base = O + seq.to(tl.int64) * stride_ob + head * stride_oh + start.to(tl.int64) * stride_ot
-    tl.store(
-        o_base + offs_m.to(tl.int64)[:, None] * stride_ot + d_cols[None, :],
-        out.to(O.dtype.element_ty),
-        mask=m_mask[:, None] & (d_cols < HEAD_DIM)[None, :],
-    )
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)  # natural log
-    tl.store(LSE + seq.to(tl.int64) * stride_lse_b + head * stride_lse_h + start + offs_m, lse, mask=m_mask)
+    out, lse_log2 = _attend_finish(acc, m_i, l_i)  # [BLOCK_M, HEAD_DIM_PAD], [BLOCK_M]
+    o_base = O + _head_offset(seq, head, start, stride_ob, stride_oh, stride_ot)
+    _store_rows(o_base, offs_m, stride_ot, m_mask, out, HEAD_DIM, HEAD_DIM_PAD)
+    lse_base = LSE + _head_offset(seq, head, start, stride_lse_b, stride_lse_h, 1)
+    tl.store(lse_base + offs_m, lse_log2 / 1.4426950408889634, mask=m_mask)  # natural log
 
 
 @triton.autotune(configs=_configs(backward=True), key=_TUNE_KEY)
 @triton.jit
-def _bwd_dq_kernel(
+def _rope_attention_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, INV_FREQ, CU_SEQLENS, POS, IS_LONG,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
-    stride_lse_b, stride_lse_h, stride_pos_b,
+    stride_dqb, stride_dqh, stride_dqt,
+    stride_lse_b, stride_lse_h, stride_pos_b,  # lse and delta share a layout
     seq_len_dense, num_q_heads, group, sm_scale, attention_short, attention_long,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dq for one block of queries: loop over key tiles; rotated with the same angles as the forward."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    seq = pid_bh // num_q_heads
-    head = pid_bh % num_q_heads
-    kv_head = head // group
-    start, seq_len = _seq_bounds(CU_SEQLENS, seq, seq_len_dense, IS_VARLEN)
-    if pid_m * BLOCK_M >= seq_len:
+    first, seq, head, start, seq_len, is_long, attention, pos_base = _sequence_program(  # dq rows of q head `head`
+        num_q_heads, CU_SEQLENS, IS_LONG, POS, stride_pos_b, seq_len_dense, attention_short, attention_long,
+        BLOCK_M, IS_VARLEN,
+    )  # fmt: skip
+    if first >= seq_len:
         return
-    is_long, attention = _sequence_table(IS_LONG, seq, attention_short, attention_long)
     dtype = Q.dtype.element_ty
-    # q, do and dq share one layout (dq is allocated like q, do is made contiguous like q).
-    q_base = Q + seq.to(tl.int64) * stride_qb + head * stride_qh + start.to(tl.int64) * stride_qt
-    do_base = DO + seq.to(tl.int64) * stride_dob + head * stride_doh + start.to(tl.int64) * stride_dot
-    dq_base = DQ + seq.to(tl.int64) * stride_qb + head * stride_qh + start.to(tl.int64) * stride_qt
-    k_base = K + seq.to(tl.int64) * stride_kb + kv_head * stride_kh + start.to(tl.int64) * stride_kt
-    v_base = V + seq.to(tl.int64) * stride_vb + kv_head * stride_vh + start.to(tl.int64) * stride_vt
-    row_base = seq.to(tl.int64) * stride_lse_b + head * stride_lse_h + start
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < seq_len
-    q1, q2, qp = _load_split(q_base, offs_m, stride_qt, m_mask, HALF, HALF_PAD, PASS, PASS_PAD)
-    cos, sin = _angles(_positions(POS, seq, stride_pos_b, start, offs_m, m_mask, HAS_POS), INV_FREQ, is_long,
-                       attention, HALF, HALF_PAD)  # fmt: skip
-    q1, q2 = _rotate(q1, q2, cos, sin)
-    q1, q2, qp = q1.to(dtype), q2.to(dtype), qp.to(dtype)
-    do = _load_rows(do_base, offs_m, stride_dot, m_mask, HEAD_DIM, HEAD_DIM_PAD)
-    lse = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.load(DELTA + row_base + offs_m, mask=m_mask, other=0.0)
+    q_base = Q + _head_offset(seq, head, start, stride_qb, stride_qh, stride_qt)
+    do_base = DO + _head_offset(seq, head, start, stride_dob, stride_doh, stride_dot)
+    offs_m, m_mask, q1, q2, qp, cos, sin, do = _load_token_tile(  # q [BLOCK_M, *] rotated, dO [BLOCK_M, HEAD_DIM_PAD]
+        q_base, do_base, stride_qt, stride_dot, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
+        BLOCK_M, HAS_POS, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM, HEAD_DIM_PAD,
+    )  # fmt: skip
+    row_base = _head_offset(seq, head, start, stride_lse_b, stride_lse_h, 1)
+    lse, delta = _row_stats(LSE + row_base, DELTA + row_base, offs_m, m_mask)  # [BLOCK_M]
+    k_base = K + _head_offset(seq, head // group, start, stride_kb, stride_kh, stride_kt)
+    v_base = V + _head_offset(seq, head // group, start, stride_vb, stride_vh, stride_vt)
 
     dq1 = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
     dqp = tl.zeros([BLOCK_M, PASS_PAD], dtype=tl.float32)
-    hi = tl.minimum(seq_len, (pid_m + 1) * BLOCK_M) if IS_CAUSAL else seq_len
+    hi = tl.minimum(seq_len, first + BLOCK_M) if IS_CAUSAL else seq_len
     for n_start in range(0, hi, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < seq_len
-        k1, k2, kp = _load_split(k_base, offs_n, stride_kt, n_mask, HALF, HALF_PAD, PASS, PASS_PAD)
-        cos_k, sin_k = _angles(_positions(POS, seq, stride_pos_b, start, offs_n, n_mask, HAS_POS), INV_FREQ,
-                               is_long, attention, HALF, HALF_PAD)  # fmt: skip
-        k1, k2 = _rotate(k1, k2, cos_k, sin_k)
-        k1, k2, kp = k1.to(dtype), k2.to(dtype), kp.to(dtype)
-        scores = _qk_scores(q1, q2, qp, k1, k2, kp, PASS, PRECISION) * sm_scale
+        # k [BLOCK_N, *] rotated, v [BLOCK_N, HEAD_DIM_PAD]
+        offs_n, n_mask, k1, k2, kp, cos_k, sin_k, v = _load_token_tile(
+            k_base, v_base, stride_kt, stride_vt, n_start, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
+            BLOCK_N, HAS_POS, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM, HEAD_DIM_PAD,
+        )  # fmt: skip
         visible = n_mask[None, :] & m_mask[:, None]
         if IS_CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
-        v = _load_rows(v_base, offs_n, stride_vt, n_mask, HEAD_DIM, HEAD_DIM_PAD)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = (p * (dp - delta[:, None])).to(dtype)
-        dq1 += tl.dot(ds, k1, input_precision=PRECISION)
-        dq2 += tl.dot(ds, k2, input_precision=PRECISION)
-        if PASS > 0:
-            dqp += tl.dot(ds, kp, input_precision=PRECISION)
+        p = _probs(q1, q2, qp, k1, k2, kp, lse[:, None], visible, sm_scale, PASS, PRECISION)  # [BLOCK_M, BLOCK_N]
+        ds = _score_grads(p, do, v, delta[:, None], dtype, PRECISION)
+        dq1, dq2, dqp = _dot_split_acc(dq1, dq2, dqp, ds, k1, k2, kp, PASS, PRECISION)
     # dq of the rotated q -> dq of the pre-RoPE q: the transposed rotation (rotation by -angle, same scale).
-    dq1, dq2 = _rotate_transposed(dq1 * sm_scale, dq2 * sm_scale, cos, sin)
-    _store_split(dq_base, offs_m, stride_qt, m_mask, dq1, dq2, dqp * sm_scale, HALF, HALF_PAD, PASS, PASS_PAD)
+    dq_base = DQ + _head_offset(seq, head, start, stride_dqb, stride_dqh, stride_dqt)
+    _store_pre_rope_grad(dq_base, offs_m, stride_dqt, m_mask, dq1, dq2, dqp, cos, sin, sm_scale,
+                         HALF, HALF_PAD, PASS, PASS_PAD)  # fmt: skip
 
 
 @triton.autotune(configs=_configs(backward=True), key=_TUNE_KEY)
 @triton.jit
-def _bwd_dkdv_kernel(
+def _rope_attention_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, INV_FREQ, CU_SEQLENS, POS, IS_LONG,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
-    stride_lse_b, stride_lse_h, stride_pos_b,
-    seq_len_dense, num_kv_heads, group, sm_scale, attention_short, attention_long,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    stride_lse_b, stride_lse_h, stride_pos_b,  # lse and delta share a layout
+    seq_len_dense, num_kv_heads, group, sm_scale, attention_short, attention_long,  # programs per sequence: Hk
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dk, dv for one key tile of one kv head, summed over the q heads of its GQA group."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    seq = pid_bh // num_kv_heads
-    kv_head = pid_bh % num_kv_heads
-    start, seq_len = _seq_bounds(CU_SEQLENS, seq, seq_len_dense, IS_VARLEN)
-    if pid_n * BLOCK_N >= seq_len:
+    first, seq, kv_head, start, seq_len, is_long, attention, pos_base = _sequence_program(  # keys of `kv_head`
+        num_kv_heads, CU_SEQLENS, IS_LONG, POS, stride_pos_b, seq_len_dense, attention_short, attention_long,
+        BLOCK_N, IS_VARLEN,
+    )  # fmt: skip
+    if first >= seq_len:
         return
-    is_long, attention = _sequence_table(IS_LONG, seq, attention_short, attention_long)
-    dtype = Q.dtype.element_ty
-    # k, dk share a layout; v, dv share a layout.
-    k_base = K + seq.to(tl.int64) * stride_kb + kv_head * stride_kh + start.to(tl.int64) * stride_kt
-    v_base = V + seq.to(tl.int64) * stride_vb + kv_head * stride_vh + start.to(tl.int64) * stride_vt
-    dk_base = DK + seq.to(tl.int64) * stride_kb + kv_head * stride_kh + start.to(tl.int64) * stride_kt
-    dv_base = DV + seq.to(tl.int64) * stride_vb + kv_head * stride_vh + start.to(tl.int64) * stride_vt
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < seq_len
-    d_cols = tl.arange(0, HEAD_DIM_PAD)
-    k1, k2, kp = _load_split(k_base, offs_n, stride_kt, n_mask, HALF, HALF_PAD, PASS, PASS_PAD)
-    cos_k, sin_k = _angles(_positions(POS, seq, stride_pos_b, start, offs_n, n_mask, HAS_POS), INV_FREQ, is_long,
-                           attention, HALF, HALF_PAD)  # fmt: skip
-    k1, k2 = _rotate(k1, k2, cos_k, sin_k)
-    k1, k2, kp = k1.to(dtype), k2.to(dtype), kp.to(dtype)
-    v = _load_rows(v_base, offs_n, stride_vt, n_mask, HEAD_DIM, HEAD_DIM_PAD)
-
     dk1 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
     dkp = tl.zeros([BLOCK_N, PASS_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
+    dtype = Q.dtype.element_ty
+    offs_n, n_mask, k1, k2, kp, cos_k, sin_k, v = _load_token_tile(  # k [BLOCK_N, *] rotated, v [BLOCK_N, HEAD_DIM_PAD]
+        K + _head_offset(seq, kv_head, start, stride_kb, stride_kh, stride_kt),
+        V + _head_offset(seq, kv_head, start, stride_vb, stride_vh, stride_vt),
+        stride_kt, stride_vt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
+        BLOCK_N, HAS_POS, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM, HEAD_DIM_PAD,
+    )  # fmt: skip
+    lo = (first // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
     for g in range(0, group):
         head = kv_head * group + g
-        q_base = Q + seq.to(tl.int64) * stride_qb + head * stride_qh + start.to(tl.int64) * stride_qt
-        do_base = DO + seq.to(tl.int64) * stride_dob + head * stride_doh + start.to(tl.int64) * stride_dot
-        row_base = seq.to(tl.int64) * stride_lse_b + head * stride_lse_h + start
+        q_base = Q + _head_offset(seq, head, start, stride_qb, stride_qh, stride_qt)
+        do_base = DO + _head_offset(seq, head, start, stride_dob, stride_doh, stride_dot)
+        row_base = _head_offset(seq, head, start, stride_lse_b, stride_lse_h, 1)
         for m_start in range(lo, seq_len, BLOCK_M):
-            offs_m = m_start + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < seq_len
-            q1, q2, qp = _load_split(q_base, offs_m, stride_qt, m_mask, HALF, HALF_PAD, PASS, PASS_PAD)
-            cos, sin = _angles(_positions(POS, seq, stride_pos_b, start, offs_m, m_mask, HAS_POS), INV_FREQ,
-                               is_long, attention, HALF, HALF_PAD)  # fmt: skip
-            q1, q2 = _rotate(q1, q2, cos, sin)
-            q1, q2, qp = q1.to(dtype), q2.to(dtype), qp.to(dtype)
-            do = _load_rows(do_base, offs_m, stride_dot, m_mask, HEAD_DIM, HEAD_DIM_PAD)
-            lse = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            delta = tl.load(DELTA + row_base + offs_m, mask=m_mask, other=0.0)
-            scores_t = _qk_scores(k1, k2, kp, q1, q2, qp, PASS, PRECISION) * sm_scale  # [BLOCK_N, BLOCK_M]
+            # q [BLOCK_M, *] rotated, dO [BLOCK_M, HEAD_DIM_PAD], lse and delta [BLOCK_M]
+            offs_m, m_mask, q1, q2, qp, cos_q, sin_q, do = _load_token_tile(
+                q_base, do_base, stride_qt, stride_dot, m_start, seq_len, pos_base, INV_FREQ, is_long, attention,
+                dtype, BLOCK_M, HAS_POS, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM, HEAD_DIM_PAD,
+            )  # fmt: skip
+            lse, delta = _row_stats(LSE + row_base, DELTA + row_base, offs_m, m_mask)
             visible = n_mask[:, None] & m_mask[None, :]
             if IS_CAUSAL:
                 visible = visible & (offs_n[:, None] <= offs_m[None, :])
-            p_t = tl.where(visible, tl.exp(scores_t - lse[None, :]), 0.0)
+            p_t = _probs(k1, k2, kp, q1, q2, qp, lse[None, :], visible, sm_scale, PASS, PRECISION)  # [BLOCK_N, BLOCK_M]
             dv += tl.dot(p_t.to(dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
-            dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
-            dk2 += tl.dot(ds_t, q2, input_precision=PRECISION)
-            if PASS > 0:
-                dkp += tl.dot(ds_t, qp, input_precision=PRECISION)
-    dk1, dk2 = _rotate_transposed(dk1 * sm_scale, dk2 * sm_scale, cos_k, sin_k)
-    _store_split(dk_base, offs_n, stride_kt, n_mask, dk1, dk2, dkp * sm_scale, HALF, HALF_PAD, PASS, PASS_PAD)
-    tl.store(dv_base + offs_n.to(tl.int64)[:, None] * stride_vt + d_cols[None, :], dv.to(DV.dtype.element_ty),
-             mask=n_mask[:, None] & (d_cols < HEAD_DIM)[None, :])  # fmt: skip
+            ds_t = _score_grads(p_t, v, do, delta[None, :], dtype, PRECISION)
+            dk1, dk2, dkp = _dot_split_acc(dk1, dk2, dkp, ds_t, q1, q2, qp, PASS, PRECISION)
+    dk_base = DK + _head_offset(seq, kv_head, start, stride_dkb, stride_dkh, stride_dkt)
+    _store_pre_rope_grad(dk_base, offs_n, stride_dkt, n_mask, dk1, dk2, dkp, cos_k, sin_k, sm_scale,
+                         HALF, HALF_PAD, PASS, PASS_PAD)  # fmt: skip
+    dv_base = DV + _head_offset(seq, kv_head, start, stride_dvb, stride_dvh, stride_dvt)
+    _store_rows(dv_base, offs_n, stride_dvt, n_mask, dv, HEAD_DIM, HEAD_DIM_PAD)
 
 
 # ------------------------------------------------------------------------------------------------ host side
-class _Launch:
-    """Strides and flags of one call, shared by the forward and the two backward kernels."""
-
-    def __init__(self, q, k, v, table, position_ids, cu_seqlens, max_seqlen, is_long, causal, softmax_scale):
-        self.varlen = cu_seqlens is not None
-        if self.varlen:
-            self.batch = cu_seqlens.numel() - 1
-            self.seq_len = max_seqlen
-            self.num_q_heads, self.num_kv_heads = q.shape[1], k.shape[1]
-        else:
-            self.batch, self.num_q_heads, self.seq_len = q.shape[0], q.shape[1], q.shape[2]
-            self.num_kv_heads = k.shape[1]
-        self.head_dim = q.shape[-1]
-        self.group = self.num_q_heads // self.num_kv_heads
-        self.sizes = split_sizes(self.head_dim, table.rotary_dim)
-        self.head_dim_pad = max(16, triton.next_power_of_2(self.head_dim))
-        self.causal = causal
-        self.sm_scale = softmax_scale if softmax_scale is not None else self.head_dim**-0.5
-        self.attention = (table.attention_factor_for(False), table.attention_factor_for(True))
-        self.inv_freq = inv_freq_pair(table, q.device)
-        self.is_long = is_long
-        self.cu_seqlens = cu_seqlens if self.varlen else is_long  # any valid pointer when unused
-        self.position_ids = position_ids
-        if position_ids is not None and not self.varlen and position_ids.dim() == 2 and position_ids.shape[0] > 1:
-            self.stride_pos_b = position_ids.stride(0)
-        else:
-            self.stride_pos_b = 0
-        self.precision = "ieee" if q.dtype == torch.float32 else None  # fp32 stays fp32, not tf32
-
-    def strides(self, x: torch.Tensor) -> tuple[int, int, int]:
-        """(batch, head, token) strides; varlen tensors have no batch stride (sequences are row ranges)."""
-        if self.varlen:
-            return 0, x.stride(1), x.stride(0)
-        return x.stride(0), x.stride(1), x.stride(2)
-
-    def lse_strides(self, lse: torch.Tensor) -> tuple[int, int]:
-        # dense lse [B, H, L]; varlen lse [H, T]
-        return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
-
-    def constexprs(self) -> dict:
-        return dict(
-            **self.sizes,
-            HEAD_DIM=self.head_dim,
-            HEAD_DIM_PAD=self.head_dim_pad,
-            IS_CAUSAL=self.causal,
-            IS_VARLEN=self.varlen,
-            HAS_POS=self.position_ids is not None,
-            PRECISION=self.precision,
-        )
-
-    def scalars(self) -> tuple:
-        pos = self.position_ids if self.position_ids is not None else self.is_long
-        return pos, self.stride_pos_b
+def _constexprs(q: torch.Tensor, inv_freq: torch.Tensor, causal: bool, varlen: bool, has_pos: bool) -> dict:
+    return dict(
+        **split_sizes(q.shape[-1], rotary_dim_of(inv_freq)),
+        **head_sizes(q.shape[-1]),
+        IS_CAUSAL=causal,
+        IS_VARLEN=varlen,
+        HAS_POS=has_pos,
+        PRECISION=dot_precision(q.dtype),
+    )
 
 
-def inv_freq_pair(table, device: torch.device) -> torch.Tensor:
-    """``[2 * rotary_dim // 2]`` fp32: the short table's inverse frequencies, then the long table's."""
-    return torch.cat([table._inv_freq(False, device), table._inv_freq(True, device)]).contiguous()
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of the lse (and delta): dense ``[B, H, L]``, varlen ``[H, T]``; tokens contiguous."""
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
-def attention_forward(launch: _Launch, q, k, v):
-    out = torch.empty_like(q)
-    if launch.varlen:
-        lse = torch.empty((launch.num_q_heads, q.shape[0]), dtype=torch.float32, device=q.device)
-    else:
-        lse = torch.empty((launch.batch, launch.num_q_heads, launch.seq_len), dtype=torch.float32, device=q.device)
-    pos, stride_pos_b = launch.scalars()
-    grid = lambda meta: (triton.cdiv(launch.seq_len, meta["BLOCK_M"]), launch.batch * launch.num_q_heads)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, launch.inv_freq, launch.cu_seqlens, pos, launch.is_long,
-        *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(out),
-        *launch.lse_strides(lse), stride_pos_b,
-        launch.seq_len, launch.num_q_heads, launch.group, launch.sm_scale * LOG2E, *launch.attention,
-        **launch.constexprs(),
+def rope_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor,
+    inv_freq: Tensor, is_long: Tensor, position_ids: Tensor | None, cu_seqlens: Tensor | None, max_seqlen: int,
+    causal: bool, softmax_scale: float, attention_short: float, attention_long: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Fused RoPE + attention forward on PRE-RoPE q, k.
+
+    Args:
+        q: ``[B, Hq, L, D]``, or ``[T, Hq, D]`` with ``cu_seqlens``; k, v: ``[B, Hk, L, D]`` / ``[T, Hk, D]``.
+        inv_freq: ``[2, rotary_dim // 2]`` fp32, row 0 the short table's inverse frequencies, row 1 the long one's.
+        is_long: ``[num_seqs]`` int32, 1 where a sequence uses the long table.
+        position_ids: None (0..len-1 per sequence) or int32 ``[L]`` / ``[1, L]`` / ``[B, L]`` / varlen ``[T]``.
+        cu_seqlens: None (dense) or int32 ``[num_seqs + 1]``; max_seqlen: L (dense), an upper bound (varlen).
+        softmax_scale: the resolved scale; attention_short, attention_long: the tables' attention factors.
+
+    Returns:
+        (out ``q.shape`` contiguous in q's dtype, lse fp32 natural log: dense ``[B, Hq, L]``, varlen ``[Hq, T]``).
+    """
+    q, k, v = (contiguous_last(x) for x in (q, k, v))
+    varlen = cu_seqlens is not None
+    batch, seq_len = sequences(q, cu_seqlens, max_seqlen)
+    num_q_heads = q.shape[1]
+    out = new_like(q)
+    lse_shape = (num_q_heads, q.shape[0]) if varlen else (batch, num_q_heads, seq_len)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or batch == 0 or seq_len == 0:
+        return out, lse
+    is_long, cu_ptr, pos_ptr, stride_pos_b = sequence_args(is_long, position_ids, cu_seqlens)
+    grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)
+    _rope_attention_fwd_kernel[grid](
+        q, k, v, out, lse, inv_freq, cu_ptr, pos_ptr, is_long,
+        *bht_strides(q, varlen), *bht_strides(k, varlen), *bht_strides(v, varlen), *bht_strides(out, varlen),
+        *_lse_strides(lse, varlen), stride_pos_b,
+        seq_len, num_q_heads, num_q_heads // k.shape[1], softmax_scale * LOG2E, attention_short, attention_long,
+        **_constexprs(q, inv_freq, causal, varlen, position_ids is not None),
     )  # fmt: skip
     return out, lse
 
 
-def attention_backward(launch: _Launch, q, k, v, out, lse, grad_out):
-    grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
+def rope_attention_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    inv_freq: Tensor, is_long: Tensor, position_ids: Tensor | None, cu_seqlens: Tensor | None, max_seqlen: int,
+    causal: bool, softmax_scale: float, attention_short: float, attention_long: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients (dq, dk, dv) w.r.t. the PRE-RoPE q, k and v, shaped like them (contiguous).
+
+    ``out`` and ``lse`` are :func:`rope_attention_fwd`'s; the other arguments are the forward's.
+    """
+    grad_out, q, k, v = (contiguous_last(x) for x in (grad_out, q, k, v))
+    varlen = cu_seqlens is not None
+    batch, seq_len = sequences(q, cu_seqlens, max_seqlen)
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    dq, dk, dv = new_like(q), new_like(k), new_like(v)
+    if q.numel() == 0 or batch == 0 or seq_len == 0:
+        return dq, dk, dv
+    lse = lse.contiguous()
     delta = (out.float() * grad_out.float()).sum(-1)  # [B, H, L] or [T, H]
-    delta = delta if not launch.varlen else delta.transpose(0, 1).contiguous()  # varlen: [H, T] like lse
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    pos, stride_pos_b = launch.scalars()
-    common = launch.constexprs()
-    grid_q = lambda meta: (triton.cdiv(launch.seq_len, meta["BLOCK_M"]), launch.batch * launch.num_q_heads)
-    _bwd_dq_kernel[grid_q](
-        q, k, v, grad_out, dq, lse, delta, launch.inv_freq, launch.cu_seqlens, pos, launch.is_long,
-        *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out),
-        *launch.lse_strides(lse), stride_pos_b,
-        launch.seq_len, launch.num_q_heads, launch.group, launch.sm_scale, *launch.attention, **common,
+    delta = (delta.transpose(0, 1) if varlen else delta).contiguous()  # lse's layout: [B, H, L] or [H, T]
+    is_long, cu_ptr, pos_ptr, stride_pos_b = sequence_args(is_long, position_ids, cu_seqlens)
+    constexprs = _constexprs(q, inv_freq, causal, varlen, position_ids is not None)
+    table_args = (inv_freq, cu_ptr, pos_ptr, is_long)
+    input_strides = (*bht_strides(q, varlen), *bht_strides(k, varlen), *bht_strides(v, varlen),
+                     *bht_strides(grad_out, varlen))  # fmt: skip
+    grid_q = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)
+    _rope_attention_bwd_dq_kernel[grid_q](
+        q, k, v, grad_out, dq, lse, delta, *table_args, *input_strides, *bht_strides(dq, varlen),
+        *_lse_strides(lse, varlen), stride_pos_b, seq_len, num_q_heads, num_q_heads // num_kv_heads,
+        softmax_scale, attention_short, attention_long, **constexprs,
     )  # fmt: skip
-    grid_kv = lambda meta: (triton.cdiv(launch.seq_len, meta["BLOCK_N"]), launch.batch * launch.num_kv_heads)
-    _bwd_dkdv_kernel[grid_kv](
-        q, k, v, grad_out, dk, dv, lse, delta, launch.inv_freq, launch.cu_seqlens, pos, launch.is_long,
-        *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out),
-        *launch.lse_strides(lse), stride_pos_b,
-        launch.seq_len, launch.num_kv_heads, launch.group, launch.sm_scale, *launch.attention, **common,
+    grid_kv = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * num_kv_heads)
+    _rope_attention_bwd_dkdv_kernel[grid_kv](
+        q, k, v, grad_out, dk, dv, lse, delta, *table_args, *input_strides,
+        *bht_strides(dk, varlen), *bht_strides(dv, varlen),
+        *_lse_strides(lse, varlen), stride_pos_b, seq_len, num_kv_heads, num_q_heads // num_kv_heads,
+        softmax_scale, attention_short, attention_long, **constexprs,
     )  # fmt: skip
     return dq, dk, dv
-
-
-class RopeAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, launch: _Launch):
-        out, lse = attention_forward(launch, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.launch = launch
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(ctx.launch, q, k, v, out, lse, grad_out)
-        return dq, dk, dv, None

@@ -9,19 +9,41 @@ reads. Slots past ``cache_seqlens[b]`` are masked on load, so garbage there (eve
 With more than one split, each program writes a partial output and its log-sum-exp, and a second kernel merges the
 splits (log-sum-exp rule). The key angles come from one precise sincos per key tile plus a per-program
 ``[BLOCK_N, HALF]`` sincos table of the in-tile offsets (angle addition), corrected to HF's fp32 angle rounding.
+
+The launcher :func:`rope_decode` takes tensors and Python scalars only: the prepared ``[2, rotary_dim // 2]`` fp32
+inverse frequencies (short row, long row), L0 and the tables' attention factors.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from lr2kernels.ops.triton._rope import _angles, _load_rows, _load_split, _online_softmax_step, _rotate, split_sizes
-from lr2kernels.ops.triton.attention import _qk_scores, inv_freq_pair, triton_interpreting
-from lr2kernels.tables import RopeTable
+from lr2kernels.ops.triton._host import (
+    LOG2E,
+    contiguous_last,
+    dot_precision,
+    head_sizes,
+    int32,
+    new_like,
+    rotary_dim_of,
+    sm_count,
+    split_sizes,
+    triton_interpreting,
+)
+from lr2kernels.ops.triton._jit import (
+    _attend_finish,
+    _attend_tile,
+    _head_offset,
+    _inv_freq,
+    _load_rotated,
+    _load_rows,
+    _load_split,
+    _rotate_cast,
+    _store_rows,
+)
 
 __all__ = ["rope_decode"]
 
@@ -67,7 +89,13 @@ def _row_offsets(rows, n_new, stride_h, stride_t):
 
 
 @triton.jit
-def _decode_kernel(
+def _part_rows(pid_bh, split, num_splits, num_rows, rows):
+    """Rows of split ``split`` of program ``pid_bh`` in the partials ``[B * Hk, num_splits, num_rows, *]``."""
+    return (tl.cast(pid_bh, tl.int64) * num_splits + split) * num_rows + rows
+
+
+@triton.jit
+def _rope_decode_kernel(
     Q, K, V, O, O_PART, LSE_PART, SEQLENS, INV_FREQ,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
@@ -79,11 +107,12 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """One (sequence, kv head) x KV split x block of packed rows: its output, or its partial output and lse."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
-    seq = (pid_bh // num_kv_heads).to(tl.int64)
-    kv_head = (pid_bh % num_kv_heads).to(tl.int64)
+    seq = pid_bh // num_kv_heads
+    kv_head = pid_bh % num_kv_heads
     seq_len = tl.load(SEQLENS + seq)
     is_long = (seq_len > original_max_position).to(tl.int32)  # the table of this sequence, decided here
     attention = tl.where(is_long != 0, attention_long, attention_short)
@@ -94,57 +123,52 @@ def _decode_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < num_rows
     q_pos = seq_len - n_new + offs_m % n_new
-    q_base = Q + seq * stride_qb + kv_head * group * stride_qh
+    q_base = Q + _head_offset(seq, kv_head * group, 0, stride_qb, stride_qh, 0)
     q_rows = _row_offsets(offs_m, n_new, stride_qh, stride_qt)
-    q1, q2, qp = _load_split(q_base, q_rows, 1, m_mask, HALF, HALF_PAD, PASS, PASS_PAD)  # [BLOCK_M, *]
-    cos_q, sin_q = _angles(q_pos, INV_FREQ, is_long, attention, HALF, HALF_PAD)
-    q1, q2 = _rotate(q1, q2, cos_q, sin_q)
-    q1, q2, qp = q1.to(dtype), q2.to(dtype), qp.to(dtype)
+    q1, q2, qp, cos_q, sin_q = _load_rotated(
+        q_base, q_rows, 1, m_mask, q_pos, INV_FREQ, is_long, attention, dtype, HALF, HALF_PAD, PASS, PASS_PAD
+    )  # [BLOCK_M, *]
 
     # This split's key range: the sequence's length shared evenly, in whole key tiles.
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
-    cols = tl.arange(0, HALF_PAD)
-    inv_freq = tl.load(INV_FREQ + is_long * HALF + cols, mask=cols < HALF, other=0.0)  # [HALF_PAD]
+    inv_freq = _inv_freq(INV_FREQ, is_long, HALF, HALF_PAD)  # [HALF_PAD]
     cos_step, sin_step = _step_table(inv_freq, BLOCK_N)  # [BLOCK_N, HALF_PAD], once per program
-    k_base = K + seq * stride_kb + kv_head * stride_kh
-    v_base = V + seq * stride_vb + kv_head * stride_vh
-    d_cols = tl.arange(0, HEAD_DIM_PAD)
+    k_base = K + _head_offset(seq, kv_head, 0, stride_kb, stride_kh, 0)
+    v_base = V + _head_offset(seq, kv_head, 0, stride_vb, stride_vh, 0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     for n_start in range(lo, hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
+        # The load -> angles -> rotate chain of _load_rotated, with the angle-addition table for the angles.
         k1, k2, kp = _load_split(k_base, offs_n, stride_kt, n_mask, HALF, HALF_PAD, PASS, PASS_PAD)  # [BLOCK_N, *]
         cos_k, sin_k = _tile_angles(n_start, inv_freq, cos_step, sin_step, attention, BLOCK_N)
-        k1, k2 = _rotate(k1, k2, cos_k, sin_k)
-        scores = _qk_scores(q1, q2, qp, k1.to(dtype), k2.to(dtype), kp.to(dtype), PASS, PRECISION) * sm_scale_log2
+        k1, k2, kp = _rotate_cast(k1, k2, kp, cos_k, sin_k, dtype, False)
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])  # causal among the new tokens
-        scores = tl.where(visible, scores, float("-inf"))  # [BLOCK_M, BLOCK_N], log2 units
-        p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i)
-        v = _load_rows(v_base, offs_n, stride_vt, n_mask, HEAD_DIM, HEAD_DIM_PAD)  # [BLOCK_N, HEAD_DIM_PAD]
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q1, q2, qp, k1, k2, kp, visible, sm_scale_log2, v_base, offs_n, stride_vt, n_mask,
+            HEAD_DIM, HEAD_DIM_PAD, PASS, PRECISION,
+        )  # fmt: skip
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that sees nothing in this split: output 0, lse -inf
-    out = acc / l_safe[:, None]
-    out_mask = m_mask[:, None] & (d_cols < HEAD_DIM)[None, :]
+    # A row that sees nothing in this split: output 0, lse -inf.
+    out, lse = _attend_finish(acc, m_i, l_i)  # [BLOCK_M, HEAD_DIM_PAD], [BLOCK_M] log2 units
     if IS_SPLIT:
         # Partials [B * Hk, num_splits, num_rows, HEAD_DIM] fp32 and their lse [B * Hk, num_splits, num_rows].
-        part_rows = (pid_bh * num_splits + split).to(tl.int64) * num_rows + offs_m
-        tl.store(O_PART + part_rows[:, None] * HEAD_DIM + d_cols[None, :], out, mask=out_mask)
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+        part_rows = _part_rows(pid_bh, split, num_splits, num_rows, offs_m)
+        _store_rows(O_PART, part_rows, HEAD_DIM, m_mask, out, HEAD_DIM, HEAD_DIM_PAD)
         tl.store(LSE_PART + part_rows, lse, mask=m_mask)
     else:
-        o_base = O + seq * stride_ob + kv_head * group * stride_oh
+        o_base = O + _head_offset(seq, kv_head * group, 0, stride_ob, stride_oh, 0)
         o_rows = _row_offsets(offs_m, n_new, stride_oh, stride_ot)
-        tl.store(o_base + o_rows[:, None] + d_cols[None, :], out.to(O.dtype.element_ty), mask=out_mask)
+        _store_rows(o_base, o_rows, 1, m_mask, out, HEAD_DIM, HEAD_DIM_PAD)
 
 
 @triton.jit
-def _merge_kernel(
+def _rope_decode_merge_kernel(
     O, O_PART, LSE_PART,
     stride_ob, stride_oh, stride_ot,
     num_kv_heads, group, n_new, num_splits,
@@ -153,21 +177,19 @@ def _merge_kernel(
     """Combine the splits of one (sequence, kv head) row block: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(...)."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    seq = (pid_bh // num_kv_heads).to(tl.int64)
-    kv_head = (pid_bh % num_kv_heads).to(tl.int64)
+    seq = pid_bh // num_kv_heads
+    kv_head = pid_bh % num_kv_heads
     num_rows = group * n_new
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < num_rows
-    d_cols = tl.arange(0, HEAD_DIM_PAD)
-    mask = m_mask[:, None] & (d_cols < HEAD_DIM)[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     for split in range(0, num_splits):
-        part_rows = (pid_bh * num_splits + split).to(tl.int64) * num_rows + offs_m
+        part_rows = _part_rows(pid_bh, split, num_splits, num_rows, offs_m)
         lse = tl.load(LSE_PART + part_rows, mask=m_mask, other=float("-inf"))  # [BLOCK_M], log2 units
-        part = tl.load(O_PART + part_rows[:, None] * HEAD_DIM + d_cols[None, :], mask=mask, other=0.0)
+        part = _load_rows(O_PART, part_rows, HEAD_DIM, m_mask, HEAD_DIM, HEAD_DIM_PAD)  # [BLOCK_M, HEAD_DIM_PAD]
         m_new = tl.maximum(m_i, lse)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -176,13 +198,11 @@ def _merge_kernel(
         l_i = l_i * alpha + weight
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_base = O + seq * stride_ob + kv_head * group * stride_oh
-    o_rows = _row_offsets(offs_m, n_new, stride_oh, stride_ot)
-    tl.store(o_base + o_rows[:, None] + d_cols[None, :], out.to(O.dtype.element_ty), mask=mask)
+    o_base = O + _head_offset(seq, kv_head * group, 0, stride_ob, stride_oh, 0)
+    _store_rows(o_base, _row_offsets(offs_m, n_new, stride_oh, stride_ot), 1, m_mask, out, HEAD_DIM, HEAD_DIM_PAD)
 
 
 # ------------------------------------------------------------------------------------------------ host side
-LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 
 
@@ -196,11 +216,6 @@ def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int,
     return block_m, 64
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device) -> int:
     """Splits per (sequence, kv head): enough programs for about two waves on the GPU, >= 4 key tiles each.
 
@@ -210,40 +225,35 @@ def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device)
     tiles = triton.cdiv(max_len, block_n)
     if triton_interpreting() or device.type != "cuda":
         return 2 if tiles >= 4 else 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     if programs >= sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, programs), tiles // 4, _MAX_SPLITS))
 
 
-def _contiguous_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def rope_decode(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    table: RopeTable,
-    softmax_scale: float | None = None,
-    *,
-    num_splits: int | None = None,
-) -> torch.Tensor:
-    """Decode attention on a PRE-RoPE cache (inputs validated by ``lr2kernels.ops.rope_decode``).
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, inv_freq: Tensor, original_max_position: int,
+    attention_short: float, attention_long: float, softmax_scale: float, num_splits: int | None = None,
+) -> Tensor:  # fmt: skip
+    """Decode attention of n new PRE-RoPE queries on a PRE-RoPE cache.
 
     Args:
-        q: ``[B, Hq, n, D]`` PRE-RoPE queries of the n newest tokens.
-        k_cache, v_cache: ``[B, Hk, max_len, D]`` PRE-RoPE keys and values, the new tokens included.
-        cache_seqlens: ``[B]`` valid positions per sequence (new tokens included).
-        table: the :class:`~lr2kernels.tables.RopeTable`.
-        softmax_scale: default ``D ** -0.5``.
+        q: ``[B, Hq, n, D]``, the n newest tokens; k_cache, v_cache: ``[B, Hk, max_len, D]``, new tokens included.
+        cache_seqlens: ``[B]`` valid positions per sequence (new tokens included; made int32 contiguous).
+        inv_freq: ``[2, rotary_dim // 2]`` fp32, the short table's inverse frequencies then the long table's.
+        original_max_position: L0; a sequence uses the long table iff its length is > L0.
+        attention_short, attention_long: the tables' attention factors; softmax_scale: the resolved scale.
         num_splits: KV splits per (sequence, kv head); None picks from the cache size and the GPU's SM count.
 
     Returns:
-        ``[B, Hq, n, D]`` in q's dtype.
+        ``[B, Hq, n, D]`` in q's dtype, contiguous.
     """
-    q, k_cache, v_cache = (_contiguous_last(x) for x in (q, k_cache, v_cache))
+    if isinstance(num_splits, bool) or not (num_splits is None or (isinstance(num_splits, int) and num_splits >= 1)):
+        raise ValueError(f"num_splits: expected an int >= 1 or None, got {num_splits!r}")
+    q, k_cache, v_cache = (contiguous_last(x) for x in (q, k_cache, v_cache))
+    out = new_like(q)
+    if q.numel() == 0:
+        return out
     batch, num_q_heads, n_new, head_dim = q.shape
     num_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -252,11 +262,7 @@ def rope_decode(
     m_blocks = triton.cdiv(num_rows, block_m)
     if num_splits is None:
         num_splits = _num_splits(batch * num_kv_heads * m_blocks, max_len, block_n, q.device)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits: expected an int >= 1 or None, got {num_splits!r}")
 
-    seqlens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     is_split = num_splits > 1
     if is_split:
         o_part = torch.empty((batch * num_kv_heads, num_splits, num_rows, head_dim), dtype=torch.float32,
@@ -264,27 +270,21 @@ def rope_decode(
         lse_part = torch.empty((batch * num_kv_heads, num_splits, num_rows), dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = out  # unused
-    sm_scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    grid = (batch * num_kv_heads, num_splits, m_blocks)
-    _decode_kernel[grid](
-        q, k_cache, v_cache, out, o_part, lse_part, seqlens, inv_freq_pair(table, q.device),
+    sizes = head_sizes(head_dim)
+    out_strides = (out.stride(0), out.stride(1), out.stride(2))
+    _rope_decode_kernel[(batch * num_kv_heads, num_splits, m_blocks)](
+        q, k_cache, v_cache, out, o_part, lse_part, int32(cache_seqlens), inv_freq,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        num_kv_heads, group, n_new, num_splits, table.original_max_position,
-        sm_scale * LOG2E, table.attention_factor_for(False), table.attention_factor_for(True),
-        **split_sizes(head_dim, table.rotary_dim), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_M=block_m, BLOCK_N=block_n, IS_SPLIT=is_split,
-        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        *out_strides, num_kv_heads, group, n_new, num_splits, original_max_position,
+        softmax_scale * LOG2E, attention_short, attention_long,
+        **split_sizes(head_dim, rotary_dim_of(inv_freq)), **sizes,
+        BLOCK_M=block_m, BLOCK_N=block_n, IS_SPLIT=is_split, PRECISION=dot_precision(q.dtype),
         enable_fp_fusion=False,  # the angle products must round as HF's do (see _tile_angles)
     )  # fmt: skip
     if is_split:
-        _merge_kernel[(batch * num_kv_heads, m_blocks)](
-            out, o_part, lse_part,
-            out.stride(0), out.stride(1), out.stride(2),
-            num_kv_heads, group, n_new, num_splits,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m,
+        _rope_decode_merge_kernel[(batch * num_kv_heads, m_blocks)](
+            out, o_part, lse_part, *out_strides, num_kv_heads, group, n_new, num_splits, **sizes, BLOCK_M=block_m,
         )  # fmt: skip
     return out

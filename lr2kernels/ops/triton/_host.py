@@ -1,0 +1,107 @@
+"""Host-side helpers shared by the Triton launchers: layouts, strides, tile sizes, the device's SM count.
+
+Nothing here reads device data (no ``.item()``): the launchers run inside ``torch.library`` custom ops, so sizes
+come from shapes and from the Python arguments the caller resolved.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+LOG2E = 1.4426950408889634  # softmax in exp2: scores * scale * log2(e)
+
+
+def triton_interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (kernels run in numpy on the CPU: small tiles, few programs)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def contiguous_last(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim is contiguous (the kernels' only layout requirement), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def new_like(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous, uninitialized tensor of x's shape, dtype and device (written by a kernel with ITS strides)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached per device)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def split_sizes(head_dim: int, rotary_dim: int) -> dict[str, int]:
+    """Constexpr sizes of the split layout for a head (PASS_PAD >= 16 keeps tl.dot legal when PASS is 0)."""
+    half = rotary_dim // 2
+    passthrough = head_dim - rotary_dim
+    return {
+        "HALF": half,
+        "HALF_PAD": max(16, triton.next_power_of_2(half)),
+        "PASS": passthrough,
+        "PASS_PAD": max(16, triton.next_power_of_2(max(passthrough, 1))),
+    }
+
+
+def rotary_dim_of(inv_freq: torch.Tensor) -> int:
+    """rotary_dim of a prepared ``[2, rotary_dim // 2]`` inverse-frequency table (row 0 short, row 1 long)."""
+    return 2 * inv_freq.shape[-1]
+
+
+def head_sizes(head_dim: int) -> dict[str, int]:
+    """Constexpr sizes of a whole head (v, dO, outputs): HEAD_DIM and its power-of-two pad (>= 16 for tl.dot)."""
+    return {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": max(16, triton.next_power_of_2(head_dim))}
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input_precision: fp32 stays fp32 ("ieee", not tf32); None (the default) for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def sequences(x: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int) -> tuple[int, int]:
+    """(number of sequences, tokens per sequence at most) of a dense ``[B, H, L, D]`` or varlen ``[T, H, D]`` x."""
+    if cu_seqlens is not None:
+        return cu_seqlens.shape[0] - 1, max_seqlen
+    return x.shape[0], x.shape[2]
+
+
+def bht_strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, token) strides of dense ``[B, H, L, D]`` or varlen ``[T, H, D]`` (no batch stride: sequences
+    are row ranges of one tensor)."""
+    if varlen:
+        return 0, x.stride(1), x.stride(0)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def position_batch_stride(position_ids: torch.Tensor | None) -> int:
+    """Stride between the sequences' position rows: only a ``[B, L]`` tensor with B > 1 has one; ``[L]``, ``[1, L]``
+    (shared by the batch) and varlen ``[T]`` (indexed by the sequence's start) have none."""
+    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] > 1:
+        return position_ids.stride(0)
+    return 0
+
+
+def int32(x: torch.Tensor | None) -> torch.Tensor | None:
+    """x as a contiguous int32 tensor (itself when it already is one), None stays None."""
+    return None if x is None else x.to(torch.int32).contiguous()
+
+
+def sequence_args(
+    is_long: torch.Tensor, position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(is_long, cu_seqlens, positions, positions' batch stride) as the sequence-aware kernels take them: int32,
+    contiguous; an unused pointer (no cu_seqlens, no positions) gets is_long, any valid pointer."""
+    is_long = int32(is_long)
+    cu_ptr = int32(cu_seqlens) if cu_seqlens is not None else is_long
+    position_ids = int32(position_ids)
+    pos_ptr = position_ids if position_ids is not None else is_long
+    return is_long, cu_ptr, pos_ptr, position_batch_stride(position_ids)

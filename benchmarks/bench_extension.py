@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lr2kernels.bench.extension import main  # noqa: E402
+from lr2kernels.apps.bench.extension import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

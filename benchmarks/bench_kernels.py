@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lr2kernels.bench.kernels import main  # noqa: E402
+from lr2kernels.apps.bench.kernels import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

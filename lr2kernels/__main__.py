@@ -1,5 +1,5 @@
-"""``python -m lr2kernels`` runs the command line."""
+"""``python -m lr2kernels`` (and ``torchrun -m lr2kernels``) runs the command line."""
 
-from lr2kernels.cli import main
+from lr2kernels.apps.cli import main
 
 raise SystemExit(main())

@@ -6,8 +6,8 @@ import csv
 
 import torch
 
-from lr2kernels.bench import kernels
-from lr2kernels.cli import main
+from lr2kernels.apps.bench import kernels
+from lr2kernels.apps.cli import main
 
 
 def test_kernel_suite_rows_csv_and_plot(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lr2kernels import cli
+from lr2kernels.apps import cli
 from lr2kernels.hf.models import SMOLLM2_INSTALL, SMOLLM2_PACKAGE
 
 ROOT = Path(__file__).resolve().parents[1]

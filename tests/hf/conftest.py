@@ -22,6 +22,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+from lr2kernels.apps.model_runs import incremental_vs_full
+
 ENGLISH_TEXT = Path(importlib.util.find_spec("lr2kernels").origin).parent / "data" / "english_text.txt"
 
 
@@ -61,15 +63,7 @@ def english_text() -> str:
     return ENGLISH_TEXT.read_text(encoding="utf-8")
 
 
-@torch.no_grad()
 def incremental_errors(model, ids: torch.Tensor, prefill: int) -> float:
     """Max |logits of each cached step - logits of a full forward over the same prefix|, prefill then one token a
-    step."""
-    out = model(ids[:, :prefill], use_cache=True)
-    cache, worst = out.past_key_values, 0.0
-    for t in range(prefill, ids.shape[1]):
-        step = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-        cache = step.past_key_values
-        full = model(ids[:, : t + 1]).logits[:, -1]
-        worst = max(worst, (step.logits[:, -1] - full).abs().max().item())
-    return worst
+    step (``lr2kernels.apps.model_runs.incremental_vs_full``, as the demo checks it)."""
+    return max(incremental_vs_full(model, ids, prefill))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lr2kernels.bench import e2e
-from lr2kernels.bench.report import append_csv, plot_vs_length
+from lr2kernels.apps.bench import e2e
+from lr2kernels.apps.bench.report import append_csv, plot_vs_length
 from lr2kernels.hf import is_patched
 
 

@@ -5,7 +5,7 @@ import csv
 import pytest
 
 import lr2kernels as lr2
-from lr2kernels.bench import extension
+from lr2kernels.apps.bench import extension
 from lr2kernels.search import critical_dimension
 
 

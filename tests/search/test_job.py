@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import lr2kernels as lr2
-from lr2kernels.cli import main
+from lr2kernels.apps.cli import main
 from lr2kernels.search.outputs import hf_config_dict
 from tests.search.conftest import free_port
 

@@ -11,10 +11,19 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from lr2kernels.apps.common import (
+    add_device_option,
+    add_model_option,
+    add_out_option,
+    default_dtype,
+    load_model_quietly,
+    table_row,
+)
 from lr2kernels.search.critical import baseline_tables, critical_dimension
 from lr2kernels.search.evaluate import NeedleEvaluator
 from lr2kernels.search.evolution import SearchConfig, delete_log, evolutionary_search
@@ -28,14 +37,9 @@ LOG_NAME = "search_log.jsonl"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SearchConfig()
-    parser.add_argument("--model", default="smollm2", help="smollm2 (default), a local HF model folder or a .gguf")
+    add_model_option(parser)
     parser.add_argument("--target-length", type=int, default=None, help="length to extend to (default 4 x L_train)")
-    parser.add_argument(
-        "--original-length",
-        type=int,
-        default=None,
-        help="L_train, the pretraining length (default: the model's max_position_embeddings)",
-    )
+    add_original_length_option(parser)
     parser.add_argument("--eval-length", type=int, default=None, help="needle sample tokens (default: the target)")
     parser.add_argument("--samples", type=int, default=4, help="needle samples per evaluation")
     parser.add_argument("--depth", type=float, default=0.1, help="needle depth as a fraction of the filler")
@@ -61,9 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=defaults.iterations)
     parser.add_argument("--mutation-prob", type=float, default=defaults.mutation_prob)
     parser.add_argument("--seed", type=int, default=0, help="seeds the needle samples and the search")
-    parser.add_argument("--out", default="lr2_search", help="output folder (its log makes a rerun resume)")
+    add_out_option(parser, "lr2_search", "table, HF config, plot, summary; its log makes a rerun resume")
     parser.add_argument("--fresh", action="store_true", help="discard the folder's log instead of resuming it")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_device_option(parser)
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -91,6 +95,16 @@ def _init_processes(device_arg: str | None) -> tuple[torch.device, int, int]:
     return device, dist.get_rank(), dist.get_world_size()
 
 
+def add_original_length_option(parser: argparse.ArgumentParser) -> None:
+    """``--original-length``, read by :func:`model_table_for`."""
+    parser.add_argument(
+        "--original-length",
+        type=int,
+        default=None,
+        help="L_train, the pretraining length (default: the model's max_position_embeddings)",
+    )
+
+
 def model_table_for(config, original_length: int | None) -> RopeTable:
     """The model's own table, with ``max_position`` = L_train (``original_length`` when given)."""
     table = RopeTable.from_hf_config(config)
@@ -106,10 +120,8 @@ def model_table_for(config, original_length: int | None) -> RopeTable:
 def run(args: argparse.Namespace) -> int:
     device, rank, world = _init_processes(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    from lr2kernels.hf.models import load_model
-
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model, tokenizer = load_model(args.model, device, dtype)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    model, tokenizer = load_model_quietly(args.model, device, dtype)
     model_table = model_table_for(model.config, args.original_length)
     original = model_table.max_position
     target = args.target_length or 4 * original
@@ -158,8 +170,16 @@ def run(args: argparse.Namespace) -> int:
     say(f"\n{result.evaluations} evaluations ({result.reused} from the log) in {result.wall_s:.0f} s; "
         f"critical dim {result.best.critical_dim}")  # fmt: skip
     say(f"needle loss at {length} tokens ({args.samples} samples):")
-    say(f"  {'table':<10}{'loss':>10}{'ppl':>10}{'accuracy':>10}")
+    widths = (12, 10, 10, 10)
+    say(table_row(("  table", "loss", "ppl", "accuracy"), widths))
     for name, score in scores.items():
-        say(f"  {name:<10}{score.loss:>10.4f}{score.perplexity:>10.3f}{score.accuracy:>10.2f}")
+        say(table_row((f"  {name}", f"{score.loss:.4f}", f"{score.perplexity:.3f}", f"{score.accuracy:.2f}"), widths))
     say(f"wrote {out / 'table.json'}, {out / 'config.json'}, {out / 'factors.png'}, {out / 'summary.json'}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lr2kernels search`` (also under ``torchrun -m lr2kernels search``)."""
+    parser = argparse.ArgumentParser(prog="lr2kernels search", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

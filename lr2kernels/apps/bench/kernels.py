@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import lr2kernels as lr2
-from lr2kernels.bench.report import PeakMemory, append_csv, environment, plot_vs_length, print_table, time_ms
+from lr2kernels.apps.bench.report import PeakMemory, add_options, environment, plot_vs_length, show_and_append
+from lr2kernels.apps.common import default_dtype, device_from, time_ms
 
 
 def make_table(head_dim: int) -> lr2.RopeTable:
@@ -85,15 +86,15 @@ def _case(mode, provider, batch, hq, hk, seq, head_dim, dtype, device, table):
     if mode == "rerotate":
         k = torch.randn(batch, hk, seq, head_dim, device=device, dtype=dtype)
         positions = torch.arange(seq, device=device)
-        return lambda: lr2.rerotate(k, table, positions, False, True, backend=backend)
+        return lambda: lr2.rerotate(k, table, position_ids=positions, from_long=False, to_long=True, backend=backend)
     if mode == "decode":
         q = torch.randn(batch, hq, 1, head_dim, device=device, dtype=dtype)
         k_cache = torch.randn(batch, hk, seq, head_dim, device=device, dtype=dtype)
         v_cache = torch.randn(batch, hk, seq, head_dim, device=device, dtype=dtype)
-        cache_seqlens = torch.full((batch,), seq, dtype=torch.int32, device=device)
+        lengths = torch.full((batch,), seq, dtype=torch.int32, device=device)
         position = torch.tensor([seq - 1], device=device)
         if ours:
-            return lambda: lr2.rope_decode(q, k_cache, v_cache, cache_seqlens, table, backend=backend)
+            return lambda: lr2.rope_decode(q, k_cache, v_cache, table=table, cache_seqlens=lengths, backend=backend)
 
         def baseline_decode():  # post-RoPE cache: rotate only the new token, then attention over the cache
             q_rot, _ = lr2.apply_rope(q, q, table, position_ids=position, long=table.use_long(seq), backend="torch")
@@ -128,7 +129,7 @@ def run(
     tokens_per_batch: int,
     max_backward_seqlen: int = 1 << 30,
 ) -> list[dict]:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = default_dtype(device)
     env = environment(device)
     rows: list[dict] = []
     for head_dim in head_dims:
@@ -178,25 +179,24 @@ COLUMNS = ["mode", "provider", "seq", "batch", "head_dim", "hq", "hk", "ms", "tf
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="lr2kernels bench kernels", description=__doc__.splitlines()[0])
+    """This suite alone (``benchmarks/bench_kernels.py``): the rows measured."""
+    parser = argparse.ArgumentParser(prog="bench_kernels", description=__doc__.splitlines()[0])
+    add_options(parser)
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV (appended) and PNGs")
-    parser.add_argument("--quick", action="store_true", help="a few sizes, few repetitions")
+    """This suite's own options (beside :func:`lr2kernels.apps.bench.report.add_options`)."""
     parser.add_argument("--seqlens", type=int, nargs="*", default=None)
     parser.add_argument("--head-dims", type=int, nargs="*", default=None)
     parser.add_argument("--heads", type=str, nargs="*", default=None, help="HQ:HK pairs, e.g. 32:8 32:4")
     parser.add_argument("--modes", nargs="*", default=["fwd", "fwd_bwd", "decode", "rerotate"])
-    parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--max-bwd-seqlen", type=int, default=32768, help="longest length timed for fwd_bwd")
 
 
 def run_from_args(args: argparse.Namespace) -> list[dict]:
-    device = torch.device(args.device)
+    device = device_from(args.device)
     gpu = device.type == "cuda"
     if args.seqlens:
         seqlens = args.seqlens
@@ -213,16 +213,14 @@ def run_from_args(args: argparse.Namespace) -> list[dict]:
     reps = args.reps or (3 if args.quick else (10 if gpu else 5))
     tokens = 16384 if gpu else 1
     rows = run(device, seqlens, head_dims, heads, args.modes, reps, tokens, max_backward_seqlen=args.max_bwd_seqlen)
-    print_table(rows, COLUMNS)
     out = Path(args.out)
-    append_csv(rows, out / "kernels.csv")
+    show_and_append(rows, COLUMNS, out / "kernels.csv")
     for head_dim in head_dims:
         for hq, hk in heads:
             selected = [r for r in rows if (r["head_dim"], r["hq"], r["hk"]) == (head_dim, hq, hk)]
             if selected:
                 title = f"{selected[0]['device_name']} {selected[0]['dtype']} D={head_dim} heads {hq}:{hk}"
                 plot_vs_length(selected, out / f"kernels_D{head_dim}_H{hq}-{hk}.png", title)
-    print(f"appended {len(rows)} rows to {out / 'kernels.csv'}")
     return rows
 
 

@@ -11,9 +11,16 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
-from lr2kernels.bench.report import append_csv, environment, print_table
+from lr2kernels.apps.bench.report import environment, pyplot, save_figure, show_and_append
+from lr2kernels.apps.common import (
+    add_device_option,
+    add_model_option,
+    add_out_option,
+    default_dtype,
+    device_from,
+    load_model_quietly,
+)
+from lr2kernels.apps.search_job import add_original_length_option, model_table_for
 from lr2kernels.search.critical import baseline_tables, extension_table
 from lr2kernels.search.evaluate import NeedleEvaluator, PasskeyEvaluator
 from lr2kernels.search.needle import needle_samples, passkey_samples
@@ -68,12 +75,11 @@ def run(
     return rows
 
 
-def plot(rows: list[dict], path: Path, title: str, original_length: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows: list[dict], path: Path, title: str, original_length: int) -> bool:
+    """Needle perplexity and passkey accuracy against length, one line per method; False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r["length"], r["needle_ppl"], r["passkey_acc"]) for r in rows if r["method"] == method)
@@ -88,16 +94,13 @@ def plot(rows: list[dict], path: Path, title: str, original_length: int) -> None
     loss_ax.set(ylabel="needle perplexity (answer tokens)", yscale="log", title="needle-driven perplexity")
     acc_ax.set(ylabel="greedy passkey accuracy", ylim=(-0.05, 1.05), title="passkey retrieval")
     loss_ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
+    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="smollm2 (default), a local HF model folder or a .gguf")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_model_option(parser)
+    add_device_option(parser)
     parser.add_argument(
         "--lengths",
         type=int,
@@ -111,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the length the PI / NTK / YaRN tables extend to (default: the longest length)",
     )
-    parser.add_argument("--original-length", type=int, default=None, help="L_train (default: the model's)")
+    add_original_length_option(parser)
     parser.add_argument(
         "--table",
         action="append",
@@ -121,16 +124,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--samples", type=int, default=2, help="needle and passkey samples per length")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results", help="folder for extension.csv / extension.png")
+    add_out_option(parser, "benchmarks/results", "rows are appended to extension.csv there, extension.png written")
 
 
 def run_from_args(args: argparse.Namespace) -> list[dict]:
-    from lr2kernels.hf.models import load_model
-    from lr2kernels.search.job import model_table_for
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_from(args.device)
     gpu = device.type == "cuda"
-    model, tokenizer = load_model(args.model, device, torch.bfloat16 if gpu else torch.float32)
+    model, tokenizer = load_model_quietly(args.model, device, default_dtype(device))
     model_table = model_table_for(model.config, args.original_length)
     original = model_table.max_position
     lengths = args.lengths or ([original, 2 * original, 4 * original] if gpu else [original, 3 * original // 2,
@@ -146,11 +146,10 @@ def run_from_args(args: argparse.Namespace) -> list[dict]:
           f"{args.samples} needle + {args.samples} passkey samples per length, {device}")  # fmt: skip
     tables = tables_for(model_table, target, searched)
     rows = run(model, tokenizer, lengths, tables, args.samples, args.seed, Path(args.model).name)
-    print_table(rows, COLUMNS)
     out = Path(args.out)
-    append_csv(rows, out / "extension.csv")
-    plot(rows, out / "extension.png", f"{args.model} (L_train {original}) on {rows[0]['device_name']}", original)
-    print(f"appended {len(rows)} rows to {out / 'extension.csv'}; plot {out / 'extension.png'}")
+    show_and_append(rows, COLUMNS, out / "extension.csv")
+    if plot(rows, out / "extension.png", f"{args.model} (L_train {original}) on {rows[0]['device_name']}", original):
+        print(f"plot {out / 'extension.png'}")
     return rows
 
 

@@ -1,34 +1,20 @@
-"""Benchmark plumbing shared by the suites: timers, the environment stamp, table / CSV / PNG output."""
+"""What the benchmark suites share beyond :mod:`lr2kernels.apps.common`: their common options, peak memory, the
+environment stamp on every row, CSV and PNG output."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
-import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-
-def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds of ``fn()``: ``triton.testing.do_bench`` on a GPU, a plain timer on the CPU."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=max(25, reps * 10)))  # type: ignore
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
-    return statistics.median(samples), samples[len(samples) // 5], samples[(4 * len(samples)) // 5]
+from lr2kernels.apps.common import add_device_option, add_out_option, device_name, print_table
 
 
 class PeakMemory:
@@ -67,6 +53,14 @@ class PeakMemory:
         self.peak_mb = max(0, self._peak - self._base) / 2**20
 
 
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The options every suite reads: ``--device``, ``--out``, ``--quick``, ``--reps``."""
+    add_device_option(parser)
+    add_out_option(parser, "benchmarks/results", "CSV rows are appended there, PNGs written")
+    parser.add_argument("--quick", action="store_true", help="a few sizes, few repetitions")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: by suite and device)")
+
+
 def environment(device: torch.device) -> dict[str, str]:
     """Device name, versions, git commit and UTC date stamped on every CSV row."""
     try:
@@ -81,14 +75,8 @@ def environment(device: torch.device) -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        import platform
-
-        name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
-        "device_name": name,
+        "device_name": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
         "commit": commit,
@@ -96,18 +84,11 @@ def environment(device: torch.device) -> dict[str, str]:
     }
 
 
-def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-    print(" | ".join(c.rjust(w) for c, w in zip(columns, widths)))
-    print("-|-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(str(row.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
-
-
-def append_csv(rows: Sequence[dict], path: Path) -> None:
-    """Append rows (a header first when the file is new or its columns changed)."""
+def append_csv(rows: Sequence[dict], path: Path) -> Path:
+    """Append rows (a header first when the file is new); a sibling ``<stem>-<n>cols.csv`` when the file's columns
+    differ. Returns the file written."""
     if not rows:
-        return
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(rows[0].keys())
     if path.exists():
@@ -121,11 +102,20 @@ def append_csv(rows: Sequence[dict], path: Path) -> None:
         if new_file:
             writer.writeheader()
         writer.writerows(rows)
+    return path
 
 
-def plot_vs_length(rows: Sequence[dict], path: Path, title: str, value: str = "ms", ylabel: str = "ms") -> bool:
-    """One panel per ``mode``: ``value`` against ``seq`` per provider (log-log), plus each lr2 provider's ratio to
-    the best baseline. Returns False (and says why) when matplotlib is missing."""
+def show_and_append(rows: Sequence[dict], columns: Sequence[str], path: Path) -> Path:
+    """A suite's rows: ``columns`` as a console table, every column appended to the CSV ``path`` (:func:`append_csv`),
+    and where they went."""
+    print_table(rows, columns)
+    written = append_csv(rows, path)
+    print(f"appended {len(rows)} rows to {written}")
+    return written
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend; None (saying so) when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -133,6 +123,26 @@ def plot_vs_length(rows: Sequence[dict], path: Path, title: str, value: str = "m
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib, or the [bench] extra)")
+        return None
+    return plt
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    """Title, tight layout, ``path`` (PNG, folders made), then the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_vs_length(rows: Sequence[dict], path: Path, title: str, value: str = "ms", ylabel: str = "ms") -> bool:
+    """One panel per ``mode``: ``value`` against ``seq`` per provider (log-log), plus each lr2 provider's ratio to
+    the best baseline. Returns False (and says why) when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return False
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     fig, axes = plt.subplots(2, len(modes), figsize=(4.5 * len(modes), 7), squeeze=False)
@@ -151,9 +161,5 @@ def plot_vs_length(rows: Sequence[dict], path: Path, title: str, value: str = "m
         ratio_ax.set(xlabel="sequence length", ylabel="ours / best baseline (<1: faster)", xscale="log")
         if ratio_ax.lines[1:]:
             ratio_ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
     return True

@@ -97,24 +97,46 @@ def test_decode_checks():
     q = torch.randn(2, 4, 1, 64)
     k_cache, v_cache = torch.zeros(2, 2, 16, 64), torch.zeros(2, 2, 16, 64)
     with pytest.raises(ValueError, match=r"cache_seqlens: expected values in \[1 \(new tokens\), 16 \(cache size\)\]"):
-        lr2.rope_decode(q, k_cache, v_cache, torch.tensor([3, 17]), TABLE)
+        lr2.rope_decode(q, k_cache, v_cache, TABLE, cache_seqlens=torch.tensor([3, 17]))
     with pytest.raises(ValueError, match=r"cache_seqlens: expected values in \[1 \(new tokens\), 16"):
-        lr2.rope_decode(q, k_cache, v_cache, torch.tensor([0, 5]), TABLE)
+        lr2.rope_decode(q, k_cache, v_cache, TABLE, cache_seqlens=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match=r"cache_seqlens: expected an int32/int64 tensor of shape \[2\]"):
-        lr2.rope_decode(q, k_cache, v_cache, torch.tensor([3]), TABLE)
+        lr2.rope_decode(q, k_cache, v_cache, TABLE, cache_seqlens=torch.tensor([3]))
+    with pytest.raises(TypeError, match=r"cache_seqlens: expected an integer torch.Tensor \[batch\], got list"):
+        lr2.rope_decode(q, k_cache, v_cache, TABLE, cache_seqlens=[3, 4])
     with pytest.raises(ValueError, match="k_cache: expected a number of heads dividing q's 4, got 3"):
-        lr2.rope_decode(q, torch.zeros(2, 3, 16, 64), torch.zeros(2, 3, 16, 64), torch.tensor([3, 4]), TABLE)
+        lr2.rope_decode(
+            q, torch.zeros(2, 3, 16, 64), torch.zeros(2, 3, 16, 64), TABLE, cache_seqlens=torch.tensor([3, 4])
+        )
     with pytest.raises(ValueError, match="v_cache: expected the shape of k_cache"):
-        lr2.rope_decode(q, k_cache, v_cache[:, :, :8], torch.tensor([3, 4]), TABLE)
+        lr2.rope_decode(q, k_cache, v_cache[:, :, :8], TABLE, cache_seqlens=torch.tensor([3, 4]))
     with pytest.raises(ValueError, match="k_cache: expected batch 2 \\(as q\\), got 1"):
-        lr2.rope_decode(q, k_cache[:1], v_cache[:1], torch.tensor([3, 4]), TABLE)
+        lr2.rope_decode(q, k_cache[:1], v_cache[:1], TABLE, cache_seqlens=torch.tensor([3, 4]))
 
 
 def test_rerotate_checks():
     k = torch.randn(1, 2, 8, 64)
     with pytest.raises(ValueError, match="position_ids: expected the keys' positions, got None"):
-        lr2.rerotate(k, TABLE, None, False, True)
+        lr2.rerotate(k, TABLE, position_ids=None, from_long=False, to_long=True)
     with pytest.raises(TypeError, match="to_long: expected a bool, got int"):
-        lr2.rerotate(k, TABLE, torch.arange(8), False, 1)
+        lr2.rerotate(k, TABLE, position_ids=torch.arange(8), from_long=False, to_long=1)
     with pytest.raises(ValueError, match=r"k: expected \[B, H, L, D\] or \[T, H, D\]"):
-        lr2.rerotate(k[0, 0], TABLE, torch.arange(8), False, True)
+        lr2.rerotate(k[0, 0], TABLE, position_ids=torch.arange(8), from_long=False, to_long=True)
+
+
+def test_options_are_keyword_only():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="positional argument"):
+        lr2.rope_attention(q, k, v, TABLE, torch.arange(8))
+    with pytest.raises(TypeError, match="positional argument"):
+        lr2.apply_rope(q, k, TABLE, torch.arange(8))
+    with pytest.raises(TypeError, match="positional argument"):
+        lr2.rerotate(k, TABLE, torch.arange(8), False, True)
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        lr2.rope_decode(q[:, :, :1], k, v, TABLE)
+
+
+def test_decode_in_the_old_argument_order_says_how_to_call_it():
+    q, k_cache, v_cache = torch.randn(1, 4, 1, 64), torch.zeros(1, 2, 16, 64), torch.zeros(1, 2, 16, 64)
+    with pytest.raises(TypeError, match=r"the table comes fourth and cache_seqlens is keyword-only"):
+        lr2.rope_decode(q, k_cache, v_cache, torch.tensor([3]), cache_seqlens=TABLE)

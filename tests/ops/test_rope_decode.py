@@ -1,0 +1,274 @@
+"""rope_decode on a PRE-RoPE cache, on every backend: equals the last rows of a full forward over each whole sequence
+(HF's rotation + naive attention, fp64) and the reference. Unused cache slots hold NaN in every test: they must never
+be read. Triton only: the launcher's ``num_splits`` knob and the kernel's angle-addition cos/sin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lr2kernels as lr2
+from lr2kernels import reference
+from lr2kernels.ops import rotary
+from lr2kernels.tables import RopeTable
+from tests.ops.conftest import (
+    DEVICE,
+    TOLERANCES,
+    dtype_id,
+    hf_rope_attention,
+    hf_rope_decode,
+    make_table,
+    randn,
+    requires_triton,
+    run,
+    skip_in_interpreter,
+    tolerance,
+)
+
+try:  # the Triton-only tests below need the kernels' device helpers; every other test runs without Triton
+    import triton
+    import triton.language as tl
+
+    from lr2kernels.ops.triton.decode import _step_table, _tile_angles
+except ImportError as error:
+    triton = None
+    _TRITON_IMPORT_ERROR = f"{type(error).__name__}: {error}"
+
+pytestmark = pytest.mark.usefixtures("nan_empty")
+LENGTHS = [3, 64, 65, 130]  # both sides of L0 = 64, and exactly at it
+GQA = [(4, 4), (6, 2), (8, 1)]
+DIMS = [(64, 64), (80, 80), (128, 96)]
+DIM_IDS = ["D64", "D80", "D128rot96"]
+
+
+def _heads_id(heads):
+    return f"H{heads[0]}kv{heads[1]}"
+
+
+def _inputs(lengths, hq, hk, n_new, head_dim, dtype=torch.float32, max_len=None):
+    """q ``[B, hq, n, D]`` and caches ``[B, hk, max_len, D]`` whose slots past each length hold NaN (garbage that
+    must never be read)."""
+    batch, max_len = len(lengths), max_len or max(lengths) + 5
+    k_cache = torch.full((batch, hk, max_len, head_dim), float("nan"), device=DEVICE)
+    v_cache = torch.full((batch, hk, max_len, head_dim), float("nan"), device=DEVICE)
+    for b, length in enumerate(lengths):
+        k_cache[b, :, :length] = torch.randn(hk, length, head_dim, device=DEVICE)
+        v_cache[b, :, :length] = torch.randn(hk, length, head_dim, device=DEVICE)
+    q = torch.randn(batch, hq, n_new, head_dim, device=DEVICE)
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    return q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), cache_seqlens
+
+
+def _expected(q, k_cache, v_cache, cache_seqlens, table, **kwargs):
+    return reference.rope_decode(q.double(), k_cache.double(), v_cache.double(), cache_seqlens, table, **kwargs)
+
+
+@pytest.mark.parametrize("head_dim,rotary_dim", DIMS, ids=DIM_IDS)
+@pytest.mark.parametrize("heads", GQA, ids=_heads_id)
+@pytest.mark.parametrize("n_new", [1, 3], ids=lambda n: f"new{n}")
+def test_decode_equals_full_forward(backend, n_new, heads, head_dim, rotary_dim):
+    table = make_table(head_dim, rotary_dim=rotary_dim)
+    hq, hk = heads
+    q, k_cache, v_cache, cache_seqlens = _inputs(LENGTHS, hq, hk, n_new, head_dim)
+    expected_rows = []
+    for b, length in enumerate(LENGTHS):
+        # The whole sequence, pre-RoPE; the last n_new tokens are the new queries.
+        q_full = torch.randn(1, hq, length, head_dim, device=DEVICE)
+        q_full[0, :, -n_new:] = q[b]
+        k_full, v_full = k_cache[b : b + 1, :, :length], v_cache[b : b + 1, :, :length]
+        full = hf_rope_attention(q_full.double(), k_full.double(), v_full.double(), table)  # HF rule on length
+        expected_rows.append(full[0, :, -n_new:])
+    expected = torch.stack(expected_rows)
+    out = run(backend, lr2.rope_decode, q, k_cache, v_cache, table, cache_seqlens=cache_seqlens)
+    assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, **tolerance(backend, torch.float32, "decode"))
+    torch.testing.assert_close(
+        _expected(q, k_cache, v_cache, cache_seqlens, table), expected, **TOLERANCES[torch.float64]
+    )
+    # The HF decode oracle of the low-precision test agrees with the full forward.
+    hf = hf_rope_decode(q.double(), k_cache.double(), v_cache.double(), cache_seqlens, table)
+    torch.testing.assert_close(hf, expected, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (128, 96)], ids=["D64", "D128rot96"])
+@pytest.mark.parametrize("heads", [(6, 2), (8, 1)], ids=_heads_id)
+@pytest.mark.parametrize("n_new", [1, 3], ids=lambda n: f"new{n}")
+def test_low_precision_error_at_most_twice_hf(backend, n_new, heads, head_dim, rotary_dim, dtype):
+    # FlashAttention's rule: the error vs fp64 is at most ~2x that of HF's path (rotation + attention) in the dtype.
+    table = make_table(head_dim, rotary_dim=rotary_dim)
+    q, k_cache, v_cache, cache_seqlens = _inputs(LENGTHS, *heads, n_new, head_dim, dtype=dtype)
+    expected = _expected(q, k_cache, v_cache, cache_seqlens, table)
+    out = run(backend, lr2.rope_decode, q, k_cache, v_cache, table, cache_seqlens=cache_seqlens)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    plain = hf_rope_decode(q, k_cache, v_cache, cache_seqlens, table)
+    error = (out.double() - expected).abs().max().item()
+    plain_error = (plain.double() - expected).abs().max().item()
+    assert error <= 2 * plain_error + 2e-4, f"{backend} error {error:.2e}, HF path error {plain_error:.2e}"
+
+
+def test_decode_across_the_boundary_needs_no_cache_rewrite(backend):
+    # Sequence at length L0, then one more token: the same pre-RoPE cache serves both steps.
+    table = make_table(64)
+    q_step, k_cache, v_cache, _ = _inputs([65], 4, 2, 1, 64, max_len=80)
+    before = run(
+        backend, lr2.rope_decode, q_step, k_cache, v_cache, table, cache_seqlens=torch.tensor([64], device=DEVICE)
+    )
+    after = run(
+        backend, lr2.rope_decode, q_step, k_cache, v_cache, table, cache_seqlens=torch.tensor([65], device=DEVICE)
+    )
+    q_full = randn(1, 4, 65, 64)
+    q_full[0, :, 64] = q_step[0, :, 0]
+    full = hf_rope_attention(q_full.double(), k_cache[:, :, :65].double(), v_cache[:, :, :65].double(), table)
+    torch.testing.assert_close(after[0, :, 0].double(), full[0, :, 64], **tolerance(backend, torch.float32, "decode"))
+    assert (before - after).abs().max() > 1e-3
+
+
+def test_thousands_of_positions_straddling_l0(backend):
+    # L0 = 2048: one sequence per side of it and one exactly at it; the angles reach ~3000 rad.
+    # Too slow in Triton's interpreter, where test_triton_thousands_of_positions_in_three_splits covers the kernel.
+    skip_in_interpreter(backend, too_large=True)
+    table = make_table(64, original_max_position=2048)
+    q, k_cache, v_cache, cache_seqlens = _inputs([2048, 2049, 3001], 4, 2, 2, 64)
+    out = run(backend, lr2.rope_decode, q, k_cache, v_cache, table, cache_seqlens=cache_seqlens)
+    expected = _expected(q, k_cache, v_cache, cache_seqlens, table)
+    torch.testing.assert_close(out.double(), expected, **tolerance(backend, torch.float32, "decode"))
+
+
+def test_strided_inputs_and_softmax_scale(backend):
+    table = make_table(80)
+    q, k_cache, v_cache, cache_seqlens = _inputs(LENGTHS, 6, 2, 2, 80)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, n, D] view of a [B, n, Hq, D] tensor
+    k_wide = torch.full((*k_cache.shape[:-1], 96), float("nan"), device=DEVICE)
+    k_wide[..., :80] = k_cache
+    k_cache = k_wide[..., :80]  # row stride 96
+    v_cache = v_cache.transpose(1, 2).contiguous().transpose(1, 2)  # head stride < token stride
+    out = run(backend, lr2.rope_decode, q, k_cache, v_cache, table, cache_seqlens=cache_seqlens, softmax_scale=0.3)
+    expected = _expected(q, k_cache, v_cache, cache_seqlens, table, softmax_scale=0.3)
+    torch.testing.assert_close(out.double(), expected, **tolerance(backend, torch.float32, "decode"))
+
+
+def test_gradcheck_fp64_flows_to_q_and_cache(backend):
+    table = make_table(8, original_max_position=4)
+    q = randn(2, 2, 2, 8, dtype=torch.float64, requires_grad=True)
+    k_cache = randn(2, 1, 7, 8, dtype=torch.float64, requires_grad=True)
+    v_cache = randn(2, 1, 7, 8, dtype=torch.float64, requires_grad=True)
+    cache_seqlens = torch.tensor([3, 7], device=DEVICE)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: run(backend, lr2.rope_decode, q, k, v, table, cache_seqlens=cache_seqlens),
+        (q, k_cache, v_cache),
+    )
+
+
+# ---------------------------------------------------------------- triton only: the launcher's num_splits knob
+def _launch(q, k_cache, v_cache, cache_seqlens, table, num_splits):
+    """The Triton launcher itself (the public op picks num_splits), with the table prepared as the backend does."""
+    from lr2kernels.ops.triton import decode
+
+    return decode.rope_decode(
+        q, k_cache, v_cache, cache_seqlens, rotary.inv_freq_pair(table, q.device).contiguous(),
+        table.original_max_position, table.attention_factor_for(False), table.attention_factor_for(True),
+        q.shape[-1] ** -0.5, num_splits=num_splits,
+    )  # fmt: skip
+
+
+@requires_triton
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7], ids=lambda s: f"splits{s}")
+def test_triton_num_splits_give_the_same_result(num_splits):
+    # 7 splits leave the short sequences with empty splits (lse -inf) that the merge must ignore.
+    table = make_table(64)
+    q, k_cache, v_cache, cache_seqlens = _inputs([3, 64, 65, 130, 257], 6, 2, 3, 64)
+    out = _launch(q, k_cache, v_cache, cache_seqlens, table, num_splits)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(
+        out.double(), _expected(q, k_cache, v_cache, cache_seqlens, table), **TOLERANCES[torch.float32]
+    )
+
+
+@requires_triton
+def test_triton_thousands_of_positions_in_three_splits():
+    # As test_thousands_of_positions_straddling_l0, the key tiles spread over three splits.
+    table = make_table(64, original_max_position=2048)
+    q, k_cache, v_cache, cache_seqlens = _inputs([2048, 2049, 3001], 4, 2, 2, 64)
+    out = _launch(q, k_cache, v_cache, cache_seqlens, table, 3)
+    torch.testing.assert_close(
+        out.double(), _expected(q, k_cache, v_cache, cache_seqlens, table), **TOLERANCES[torch.float32]
+    )
+
+
+@requires_triton
+def test_triton_bad_num_splits():
+    table = make_table(64)
+    q, k_cache, v_cache, cache_seqlens = _inputs([3], 2, 1, 1, 64)
+    with pytest.raises(ValueError, match=r"num_splits: expected an int >= 1 or None, got 0"):
+        _launch(q, k_cache, v_cache, cache_seqlens, table, 0)
+
+
+# ---------------------------------------------------------- triton only: the kernel's angle-addition cos/sin
+if triton is not None:
+
+    @triton.jit
+    def _tile_angles_kernel(
+        STARTS, INV_FREQ, COS, SIN, attention, HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr
+    ):
+        pid = tl.program_id(0)
+        start = tl.load(STARTS + pid)
+        cols = tl.arange(0, HALF_PAD)
+        inv_freq = tl.load(INV_FREQ + cols, mask=cols < HALF, other=0.0)
+        cos_step, sin_step = _step_table(inv_freq, BLOCK_N)
+        cos, sin = _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N)
+        offs = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * HALF + cols[None, :]
+        mask = (cols < HALF)[None, :]
+        tl.store(COS + offs, cos, mask=mask)
+        tl.store(SIN + offs, sin, mask=mask)
+
+
+@requires_triton
+@pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
+def test_triton_angle_addition_precision_up_to_131k(long):
+    """The key tiles' cos/sin (one sincos per tile + angle addition) reproduce HF's fp32 cos/sin, so their error
+    against float64 is HF's own, at every sampled position up to 131071."""
+    if triton is None:
+        pytest.fail(
+            f"the triton backend is available but its decode kernel helpers do not import: {_TRITON_IMPORT_ERROR}"
+        )
+    half, block_n = 64, 64
+    table = RopeTable.longrope(
+        head_dim=2 * half,
+        base=500000.0,
+        original_max_position=4096,
+        max_position=131072,
+        short_factor=[1.0 + 0.05 * i / half for i in range(half)],
+        long_factor=[1.0 + 31.0 * (i / (half - 1)) ** 1.5 for i in range(half)],
+    )
+    generator = torch.Generator().manual_seed(0)
+    tiles = torch.cat(
+        [
+            torch.tensor([0, 1, 63, 64, 1023, 1024, 2047, 2048]),  # the first tiles and around powers of two
+            torch.tensor([65535, 65536, 131071]) // block_n,  # where fp32's angle ulp doubles, and the last tile
+            torch.randint(0, 131072 // block_n, (48,), generator=generator),
+        ]
+    )
+    starts = (tiles * block_n).to(torch.int32)
+    inv_freq = table.inv_freq(long)
+    attention = table.attention_factor_for(long)
+    cos = torch.full((len(starts) * block_n, half), float("nan"), device=DEVICE)
+    sin = torch.full_like(cos, float("nan"))
+    _tile_angles_kernel[(len(starts),)](
+        starts.to(DEVICE), inv_freq.to(DEVICE), cos, sin, attention,
+        HALF=half, HALF_PAD=half, BLOCK_N=block_n, enable_fp_fusion=False,
+    )  # fmt: skip
+    positions = (starts[:, None].long() + torch.arange(block_n)).reshape(-1)  # [len(starts) * block_n]
+    angle64 = positions.double()[:, None] * inv_freq.double()[None, :]  # float64 truth from the same fp32 inv_freq
+    cos64, sin64 = torch.cos(angle64) * attention, torch.sin(angle64) * attention
+    hf_cos, hf_sin = (x[:, :half].double() for x in table.cos_sin(positions, long=long))  # HF's fp32 path
+    for name, ours, hf, truth in (("cos", cos, hf_cos, cos64), ("sin", sin, hf_sin, sin64)):
+        ours = ours.cpu().double()
+        error, hf_error = (ours - truth).abs().max().item(), (hf - truth).abs().max().item()
+        assert error <= hf_error + 1e-6, f"{name}: angle addition error {error:.3e} vs HF fp32 {hf_error:.3e}"
+        assert (ours - hf).abs().max().item() <= 2e-6 * attention, f"{name}: differs from HF's fp32 rounding"
+    assert hf_error > 1e-3 * attention or not long  # the test is sharp: fp32 angles are coarse near 131K
+    assert math.isfinite(error)

@@ -12,12 +12,13 @@ Instance-level and reversible. For the given model only:
 
 from __future__ import annotations
 
-import types
+import functools
+import warnings
 from typing import Any
 
 import torch
 
-from lr2kernels.hf.attention import ForwardFacts
+from lr2kernels.hf.attention import ATTENTION_NAME, ForwardFacts
 from lr2kernels.tables import RopeTable
 
 # model_type -> whether its generate() re-prefills at the LongRoPE boundary (Phi3 does; patched models need not).
@@ -35,7 +36,7 @@ def _register_attention() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from lr2kernels.hf.attention import ATTENTION_NAME, rope_attention_forward
+    from lr2kernels.hf.attention import rope_attention_forward
 
     # A new name in transformers' registries (not a change to any existing entry); masks built as for SDPA.
     AttentionInterface.register(ATTENTION_NAME, rope_attention_forward)
@@ -43,12 +44,51 @@ def _register_attention() -> str:
     return ATTENTION_NAME
 
 
-def _identity_rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+class _PatchState(dict):
+    """What :func:`patch` replaced, for :func:`unpatch`. A dict that re-registers the attention function with
+    transformers when a pickled patched model is loaded in a new process (the registry is per process)."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.update(state)
+        _register_attention()
+
+    def __reduce__(self):
+        return (_PatchState, (), dict(self))
+
+
+def _identity_rotary_forward(module, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+    """The patched rotary module's forward (bound with functools.partial, which pickles, unlike a bound method)."""
+    if module._lr2_config._attn_implementation != ATTENTION_NAME:
+        # The attention implementation was switched after patch() (e.g. set_attn_implementation("sdpa")): that
+        # attention expects rotated q/k, so give it the stock rotation rather than run the model without RoPE.
+        if not getattr(module, "_lr2_warned_switch", False):
+            module._lr2_warned_switch = True
+            warnings.warn(
+                "lr2kernels: the model's attention implementation was changed after lr2kernels.patch(); it now runs "
+                f"{module._lr2_config._attn_implementation!r} with stock RoPE (call lr2kernels.unpatch(model) or "
+                "patch it again).",
+                UserWarning,
+                stacklevel=2,
+            )
+        return type(module).forward(module, x, position_ids, *args, **kwargs)
     # [B, L, rotary_dim] cos = 1, sin = 0: HF's apply_rotary_pos_emb becomes the identity (x * 1 + y * 0 == x).
     batch, seq = position_ids.shape[0], position_ids.shape[-1]
-    width = self._lr2_rotary_width
+    width = module._lr2_rotary_width
     ones = torch.ones(1, 1, width, dtype=x.dtype, device=x.device).expand(batch, seq, width)
     return ones, torch.zeros_like(ones)
+
+
+def _boundary_reprefill(model: torch.nn.Module):
+    """The function that replaces Phi-3's boundary re-prefill in ``generate``, or None for a class without one.
+
+    Phi3ForCausalLM's ``prepare_inputs_for_generation`` drops the cache when the sequence crosses L0 (its cached keys
+    were rotated with the short table); the next definition up its MRO keeps the cache. Phi3Model and the
+    classification heads have no such method of their own.
+    """
+    definers = [cls for cls in type(model).__mro__ if "prepare_inputs_for_generation" in vars(cls)]
+    if len(definers) < 2 or not definers[0].__module__.endswith(".phi3.modeling_phi3"):
+        return None
+    return vars(definers[1])["prepare_inputs_for_generation"]
 
 
 def _rotary_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -103,6 +143,12 @@ def patch(
     table = _table_for(config) if table is None else table
     if not isinstance(table, RopeTable):
         raise TypeError(f"table: expected a lr2kernels.RopeTable or None, got {type(table).__name__}")
+    model_rotary_dim = RopeTable.from_hf_config(config).rotary_dim
+    if table.rotary_dim != model_rotary_dim:
+        raise ValueError(
+            f"table.rotary_dim: expected the model's rotary width {model_rotary_dim} (head_dim x "
+            f"partial_rotary_factor), got {table.rotary_dim}"
+        )
     rotary = _rotary_modules(model)
     attention = _attention_modules(model)
     if not rotary or not attention:
@@ -124,16 +170,16 @@ def patch(
         return model  # already patched: table, backend and rule updated above
 
     name = _register_attention()
-    state = {"attn_implementation": config._attn_implementation, "rotary": rotary, "attention": attention}
+    state = _PatchState(attn_implementation=config._attn_implementation, rotary=rotary, attention=attention)
     for module in rotary:
         module._lr2_rotary_width = table.rotary_dim
-        module.forward = types.MethodType(_identity_rotary_forward, module)
+        module._lr2_config = config
+        module.forward = functools.partial(_identity_rotary_forward, module)
     config._attn_implementation = name
-    if SUPPORTED_MODEL_TYPES[model_type]:
-        # Phi3's prepare_inputs_for_generation drops the cache when the sequence crosses L0 (its cached keys were
-        # rotated with the short table). Patched, the cache holds PRE-RoPE keys: the parent class's version, which
-        # keeps the cache, is right.
-        model.prepare_inputs_for_generation = super(type(model), model).prepare_inputs_for_generation
+    keep_cache = _boundary_reprefill(model) if SUPPORTED_MODEL_TYPES[model_type] else None
+    if keep_cache is not None:
+        # Patched, the cache holds PRE-RoPE keys: the parent class's version, which keeps the cache, is right.
+        model.prepare_inputs_for_generation = functools.partial(keep_cache, model)
         state["generation"] = True
     setattr(model, _STATE, state)
     return model
@@ -146,7 +192,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         return model
     for module in state["rotary"]:
         del module.forward  # the instance attribute hid the class's forward
-        del module._lr2_rotary_width
+        del module._lr2_rotary_width, module._lr2_config
+        module.__dict__.pop("_lr2_warned_switch", None)
     for module in state["attention"]:
         del module._lr2_table, module._lr2_backend, module._lr2_rule, module._lr2_forward_facts
     model.config._attn_implementation = state["attn_implementation"]

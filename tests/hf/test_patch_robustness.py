@@ -1,0 +1,94 @@
+"""Patching must hold in every path a user takes: every Phi-3 class, pickling, a later change of attention
+implementation, and a table that does not fit the model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import lr2kernels as lr2
+from lr2kernels.hf import is_patched
+from tests.hf.test_patch import L0, _ids, tiny_model
+
+
+def _scaled(model: torch.nn.Module) -> torch.nn.Module:
+    # With transformers' 0.02 init the logits are nearly flat and hide a position error: scale the weights up.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(6.0)
+    return model
+
+
+@pytest.mark.parametrize(
+    "class_name", ["Phi3Model", "Phi3ForCausalLM", "Phi3ForSequenceClassification", "Phi3ForTokenClassification"]
+)
+def test_every_phi3_class_patches_and_matches_stock(class_name):
+    causal = tiny_model("phi3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, class_name)(causal.config).eval()
+    _scaled(model)
+    ids = _ids(2, L0 + 8)  # past L0: the long table
+    with torch.no_grad():
+        stock = model(ids)[0]
+        lr2.patch(model, backend="torch")
+        patched = model(ids)[0]
+    torch.testing.assert_close(patched, stock, atol=1e-4, rtol=1e-4)
+    lr2.unpatch(model)
+    assert not is_patched(model) and "prepare_inputs_for_generation" not in vars(model)
+
+
+def test_pickled_patched_model_loads_patched_in_a_new_process(tmp_path):
+    model = _scaled(tiny_model("phi3"))
+    ids = _ids(1, L0 + 8)
+    with torch.no_grad():
+        stock = model(ids).logits
+    lr2.patch(model)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save({"ids": ids, "stock": stock}, tmp_path / "data.pt")
+    # A new process: transformers' attention registry has never heard of lr2kernels there.
+    code = f"""
+import torch, lr2kernels as lr2
+model = torch.load({str(tmp_path / "model.pt")!r}, weights_only=False)
+data = torch.load({str(tmp_path / "data.pt")!r})
+with torch.no_grad():
+    error = (model(data["ids"]).logits - data["stock"]).abs().max().item()
+print(lr2.hf.is_patched(model), model.config._attn_implementation, error)
+lr2.unpatch(model)
+with torch.no_grad():
+    print((model(data["ids"]).logits - data["stock"]).abs().max().item())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    patched_line, unpatched_line = result.stdout.strip().splitlines()[-2:]
+    is_patched_there, implementation, error = patched_line.split()
+    assert is_patched_there == "True" and implementation == "lr2kernels"
+    assert float(error) < 1e-4 and float(unpatched_line) < 1e-4
+
+
+def test_switching_attention_implementation_after_patch_keeps_rope():
+    model = _scaled(tiny_model("llama"))
+    ids = _ids(1, 40)
+    with torch.no_grad():
+        stock = model(ids).logits
+        lr2.patch(model)
+        model.set_attn_implementation("eager")
+        with pytest.warns(UserWarning, match="attention implementation was changed after lr2kernels.patch"):
+            switched = model(ids).logits
+    torch.testing.assert_close(switched, stock, atol=1e-4, rtol=1e-4)
+
+
+def test_a_table_of_another_rotary_width_is_refused_at_patch_time():
+    model = tiny_model("llama")  # head_dim 16, full rotary
+    partial = lr2.RopeTable.longrope(
+        head_dim=16, base=10000.0, original_max_position=L0, max_position=8 * L0,
+        short_factor=[1.0] * 4, long_factor=[2.0] * 4, rotary_dim=8,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"table.rotary_dim: expected the model's rotary width 16 .*got 8"):
+        lr2.patch(model, table=partial)
+    assert not is_patched(model)

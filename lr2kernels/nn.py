@@ -34,6 +34,11 @@ class LongRopeAttention(nn.Module):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if not isinstance(table, RopeTable):
             raise TypeError(f"table: expected a lr2kernels.RopeTable, got {type(table).__name__}")
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {value}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads: expected a divisor of num_heads = {num_heads}, got {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, table.head_dim

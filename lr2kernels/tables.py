@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,9 @@ __all__ = ["RopeTable", "ROPE_TYPES"]
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 _FORMAT = "lr2kernels.RopeTable"
 _FORMAT_VERSION = 1
+MAX_POSITION = 2**31 - 1  # positions and sizes are int32 in the kernels
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+_FP32_TINY = float(torch.finfo(torch.float32).tiny)
 # transformers' config classes that declare a top-level `original_max_position_embeddings` themselves, so that HF
 # reads L0 from it. For every other model type a top-level L0 is ignored by HF (see `RopeTable.from_hf_config`).
 _HF_TOP_LEVEL_L0_MODEL_TYPES = frozenset({"phi3", "phimoe"})
@@ -57,13 +61,15 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 def _check_factors(name: str, factors: Any, expected_len: int) -> tuple[float, ...]:
     if isinstance(factors, torch.Tensor):
         factors = factors.detach().cpu().double().tolist()
+    elif hasattr(factors, "tolist") and not isinstance(factors, (list, tuple)):  # numpy arrays
+        factors = factors.tolist()
     if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence):
         raise TypeError(f"{name}: expected a sequence of {expected_len} numbers, got {type(factors).__name__}")
     if len(factors) != expected_len:
         raise ValueError(f"{name}: expected rotary_dim // 2 = {expected_len} factors, got {len(factors)}")
     values = []
     for i, f in enumerate(factors):
-        if isinstance(f, bool) or not isinstance(f, (int, float)):
+        if isinstance(f, bool) or not isinstance(f, numbers.Real):  # numpy floats and ints are Real too
             raise TypeError(f"{name}[{i}]: expected a number, got {type(f).__name__}")
         f = float(f)
         if not math.isfinite(f) or f <= 0.0:
@@ -72,10 +78,24 @@ def _check_factors(name: str, factors: Any, expected_len: int) -> tuple[float, .
     return tuple(values)
 
 
+def _check_frequencies(name: str, factors: tuple[float, ...], base: float, rotary_dim: int) -> None:
+    """Every inverse frequency 1 / (factor * base^(2i/d)) must be a finite, non-zero float32 (HF computes it so)."""
+    for i, factor in enumerate(factors):
+        inv_freq = 1.0 / (factor * base ** (2 * i / rotary_dim))
+        if not _FP32_TINY <= inv_freq <= _FP32_MAX:
+            raise ValueError(
+                f"{name}[{i}]: expected a factor whose frequency 1 / (factor * base^(2i/d)) is a finite, non-zero "
+                f"float32, got {factor} (frequency {inv_freq:.3g})"
+            )
+
+
 def _check_positive(name: str, value: Any, *, integer: bool) -> None:
-    kinds = (int,) if integer else (int, float)
+    kinds = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{name}: expected {'an int' if integer else 'a number'}, got {type(value).__name__}")
+    if integer and value > MAX_POSITION:
+        shown = value if value < 10**20 else f"a {len(str(value))}-digit number"
+        raise ValueError(f"{name}: expected at most {MAX_POSITION} (positions are int32 in the kernels), got {shown}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: expected a finite value > 0, got {value}")
 
@@ -110,8 +130,9 @@ class RopeTable:
     _inv_freq_cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_positive("head_dim", self.head_dim, integer=True)
-        _check_positive("rotary_dim", self.rotary_dim, integer=True)
+        for name in ("head_dim", "rotary_dim", "original_max_position", "max_position"):
+            _check_positive(name, getattr(self, name), integer=True)
+            object.__setattr__(self, name, int(getattr(self, name)))
         if self.rotary_dim % 2:
             raise ValueError(f"rotary_dim: expected an even number of rotated channels, got {self.rotary_dim}")
         if self.rotary_dim > self.head_dim:
@@ -119,8 +140,6 @@ class RopeTable:
         _check_positive("base", self.base, integer=False)
         if self.base == 1.0:
             raise ValueError("base: expected a RoPE base != 1 (e.g. 10000.0), got 1.0")
-        _check_positive("original_max_position", self.original_max_position, integer=True)
-        _check_positive("max_position", self.max_position, integer=True)
         if self.original_max_position > self.max_position:
             raise ValueError(
                 f"original_max_position: expected L0 <= max_position = {self.max_position}, "
@@ -129,6 +148,8 @@ class RopeTable:
         half = self.rotary_dim // 2
         object.__setattr__(self, "short_factor", _check_factors("short_factor", self.short_factor, half))
         object.__setattr__(self, "long_factor", _check_factors("long_factor", self.long_factor, half))
+        for name in ("short_factor", "long_factor"):
+            _check_frequencies(name, getattr(self, name), float(self.base), self.rotary_dim)
         _check_positive("attention_factor", self.attention_factor, integer=False)
         object.__setattr__(self, "attention_factor", float(self.attention_factor))
         object.__setattr__(self, "base", float(self.base))
@@ -365,6 +386,8 @@ class RopeTable:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RopeTable:
+        if not isinstance(data, Mapping):
+            raise TypeError(f"data: expected a dict written by RopeTable.to_dict / save, got {type(data).__name__}")
         if data.get("format") != _FORMAT:
             raise ValueError(f"data: expected format '{_FORMAT}', got {data.get('format')!r}")
         if data.get("version") != _FORMAT_VERSION:
@@ -384,7 +407,10 @@ class RopeTable:
     @classmethod
     def load(cls, path: str | os.PathLike) -> RopeTable:
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            data = json.load(f)
+        if not isinstance(data, Mapping):
+            raise ValueError(f"path: expected a RopeTable JSON object in {os.fspath(path)}, got {type(data).__name__}")
+        return cls.from_dict(data)
 
 
 # ---------------------------------------------------------------------- closed forms of the other rope types
@@ -485,11 +511,26 @@ def _from_hf_config(cls: type[RopeTable], config: Any, seq_len: int | None) -> R
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"config.rope_parameters['rope_type']: expected one of {list(ROPE_TYPES)}, got {rope_type!r}")
 
+    if not isinstance(config, Mapping) and not rope and _get(config, "rope_theta") is None:
+        # A config object of a model without RoPE (GPT-2's); plain dicts keep HF's default base of 10000.
+        model_type = _get(config, "model_type")
+        raise ValueError(
+            f"config: expected a RoPE model (rope_parameters, rope_scaling or rope_theta), got none in a "
+            f"{model_type!r} config"
+        )
     base = rope.get("rope_theta", _get(config, "rope_theta", 10000.0))
     max_position = _get(config, "max_position_embeddings")
     if max_position is None:
         raise ValueError("config.max_position_embeddings: expected an int, got None")
-    head_dim = _get(config, "head_dim") or _get(config, "hidden_size") // _get(config, "num_attention_heads")
+    head_dim = _get(config, "head_dim")
+    if not head_dim:
+        hidden_size, num_heads = _get(config, "hidden_size"), _get(config, "num_attention_heads")
+        if not hidden_size or not num_heads:
+            raise ValueError(
+                "config.head_dim: expected head_dim, or hidden_size and num_attention_heads to derive it, got "
+                f"head_dim={head_dim!r}, hidden_size={hidden_size!r}, num_attention_heads={num_heads!r}"
+            )
+        head_dim = hidden_size // num_heads
     partial = rope.get("partial_rotary_factor", _get(config, "partial_rotary_factor", 1.0)) or 1.0
     rotary_dim = int(head_dim * partial)
     half = rotary_dim // 2
@@ -498,6 +539,11 @@ def _from_hf_config(cls: type[RopeTable], config: Any, seq_len: int | None) -> R
 
     if rope_type == "default":
         return cls.default(head_dim=head_dim, base=base, max_position=max_position, rotary_dim=rotary_dim)
+    if rope_type in ("linear", "dynamic", "llama3"):
+        required = ("factor", "low_freq_factor", "high_freq_factor") if rope_type == "llama3" else ("factor",)
+        for key in required:
+            if rope.get(key) is None:
+                raise ValueError(f"config.rope_parameters['{key}']: expected a number for rope_type {rope_type!r}")
     if rope_type == "linear":
         factors = [float(rope["factor"])] * half
         return cls._static(head_dim, base, max_position, max_position, rotary_dim, factors, 1.0)

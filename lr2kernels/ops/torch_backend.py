@@ -148,6 +148,8 @@ class TorchBackend:
     def rope_decode(self, call: DecodeCall) -> torch.Tensor:
         table, q, seqlens = call.table, call.q, call.cache_seqlens
         k_cache, v_cache, n_new = call.k_cache, call.v_cache, call.num_new
+        if call.batch == 0:
+            return q.new_empty(q.shape)  # no sequence: nothing to attend
         if validation.reads_values(seqlens):
             lengths = seqlens.tolist()
             max_len = max(lengths)  # slots past every sequence's length are never read

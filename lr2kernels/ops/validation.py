@@ -12,12 +12,14 @@ The ``check_*_call`` functions return the typed call description (:mod:`lr2kerne
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
 
 from lr2kernels.ops.calls import AttentionCall, DecodeCall, RerotateCall, RopeCall
-from lr2kernels.tables import RopeTable
+from lr2kernels.tables import MAX_POSITION, RopeTable
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 VALUE_CHECK_MODES = ("auto", "always", "never")
@@ -97,10 +99,10 @@ def check_softmax_scale(softmax_scale: object, head_dim: int) -> float:
     """The scale to use: ``head_dim ** -0.5`` for None."""
     if softmax_scale is None:
         return head_dim**-0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
-    if not softmax_scale > 0:
-        raise ValueError(f"softmax_scale: expected a value > 0, got {softmax_scale}")
+    if not (softmax_scale > 0 and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale: expected a finite value > 0, got {softmax_scale}")
     return float(softmax_scale)
 
 
@@ -143,6 +145,12 @@ def check_position_ids(
             f"position_ids: expected shape {' or '.join(str(list(s)) for s in expected)}, "
             f"got {list(position_ids.shape)}"
         )
+    if position_ids.numel() and _run_value_checks(position_ids):
+        largest = int(position_ids.max())
+        if largest > MAX_POSITION:
+            raise ValueError(
+                f"position_ids: expected positions <= {MAX_POSITION} (int32 in the kernels), got {largest}"
+            )
     return position_ids
 
 
@@ -183,13 +191,19 @@ def check_rope_call(
     return RopeCall(**fields, long=long)
 
 
-def check_max_seqlen(max_seqlen: object, cu_seqlens: torch.Tensor | None) -> int | None:
+def check_max_seqlen(max_seqlen: object, cu_seqlens: torch.Tensor | None, total_tokens: int) -> int | None:
+    """The longest varlen sequence as an int (numpy ints and 0-d integer tensors are accepted), at most T."""
     if max_seqlen is None:
         return None
     if cu_seqlens is None:
         raise ValueError("max_seqlen: only meaningful with cu_seqlens (varlen layout), got it without")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+    if isinstance(max_seqlen, torch.Tensor) and max_seqlen.dim() == 0 and not max_seqlen.dtype.is_floating_point:
+        max_seqlen = int(max_seqlen)  # a host read for a device tensor: pass a Python int on a GPU
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
         raise TypeError(f"max_seqlen: expected an int, got {type(max_seqlen).__name__}")
+    max_seqlen = int(max_seqlen)
+    if not 0 <= max_seqlen <= total_tokens:
+        raise ValueError(f"max_seqlen: expected a length in [0, total_tokens = {total_tokens}], got {max_seqlen}")
     if _run_value_checks(cu_seqlens):
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if max_seqlen < longest:
@@ -218,8 +232,9 @@ def check_attention_call(
     check_bool("long", long, allow_none=True)
     check_bool("causal", causal)
     check_bool("return_lse", return_lse)
+    max_seqlen = check_max_seqlen(max_seqlen, fields["cu_seqlens"], fields["seq_len"])
     return AttentionCall(
-        **fields, v=v, long=long, max_seqlen=check_max_seqlen(max_seqlen, fields["cu_seqlens"]), causal=causal,
+        **fields, v=v, long=long, max_seqlen=max_seqlen, causal=causal,
         softmax_scale=check_softmax_scale(softmax_scale, fields["head_dim"]), return_lse=return_lse,
     )  # fmt: skip
 

@@ -87,7 +87,7 @@ def test_cu_seqlens_checks():
 
 def test_scalar_argument_checks():
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match="softmax_scale: expected a value > 0, got -1"):
+    with pytest.raises(ValueError, match="softmax_scale: expected a finite value > 0, got -1"):
         lr2.rope_attention(q, k, v, TABLE, softmax_scale=-1.0)
     with pytest.raises(TypeError, match="long: expected True, False or None, got str"):
         lr2.rope_attention(q, k, v, TABLE, long="yes")

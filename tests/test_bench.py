@@ -33,3 +33,23 @@ def test_cli_bench_writes_csv_and_png(tmp_path, capsys):
     png = tmp_path / "kernels_D16_H2-1.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "ratio" in capsys.readouterr().out
+
+
+def test_results_go_to_a_fresh_folder_by_default(tmp_path, monkeypatch):
+    # Never append to (or overwrite) another run's results, such as the tracked benchmarks/results, by default.
+    import argparse
+    from pathlib import Path
+
+    from lr2kernels.apps.bench import report
+    from lr2kernels.apps.common import RESULTS_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    report.add_options(parser)
+    first = Path(parser.parse_args([]).out)
+    first.mkdir(parents=True)
+    parser = argparse.ArgumentParser()
+    report.add_options(parser)
+    second = Path(parser.parse_args([]).out)
+    assert first.parent.name == second.parent.name == RESULTS_ROOT
+    assert second != first and not second.exists()

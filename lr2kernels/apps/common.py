@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -31,6 +32,20 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
 
 def add_out_option(parser: argparse.ArgumentParser, default: str, what: str) -> None:
     parser.add_argument("--out", default=default, help=f"output folder: {what} (default {default})")
+
+
+RESULTS_ROOT = "lr2kernels-results"
+
+
+def fresh_results_folder() -> str:
+    """A new folder name under ./lr2kernels-results for a run's results: a run never appends to or overwrites the
+    results of another (e.g. the tracked benchmarks/results the README cites) unless ``--out`` says so."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = Path(RESULTS_ROOT) / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = Path(RESULTS_ROOT) / f"{stamp}-{n}"
+    return str(candidate)
 
 
 def device_from(arg: str | None) -> torch.device:

@@ -18,6 +18,7 @@ from lr2kernels.apps.common import (
     add_out_option,
     default_dtype,
     device_from,
+    fresh_results_folder,
     load_model_quietly,
 )
 from lr2kernels.apps.search_job import add_original_length_option, model_table_for
@@ -124,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--samples", type=int, default=2, help="needle and passkey samples per length")
     parser.add_argument("--seed", type=int, default=0)
-    add_out_option(parser, "benchmarks/results", "rows are appended to extension.csv there, extension.png written")
+    add_out_option(parser, fresh_results_folder(), "rows are appended to extension.csv there, extension.png written")
 
 
 def run_from_args(args: argparse.Namespace) -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lr2kernels.apps.common import add_device_option, add_out_option, device_name, print_table
+from lr2kernels.apps.common import add_device_option, add_out_option, device_name, fresh_results_folder, print_table
 
 
 class PeakMemory:
@@ -56,7 +56,7 @@ class PeakMemory:
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The options every suite reads: ``--device``, ``--out``, ``--quick``, ``--reps``."""
     add_device_option(parser)
-    add_out_option(parser, "benchmarks/results", "CSV rows are appended there, PNGs written")
+    add_out_option(parser, fresh_results_folder(), "CSV rows are appended there, PNGs written")
     parser.add_argument("--quick", action="store_true", help="a few sizes, few repetitions")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: by suite and device)")
 

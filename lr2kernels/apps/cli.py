@@ -1,7 +1,8 @@
 """The ``lr2kernels`` command: ``info``, ``bench``, ``demo``, ``search``.
 
 Each command lives in its own module with a ``main(argv) -> exit code`` that parses the command's options; this
-module imports it only when the command runs (``lr2kernels --help`` imports no transformers, no matplotlib).
+module imports it only when the command runs (``lr2kernels --help`` and ``--version`` import no torch, no
+transformers, no matplotlib).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Sequence
+
+from lr2kernels._version import __version__
 
 COMMANDS = {  # name: (module, help)
     "info": ("lr2kernels.apps.info", "print versions, CUDA device and available backends"),
@@ -25,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LongRoPE2-style RoPE kernels.",
         epilog="`lr2kernels COMMAND --help` lists the options of a command.",
     )
+    parser.add_argument("--version", action="version", version=f"lr2kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)  # --help after COMMAND goes to the command

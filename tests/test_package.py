@@ -1,0 +1,44 @@
+"""The package's front door: lazy public names, and a command line whose --help and --version load no torch."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import lr2kernels
+
+
+def test_every_public_name_resolves_to_its_defining_module():
+    for name in lr2kernels.__all__:
+        value = getattr(lr2kernels, name)
+        if name != "__version__":
+            assert value is getattr(importlib.import_module(lr2kernels._EXPORTS[name]), name)
+    assert set(lr2kernels.__all__) <= set(dir(lr2kernels))
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    try:
+        lr2kernels.no_such_name  # noqa: B018
+    except AttributeError as error:
+        assert "no_such_name" in str(error)
+    else:
+        raise AssertionError("expected an AttributeError")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_version_and_help_import_no_torch():
+    for flag in ("--version", "--help"):
+        code = (
+            "import sys\n"
+            "from lr2kernels.apps.cli import main\n"
+            f"try:\n    main([{flag!r}])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)\n"
+        )
+        result = _run(code)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == "False", flag
+    assert lr2kernels.__version__ in _run("from lr2kernels.apps.cli import main; main(['--version'])").stdout

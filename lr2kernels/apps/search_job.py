@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -26,8 +27,8 @@ from lr2kernels.apps.common import (
 )
 from lr2kernels.search.critical import baseline_tables, critical_dimension
 from lr2kernels.search.evaluate import NeedleEvaluator
-from lr2kernels.search.evolution import SearchConfig, delete_log, evolutionary_search
-from lr2kernels.search.needle import needle_samples, read_texts
+from lr2kernels.search.evolution import SearchConfig, evolutionary_search, move_log_aside
+from lr2kernels.search.needle import needle_samples, package_text, read_texts
 from lr2kernels.search.outputs import plot_factors, save_hf_config
 from lr2kernels.search.space import SearchSpace
 from lr2kernels.tables import RopeTable
@@ -66,7 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mutation-prob", type=float, default=defaults.mutation_prob)
     parser.add_argument("--seed", type=int, default=0, help="seeds the needle samples and the search")
     add_out_option(parser, "lr2_search", "table, HF config, plot, summary; its log makes a rerun resume")
-    parser.add_argument("--fresh", action="store_true", help="discard the folder's log instead of resuming it")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: move the log aside (to <log>.old-<date>; nothing is deleted) instead of resuming it",
+    )
     add_device_option(parser)
     parser.add_argument(
         "--dtype",
@@ -117,6 +122,62 @@ def model_table_for(config, original_length: int | None) -> RopeTable:
     )
 
 
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the model's state_dict: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        data = tensor.cpu().contiguous().reshape(-1)
+        if data.numel():
+            digest.update(memoryview(data.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def _sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def samples_sha256(samples) -> str:
+    """sha256 over the needle samples' tokens, labels and answer positions (what the objective is computed on)."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        for tensor in (sample.input_ids, sample.labels):
+            digest.update(memoryview(tensor.detach().cpu().contiguous().to(torch.int64).numpy()))
+        digest.update(f"|{sample.answer_start}|{sample.answer}\n".encode())
+    return digest.hexdigest()
+
+
+def objective_fingerprint(args, model, dtype, device, model_table, target, length, text, samples) -> dict:
+    """Everything the needle loss of a table depends on, as named fields (recorded in the search log's header; a
+    rerun resumes the log only when every field is equal)."""
+    model_path = Path(args.model)
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _RUN_KEYS}
+    return {
+        "objective": "needle_loss",
+        "model": str(model_path.resolve()) if model_path.exists() else args.model,
+        "model_type": model.config.model_type,
+        "dtype": str(dtype),
+        "device": device.type,
+        "backend": args.backend or "auto",
+        "rule": "hf",
+        "model_config_sha256": _sha256_json(config),
+        "weights_sha256": weights_sha256(model),  # after dtype: a dtype change names dtype, not the hash
+        "target_length": target,
+        "model_table": model_table.to_dict(),
+        "samples": args.samples,
+        "eval_length": length,
+        "depth": args.depth,
+        "digits": args.digits,
+        "seed": args.seed,
+        "text_sha256": hashlib.sha256((package_text() if text is None else text).encode()).hexdigest(),
+        "samples_sha256": samples_sha256(samples),
+    }
+
+
+_RUN_KEYS = {"dtype", "torch_dtype", "transformers_version", "use_cache"}  # how it was loaded, not what it computes
+
+
 def run(args: argparse.Namespace) -> int:
     device, rank, world = _init_processes(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -132,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     text = read_texts(args.text) if args.text else None
     length = args.eval_length or target
     samples = needle_samples(tokenizer, length, args.samples, args.depth, args.seed, text, args.digits)
+    fingerprint = objective_fingerprint(args, model, dtype, device, model_table, target, length, text, samples)
     evaluator = NeedleEvaluator(model, samples, backend=args.backend)
     theory = critical_dimension(model_table.base, model_table.rotary_dim, original)
     say(f"lr2kernels search: {args.model} ({model.config.model_type}, {dtype}, {device}, {world} process(es)); "
@@ -142,10 +204,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     log_path = out / LOG_NAME
     if args.fresh and rank == 0:
-        delete_log(log_path)
+        moved = move_log_aside(log_path)
+        if moved is not None:
+            say(f"--fresh: moved the earlier log {log_path} aside to {moved} (with its shards); starting over")
     if world > 1:
         torch.distributed.barrier()
-    result = evolutionary_search(evaluator.loss, space, config, log_path=log_path, progress=not args.no_progress)
+    result = evolutionary_search(evaluator.loss, space, config, log_path=log_path, objective_fingerprint=fingerprint,
+                                 progress=not args.no_progress)  # fmt: skip
     if rank != 0:
         return 0
 

@@ -17,9 +17,9 @@ from lr2kernels.search.evolution import (
     SearchConfig,
     SearchLog,
     SearchResult,
-    delete_log,
     evolutionary_search,
     initial_population,
+    move_log_aside,
 )
 from lr2kernels.search.needle import (
     IGNORE_INDEX,
@@ -46,7 +46,7 @@ __all__ = [
     "SearchSpace",
     "baseline_tables",
     "critical_dimension",
-    "delete_log",
+    "move_log_aside",
     "evolutionary_search",
     "extension_table",
     "initial_population",

@@ -122,46 +122,159 @@ def _barrier(world: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- the log
-class SearchLog:
-    """A JSON-lines log: a header line (the search's space and config), then one line per evaluation.
+LOG_VERSION = 2  # 2: the header records the objective's fingerprint; 1 (no "version"): space and config only
 
-    Process ``r > 0`` of a distributed search writes ``<path>.rank<r>``; reading merges every shard. A line cut
-    short by a kill (the last of a file) is ignored; anything else unreadable is an error.
+_MISSING = "(not recorded)"
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    """A nested JSON value as ``{"a.b.c": leaf}`` (dict keys in their order), so a mismatch names one field."""
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flat(f"{prefix}.{key}", item))
+        return flat
+    return {prefix: value}
+
+
+def _first_difference(logged: dict[str, Any], wanted: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """(field, logged value, wanted value) of the first field that differs, None when all match."""
+    a, b = _flat("", logged), _flat("", wanted)
+    for key in [*b, *(k for k in a if k not in b)]:
+        if a.get(key, _MISSING) != b.get(key, _MISSING):
+            return key.lstrip("."), a.get(key, _MISSING), b.get(key, _MISSING)
+    return None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+_HOW_TO_PROCEED = (
+    "Its scores cannot be reused for this run, and it is left as it is. To keep it and start over, write to another "
+    "log (lr2kernels search: another --out), or move it aside with move_log_aside (lr2kernels search --fresh: it is "
+    "renamed, nothing is deleted); to resume it, rerun with the settings it was written for."
+)
+
+
+class SearchLog:
+    """A JSON-lines log: a header line, then one line per evaluation.
+
+    The header (``{"kind": "header", "format": LOG_FORMAT, "version": LOG_VERSION, "search": {"space", "config"},
+    "objective": fingerprint}``) says what the scores are of; a log is only resumed by a search with the same
+    search space, config and objective fingerprint (every field equal), and a log without a header is refused.
+
+    Process ``r > 0`` of a distributed search writes ``<path>.rank<r>``; reading merges every shard. A last line cut
+    short by a kill is ignored when reading and removed by :meth:`repair` before anything is appended after it.
+    Anything else unreadable is an error.
     """
 
-    def __init__(self, path: str | os.PathLike, header: dict[str, Any], rank: int) -> None:
-        self.path, self.header = Path(path), header
+    def __init__(
+        self, path: str | os.PathLike, header: dict[str, Any], rank: int, objective: dict[str, Any] | None = None
+    ) -> None:
+        self.path = Path(path)
+        # As they read back from the log's header (tuples become lists...).
+        self.header, self.objective = json.loads(json.dumps(header)), json.loads(json.dumps(objective))
         self.own = self.path if rank == 0 else self.path.with_name(f"{self.path.name}.rank{rank}")
         self._file = None
 
     def shards(self) -> list[Path]:
         return [self.path, *sorted(self.path.parent.glob(f"{self.path.name}.rank*"))]
 
+    def _check_header(self, shard: Path, record: Any) -> None:
+        if not isinstance(record, dict) or record.get("kind") != "header" or record.get("format") != LOG_FORMAT:
+            raise ValueError(
+                f"log: {shard} does not start with a search-log header line (its first line is not one), so what its "
+                f"scores are of cannot be checked. {_HOW_TO_PROCEED}"
+            )
+        version = record.get("version", 1)
+        if version not in (1, LOG_VERSION):
+            raise ValueError(f"log: {shard} has version {version!r}, this lr2kernels reads 1 and {LOG_VERSION}")
+        if version == 1 and self.objective is not None:
+            raise ValueError(
+                f"log: {shard} was written by an earlier lr2kernels that did not record the objective (model, "
+                f"weights, samples, dtype, backend...), so its scores cannot be matched safely to this run. "
+                f"{_HOW_TO_PROCEED}"
+            )
+        if (record.get("objective") is None) != (self.objective is None):
+            was, now = ("recorded", "not given") if self.objective is None else ("not recorded", "given")
+            raise ValueError(
+                f"log: {shard} was written for a different search: objective fingerprint {was} in the log, {now} in "
+                f"this run. {_HOW_TO_PROCEED}"
+            )
+        logged = {"search": record.get("search"), "objective": record.get("objective")}
+        wanted = {"search": self.header, "objective": self.objective}
+        difference = _first_difference(logged, wanted)
+        if difference is not None:
+            field, was, now = difference
+            raise ValueError(
+                f"log: {shard} was written for a different search: {field} is {_short(was)} in the log and "
+                f"{_short(now)} in this run. {_HOW_TO_PROCEED}"
+            )
+
     def read(self) -> dict[str, float]:
-        """Scores of the candidates already logged, by key."""
+        """Scores of the candidates already logged, by key (every shard's header checked against this search)."""
         scores: dict[str, float] = {}
         for shard in self.shards():
             if not shard.exists():
                 continue
-            lines = shard.read_text(encoding="utf-8").split("\n")
+            lines = shard.read_bytes().split(b"\n")
+            last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
+            header_seen = False
             for number, line in enumerate(lines):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    if number >= len(lines) - 2:  # the last line, cut short by a kill mid-write
+                    record = json.loads(line.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    if number == last:  # the last line, cut short by a kill mid-write (repair() removes it)
+                        continue
+                    if header_seen and line.startswith(b'{"kind": "evaluation"'):
+                        # A record cut by a kill that an earlier lr2kernels then appended after: skip it (that
+                        # evaluation runs again); the rest of the log is good.
+                        print(f"search log: line {number + 1} of {shard} is a record cut short by a kill; skipped, "
+                              "its evaluation runs again", file=sys.stderr, flush=True)  # fmt: skip
                         continue
                     raise ValueError(f"log: line {number + 1} of {shard} is not JSON") from None
-                if record.get("kind") == "header":
-                    if record["search"] != self.header:
-                        raise ValueError(
-                            f"log: {shard} was written by a different search (other model, target length, space or "
-                            "config); expected the same settings to resume, or a new output folder / --fresh"
-                        )
+                if not header_seen:
+                    self._check_header(shard, record)
+                    header_seen = True
                 elif record.get("kind") == "evaluation":
                     scores[record["key"]] = float(record["score"])
         return scores
+
+    def repair(self) -> list[Path]:
+        """Ends every shard after its last complete line: a last line cut short by a kill is removed (its
+        evaluation simply runs again), so records appended later start on a line of their own and the log stays
+        readable. Returns the shards repaired."""
+        repaired = []
+        for shard in self.shards():
+            if not shard.exists():
+                continue
+            data = shard.read_bytes()
+            if not data or data.endswith(b"\n"):
+                continue
+            cut = data.rfind(b"\n") + 1  # 0 when the only line was cut
+            tail = data[cut:]
+            try:
+                json.loads(tail.decode("utf-8"))
+                complete = True
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                complete = False
+            with open(shard, "r+b") as f:
+                if complete:  # a whole record short of its newline: end it
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
+                else:
+                    f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+            what = "ended a last line short of its newline" if complete else (
+                f"removed a last line cut short by a kill ({len(tail)} bytes; its evaluation runs again)")  # fmt: skip
+            print(f"search log: repaired {shard}: {what}", file=sys.stderr, flush=True)
+            repaired.append(shard)
+        return repaired
 
     def append(self, candidate: Candidate, score: float, generation: int) -> None:
         if self._file is None:
@@ -169,17 +282,11 @@ class SearchLog:
             self.own.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.own, "a", encoding="utf-8")  # noqa: SIM115 (kept open across appends; close())
             if fresh:
-                self._write({"kind": "header", "format": LOG_FORMAT, "search": self.header})
-            elif not self._ends_with_newline():
-                self._file.write("\n")  # end a line cut short by a kill, so the next record starts clean
+                self._write({"kind": "header", "format": LOG_FORMAT, "version": LOG_VERSION, "search": self.header,
+                             "objective": self.objective})  # fmt: skip
         record = {"kind": "evaluation", "key": candidate.key, "generation": generation, "score": score,
                   **candidate.to_dict(), "time": time.time()}  # fmt: skip
         self._write(record)
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.own, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -192,11 +299,27 @@ class SearchLog:
             self._file = None
 
 
-def delete_log(path: str | os.PathLike) -> None:
-    """Remove a search log and its per-process shards (a fresh start)."""
+def move_log_aside(path: str | os.PathLike) -> Path | None:
+    """Moves a search log and its per-process shards aside (a fresh start that deletes nothing).
+
+    ``<path>`` becomes ``<path>.old-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... appended if taken) and each shard
+    ``<path>.rank<r>`` becomes ``<that name>.rank<r>``, next to it: together they are a log that a search given the
+    new name resumes. Returns the new name of the log, None when there was nothing to move.
+    """
     path = Path(path)
-    for shard in [path, *path.parent.glob(f"{path.name}.rank*")]:
-        shard.unlink(missing_ok=True)
+    shards = [s for s in [path, *sorted(path.parent.glob(f"{path.name}.rank*"))] if s.exists()]
+    if not shards:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 10_000):
+        backup = path.with_name(f"{path.name}.old-{stamp}" + (f"-{attempt}" if attempt > 1 else ""))
+        if not backup.exists() and not any(backup.parent.glob(f"{backup.name}.rank*")):
+            break
+    else:
+        raise FileExistsError(f"log: no free backup name next to {path}")
+    for shard in shards:
+        shard.rename(backup.with_name(backup.name + shard.name[len(path.name) :]))
+    return backup
 
 
 # ---------------------------------------------------------------------------------------------------- progress
@@ -311,6 +434,7 @@ def evolutionary_search(
     config: SearchConfig | None = None,
     *,
     log_path: str | os.PathLike | None = None,
+    objective_fingerprint: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> SearchResult:
     """LongRoPE2's evolutionary search for the long factors that minimise ``objective``.
@@ -326,7 +450,14 @@ def evolutionary_search(
         space: the search space (:meth:`SearchSpace.for_table`).
         config: budget, moves and seed.
         log_path: a JSON-lines log written after every evaluation. If it exists (from an interrupted run of the
-            same search), its scores are reused and the search continues where it stopped.
+            same search), its scores are reused and the search continues where it stopped; a log of another search
+            (other space, config or ``objective_fingerprint``; or one without a header) is refused with a
+            ValueError naming the first field that differs, and left untouched. A last line cut short by a kill is
+            removed before anything is appended (that evaluation runs again).
+        objective_fingerprint: what the objective's scores depend on, as a JSON-able dict of named fields (e.g.
+            model, a hash of its weights, dtype, the evaluation data); recorded in the log's header and required
+            to be equal, field by field, to resume it. None: the objective is not checked (only a log written
+            without a fingerprint is then resumed).
         progress: print a progress bar with the best score so far (first process only).
 
     When torch.distributed is initialised, every process must call this with the same arguments: each evaluates
@@ -339,10 +470,21 @@ def evolutionary_search(
         raise TypeError(f"config: expected a SearchConfig, got {type(config).__name__}")
     start = time.perf_counter()
     rank, world = _process_group()
+    if objective_fingerprint is not None:
+        if not isinstance(objective_fingerprint, dict):
+            kind = type(objective_fingerprint).__name__
+            raise TypeError(f"objective_fingerprint: expected a dict or None, got {kind}")
+        try:
+            json.dumps(objective_fingerprint, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"objective_fingerprint: expected a JSON-able dict ({error})") from None
     header = {"space": space.to_dict(), "config": dataclasses.asdict(config)}
-    log = None if log_path is None else SearchLog(log_path, header, rank)
-    logged = {} if log is None else log.read()
-    _barrier(world)  # every process has read the log before any appends to it
+    log = None if log_path is None else SearchLog(log_path, header, rank, objective_fingerprint)
+    logged = {} if log is None else log.read()  # refuses a log of another search (identically in every process)
+    _barrier(world)  # every process has read the log...
+    if log is not None and rank == 0:
+        log.repair()  # ...before a cut last line is removed from it...
+    _barrier(world)  # ...and before anything is appended to it
     bar = _Progress(config.budget, progress and rank == 0)
     scores = _Scores(objective, space, logged, log, rank, world, bar)
     rng = random.Random(config.seed)

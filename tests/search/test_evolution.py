@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lr2kernels.search import SearchConfig, SearchLog, delete_log, evolutionary_search
+from lr2kernels.search import SearchConfig, SearchLog, evolutionary_search, move_log_aside
 from tests.search import search_worker, synthetic
 from tests.search.conftest import free_port
 
@@ -17,9 +17,11 @@ WORKER = Path(search_worker.__file__)
 CONFIG = SearchConfig(**search_worker.CONFIG)
 
 
-def run(config=CONFIG, log_path=None, objective=None):
+def run(config=CONFIG, log_path=None, objective=None, fingerprint=None):
     objective = objective or synthetic.Distance()
-    return evolutionary_search(objective, synthetic.space(), config, log_path=log_path), objective
+    result = evolutionary_search(objective, synthetic.space(), config, log_path=log_path,
+                                 objective_fingerprint=fingerprint)  # fmt: skip
+    return result, objective
 
 
 def test_converges_near_a_known_optimum():
@@ -74,27 +76,124 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_search(tmp_path, k
     assert objective.calls == 0 and third.best == whole.best
 
 
-def test_a_line_cut_short_by_a_kill_is_ignored(tmp_path):
+@pytest.mark.parametrize(
+    "cut",
+    ['{"kind": "evaluation", "key": "[20, [4.0', '{"kind": "evalu\u00e9'.encode("utf-8")[:-1].decode("latin-1"), "{"],
+)
+def test_a_line_cut_short_by_a_kill_is_repaired_and_the_log_resumed_twice(tmp_path, capsys, cut):
     log = tmp_path / "log.jsonl"
     with pytest.raises(Killed):
         run(log_path=log, objective=DiesAfter(5))
-    with open(log, "a") as f:
-        f.write('{"kind": "evaluation", "key": "[20, [4.0')  # the process died mid-write
-    resumed, objective = run(log_path=log)
+    with open(log, "a", encoding="latin-1") as f:
+        f.write(cut)  # the process died mid-write
     whole, _ = run()
-    assert resumed.reused == 5 and resumed.best == whole.best
-    lines = log.read_text().splitlines()
-    assert all(json.loads(line) for line in lines[:5] + lines[7:])  # later records start on a fresh line
+    resumed, objective = run(log_path=log)
+    assert "repaired" in capsys.readouterr().err
+    assert resumed.reused == 5 and objective.calls == whole.evaluations - 5  # the cut evaluation ran again
+    assert resumed.log == whole.log and resumed.best == whole.best and resumed.history == whole.history
+    text = log.read_text()
+    assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())  # no cut line left
+    assert len(text.splitlines()) == 1 + whole.evaluations
+    again, objective = run(log_path=log)  # the rerun that used to fail
+    assert objective.calls == 0 and again.log == whole.log and again.best == whole.best
 
 
-def test_a_log_of_another_search_is_refused(tmp_path):
+def test_a_cut_header_and_a_record_short_of_its_newline_are_repaired(tmp_path):
     log = tmp_path / "log.jsonl"
-    run(config=SearchConfig(population=4, parents=2, mutations=1, crossovers=1, iterations=1), log_path=log)
-    with pytest.raises(ValueError, match="different search"):
+    log.write_text('{"kind": "header", "form')  # killed while writing the header
+    whole, _ = run()
+    assert run(log_path=log)[0].log == whole.log
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:4]) + lines[4].rstrip("\n"))  # a whole record, killed before its newline
+    resumed, objective = run(log_path=log)
+    assert resumed.reused == 4 and objective.calls == whole.evaluations - 4 and resumed.log == whole.log
+    assert all(json.loads(line) for line in log.read_text().splitlines())
+    assert run(log_path=log)[1].calls == 0
+
+
+def test_a_log_an_earlier_version_appended_after_a_cut_line_still_resumes(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    with pytest.raises(Killed):
+        run(log_path=log, objective=DiesAfter(6))
+    lines = log.read_text().splitlines(keepends=True)
+    lines[3] = lines[3][:30] + "\n"  # the old append-after-a-cut-line damage: a cut record mid-log
+    log.write_text("".join(lines))
+    resumed, objective = run(log_path=log)
+    assert "cut short" in capsys.readouterr().err
+    assert resumed.reused == 5 and resumed.log == run()[0].log
+
+
+def _fingerprint(**changes):
+    return {"model": "tiny", "weights_sha256": "ab" * 32, "samples": 2, "eval_length": 320, **changes}
+
+
+@pytest.mark.parametrize(
+    "field,changes",
+    [("model", dict(model="other")), ("weights_sha256", dict(weights_sha256="cd" * 32)), ("samples", dict(samples=3)),
+     ("eval_length", dict(eval_length=None)), ("dtype", dict(dtype="bfloat16"))],
+)  # fmt: skip
+def test_a_log_of_another_objective_is_refused_naming_the_field(tmp_path, field, changes):
+    log = tmp_path / "log.jsonl"
+    with pytest.raises(Killed):
+        run(log_path=log, objective=DiesAfter(7), fingerprint=_fingerprint())
+    before = log.read_bytes()
+    with pytest.raises(ValueError, match=rf"objective\.{field} is .* in the log and .* in this run") as error:
+        run(log_path=log, fingerprint=_fingerprint(**changes))
+    assert str(log) in str(error.value) and "--fresh" in str(error.value) and "nothing is deleted" in str(error.value)
+    assert log.read_bytes() == before  # refused logs are left as they are
+    with pytest.raises(ValueError, match="objective fingerprint recorded in the log, not given"):
         run(log_path=log)
-    delete_log(log)
-    assert not log.exists()
-    run(config=SearchConfig(population=4, parents=2, mutations=1, crossovers=1, iterations=1), log_path=log)
+    resumed, objective = run(log_path=log, fingerprint=_fingerprint())  # the right objective resumes it
+    assert resumed.reused == 7 and resumed.log == run()[0].log
+
+
+def test_a_log_without_its_header_is_refused(tmp_path):
+    log = tmp_path / "log.jsonl"
+    with pytest.raises(Killed):
+        run(log_path=log, objective=DiesAfter(4), fingerprint=_fingerprint())
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[1:]))  # the header line removed
+    for fingerprint in (_fingerprint(), None):
+        with pytest.raises(ValueError, match="does not start with a search-log header"):
+            run(log_path=log, fingerprint=fingerprint)
+    log.write_text("".join(lines))
+    Path(f"{log}.rank1").write_text(lines[2])  # a shard without a header
+    with pytest.raises(ValueError, match=r"log\.jsonl\.rank1 does not start with a search-log header"):
+        run(log_path=log, fingerprint=_fingerprint())
+
+
+def test_a_log_of_an_earlier_version_resumes_only_without_a_fingerprint(tmp_path):
+    log = tmp_path / "log.jsonl"
+    with pytest.raises(Killed):
+        run(log_path=log, objective=DiesAfter(4))
+    lines = log.read_text().splitlines(keepends=True)
+    header = json.loads(lines[0])
+    del header["version"], header["objective"]  # what lr2kernels wrote before the objective was recorded
+    log.write_text(json.dumps(header) + "\n" + "".join(lines[1:]))
+    with pytest.raises(ValueError, match="earlier lr2kernels that did not record the objective"):
+        run(log_path=log, fingerprint=_fingerprint())
+    resumed, _ = run(log_path=log)  # nothing to match but the space and config, as before
+    assert resumed.reused == 4
+
+
+def test_a_log_of_another_search_is_refused_and_moved_aside_not_deleted(tmp_path):
+    log = tmp_path / "log.jsonl"
+    small = SearchConfig(population=4, parents=2, mutations=1, crossovers=1, iterations=1)
+    run(config=small, log_path=log)
+    with pytest.raises(ValueError, match=r"different search: search\.config\.population is 4 in the log and 12"):
+        run(log_path=log)
+    Path(f"{log}.rank1").write_text("shard\n")
+    before = log.read_bytes()
+    moved = move_log_aside(log)
+    assert moved.parent == tmp_path and moved.name.startswith("log.jsonl.old-")
+    assert not log.exists() and not Path(f"{log}.rank1").exists()
+    assert moved.read_bytes() == before and Path(f"{moved}.rank1").read_text() == "shard\n"
+    run(config=small, log_path=log)
+    second = move_log_aside(log)
+    assert second != moved and moved.exists() and second.exists()  # the first backup is kept
+    assert move_log_aside(log) is None  # nothing left to move
+    Path(f"{moved}.rank1").unlink()
+    assert run(config=small, log_path=moved)[1].calls == 0  # a moved-aside log still resumes under its new name
 
 
 def test_nan_scores_rank_last():
@@ -123,6 +222,10 @@ def test_bad_config(kwargs, name):
 
 
 def test_bad_arguments():
+    with pytest.raises(TypeError, match="objective_fingerprint"):
+        evolutionary_search(synthetic.Distance(), synthetic.space(), CONFIG, objective_fingerprint=["x"])
+    with pytest.raises(TypeError, match="objective_fingerprint"):
+        evolutionary_search(synthetic.Distance(), synthetic.space(), CONFIG, objective_fingerprint={"x": object()})
     with pytest.raises(TypeError, match="space"):
         evolutionary_search(synthetic.Distance(), "space", CONFIG)
     with pytest.raises(TypeError, match="config"):

@@ -3,6 +3,7 @@ the outputs, the config transformers loads, resuming from the folder's log, and 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,8 +62,83 @@ def test_search_writes_a_table_a_config_transformers_loads_and_a_plot(model_dir,
     assert again["reused_from_log"] == again["evaluations"] == summary["evaluations"]
     assert lr2.RopeTable.load(out / "table.json") == table
     # Another target cannot reuse that log.
-    with pytest.raises(ValueError, match="different search"):
+    with pytest.raises(ValueError, match="different search: search.space.target_length is 512 in the log and 1024"):
         main(["search", "--model", str(model_dir), "--out", str(out), *ARGS, "--target-length", "1024"])
+
+
+@pytest.fixture(scope="module")
+def logged_search(model_dir, tmp_path_factory):
+    """An output folder of a finished search (its log) on ``model_dir``."""
+    out = tmp_path_factory.mktemp("logged") / "out"
+    assert main(["search", "--model", str(model_dir), "--out", str(out), *ARGS]) == 0
+    return out
+
+
+def _copy(out: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "out"
+    copy.mkdir()
+    shutil.copy(out / "search_log.jsonl", copy / "search_log.jsonl")
+    return copy
+
+
+@pytest.mark.parametrize(
+    "option,field",
+    [(["--samples", "3"], "samples"), (["--eval-length", "300"], "eval_length"), (["--depth", "0.3"], "depth"),
+     (["--digits", "5"], "digits"), (["--text", "OTHER"], "text_sha256"), (["--dtype", "bfloat16"], "dtype"),
+     (["--backend", "torch"], "backend")],
+)  # fmt: skip
+def test_a_log_of_another_objective_is_refused_naming_the_option(logged_search, tmp_path, capsys, option, field):
+    out = _copy(logged_search, tmp_path)
+    before = (out / "search_log.jsonl").read_bytes()
+    if option[0] == "--text":
+        (tmp_path / "other.txt").write_text("Another filler text, about nothing in particular at all. " * 60)
+        option = ["--text", str(tmp_path / "other.txt")]
+    args = ["search", "--model", _model_of(logged_search), "--out", str(out), *ARGS, *option]
+    with pytest.raises(ValueError, match=rf"different search: objective\.{field} is .* in the log") as error:
+        main(args)
+    assert "--fresh" in str(error.value) and str(out / "search_log.jsonl") in str(error.value)
+    assert (out / "search_log.jsonl").read_bytes() == before  # refused, untouched
+    # --fresh starts over and keeps the old log, renamed next to it.
+    assert main([*args, "--fresh"]) == 0
+    assert "moved the earlier log" in capsys.readouterr().out
+    (backup,) = out.glob("search_log.jsonl.old-*")
+    assert backup.read_bytes() == before
+    assert json.loads((out / "summary.json").read_text())["reused_from_log"] == 0
+
+
+def _model_of(out: Path) -> str:
+    return json.loads((out / "summary.json").read_text())["model"]
+
+
+def test_changed_weights_are_refused(tokenizer, tmp_path):
+    from tests.search.conftest import tiny_llama
+
+    folder, out = tmp_path / "model", tmp_path / "out"
+    model = tiny_llama(len(tokenizer), max_position=256, seed=2)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert main(["search", "--model", str(folder), "--out", str(out), *ARGS]) == 0
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3  # one parameter, same path, same config
+    model.save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"objective\.weights_sha256 is '[0-9a-f]{64}' in the log and '[0-9a-f]{64}'"):
+        main(["search", "--model", str(folder), "--out", str(out), *ARGS])
+
+
+def test_a_log_cut_by_a_kill_resumes_twice_through_the_cli(logged_search, tmp_path, capsys):
+    out = _copy(logged_search, tmp_path)
+    lines = (out / "search_log.jsonl").read_text().splitlines(keepends=True)
+    (out / "search_log.jsonl").write_text("".join(lines[:4]) + lines[4][:40])  # killed mid-write
+    args = ["search", "--model", _model_of(logged_search), "--out", str(out), *ARGS]
+    assert main(args) == 0
+    assert "repaired" in capsys.readouterr().err
+    first = json.loads((out / "summary.json").read_text())
+    assert first["reused_from_log"] == 3
+    assert main(args) == 0
+    second = json.loads((out / "summary.json").read_text())
+    assert second["reused_from_log"] == second["evaluations"] == first["evaluations"]
+    expected = json.loads((logged_search / "summary.json").read_text())
+    assert second["history"] == expected["history"] and second["critical_dim"] == expected["critical_dim"]
 
 
 def test_hf_config_dict_rejects_a_plain_table():

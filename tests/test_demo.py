@@ -34,7 +34,7 @@ def quick_demo() -> subprocess.CompletedProcess:
         [sys.executable, "-m", "lr2kernels", "demo", "--quick", "--device", "cpu"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,  # a guard against a hang, not a race: the run takes 1-5 minutes with the machine's load
         cwd=ROOT,
         env=env,
     )

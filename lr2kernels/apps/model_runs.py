@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 from collections.abc import Iterator
 
 import torch
 
 from lr2kernels import patch, unpatch
 from lr2kernels.apps.common import timed
+from lr2kernels.hf.models import cache_kwargs, output_cache
 from lr2kernels.search.needle import package_text
 from lr2kernels.tables import RopeTable
 
@@ -26,16 +26,10 @@ def text_ids(tokenizer, length: int, device: torch.device) -> torch.Tensor:
     return ids[:length][None].to(device)
 
 
-def cache_of(out):
-    """The KV cache of a model output (``cache`` in transformers >= 5.24, ``past_key_values`` before)."""
-    names = {field.name for field in dataclasses.fields(out)}
-    return out.cache if "cache" in names else out.past_key_values
-
-
 def last_logits(model, ids: torch.Tensor, cache=None, use_cache: bool = False) -> tuple[torch.Tensor, object]:
     """(fp32 logits of the last position, the cache) of one forward (a 4K-token prompt's full logits take 0.8 GB)."""
-    out = model(ids, cache=cache, use_cache=use_cache or cache is not None, logits_to_keep=1)
-    return out.logits[:, -1].float(), cache_of(out)
+    out = model(ids, use_cache=use_cache or cache is not None, logits_to_keep=1, **cache_kwargs(model, cache))
+    return out.logits[:, -1].float(), output_cache(out)
 
 
 @contextlib.contextmanager

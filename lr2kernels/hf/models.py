@@ -5,7 +5,9 @@ Nothing is ever fetched from a hub: ``HF_HUB_OFFLINE=1`` is set before transform
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -89,3 +91,19 @@ def small_l0_table(config: Any, original_max_position: int) -> RopeTable:
     return RopeTable.longrope(
         **shape, short_factor=[1.0] * (base.rotary_dim // 2), long_factor=RopeTable.yarn(**shape).long_factor
     )
+
+
+def cache_kwargs(model: torch.nn.Module, cache: object) -> dict[str, object]:
+    """``{name: cache}`` for passing a KV cache to ``model(...)`` under the name this transformers reads.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache``; earlier versions ignore an unknown ``cache=``
+    without a word and run the step with no cache at all, so the name is taken from the model's own signature.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in parameters else {"past_key_values": cache}
+
+
+def output_cache(out: object) -> object:
+    """The KV cache of a model output: ``out.cache`` (transformers >= 5.24) or ``out.past_key_values``."""
+    names = {field.name for field in dataclasses.fields(out)}
+    return out.cache if "cache" in names else out.past_key_values

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lr2kernels.hf.models import cache_kwargs, output_cache
 from lr2kernels.hf.patch import patch
 from lr2kernels.search.needle import IGNORE_INDEX, NeedleSample
 from lr2kernels.tables import RopeTable
@@ -163,7 +164,8 @@ class PasskeyEvaluator(_PatchedModel):
             generated.append(token)
             if step + 1 < steps:
                 step_ids = torch.tensor([[token]], device=self.device)
-                out = self.model(input_ids=step_ids, cache=out.past_key_values, use_cache=True)
+                cache = cache_kwargs(self.model, output_cache(out))
+                out = self.model(input_ids=step_ids, use_cache=True, **cache)
         return generated
 
     def answers(self, table: RopeTable) -> list[tuple[bool, list[int]]]:

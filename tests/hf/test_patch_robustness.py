@@ -92,3 +92,23 @@ def test_a_table_of_another_rotary_width_is_refused_at_patch_time():
     with pytest.raises(ValueError, match=r"table.rotary_dim: expected the model's rotary width 16 .*got 8"):
         lr2.patch(model, table=partial)
     assert not is_patched(model)
+
+
+def test_the_cache_goes_under_the_name_this_transformers_reads():
+    # transformers < 5.24 silently ignores cache= (and runs the step without a cache): take the name from the
+    # model's signature.
+    from lr2kernels.hf.models import cache_kwargs, output_cache
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return input_ids
+
+    assert cache_kwargs(Older(), "kv") == {"past_key_values": "kv"}
+    model = tiny_model("llama")
+    assert cache_kwargs(model, "kv") == {"cache": "kv"}
+    ids = _ids(1, 12)
+    with torch.no_grad():
+        out = model(ids[:, :10], use_cache=True)
+        step = model(ids[:, 10:], use_cache=True, **cache_kwargs(model, output_cache(out))).logits[:, -1]
+        full = model(ids).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)  # the step really used the cache

@@ -24,8 +24,8 @@ from lr2kernels.apps.common import (
     median_seconds,
     timed,
 )
-from lr2kernels.apps.model_runs import cache_of, patched, prefill_and_decode, stock_and_patched_rounds, text_ids
-from lr2kernels.hf.models import small_l0_table
+from lr2kernels.apps.model_runs import patched, prefill_and_decode, stock_and_patched_rounds, text_ids
+from lr2kernels.hf.models import cache_kwargs, output_cache, small_l0_table
 
 PROVIDERS = {"stock": "stock-hf", "patched": "lr2-patched"}
 
@@ -70,8 +70,8 @@ def _boundary(model, tokenizer, device, length, reps, add) -> None:
     """First token past L0 = length: stock re-runs all length + 1 tokens; patched takes one cached step."""
     ids = text_ids(tokenizer, length + 1, device)
     with torch.no_grad(), patched(model, table=small_l0_table(model.config, length)):
-        cache = cache_of(model(ids[:, :length], use_cache=True))
-        step = lambda: model(ids[:, length:], cache=copy.deepcopy(cache), use_cache=True)  # noqa: E731
+        cache = output_cache(model(ids[:, :length], use_cache=True))
+        step = lambda: model(ids[:, length:], use_cache=True, **cache_kwargs(model, copy.deepcopy(cache)))  # noqa: E731
         re_prefill = lambda: model(ids)  # noqa: E731  (what stock Phi3's generate does at the boundary)
         step(), re_prefill()
         step_s, prefill_s = median_seconds(step, device, reps), median_seconds(re_prefill, device, reps)

@@ -243,8 +243,55 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every argument, the device and the output folder, checked before anything is loaded: a bad one stops the
+    job in a second with a usage error naming it, not after the model has loaded or the first evaluation ran."""
+    positive = ("target_length", "original_length", "eval_length", "samples", "digits")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
+    if args.critical_window < 0:
+        parser.error(f"--critical-window: expected a number of pairs >= 0, got {args.critical_window}")
+    if args.critical_dim is not None and args.critical_dim < 0:
+        parser.error(f"--critical-dim: expected a pair index >= 0, got {args.critical_dim}")
+    if not 0.0 <= args.depth <= 1.0:
+        parser.error(f"--depth: expected a fraction of the filler in [0, 1], got {args.depth}")
+    try:
+        SearchConfig(population=args.population, parents=args.parents, mutations=args.mutations,
+                     crossovers=args.crossovers, iterations=args.iterations, mutation_prob=args.mutation_prob,
+                     seed=args.seed)  # fmt: skip
+    except ValueError as error:
+        parser.error(f"--{str(error).replace('_', '-')}")
+    for path in args.text or ():
+        if not Path(path).is_file():
+            parser.error(f"--text: expected a readable text file, got {path!r} (no such file)")
+    if args.model != "smollm2" and not Path(args.model).exists():
+        parser.error(f"--model: expected 'smollm2', a local HF model folder or a .gguf file, got {args.model!r}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device: expected cpu or cuda, got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device: {args.device!r} asked for, but torch {torch.__version__} sees no CUDA device")
+    if args.backend is not None and args.backend not in ("torch", "triton", "cuda"):
+        parser.error(f"--backend: expected torch, triton or cuda, got {args.backend!r}")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        parser.error(f"--out: expected a folder the search can write its log and results to, got {args.out!r} "
+                     f"({error.strerror or error})")  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``lr2kernels search`` (also under ``torchrun -m lr2kernels search``)."""
     parser = argparse.ArgumentParser(prog="lr2kernels search", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    return run(args)

@@ -3,6 +3,7 @@ the outputs, the config transformers loads, resuming from the folder's log, and 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -162,3 +163,40 @@ def test_torchrun_two_processes_give_the_one_process_table(model_dir, tmp_path):
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2
     assert (two / "search_log.jsonl.rank1").exists()  # the second process evaluated (and logged) its share
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--samples", "0"], "--samples: expected a positive number, got 0"),
+        (["--depth", "1.5"], r"--depth: expected a fraction of the filler in \[0, 1\], got 1.5"),
+        (["--population", "0"], "--population: expected a positive integer, got 0"),
+        (["--mutation-prob", "0"], r"--mutation-prob: expected a probability in \(0, 1\]"),
+        (["--text", "/no/such/file.txt"], "--text: expected a readable text file, got '/no/such/file.txt'"),
+        (["--model", "/no/such/model"], "--model: expected 'smollm2', a local HF model folder or a .gguf file"),
+        (["--backend", "tpu"], "--backend: expected torch, triton or cuda, got 'tpu'"),
+        (["--device", "cuda"], "--device: 'cuda' asked for, but torch .* sees no CUDA device"),
+    ],
+    ids=["samples", "depth", "population", "mutation-prob", "text", "model", "backend", "device"],
+)
+def test_bad_arguments_stop_before_anything_loads(tmp_path, monkeypatch, capsys, arguments, message):
+    from lr2kernels.apps import search_job
+
+    if arguments[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(search_job, "load_model_quietly", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        search_job.main([*arguments, "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_an_unwritable_out_folder_stops_before_anything_loads(tmp_path, monkeypatch, capsys):
+    from lr2kernels.apps import search_job
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(search_job, "load_model_quietly", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit):
+        search_job.main(["--out", str(blocker / "out")])
+    assert "--out: expected a folder the search can write its log and results to" in capsys.readouterr().err

@@ -7,8 +7,8 @@ themselves, so no Python object rides on an autograd context and CUDA graphs can
 
 Table arguments, prepared by :mod:`lr2kernels.ops.fused`: ``inv_freq`` ``[2, rotary_dim // 2]`` fp32 (row 0 short,
 row 1 long), ``is_long`` ``[num_seqs]`` int32 flags, ``attention_short`` / ``attention_long`` the two attention
-factors; ``position_ids`` int32 or None, ``cu_seqlens`` int32 or None (dense), ``max_seqlen`` the dense length or the
-longest varlen sequence.
+factors; ``position_ids`` integer or None, ``cu_seqlens`` int32/int64 or None (dense), ``max_seqlen`` the dense
+length or the longest varlen sequence.
 """
 
 # No `from __future__ import annotations`: torch.library reads the annotations to infer each op's schema.

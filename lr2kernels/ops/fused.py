@@ -15,10 +15,6 @@ from lr2kernels.ops.calls import AttentionCall, DecodeCall, RerotateCall, RopeCa
 from lr2kernels.tables import RopeTable
 
 
-def _int32(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.to(torch.int32).contiguous()
-
-
 def _max_seqlen(call: RopeCall | AttentionCall, given: int | None) -> int:
     """The dense length, or the longest varlen sequence (given, else read from cu_seqlens: a host read)."""
     if call.cu_seqlens is None:
@@ -44,11 +40,11 @@ class FusedBackend:
         raise NotImplementedError
 
     def _sequence_args(self, call: RopeCall | AttentionCall, max_seqlen: int) -> tuple:
-        position_ids, cu_seqlens = _int32(call.position_ids), _int32(call.cu_seqlens)
+        # Positions and offsets go as given: the launchers take them to int32 themselves.
         is_long = rotary.sequence_is_long(
             call.table, call.batch, max_seqlen, call.position_ids, call.cu_seqlens, call.long, call.device
         )
-        return is_long, position_ids, cu_seqlens
+        return is_long, call.position_ids, call.cu_seqlens
 
     def apply_rope(self, call: RopeCall) -> tuple[torch.Tensor, torch.Tensor]:
         max_seqlen = _max_seqlen(call, None)
@@ -77,9 +73,9 @@ class FusedBackend:
         )  # fmt: skip
 
     def rerotate(self, call: RerotateCall) -> torch.Tensor:
-        table = call.table
-        inv_freq = rotary.inv_freq_pair(table, call.device).contiguous()
-        scale = table.attention_factor_for(call.to_long) / table.attention_factor_for(call.from_long)
+        inv_freq, attention_short, attention_long = _table_args(call.table, call.device)
+        attention = {False: attention_short, True: attention_long}
+        scale = attention[call.to_long] / attention[call.from_long]
         return torch.ops.lr2kernels.rerotate(
-            call.k, inv_freq, _int32(call.position_ids), call.from_long, call.to_long, scale, False, self.NAME
+            call.k, inv_freq, call.position_ids, call.from_long, call.to_long, scale, False, self.NAME
         )

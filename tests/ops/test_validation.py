@@ -140,3 +140,21 @@ def test_decode_in_the_old_argument_order_says_how_to_call_it():
     q, k_cache, v_cache = torch.randn(1, 4, 1, 64), torch.zeros(1, 2, 16, 64), torch.zeros(1, 2, 16, 64)
     with pytest.raises(TypeError, match=r"the table comes fourth and cache_seqlens is keyword-only"):
         lr2.rope_decode(q, k_cache, v_cache, torch.tensor([3]), cache_seqlens=TABLE)
+
+
+def test_value_checks_modes():
+    # "auto" checks host tensors; "never" skips the value checks (shape checks still run); bad modes are named.
+    q, k, v = torch.randn(10, 4, 64), torch.randn(10, 2, 64), torch.randn(10, 2, 64)
+    decreasing = torch.tensor([0, 6, 4, 10])
+    with pytest.raises(ValueError, match="cu_seqlens: expected non-decreasing offsets"):
+        lr2.rope_attention(q, k, v, TABLE, cu_seqlens=decreasing, backend="torch")
+    previous = lr2.set_value_checks("never")
+    try:
+        assert previous == "auto"
+        lr2.apply_rope(q, k, TABLE, cu_seqlens=decreasing, backend="torch")  # not checked: the caller's promise
+        with pytest.raises(ValueError, match="cu_seqlens: expected a 1-D int32/int64 tensor"):
+            lr2.apply_rope(q, k, TABLE, cu_seqlens=decreasing.float(), backend="torch")
+    finally:
+        lr2.set_value_checks(previous)
+    with pytest.raises(ValueError, match=r"mode: expected one of \['auto', 'always', 'never'\], got 'sometimes'"):
+        lr2.set_value_checks("sometimes")

@@ -7,6 +7,7 @@ ops run as ``torch.ops.lr2kernels.*`` custom ops (:mod:`lr2kernels.ops.custom_op
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import types
@@ -50,7 +51,8 @@ class TritonBackend(FusedBackend):
             return False, "Triton's interpreter computes bf16 tl.dot wrongly: bf16 attention needs a GPU"
         return True, ""
 
-    def launchers(self) -> types.SimpleNamespace:
+    @functools.cached_property
+    def _launchers(self) -> types.SimpleNamespace:
         from lr2kernels.ops.triton import attention, decode, rope
 
         return types.SimpleNamespace(
@@ -60,6 +62,9 @@ class TritonBackend(FusedBackend):
             rerotate=rope.rerotate,
             rope_decode=decode.rope_decode,
         )
+
+    def launchers(self) -> types.SimpleNamespace:
+        return self._launchers  # the kernel modules are imported on the first launch, once
 
 
 BACKEND = TritonBackend()

@@ -2,106 +2,116 @@
 
 It is registered in transformers' ``AttentionInterface`` under :data:`ATTENTION_NAME`. A patched model's rotary
 module returns the identity rotation (cos 1, sin 0), so its attention layers hand this function PRE-RoPE queries and
-store PRE-RoPE keys in the KV cache; this function rotates both with the table the whole sequence needs now. That
-is why crossing L0 during generation costs nothing: the next step simply rotates with the long table.
+store PRE-RoPE keys in the KV cache; this function rotates both, each at its own position (known from
+:mod:`lr2kernels.hf.positions`, never inferred), with the table the sequence needs now.
 
 Which table: by default HF's rule, for the whole batch: long iff max(position_ids) + 1 > L0, i.e. what a full
-forward over the sequence so far would use; or, with ``patch(model, rule="position")``, each token by its own
-position (see :func:`rope_attention_forward`). Fast paths: no mask (causal, no padding) -> the fused
-``rope_attention`` (prefill, training) or ``rope_decode`` (cached steps). Anything else (padding masks, sliding
-windows, dropout, static caches) -> rotate with the table, then transformers' own SDPA attention with its mask.
+forward over the sequence so far uses; or, with ``patch(model, rule="position")``, each token by its own position
+(see :func:`rope_attention_forward`). Packed rows (positions restarting at 0 inside a row, no mask) use one table
+per sequence, by that sequence's length, as each sequence run alone would.
+
+Paths: no mask, keys at 0..T-1 -> the fused ``rope_attention`` (prefill, training) or ``rope_decode`` (cached
+steps); packed rows -> the fused varlen ``rope_attention``; attention maps requested from a model whose
+implementation is eager -> rotate, then transformers' eager attention (which returns the maps); anything else
+(padding, masks with holes, static and sliding caches, dropout) -> rotate, then transformers' SDPA with its mask.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
+from lr2kernels.hf.positions import ForwardFacts
 from lr2kernels.ops import rope_attention, rope_decode, rotary
 from lr2kernels.tables import RopeTable
 
 ATTENTION_NAME = "lr2kernels"
 
 
-def _key_positions(position_ids: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """``[B, T]`` positions of the cached keys, from the queries' positions ``[B, L]``.
-
-    The newest query sits at cache index T - 1; a row whose position there is lower (left padding) is shifted by
-    the difference. Padding slots get negative positions, clamped to 0: the mask hides them anyway.
-    """
-    offset = (num_keys - 1) - position_ids[:, -1:]  # [B, 1]
-    return (torch.arange(num_keys, device=position_ids.device)[None, :] - offset).clamp_min(0)
-
-
-def _rotate(x: torch.Tensor, table: RopeTable, positions: torch.Tensor, long: bool) -> torch.Tensor:
+def _rotate(x: torch.Tensor, table: RopeTable, positions: torch.Tensor, long) -> torch.Tensor:
+    """x ``[B, H, L, D]`` rotated at positions ``[B, L]``; ``long``: a bool, or ``[B, L]`` bools per token."""
     cos, sin = rotary.token_cos_sin(table, positions, long, x.dtype)  # [B, L, rotary_dim]
     return rotary.rotate(x, cos[:, None], sin[:, None])
 
 
-class ForwardFacts:
-    """What every layer of one forward needs to know about its positions, read from the device ONCE per forward.
-
-    All attention layers of a forward receive the same ``position_ids`` tensor, so the first layer reads
-    (max position, min position, whether every row's newest key sits at index T - 1) in one device-to-host copy
-    and the other layers reuse it. A new tensor, or the same one modified in place, is a new forward.
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._positions: torch.Tensor | None = None  # held so that its id cannot be reused while remembered
-        self.max_position = self.min_position = 0
-        self.keys_at_arange = False
-
-    @classmethod
-    def of_arange(cls, first: int, end: int) -> ForwardFacts:
-        facts = cls()
-        facts.min_position, facts.max_position, facts.keys_at_arange = first, end - 1, True
-        return facts
-
-    def update(self, position_ids: torch.Tensor, num_keys: int) -> ForwardFacts:
-        key = (id(position_ids), position_ids._version, num_keys)
-        if key != self._key or self._positions is not position_ids:
-            newest_at_end = (position_ids[:, -1] == num_keys - 1).all()
-            facts = torch.stack([position_ids.max(), position_ids.min(), newest_at_end.to(position_ids.dtype)])
-            self.max_position, self.min_position, keys_at_arange = facts.tolist()  # the one host sync
-            self.keys_at_arange = bool(keys_at_arange)
-            self._key, self._positions = key, position_ids
-        return self
+def _maps_requested() -> bool:
+    """Whether the running forward collects attention maps (``output_attentions=True``)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - older layouts: maps are then never computed here
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and "attentions" in collected
 
 
-def _attend(
-    module, query, key, value, attention_mask, scaling, dropout, sliding_window, position_ids, facts, long, kwargs
-):
-    """Attention with every query and key rotated with one table (``long``): fused when the call allows it."""
+def _eager_attention(module):
+    """The eager attention of the module's own modeling file (it returns the maps), or transformers' generic one."""
+    found = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if found is None:  # pragma: no cover - every supported architecture defines one
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward as found
+    return found
+
+
+def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding_window, facts, long, kwargs):
+    """Attention with queries and keys rotated at their positions with table ``long`` (a bool, or per token)."""
     table: RopeTable = module._lr2_table
     backend: str | None = module._lr2_backend
     batch, _, num_queries, _ = query.shape
     num_keys = key.shape[2]
-    plain = (
-        attention_mask is None
+    queries = facts.queries
+    wants_maps = _maps_requested() and module._lr2_model_config._attn_implementation == "eager"
+    fusable = (
+        not wants_maps
         and (dropout == 0.0 or not module.training)
-        and (sliding_window is None or sliding_window >= num_keys)
-        and facts.keys_at_arange  # keys sit at 0..T-1
         and getattr(module, "is_causal", True)
+        and isinstance(long, bool) == (facts.segments is None)
+    )
+    if fusable and facts.segments is not None and (sliding_window is None or sliding_window >= facts.max_segment):
+        # Packed rows: [B, H, L, D] -> [B*L, H, D] tokens, one table per sequence (by its length).
+        flat = [t.transpose(1, 2).reshape(batch * num_queries, t.shape[1], t.shape[3]) for t in (query, key, value)]
+        out = rope_attention(
+            *flat, table, cu_seqlens=facts.segments, max_seqlen=facts.max_segment, softmax_scale=scaling,
+            backend=backend,
+        )  # fmt: skip
+        return out.view(batch, num_queries, *out.shape[1:]), None
+    plain = (
+        fusable
+        and attention_mask is None
+        and (sliding_window is None or sliding_window >= num_keys)
+        and facts.keys_at_arange
+        and num_keys == facts.total
     )
     if plain and num_queries == num_keys:
         out = rope_attention(
-            query, key, value, table, position_ids=position_ids, softmax_scale=scaling, long=long, backend=backend
+            query, key, value, table, position_ids=queries, softmax_scale=scaling, long=long, backend=backend
         )
-        return out.transpose(1, 2)
+        return out.transpose(1, 2), None
     if plain and long == table.use_long(num_keys):  # rope_decode picks the table from the length itself
         cache_seqlens = torch.full((batch,), num_keys, dtype=torch.int32, device=query.device)
         out = rope_decode(query, key, value, table, cache_seqlens=cache_seqlens, softmax_scale=scaling, backend=backend)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2), None
 
+    query = _rotate(query, table, queries, long)
+    key = _rotate(key, table, facts.key_positions(num_keys), long)  # packed rows: keys are the queries
+    if wants_maps:
+        return _eager_attention(module)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    query = _rotate(query, table, position_ids, long)
-    key = _rotate(key, table, _key_positions(position_ids, num_keys), long)
-    out, _ = sdpa_attention_forward(
+    return sdpa_attention_forward(
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, sliding_window=sliding_window,
-        position_ids=position_ids, **kwargs,
+        **kwargs,
     )  # fmt: skip
-    return out
+
+
+def _unpatched(module, query, key, value, attention_mask, **kwargs):
+    """A module that was not patched reached this function: it was built from a config that names it (a patched
+    model's private attention config). Its rotary module is stock, so q and k are rotated: run SDPA as stock."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def rope_attention_forward(
@@ -114,30 +124,35 @@ def rope_attention_forward(
     dropout: float = 0.0,
     sliding_window: int | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers attention-interface signature. query ``[B, Hq, L, D]``, key/value ``[B, Hk, T, D]`` (pre-RoPE,
-    T = cached + new). Returns ``([B, L, Hq, D], None)``.
+    T key slots: cached + new, a static buffer, or a sliding window). Returns ``([B, L, Hq, D], maps or None)``.
 
     The table follows the patch's rule: ``"hf"``: one table for the whole batch, long iff max(position) + 1 > L0;
     ``"position"``: each query token uses the table of its own position (long iff position + 1 > L0), with every
     key it sees rotated the same way, so a full forward computes each token exactly as incremental decoding does.
     """
-    table: RopeTable = module._lr2_table
-    batch, _, num_queries, _ = query.shape
-    num_keys = key.shape[2]
-    position_ids = kwargs.pop("position_ids", None)
-    if position_ids is None:  # the newest tokens, right after the cache: known without reading the device
-        position_ids = torch.arange(num_keys - num_queries, num_keys, device=query.device)[None]
-        facts = ForwardFacts.of_arange(num_keys - num_queries, num_keys)
-    else:
-        facts = module._lr2_forward_facts.update(position_ids, num_keys)
-    position_ids = position_ids.expand(batch, num_queries)
-    args = (module, query, key, value, attention_mask, scaling, dropout, sliding_window, position_ids, facts)
+    table: RopeTable | None = getattr(module, "_lr2_table", None)
+    facts: ForwardFacts | None = None if table is None else module._lr2_tracker.facts
+    if table is None or facts is None or facts.queries.shape != query.shape[::2]:
+        if table is not None:
+            raise RuntimeError(
+                "lr2kernels: a patched attention layer ran outside its model's forward (positions unknown); call the "
+                "model, not its layers"
+            )
+        return _unpatched(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    kwargs.pop("position_ids", None)
+    args = (module, query, key, value, attention_mask, scaling, dropout, sliding_window, facts)
+    if facts.segments is not None and module._lr2_rule == "hf":
+        is_long = facts.segment_length_of_token() > table.original_max_position  # [B, L]: each sequence its own
+        return _attend(*args, is_long, kwargs)
     if module._lr2_rule == "hf":
-        return _attend(*args, table.use_long(facts.max_position + 1), kwargs), None
+        return _attend(*args, table.use_long(facts.max_position + 1), kwargs)
     if table.use_long(facts.min_position + 1) or not table.use_long(facts.max_position + 1):
-        return _attend(*args, table.use_long(facts.max_position + 1), kwargs), None  # one table for every query
+        return _attend(*args, table.use_long(facts.max_position + 1), kwargs)  # one table for every query
     # Queries on both sides of L0 (a prefill or chunk that crosses it): both tables, then each row its own.
-    row_is_long = position_ids + 1 > table.original_max_position  # [B, L]
-    short, long = _attend(*args, False, kwargs), _attend(*args, True, kwargs)  # [B, L, Hq, D]
-    return torch.where(row_is_long[:, :, None, None], long, short), None
+    row_is_long = facts.queries + 1 > table.original_max_position  # [B, L]
+    (short, short_maps), (long, long_maps) = _attend(*args, False, kwargs), _attend(*args, True, kwargs)
+    out = torch.where(row_is_long[:, :, None, None], long, short)  # [B, L, Hq, D]
+    maps = None if short_maps is None else torch.where(row_is_long[:, None, :, None], long_maps, short_maps)
+    return out, maps

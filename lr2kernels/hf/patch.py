@@ -1,34 +1,32 @@
 """``lr2kernels.patch(model)``: fused rescaled-RoPE attention and a PRE-RoPE KV cache in a transformers model.
 
-Instance-level and reversible. For the given model only:
+Instance-level, all or nothing, and reversible. For the given model only:
 1. its rotary module(s) return the identity rotation (cos 1, sin 0), so the attention layers keep q and k PRE-RoPE
-   and the KV cache (DynamicCache, StaticCache, ...) stores PRE-RoPE keys;
-2. its config selects the attention function :func:`lr2kernels.hf.attention.rope_attention_forward` (registered
-   in transformers' ``AttentionInterface``), which rotates q and all keys with the table the sequence needs now;
-3. Phi3-style models no longer drop their cache and re-prefill when generation crosses L0.
+   and the KV cache (DynamicCache, StaticCache, sliding, ...) stores PRE-RoPE keys;
+2. its attention layers get a private copy of the config that selects
+   :func:`lr2kernels.hf.attention.rope_attention_forward` (registered in transformers' ``AttentionInterface``), which
+   rotates q and every key at its own position; ``model.config`` itself is never changed;
+3. hooks on the base model record each forward's positions (:mod:`lr2kernels.hf.positions`), on the KV cache too;
+4. ``generate`` re-runs the sequence at the L0 crossing under ``rule="hf"`` (every architecture, decided by
+   position), and keeps its cache under ``rule="position"``.
 
-``unpatch`` restores all three exactly. transformers is imported inside the functions, never at package import.
+``unpatch`` restores all of it exactly. transformers is imported inside the functions, never at package import.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from typing import Any
 
 import torch
 
-from lr2kernels.hf.attention import ATTENTION_NAME, ForwardFacts
+from lr2kernels.hf.attention import ATTENTION_NAME
+from lr2kernels.hf.positions import ForwardTracker, ledger_of
 from lr2kernels.tables import RopeTable
 
-# model_type -> whether its generate() re-prefills at the LongRoPE boundary (Phi3 does; patched models need not).
-SUPPORTED_MODEL_TYPES: dict[str, bool] = {
-    "llama": False,
-    "mistral": False,
-    "qwen2": False,
-    "qwen3": False,
-    "phi3": True,
-}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 _STATE = "_lr2_patch_state"
 
 
@@ -78,17 +76,44 @@ def _identity_rotary_forward(module, x: torch.Tensor, position_ids: torch.Tensor
     return ones, torch.zeros_like(ones)
 
 
-def _boundary_reprefill(model: torch.nn.Module):
-    """The function that replaces Phi-3's boundary re-prefill in ``generate``, or None for a class without one.
-
-    Phi3ForCausalLM's ``prepare_inputs_for_generation`` drops the cache when the sequence crosses L0 (its cached keys
-    were rotated with the short table); the next definition up its MRO keeps the cache. Phi3Model and the
-    classification heads have no such method of their own.
-    """
+def _keep_cache_prepare(model: torch.nn.Module):
+    """The ``prepare_inputs_for_generation`` that keeps the cache: the class's own, or for Phi-3 (whose version drops
+    the cache at L0 by the padded length) the next definition up its MRO. None for a model that cannot generate."""
     definers = [cls for cls in type(model).__mro__ if "prepare_inputs_for_generation" in vars(cls)]
-    if len(definers) < 2 or not definers[0].__module__.endswith(".phi3.modeling_phi3"):
+    if not definers:
         return None
-    return vars(definers[1])["prepare_inputs_for_generation"]
+    if definers[0].__module__.endswith(".phi3.modeling_phi3") and len(definers) > 1:
+        return vars(definers[1])["prepare_inputs_for_generation"]
+    return vars(definers[0])["prepare_inputs_for_generation"]
+
+
+def _table_switches(table: RopeTable) -> bool:
+    return table.factors(False) != table.factors(True) or (
+        table.attention_factor_for(False) != table.attention_factor_for(True)
+    )
+
+
+def _prepare_inputs_for_generation(model: torch.nn.Module, input_ids: torch.Tensor, *args, **kwargs):
+    """``generate``'s per-step input preparation on a patched model (bound with functools.partial).
+
+    Under ``rule="hf"``, the step where the sequence crosses L0 runs the whole sequence again with the long table,
+    as stock Phi-3 does, so every generated token equals what a full forward over the sequence gives (stock
+    transformers re-prefills only Phi-3; Llama-type LongRoPE models drift there). Unlike stock Phi-3 the crossing is
+    decided by position (max position + 1 > L0, the full forward's rule), not by the padded length. Under
+    ``rule="position"`` the cache is kept: one cached step crosses L0.
+    """
+    state = getattr(model, _STATE)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    ledger = ledger_of(cache)
+    table: RopeTable = state["attention"][0]._lr2_table
+    rule: str = state["attention"][0]._lr2_rule
+    if rule == "hf" and ledger is not None and ledger.length and _table_switches(table):
+        newest = ledger.max_position + (input_ids.shape[1] - ledger.length)  # generate advances positions by 1
+        crosses = not table.use_long(ledger.max_position + 1) and table.use_long(newest + 1)
+        if crosses and ledger.length == cache.get_seq_length():
+            cache.reset()  # the next forward runs the whole sequence, with the long table
+            kwargs["next_sequence_length"] = None
+    return state["prepare"](model, input_ids, *args, **kwargs)
 
 
 def _rotary_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -126,11 +151,11 @@ def patch(
         table: the RoPE table to use; default ``RopeTable.from_hf_config(model.config)``. Swapping tables on a
             patched model (e.g. during a factor search) is ``patch(model, table=new_table)``.
         rule: which table a token uses. ``"hf"`` (default): transformers' rule, one table for the whole sequence
-            (long iff it is longer than L0), so the patched model's logits equal the stock model's at every length;
-            past L0 a cached step then differs slightly from a full forward in models of 2+ layers, because earlier
-            tokens' hidden states were computed with the short table. ``"position"``: each token uses the table of
-            its own position, so incremental decoding equals a full forward exactly, at every length; a full
-            forward past L0 then differs from stock transformers' (which re-rotates the whole prefix).
+            (long iff it is longer than L0), so the patched model's logits equal the stock model's at every length,
+            and ``generate`` runs the sequence once more at the L0 crossing (as stock Phi-3 does), so every generated
+            token equals what a full forward gives. ``"position"``: each token uses the table of its own position,
+            so incremental decoding equals its own full forward exactly and crossing L0 is one cached step; past L0
+            it then differs from stock transformers (which re-rotates the whole prefix): the README gives the cost.
     """
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {list(RULES)}, got {rule!r}")
@@ -160,29 +185,48 @@ def patch(
     if head_dim is not None and head_dim != table.head_dim:
         raise ValueError(f"table.head_dim: expected the model's head_dim {head_dim}, got {table.head_dim}")
 
-    forward_facts = attention[0].__dict__.get("_lr2_forward_facts") or ForwardFacts()  # one per model
     for module in attention:
-        module._lr2_table = table
-        module._lr2_backend = backend
-        module._lr2_rule = rule
-        module._lr2_forward_facts = forward_facts
+        module._lr2_table, module._lr2_backend, module._lr2_rule = table, backend, rule
     if getattr(model, _STATE, None) is not None:
         return model  # already patched: table, backend and rule updated above
-
-    name = _register_attention()
-    state = _PatchState(attn_implementation=config._attn_implementation, rotary=rotary, attention=attention)
-    for module in rotary:
-        module._lr2_rotary_width = table.rotary_dim
-        module._lr2_config = config
-        module.forward = functools.partial(_identity_rotary_forward, module)
-    config._attn_implementation = name
-    keep_cache = _boundary_reprefill(model) if SUPPORTED_MODEL_TYPES[model_type] else None
-    if keep_cache is not None:
-        # Patched, the cache holds PRE-RoPE keys: the parent class's version, which keeps the cache, is right.
-        model.prepare_inputs_for_generation = functools.partial(keep_cache, model)
-        state["generation"] = True
-    setattr(model, _STATE, state)
+    try:
+        _apply(model, config, rotary, attention, table)
+    except BaseException:
+        unpatch(model)  # all or nothing: undo whatever was applied
+        raise
     return model
+
+
+def _base_models(model: torch.nn.Module, rotary: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The modules that own a rotary module (``LlamaModel`` ...): they compute the positions of a forward."""
+    rotary_ids = {id(m) for m in rotary}
+    return [m for m in model.modules() if any(id(child) in rotary_ids for child in m.children())]
+
+
+def _apply(model, config, rotary, attention, table) -> None:
+    """Every change :func:`patch` makes, each recorded in the state first so that :func:`unpatch` can undo a part."""
+    name = _register_attention()
+    state = _PatchState(rotary=[], attention=[], hooks=[], config=config)
+    setattr(model, _STATE, state)
+    # The attention layers read their implementation from their config. They get a private copy that names ours, so
+    # the model's config (which other models may share, and which save_pretrained writes) is never changed.
+    attention_config = copy.copy(config)
+    attention_config._attn_implementation = name
+    tracker = ForwardTracker()  # one per model: the positions of the forward that runs
+    for module in attention:
+        state["attention"].append(module)
+        module.config, module._lr2_model_config, module._lr2_tracker = attention_config, config, tracker
+    for module in rotary:
+        state["rotary"].append(module)
+        module._lr2_rotary_width, module._lr2_config = table.rotary_dim, attention_config
+        module.forward = functools.partial(_identity_rotary_forward, module)
+    for base in _base_models(model, rotary):
+        state["hooks"].append(base.register_forward_pre_hook(tracker.begin_forward, with_kwargs=True))
+        state["hooks"].append(base.register_forward_hook(tracker.end_forward, with_kwargs=True))
+    prepare = _keep_cache_prepare(model)
+    if prepare is not None:
+        state["prepare"] = prepare
+        model.prepare_inputs_for_generation = functools.partial(_prepare_inputs_for_generation, model)
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
@@ -190,15 +234,17 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     state = getattr(model, _STATE, None)
     if state is None:
         return model
-    for module in state["rotary"]:
-        del module.forward  # the instance attribute hid the class's forward
-        del module._lr2_rotary_width, module._lr2_config
-        module.__dict__.pop("_lr2_warned_switch", None)
-    for module in state["attention"]:
-        del module._lr2_table, module._lr2_backend, module._lr2_rule, module._lr2_forward_facts
-    model.config._attn_implementation = state["attn_implementation"]
-    if state.get("generation"):
-        del model.prepare_inputs_for_generation
+    for handle in state.get("hooks", []):
+        handle.remove()
+    for module in state.get("rotary", []):
+        module.__dict__.pop("forward", None)  # the instance attribute hid the class's forward
+        for attribute in ("_lr2_rotary_width", "_lr2_config", "_lr2_warned_switch"):
+            module.__dict__.pop(attribute, None)
+    for module in state.get("attention", []):
+        module.config = state["config"]
+        for attribute in ("_lr2_table", "_lr2_backend", "_lr2_rule", "_lr2_model_config", "_lr2_tracker"):
+            module.__dict__.pop(attribute, None)
+    model.__dict__.pop("prepare_inputs_for_generation", None)
     delattr(model, _STATE)
     return model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -133,18 +134,44 @@ def test_generate_greedy_and_sampling_match_stock_below_l0(arch):
     assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=True, top_k=5), stock_sampled)
 
 
-def test_phi3_does_not_re_prefill_at_the_boundary():
-    model = tiny_model("phi3")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generation_across_l0_equals_full_forwards_by_default(arch):
+    # rule="hf" (the default): every generated token's logits equal a full forward over the sequence so far, across
+    # L0 too, in a left-padded batch (positions from the mask, as generate computes them).
+    model = tiny_model(arch)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(6.0)  # positions and tables must matter
+    stock = copy.deepcopy(model)
+    prompt = _ids(2, L0 - 3)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    lr2.patch(model, backend="torch")
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=mask, max_new_tokens=9, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True, pad_token_id=0)  # fmt: skip
+        for step, logits in enumerate(out.logits):
+            sequence = out.sequences[:, : prompt.shape[1] + step]
+            full_mask = torch.cat([mask, torch.ones(2, step, dtype=mask.dtype)], dim=1)
+            positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
+            full = stock(sequence, attention_mask=full_mask, position_ids=positions).logits[:, -1]
+            torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_generation_re_runs_the_sequence_at_l0_under_rule_hf_only(arch):
+    model = tiny_model(arch)
     lengths: list[int] = []
     hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[1]))
     prompt = _ids(1, L0 - 3)
+    lr2.patch(model)  # rule="hf": one full run at the step whose sequence first exceeds L0
     model.generate(prompt, max_new_tokens=8, do_sample=False)
-    assert max(lengths[1:]) > 1  # stock Phi3 drops its cache and re-runs the whole sequence past L0
+    assert lengths == [L0 - 3, 1, 1, 1, L0 + 1, 1, 1, 1]  # the 5th forward adds position L0
     lengths.clear()
-    lr2.patch(model)
+    lr2.patch(model, rule="position")  # one cached step crosses L0
     model.generate(prompt, max_new_tokens=8, do_sample=False)
     hook.remove()
-    assert lengths == [L0 - 3] + [1] * 7  # one prefill, then one token per step
+    assert lengths == [L0 - 3] + [1] * 7
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -1,0 +1,300 @@
+"""Stock vs patched, path by path, on the same weights: every path a user takes must give stock's numbers.
+
+The weights are scaled x6 after transformers' init (with the 0.02 init the logits are nearly flat and hide a
+position error; scaled, a key at a wrong position moves logits by far more than 0.1). The RoPE here is the model's
+plain default RoPE (no LongRoPE): only positions are under test. fp32, tolerance 1e-4.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import lr2kernels as lr2
+from lr2kernels.hf.models import cache_kwargs, output_cache
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+RULES = ["hf", "position"]
+TOL = dict(atol=1e-4, rtol=1e-4)
+PAD = 0
+
+
+def tiny_default_rope(arch: str, *, sliding_window: int | None = None, attn: str = "sdpa", layers: int = 2):
+    """A 2-layer GQA model of ``arch`` with default RoPE and weights scaled x6 (positions matter)."""
+    kwargs = dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=layers, head_dim=16,
+        intermediate_size=96, vocab_size=101, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
+        eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+    )  # fmt: skip
+    if sliding_window is not None:
+        kwargs.update(sliding_window=sliding_window, use_sliding_window=True, max_window_layers=0)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.CONFIG_MAPPING[arch](**kwargs)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(6.0)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def stock_and_patched(arch: str, rule: str = "hf", **kwargs):
+    stock = tiny_default_rope(arch, **kwargs)
+    return stock, lr2.patch(copy.deepcopy(stock), backend="torch", rule=rule)
+
+
+def ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 101, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def generate_both(stock, patched, prompt, seed: int = 0, max_new_tokens: int = 8, **kwargs):
+    """Generate with both models from the same seed; assert equal tokens and per-step logits, return them."""
+    results = []
+    for model in (stock, patched):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            results.append(
+                model.generate(
+                    prompt, max_new_tokens=max_new_tokens, return_dict_in_generate=True, output_logits=True, **kwargs
+                )
+            )
+    want, got = results
+    assert torch.equal(got.sequences, want.sequences)
+    for step_got, step_want in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(step_got, step_want, **TOL)
+    return want, got
+
+
+# ---- forwards -------------------------------------------------------------------------------------------------
+
+
+def test_scaled_weights_make_a_position_error_show():
+    # The suite's premise: with scaled weights, moving the later tokens one position away from the earlier ones
+    # (a relative error, what a wrong key position is) moves the logits by > 0.1.
+    model = tiny_default_rope("llama")
+    tokens = ids(1, 24)
+    gap = torch.arange(24)
+    gap[12:] += 1
+    with torch.no_grad():
+        right = model(tokens).logits
+        shifted = model(tokens, position_ids=gap[None]).logits
+    assert (right - shifted).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_right_padding_with_mask_derived_positions(arch, rule):
+    stock, patched = stock_and_patched(arch, rule)
+    tokens = ids(2, 20)
+    mask = torch.ones_like(tokens)
+    mask[1, 13:] = 0
+    tokens[1, 13:] = PAD
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        want = stock(tokens, attention_mask=mask, position_ids=positions).logits
+        got = patched(tokens, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], **TOL)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_rows_restarting_positions(arch, rule):
+    # transformers' padding-free format: no mask, position_ids restart at each sequence; every sequence must come
+    # out as it does alone (and as the stock model computes the packed row).
+    stock, patched = stock_and_patched(arch, rule)
+    lengths = [7, 12, 5]
+    tokens = ids(1, sum(lengths))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        want = stock(tokens, position_ids=positions, use_cache=False).logits
+        got = patched(tokens, position_ids=positions, use_cache=False).logits
+        alone = torch.cat([stock(part).logits for part in tokens.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got, alone, **TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_batch_from_transformers_flattening_collator(arch):
+    # DataCollatorWithFlattening with return_flash_attn_kwargs: cu_seq_lens_q / max_length_q ride along.
+    stock, patched = stock_and_patched(arch)
+    documents = [ids(1, n, seed=n)[0].tolist() for n in (9, 4, 14)]
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")
+    batch = collator([{"input_ids": d} for d in documents])
+    batch.pop("labels")
+    with torch.no_grad():
+        want = stock(**batch, use_cache=False).logits
+        got = patched(**batch, use_cache=False).logits
+    torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_rows_train_like_stock(arch):
+    # Loss and gradients of a packed batch, through the fused varlen forward and backward.
+    stock, patched = stock_and_patched(arch)
+    stock.train(), patched.train()
+    lengths = [6, 11, 8]
+    tokens = ids(1, sum(lengths))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    for model in (stock, patched):
+        model.zero_grad()
+        model(tokens, position_ids=positions, labels=tokens, use_cache=False).loss.backward()
+    for (name, want), got in zip(stock.named_parameters(), patched.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-3, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mask_with_a_hole_in_the_prompt(arch):
+    # A pad token inside the prompt and no attention mask: generate infers a mask with a hole.
+    stock, patched = stock_and_patched(arch)
+    prompt = ids(1, 14)
+    prompt[0, 5] = PAD
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        generate_both(stock, patched, prompt, do_sample=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_with_gradient_checkpointing(arch):
+    stock, patched = stock_and_patched(arch)
+    tokens = ids(2, 18)
+    mask = torch.ones_like(tokens)
+    mask[0, :4] = 0  # left padding: the masked path, recomputed in backward
+    for model in (stock, patched):
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad()
+        model(tokens, attention_mask=mask, labels=tokens).loss.backward()
+    for (name, want), got in zip(stock.named_parameters(), patched.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-3, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eager_attention_maps(arch):
+    stock, patched = stock_and_patched(arch, attn="eager")
+    tokens = ids(2, 16)
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = stock(tokens, attention_mask=mask, output_attentions=True)
+        got = patched(tokens, attention_mask=mask, output_attentions=True)
+    torch.testing.assert_close(got.logits, want.logits, **TOL)
+    assert len(got.attentions) == len(want.attentions) == 2
+    for got_maps, want_maps in zip(got.attentions, want.attentions):
+        torch.testing.assert_close(got_maps, want_maps, **TOL)
+
+
+# ---- generation -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_sampling_and_beams(arch, rule):
+    stock, patched = stock_and_patched(arch, rule)
+    prompt = ids(1, 12)
+    generate_both(stock, patched, prompt, do_sample=False)
+    generate_both(stock, patched, prompt, do_sample=True, top_k=8, seed=3)
+    generate_both(stock, patched, prompt, do_sample=False, num_beams=3, num_return_sequences=2)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_cache(arch, rule):
+    # StaticCache hands attention its whole preallocated buffer: the newest token is not in the last slot.
+    stock, patched = stock_and_patched(arch, rule)
+    generate_both(stock, patched, ids(2, 11), do_sample=False, cache_implementation="static")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch(arch):
+    stock, patched = stock_and_patched(arch)
+    prompt = ids(3, 12)
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = mask[2, :7] = 0
+    prompt[mask == 0] = PAD
+    generate_both(stock, patched, prompt, attention_mask=mask, do_sample=False)
+    generate_both(stock, patched, prompt, attention_mask=mask, do_sample=False, cache_implementation="static")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_assisted_and_prompt_lookup_decoding(arch):
+    stock, patched = stock_and_patched(arch)
+    assistant = tiny_default_rope(arch, layers=1)
+    prompt = torch.cat([ids(1, 6), ids(1, 6)], dim=1)  # repeats: prompt lookup finds candidates
+    generate_both(stock, patched, prompt, do_sample=False, assistant_model=assistant, max_new_tokens=10)
+    generate_both(stock, patched, prompt, do_sample=False, prompt_lookup_num_tokens=3, max_new_tokens=10)
+    lr2.patch(assistant, backend="torch")  # a patched assistant (its own cache, its own positions)
+    generate_both(stock, patched, prompt, do_sample=False, assistant_model=assistant, max_new_tokens=10)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_continuing_from_a_returned_cache(arch):
+    stock, patched = stock_and_patched(arch)
+    prompt = ids(1, 10)
+    first = generate_both(stock, patched, prompt, do_sample=False, max_new_tokens=4)
+    caches = [output_cache(out) for out in first]
+    follow = torch.cat([first[0].sequences, ids(1, 3, seed=9)], dim=1)
+    results = []
+    for model, cache in zip((stock, patched), caches):
+        with torch.no_grad():
+            results.append(
+                model.generate(
+                    follow,
+                    do_sample=False,
+                    max_new_tokens=5,
+                    return_dict_in_generate=True,
+                    output_logits=True,
+                    **cache_kwargs(model, copy.deepcopy(cache)),
+                )  # fmt: skip
+            )
+    assert torch.equal(results[1].sequences, results[0].sequences)
+    for got, want in zip(results[1].logits, results[0].logits, strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_sliding_window_caches(arch, cache):
+    # A window shorter than the generation: sliding cache layers hand attention only the newest keys.
+    stock, patched = stock_and_patched(arch, sliding_window=8)
+    generate_both(stock, patched, ids(1, 12), do_sample=False, max_new_tokens=10, cache_implementation=cache)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eager_maps_through_assisted_generation(arch):
+    stock, patched = stock_and_patched(arch, attn="eager")
+    assistant = tiny_default_rope(arch, layers=1, attn="eager")
+    want, got = generate_both(
+        stock, patched, ids(1, 10), do_sample=False, assistant_model=assistant, output_attentions=True
+    )
+    assert len(got.attentions) == len(want.attentions) > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_rows_run_the_fused_varlen_kernel(backend, monkeypatch):
+    # Packed rows go through one varlen rope_attention per layer (no mask), each sequence with its own table: a
+    # LongRoPE model with L0 = 32 and sequences of 20, 50 and 10 tokens equals each sequence run alone in stock.
+    from lr2kernels.hf import attention
+    from tests.hf.test_patch import tiny_model
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    stock = tiny_model("llama")
+    patched = lr2.patch(copy.deepcopy(stock), backend=backend)
+    calls = []
+    original = attention.rope_attention
+    monkeypatch.setattr(attention, "rope_attention", lambda *a, **k: calls.append(k) or original(*a, **k))
+    lengths = [20, 50, 10]
+    tokens = ids(1, sum(lengths))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        got = patched(tokens, position_ids=positions, use_cache=False).logits
+        alone = torch.cat([stock(part).logits for part in tokens.split(lengths, dim=1)], dim=1)
+    assert len(calls) == 2 and all(call["cu_seqlens"].tolist() == [0, 20, 70, 80] for call in calls)
+    torch.testing.assert_close(got, alone, **TOL)

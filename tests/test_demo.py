@@ -76,6 +76,8 @@ def test_quick_demo_boundary(quick_demo):
     out = quick_demo.stdout
     patched = _number(r"patched \(rule=position\) incremental == full forward: max \|diff\| = ([0-9.e+-]+)", out)
     assert patched <= 2e-4
+    generate = _number(r"patched \(rule=hf, the default\) generate == full forward: max \|diff\| = ([0-9.e+-]+)", out)
+    assert generate <= 2e-4
     assert _number(r"stock vs patched \(rule=hf\): max \|diff\| = ([0-9.e+-]+)", out) <= 1e-3
     assert "rope_type 'longrope'" in out
     assert "its inv_freq is the table's long one" in out

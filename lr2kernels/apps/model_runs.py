@@ -99,6 +99,21 @@ def incremental_vs_full(model, ids: torch.Tensor, prefill: int) -> list[float]:
     return errors
 
 
+def generate_vs_full(model, prompt: torch.Tensor, new_tokens: int) -> list[float]:
+    """Greedy ``model.generate`` from ``prompt`` (the path users take); per generated token, max |its logits - a
+    full forward over the same prefix|. Entry ``i`` is the step that makes the sequence ``len(prompt) + i + 1``."""
+    out = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, return_dict_in_generate=True, output_logits=True,
+        pad_token_id=model.config.pad_token_id or 0,
+    )  # fmt: skip
+    errors = []
+    for step, logits in enumerate(out.logits):
+        full, _ = last_logits(model, out.sequences[:, : prompt.shape[1] + step])
+        errors.append((logits - full).abs().max().item())
+    return errors
+
+
 @contextlib.contextmanager
 def stock_rotary_with_table(model, table: RopeTable) -> Iterator[list[torch.nn.Module]]:
     """The STOCK model running ``table`` through transformers' own code (``longrope`` for a LongRoPE table).

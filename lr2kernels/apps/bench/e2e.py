@@ -17,6 +17,7 @@ import torch
 
 from lr2kernels.apps.bench.report import PeakMemory, environment, plot_vs_length, show_and_append
 from lr2kernels.apps.common import (
+    Heartbeat,
     add_model_option,
     default_dtype,
     device_from,
@@ -51,7 +52,7 @@ def run(model, tokenizer, device: torch.device, lengths: list[int], decode_steps
         for mode, (seconds_of, tokens) in runs.items():
             times: dict[str, list[float]] = {"stock": [], "patched": []}
             peaks: dict[str, float] = {}
-            with torch.no_grad():
+            with torch.no_grad(), Heartbeat(f"e2e {mode}, {length} tokens", model):  # the same hooks on both
                 for rep, provider in stock_and_patched_rounds(model, reps):
                     if rep == 0:  # the warm-up round measures peak memory
                         with PeakMemory(device) as memory:
@@ -61,6 +62,7 @@ def run(model, tokenizer, device: torch.device, lengths: list[int], decode_steps
                         times[provider].append(seconds_of())
             for provider, samples in times.items():
                 add(mode, PROVIDERS[provider], length, statistics.median(samples), tokens, peaks[provider])
+            print(f"e2e {mode} at {length} tokens: done", flush=True)
         _boundary(model, tokenizer, device, length, reps, add)
     _add_ratios(rows)
     return rows

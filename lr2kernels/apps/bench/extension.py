@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lr2kernels.apps.bench.report import environment, pyplot, save_figure, show_and_append
 from lr2kernels.apps.common import (
+    Heartbeat,
     add_device_option,
     add_model_option,
     add_out_option,
@@ -27,7 +28,7 @@ from lr2kernels.search.evaluate import NeedleEvaluator, PasskeyEvaluator
 from lr2kernels.search.needle import needle_samples, passkey_samples
 from lr2kernels.tables import RopeTable
 
-COLUMNS = ["length", "method", "needle_loss", "needle_ppl", "needle_acc", "passkey_acc", "samples", "seconds"]
+COLUMNS = ["length", "method", "rule", "needle_loss", "needle_ppl", "needle_acc", "passkey_acc", "samples", "seconds"]
 BASELINES = ("PI", "NTK", "YaRN")
 
 
@@ -43,23 +44,34 @@ def tables_for(model_table: RopeTable, target_length: int, searched: dict[str, R
 
 
 def run(
-    model, tokenizer, lengths: list[int], tables: dict[str, RopeTable], samples: int, seed: int, name: str = "model"
+    model,
+    tokenizer,
+    lengths: list[int],
+    tables: dict[str, RopeTable],
+    samples: int,
+    seed: int,
+    name: str = "model",
+    rules: tuple[str, ...] = ("hf",),
 ) -> list[dict]:
-    """One row per (length, method): needle loss/ppl/accuracy over ``samples`` needle documents (needle at depths
-    spread over the first half) and greedy passkey accuracy over ``samples`` passkey prompts (random depths)."""
+    """One row per (length, rule, method): needle loss/ppl/accuracy over ``samples`` needle documents (needle at
+    depths spread over the first half) and greedy passkey accuracy over ``samples`` passkey prompts (random
+    depths), with the patch's table rule ``hf`` (the whole sequence on one table, as transformers) or ``position``
+    (each token on its own position's table: what the opt-in fast path costs in quality)."""
     stamp = environment(next(model.parameters()).device)
     rows = []
-    for length in lengths:
+    for length, rule in ((length, rule) for length in lengths for rule in rules):
         depths = [0.5 * (i + 0.5) / samples for i in range(samples)]
-        needles = NeedleEvaluator(model, needle_samples(tokenizer, length, samples, depths, seed))
-        passkeys = PasskeyEvaluator(model, passkey_samples(tokenizer, length, samples, seed + 1))
+        needles = NeedleEvaluator(model, needle_samples(tokenizer, length, samples, depths, seed), rule=rule)
+        passkeys = PasskeyEvaluator(model, passkey_samples(tokenizer, length, samples, seed + 1), rule=rule)
         for method, table in tables.items():
             start = time.perf_counter()
-            score = needles(table)
-            accuracy = passkeys(table)
+            with Heartbeat(f"{length} tokens, {method}, rule {rule}", model):
+                score = needles(table)
+                accuracy = passkeys(table)
             row = {
                 "length": length,
                 "method": method,
+                "rule": rule,
                 "needle_loss": round(score.loss, 4),
                 "needle_ppl": round(score.perplexity, 3),
                 "needle_acc": round(score.accuracy, 3),
@@ -82,12 +94,15 @@ def plot(rows: list[dict], path: Path, title: str, original_length: int) -> bool
     if plt is None:
         return False
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["length"], r["needle_ppl"], r["passkey_acc"]) for r in rows if r["method"] == method)
+    for method, rule in dict.fromkeys((r["method"], r.get("rule", "hf")) for r in rows):
+        points = sorted((r["length"], r["needle_ppl"], r["passkey_acc"]) for r in rows
+                        if r["method"] == method and r.get("rule", "hf") == rule)  # fmt: skip
         lengths = [p[0] for p in points]
         style = dict(marker="o", linewidth=2.5 if method not in ("original", *BASELINES) else 1.2)
-        loss_ax.plot(lengths, [p[1] for p in points], label=method, **style)
-        acc_ax.plot(lengths, [p[2] for p in points], label=method, **style)
+        style["linestyle"] = "-" if rule == "hf" else ":"
+        label = method if rule == "hf" else f"{method}, rule={rule}"
+        loss_ax.plot(lengths, [p[1] for p in points], label=label, **style)
+        acc_ax.plot(lengths, [p[2] for p in points], label=label, **style)
     for ax in (loss_ax, acc_ax):
         ax.axvline(original_length, color="grey", linestyle="--", linewidth=1)
         ax.set_xlabel("tokens (dashed: L_train)")
@@ -123,6 +138,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="a searched table (RopeTable JSON) to compare; repeatable",
     )
+    parser.add_argument(
+        "--rules",
+        nargs="+",
+        choices=["hf", "position"],
+        default=["hf"],
+        help="the patch's table rules to compare (default hf; add position to measure what the fast rule costs)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="only these methods (names: original, PI, NTK, YaRN and the --table names; default all)",
+    )
     parser.add_argument("--samples", type=int, default=2, help="needle and passkey samples per length")
     parser.add_argument("--seed", type=int, default=0)
     add_out_option(parser, fresh_results_folder(), "rows are appended to extension.csv there, extension.png written")
@@ -146,7 +174,12 @@ def run_from_args(args: argparse.Namespace) -> list[dict]:
     print(f"extension benchmark: {args.model} L_train {original}, lengths {lengths}, tables to {target}, "
           f"{args.samples} needle + {args.samples} passkey samples per length, {device}")  # fmt: skip
     tables = tables_for(model_table, target, searched)
-    rows = run(model, tokenizer, lengths, tables, args.samples, args.seed, Path(args.model).name)
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(tables))
+        if unknown:
+            raise ValueError(f"--methods: expected names among {list(tables)}, got {unknown}")
+        tables = {method: table for method, table in tables.items() if method in args.methods}
+    rows = run(model, tokenizer, lengths, tables, args.samples, args.seed, Path(args.model).name, tuple(args.rules))
     out = Path(args.out)
     show_and_append(rows, COLUMNS, out / "extension.csv")
     if plot(rows, out / "extension.png", f"{args.model} (L_train {original}) on {rows[0]['device_name']}", original):

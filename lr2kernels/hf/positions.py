@@ -208,7 +208,7 @@ class ForwardTracker:
         facts = ForwardFacts(queries, None if at_arange else full, total, max_position, min_position, bool(at_arange))
         if maybe_packed and num_segments > batch and restarts_at_zero:
             given = arguments.get("cu_seq_lens_q")
-            if given is not None and batch == 1:  # transformers' flattening collator gives the boundaries
+            if given is not None and given.numel() == num_segments + 1:  # the collator gave the boundaries
                 cu_seqlens = given.to(device=device, dtype=torch.int32)
             else:
                 flat_starts = starts.flatten().nonzero().flatten().to(torch.int32)  # packed rows' second read

@@ -101,3 +101,13 @@ def test_import_lr2kernels_imports_no_transformers_and_no_apps():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+TRAIN = "lr2kernels.train"
+BELOW_TRAIN = ("lr2kernels.tables", "lr2kernels.reference", "lr2kernels.ops", "lr2kernels.nn", "lr2kernels.hf",
+               "lr2kernels.search")  # fmt: skip
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if any(_within(m, layer) for layer in BELOW_TRAIN)])
+def test_layers_below_training_do_not_import_it(module):
+    assert not [name for name in imported(module) if _within(name, TRAIN)]

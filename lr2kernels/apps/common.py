@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import platform
 import re
 import statistics
@@ -47,6 +48,32 @@ def fresh_results_folder() -> str:
         n += 1
         candidate = Path(RESULTS_ROOT) / f"{stamp}-{n}"
     return str(candidate)
+
+
+def check_model_device_backend(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for ``--model``, ``--device`` and ``--backend``, before anything is loaded."""
+    if args.model != "smollm2" and not Path(args.model).exists():
+        parser.error(f"--model: expected 'smollm2', a local HF model folder or a .gguf file, got {args.model!r}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device: expected cpu or cuda, got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device: {args.device!r} asked for, but torch {torch.__version__} sees no CUDA device")
+    if getattr(args, "backend", None) is not None and args.backend not in ("torch", "triton", "cuda"):
+        parser.error(f"--backend: expected torch, triton or cuda, got {args.backend!r}")
+
+
+def check_writable_folder(parser: argparse.ArgumentParser, option: str, folder: str, purpose: str) -> None:
+    """A usage error unless ``folder`` exists or can be made, and can be written to (probed with a file)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = Path(folder) / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        parser.error(f"{option}: expected a folder {purpose}, got {folder!r} ({error.strerror or error})")
 
 
 def device_from(arg: str | None) -> torch.device:

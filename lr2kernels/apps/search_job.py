@@ -21,10 +21,13 @@ from lr2kernels.apps.common import (
     add_device_option,
     add_model_option,
     add_out_option,
+    check_model_device_backend,
+    check_writable_folder,
     default_dtype,
     load_model_quietly,
     table_row,
 )
+from lr2kernels.hf.models import weights_sha256
 from lr2kernels.search.critical import baseline_tables, critical_dimension
 from lr2kernels.search.evaluate import NeedleEvaluator
 from lr2kernels.search.evolution import SearchConfig, evolutionary_search, move_log_aside
@@ -120,18 +123,6 @@ def model_table_for(config, original_length: int | None) -> RopeTable:
     return dataclasses.replace(
         table, original_max_position=min(table.original_max_position, original_length), max_position=original_length
     )
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the model's state_dict: every tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        data = tensor.cpu().contiguous().reshape(-1)
-        if data.numel():
-            digest.update(memoryview(data.view(torch.uint8).numpy()))
-    return digest.hexdigest()
 
 
 def _sha256_json(value) -> str:
@@ -266,26 +257,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for path in args.text or ():
         if not Path(path).is_file():
             parser.error(f"--text: expected a readable text file, got {path!r} (no such file)")
-    if args.model != "smollm2" and not Path(args.model).exists():
-        parser.error(f"--model: expected 'smollm2', a local HF model folder or a .gguf file, got {args.model!r}")
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            parser.error(f"--device: expected cpu or cuda, got {args.device!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error(f"--device: {args.device!r} asked for, but torch {torch.__version__} sees no CUDA device")
-    if args.backend is not None and args.backend not in ("torch", "triton", "cuda"):
-        parser.error(f"--backend: expected torch, triton or cuda, got {args.backend!r}")
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        parser.error(f"--out: expected a folder the search can write its log and results to, got {args.out!r} "
-                     f"({error.strerror or error})")  # fmt: skip
+    check_model_device_backend(parser, args)
+    check_writable_folder(parser, "--out", args.out, "the search can write its log and results to")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ Nothing is ever fetched from a hub: ``HF_HUB_OFFLINE=1`` is set before transform
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import inspect
 import os
@@ -107,3 +108,15 @@ def output_cache(out: object) -> object:
     """The KV cache of a model output: ``out.cache`` (transformers >= 5.24) or ``out.past_key_values``."""
     names = {field.name for field in dataclasses.fields(out)}
     return out.cache if "cache" in names else out.past_key_values
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the model's state_dict: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        data = tensor.cpu().contiguous().reshape(-1)
+        if data.numel():
+            digest.update(memoryview(data.view(torch.uint8).numpy()))
+    return digest.hexdigest()

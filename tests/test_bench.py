@@ -53,3 +53,16 @@ def test_results_go_to_a_fresh_folder_by_default(tmp_path, monkeypatch):
     second = Path(parser.parse_args([]).out)
     assert first.parent.name == second.parent.name == RESULTS_ROOT
     assert second != first and not second.exists()
+
+
+def test_training_suite_compares_packed_and_padded_on_the_same_tokens():
+    from lr2kernels.apps.bench.training import COLUMNS, run
+    from tests.hf.test_patch import tiny_model
+
+    rows = run(tiny_model("llama").train(), torch.device("cpu"), seq_len=96, rows=2, docs_per_batch=3, reps=1, seed=0)
+    assert [row["provider"] for row in rows] == ["stock, padded", "stock, packed", "patched, packed"]
+    assert all(set(COLUMNS) <= set(row) for row in rows)
+    assert len({row["real_tokens"] for row in rows}) == 1  # the same documents for all three
+    assert rows[1]["computed_tokens"] == rows[2]["computed_tokens"] == 2 * 96
+    assert all(row["ms"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+    assert rows[0]["speedup"] == 1.0

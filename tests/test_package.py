@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import importlib
 import subprocess
 import sys
@@ -42,3 +43,18 @@ def test_version_and_help_import_no_torch():
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().splitlines()[-1] == "False", flag
     assert lr2kernels.__version__ in _run("from lr2kernels.apps.cli import main; main(['--version'])").stdout
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["lr2kernels.apps.search_job", "lr2kernels.apps.finetune_job", "lr2kernels.apps.demo",
+     "lr2kernels.apps.bench.extension", "lr2kernels.apps.bench.training"],  # fmt: skip
+)
+def test_every_command_option_has_help_text(module):
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(module).add_arguments(parser)
+    silent = [action.option_strings for action in parser._actions if action.help in (None, "")]
+    assert not silent

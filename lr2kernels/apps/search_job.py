@@ -62,12 +62,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="highest critical pair searched (default: the theoretical critical dimension)",
     )
     parser.add_argument("--critical-window", type=int, default=4, help="also search this many pairs below it")
-    parser.add_argument("--population", type=int, default=defaults.population)
-    parser.add_argument("--parents", type=int, default=defaults.parents)
-    parser.add_argument("--mutations", type=int, default=defaults.mutations)
-    parser.add_argument("--crossovers", type=int, default=defaults.crossovers)
-    parser.add_argument("--iterations", type=int, default=defaults.iterations)
-    parser.add_argument("--mutation-prob", type=float, default=defaults.mutation_prob)
+    parser.add_argument(
+        "--population",
+        type=int,
+        default=defaults.population,
+        help=f"candidate tables per generation (default {defaults.population})",
+    )
+    parser.add_argument(
+        "--parents",
+        type=int,
+        default=defaults.parents,
+        help=f"best candidates kept to breed the next generation (default {defaults.parents})",
+    )
+    parser.add_argument(
+        "--mutations",
+        type=int,
+        default=defaults.mutations,
+        help=f"children by mutating a parent, per generation (default {defaults.mutations})",
+    )
+    parser.add_argument(
+        "--crossovers",
+        type=int,
+        default=defaults.crossovers,
+        help=f"children by crossing two parents, per generation (default {defaults.crossovers})",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=defaults.iterations,
+        help=f"generations after the initial population (default {defaults.iterations})",
+    )
+    parser.add_argument(
+        "--mutation-prob",
+        type=float,
+        default=defaults.mutation_prob,
+        help=f"chance that a mutation moves each factor (default {defaults.mutation_prob})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the needle samples and the search")
     add_out_option(parser, "lr2_search", "table, HF config, plot, summary; its log makes a rerun resume")
     parser.add_argument(

@@ -152,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="only these methods (names: original, PI, NTK, YaRN and the --table names; default all)",
     )
     parser.add_argument("--samples", type=int, default=2, help="needle and passkey samples per length")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the samples (default 0)")
     add_out_option(parser, fresh_results_folder(), "rows are appended to extension.csv there, extension.png written")
 
 

@@ -146,7 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=2, help="packed rows: half long documents (default 2)")
     parser.add_argument("--docs-per-batch", type=int, default=4, help="documents per padded batch (default 4)")
     parser.add_argument("--reps", type=int, default=2, help="timed rounds after the warm-up (default 2)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the documents (default 0)")
     add_out_option(parser, fresh_results_folder(), "rows are appended to training.csv there")
 
 

@@ -48,8 +48,13 @@ def test_version_and_help_import_no_torch():
 
 @pytest.mark.parametrize(
     "module",
-    ["lr2kernels.apps.search_job", "lr2kernels.apps.finetune_job", "lr2kernels.apps.demo",
-     "lr2kernels.apps.bench.extension", "lr2kernels.apps.bench.training"],  # fmt: skip
+    [
+        "lr2kernels.apps.search_job",
+        "lr2kernels.apps.finetune_job",
+        "lr2kernels.apps.demo",
+        "lr2kernels.apps.bench.extension",
+        "lr2kernels.apps.bench.training",
+    ],  # fmt: skip
 )
 def test_every_command_option_has_help_text(module):
     import argparse

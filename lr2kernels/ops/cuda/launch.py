@@ -1,0 +1,209 @@
+"""Launchers of the CUDA kernels (``lr2kernels._cuda``, built from ``csrc/``): tensors and Python scalars in, new
+tensors out, no host reads of device data.
+
+The extension takes raw pointers, sizes, strides and the CUDA stream as integers (no torch C++ ABI), so this module
+does the tensor side: the last dim made contiguous, int32 positions/offsets, the output allocated, the stream of the
+tensors' device. The extension is imported on the first launch (or availability probe), never at package import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import types
+
+import torch
+from torch import Tensor
+
+__all__ = ["DECODE_HEAD_DIMS", "apply_rope", "device_count", "extension", "load_extension", "rerotate", "rope_decode"]
+
+# Head sizes the rope_decode kernel is instantiated for (csrc/lr2_cuda.h: kDecodeHeadDims; the tests check they agree).
+DECODE_HEAD_DIMS = (64, 96, 128, 256)
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 64
+_BUILD_HINT = (
+    "reinstall where nvcc is present with LR2_BUILD_CUDA=1 (pip install --no-build-isolation -e .) to build it"
+)
+
+
+@functools.cache
+def load_extension() -> tuple[types.ModuleType | None, str]:
+    """(the extension module, "") or (None, why it cannot be imported). Imported once."""
+    try:
+        return importlib.import_module("lr2kernels._cuda"), ""
+    except ImportError as error:
+        return None, f"the CUDA extension lr2kernels._cuda is not built ({error}); {_BUILD_HINT}"
+
+
+def extension() -> types.ModuleType:
+    """The extension module, or a RuntimeError that says how to build it."""
+    module, reason = load_extension()
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
+@functools.cache
+def device_count() -> tuple[int, str]:
+    """(CUDA devices the extension's runtime sees, "" or the runtime's reason when it sees none)."""
+    return tuple(extension().device_count())
+
+
+def _dtype_code(x: Tensor) -> int:
+    if x.dtype not in _DTYPE_CODES:
+        raise ValueError(f"the CUDA kernels take float32, float16 or bfloat16 tensors, got {x.dtype}")
+    return _DTYPE_CODES[x.dtype]
+
+
+def _contiguous_last(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _int32(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.to(torch.int32).contiguous()
+
+
+def _ptr(x: Tensor | None) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _bht_strides(x: Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, token) strides of dense ``[B, H, L, D]`` or varlen ``[T, H, D]`` (batch stride 0)."""
+    if varlen:
+        return 0, x.stride(1), x.stride(0)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _position_batch_stride(position_ids: Tensor | None) -> int:
+    """Only a ``[B, L]`` tensor with B > 1 has a stride between sequences; ``[L]``, ``[1, L]`` are shared."""
+    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] > 1:
+        return position_ids.stride(0)
+    return 0
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(programs: int, max_len: int, device: torch.device) -> int:
+    """KV splits per (sequence, kv head, row block): about two waves of blocks, >= 256 keys per split; decided from
+    the cache's capacity (no host read of cache_seqlens); the kernel shares each sequence's length evenly."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    return max(1, min(_cdiv(2 * sms, programs), max_len // 256, _MAX_SPLITS))
+
+
+def rope_decode(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, inv_freq: Tensor, original_max_position: int,
+    attention_short: float, attention_long: float, softmax_scale: float, num_splits: int | None = None,
+) -> Tensor:  # fmt: skip
+    """As :func:`lr2kernels.ops.triton.decode.rope_decode`: ``[B, Hq, n, D]`` in q's dtype, contiguous."""
+    ext = extension()
+    q, k_cache, v_cache = (_contiguous_last(x) for x in (q, k_cache, v_cache))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.numel() == 0:
+        return out
+    batch, num_q_heads, n_new, head_dim = q.shape
+    num_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    num_rows = group * n_new
+    rows_per_block = 4 if head_dim >= 256 else 8  # csrc/rope_decode.cuh: decode_rows<D>()
+    if num_splits is None:
+        num_splits = _num_splits(batch * num_kv_heads * _cdiv(num_rows, rows_per_block), max_len, q.device)
+    if num_splits > 1:
+        o_part = torch.empty((batch * num_kv_heads, num_splits, num_rows, head_dim), dtype=torch.float32,
+                             device=q.device)  # fmt: skip
+        lse_part = torch.empty((batch * num_kv_heads, num_splits, num_rows), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = None
+    seqlens = _int32(cache_seqlens)
+    inv_freq = inv_freq.to(torch.float32).contiguous()
+    with torch.cuda.device(q.device):
+        ext.rope_decode(
+            _dtype_code(q), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), _ptr(o_part),
+            _ptr(lse_part), seqlens.data_ptr(), inv_freq.data_ptr(),
+            q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], out.stride()[:3],
+            batch, num_kv_heads, group, n_new, inv_freq.shape[-1], head_dim, num_splits, original_max_position,
+            softmax_scale * _LOG2E, attention_short, attention_long, _stream(q.device),
+        )  # fmt: skip
+    return out
+
+
+def apply_rope(
+    q: Tensor | None, k: Tensor | None,
+    inv_freq: Tensor, is_long: Tensor, position_ids: Tensor | None, cu_seqlens: Tensor | None, max_seqlen: int,
+    attention_short: float, attention_long: float, transposed: bool,
+) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """As :func:`lr2kernels.ops.triton.rope.apply_rope`: rotated ``(q, k)`` in one launch (None stays None)."""
+    ext = extension()
+    q = _contiguous_last(q) if q is not None else None
+    k = _contiguous_last(k) if k is not None else None
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q is not None else None
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k is not None else None
+    present = [x for x in (q, k) if x is not None]
+    if not present or all(x.numel() == 0 for x in present):
+        return q_out, k_out
+    varlen = cu_seqlens is not None
+    first = present[0]
+    batch = cu_seqlens.shape[0] - 1 if varlen else first.shape[0]
+    seq_len = first.shape[0] if varlen else first.shape[2]  # varlen: total tokens
+    if batch == 0 or seq_len == 0:
+        return q_out, k_out
+    # A missing tensor gets 0 heads; the other one's pointers stand in for it.
+    q_in, q_dst = (q, q_out) if q is not None else (k, k_out)
+    k_in, k_dst = (k, k_out) if k is not None else (q, q_out)
+    is_long = _int32(is_long)
+    cu = _int32(cu_seqlens)
+    positions = _int32(position_ids)
+    inv_freq = inv_freq.to(torch.float32).contiguous()
+    with torch.cuda.device(q_in.device):
+        ext.rope_rotate(
+            _dtype_code(q_in),
+            q_in.data_ptr(), q_dst.data_ptr(), q.shape[1] if q is not None else 0,
+            _bht_strides(q_in, varlen), _bht_strides(q_dst, varlen),
+            k_in.data_ptr(), k_dst.data_ptr(), k.shape[1] if k is not None else 0,
+            _bht_strides(k_in, varlen), _bht_strides(k_dst, varlen),
+            inv_freq.data_ptr(), inv_freq.shape[-1], q_in.shape[-1], is_long.data_ptr(), _ptr(cu), _ptr(positions),
+            _position_batch_stride(positions), batch, seq_len, attention_short, attention_long, transposed,
+            False, False, False, 1.0, _stream(q_in.device),
+        )  # fmt: skip
+    return q_out, k_out
+
+
+def rerotate(
+    k: Tensor, inv_freq: Tensor, position_ids: Tensor, from_long: bool, to_long: bool, scale: float, transposed: bool
+) -> Tensor:
+    """As :func:`lr2kernels.ops.triton.rope.rerotate`: POST-RoPE keys moved between the tables, a new tensor."""
+    ext = extension()
+    k = _contiguous_last(k)
+    out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if k.numel() == 0:
+        return out
+    if from_long == to_long and scale == 1.0:
+        return out.copy_(k)
+    dense = k.dim() == 4
+    # [T, H, D] is one sequence of T tokens: batch 1, (0, head, token) strides.
+    batch, num_heads, seq_len = (k.shape[0], k.shape[1], k.shape[2]) if dense else (1, k.shape[1], k.shape[0])
+    positions = _int32(position_ids)
+    inv_freq = inv_freq.to(torch.float32).contiguous()
+    k_strides, out_strides = _bht_strides(k, not dense), _bht_strides(out, not dense)
+    with torch.cuda.device(k.device):
+        ext.rope_rotate(
+            _dtype_code(k), k.data_ptr(), out.data_ptr(), num_heads, k_strides, out_strides,
+            k.data_ptr(), out.data_ptr(), 0, k_strides, out_strides,
+            inv_freq.data_ptr(), inv_freq.shape[-1], k.shape[-1], 0, 0, positions.data_ptr(),
+            _position_batch_stride(positions), batch, seq_len, 1.0, 1.0, transposed,
+            True, from_long, to_long, scale, _stream(k.device),
+        )  # fmt: skip
+    return out

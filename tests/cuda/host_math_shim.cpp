@@ -1,0 +1,74 @@
+// Host shim over csrc/rope_math.cuh for tests/cuda/test_host_math.py (loaded with ctypes): the same inline functions
+// the kernels call, compiled by the host compiler.
+#include "rope_math.cuh"
+
+extern "C" {
+
+// angles[i, j] = rope_angle(pos[i], inv_freq[j]); cos/sin of them times `attention`.
+void lr2_angles(const int* pos, int n, const float* inv_freq, int half, float attention, float* angle, float* c,
+                float* s) {
+    for (int i = 0; i < n; ++i) {
+        for (int j = 0; j < half; ++j) {
+            const float a = lr2::rope_angle(pos[i], inv_freq[j]);
+            angle[i * half + j] = a;
+            lr2::rope_cos_sin(a, attention, &c[i * half + j], &s[i * half + j]);
+        }
+    }
+}
+
+// x [n, 2 * half] rotated pair-wise (NeoX halves) with cos/sin [n, half].
+void lr2_rotate(const float* x, int n, int half, const float* c, const float* s, int transposed, float* y) {
+    for (int i = 0; i < n; ++i) {
+        for (int j = 0; j < half; ++j) {
+            const int k = i * half + j;
+            lr2::rotate_pair(x[i * 2 * half + j], x[i * 2 * half + j + half], c[k], s[k], transposed != 0,
+                             &y[i * 2 * half + j], &y[i * 2 * half + j + half]);
+        }
+    }
+}
+
+void lr2_rerotate_cos_sin(float cf, float sf, float ct, float st, float* c, float* s) {
+    lr2::rerotate_cos_sin(cf, sf, ct, st, c, s);
+}
+
+// The online-softmax state (m, l, acc [d]) of scores [n] (log2 units, -inf masked) and values [n, d].
+void lr2_softmax_state(const float* scores, const float* v, int n, int d, float* m, float* l, float* acc) {
+    *m = -INFINITY;
+    *l = 0.0f;
+    for (int c = 0; c < d; ++c) acc[c] = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        float alpha, p;
+        lr2::softmax_update(scores[i], m, l, &alpha, &p);
+        for (int c = 0; c < d; ++c) acc[c] = acc[c] * alpha + p * v[i * d + c];
+    }
+}
+
+// Merge of two states, then finished: out [d] = acc / l, lse = m + log2(l).
+void lr2_merge_finish(float m_a, float l_a, const float* acc_a, float m_b, float l_b, const float* acc_b, int d,
+                      float* out, float* lse) {
+    float m, w_a, w_b, inv_l;
+    lr2::softmax_merge_weights(m_a, m_b, &m, &w_a, &w_b);
+    const float l = l_a * w_a + l_b * w_b;
+    lr2::softmax_finish(m, l, lse, &inv_l);
+    for (int c = 0; c < d; ++c) out[c] = (acc_a[c] * w_a + acc_b[c] * w_b) * inv_l;
+}
+
+// Finish one state: o [d], lse.
+void lr2_finish(float m, float l, const float* acc, int d, float* out, float* lse) {
+    float inv_l;
+    lr2::softmax_finish(m, l, lse, &inv_l);
+    for (int c = 0; c < d; ++c) out[c] = acc[c] * inv_l;
+}
+
+// The split combine of the merge kernel: finished partials (o [s, d], lse [s]) -> out [d].
+void lr2_combine(const float* o, const float* lse, int splits, int d, float* out) {
+    float m = -INFINITY, l = 0.0f;
+    for (int c = 0; c < d; ++c) out[c] = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        float alpha, w;
+        lr2::softmax_update(lse[s], &m, &l, &alpha, &w);
+        for (int c = 0; c < d; ++c) out[c] = out[c] * alpha + w * o[s * d + c];
+    }
+    for (int c = 0; c < d; ++c) out[c] = l > 0.0f ? out[c] / l : 0.0f;
+}
+}

@@ -1,0 +1,174 @@
+"""csrc/rope_math.cuh, compiled for the host (g++) through a ctypes shim, against lr2kernels.reference / torch fp64.
+
+The kernels call these same inline functions (angle, pair rotation, online-softmax update and merge), so their math is
+checked here without a GPU. On the device, rope_cos_sin uses CUDA's sincosf (2 ulp, full-range argument reduction);
+on the host the shim uses libm's sinf/cosf: the angles (one fp32 multiply) are bit-identical either way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import subprocess
+
+import pytest
+import torch
+
+from lr2kernels import reference
+from lr2kernels.tables import RopeTable
+from tests.cuda.conftest import CSRC, host_compiler
+
+SHIM = CSRC.parent / "tests" / "cuda" / "host_math_shim.cpp"
+HEAD_DIM = 128
+L0 = 4096
+
+
+@pytest.fixture(scope="session")
+def shim(tmp_path_factory):
+    compiler = host_compiler()
+    if compiler is None:
+        pytest.skip("no host C++ compiler (g++, c++ or clang++) to build the rope_math.cuh shim")
+    library = tmp_path_factory.mktemp("rope_math") / "librope_math.so"
+    # -ffp-contract=off: every product rounded on its own, as the device code's angle (a single multiply) is.
+    cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", f"-I{CSRC}", str(SHIM), "-o",
+           str(library)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return ctypes.CDLL(str(library))
+
+
+def _p(t: torch.Tensor) -> ctypes.c_void_p:
+    assert t.is_contiguous()
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _f(x: float) -> ctypes.c_float:
+    return ctypes.c_float(x)
+
+
+@pytest.fixture(scope="module")
+def table() -> RopeTable:
+    gen = torch.Generator().manual_seed(0)
+    half = HEAD_DIM // 2
+    short = (1.0 + torch.rand(half, generator=gen) * 0.5).tolist()
+    long = torch.linspace(1.0, 40.0, half).mul(1.0 + 0.1 * torch.rand(half, generator=gen)).tolist()
+    return RopeTable.longrope(head_dim=HEAD_DIM, base=10000.0, original_max_position=L0, max_position=32 * L0,
+                              short_factor=short, long_factor=long)  # fmt: skip
+
+
+def _positions() -> torch.Tensor:
+    edges = torch.tensor([0, 1, 2, 3, L0 - 1, L0, L0 + 1, 2**17 - 1, 2**17, 2**20 - 1, 2**20])
+    return torch.cat([edges, torch.arange(0, 2**20, 4093)]).to(torch.int32).contiguous()
+
+
+def _angles(shim, positions, inv_freq, attention):
+    n, half = positions.numel(), inv_freq.numel()
+    angle, cos, sin = (torch.empty(n, half, dtype=torch.float32) for _ in range(3))
+    shim.lr2_angles(_p(positions), n, _p(inv_freq), half, _f(attention), _p(angle), _p(cos), _p(sin))
+    return angle, cos, sin
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
+def test_angles_are_hf_fp32_and_cos_sin_accurate(shim, table, long):
+    positions = _positions()
+    inv_freq = table.inv_freq(long).float().contiguous()
+    attention = table.attention_factor_for(long)
+    angle, cos, sin = _angles(shim, positions, inv_freq, attention)
+    # The angle: float32(position) * inv_freq rounded once, bit for bit as HF / the torch backend.
+    expected = positions.float()[:, None] * inv_freq
+    assert torch.equal(angle, expected)
+    # cos/sin against fp64 of the same fp32 angle, and no worse than HF's own fp32 path (table.cos_sin).
+    exact_cos = torch.cos(expected.double()) * attention
+    exact_sin = torch.sin(expected.double()) * attention
+    hf_cos, hf_sin = table.cos_sin(positions.long(), long=long)
+    half = inv_freq.numel()
+    hf_error = max(
+        (hf_cos[:, :half].double() - exact_cos).abs().max(), (hf_sin[:, :half].double() - exact_sin).abs().max()
+    )
+    our_error = max((cos.double() - exact_cos).abs().max(), (sin.double() - exact_sin).abs().max())
+    assert our_error <= max(float(hf_error), 1.5e-7 * attention), (our_error, hf_error)
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
+def test_rotation_equals_reference(shim, table, long):
+    positions = _positions()[:64].contiguous()
+    inv_freq = table.inv_freq(long).float().contiguous()
+    _, cos, sin = _angles(shim, positions, inv_freq, table.attention_factor_for(long))
+    x = torch.randn(positions.numel(), HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    y = torch.empty_like(x)
+    shim.lr2_rotate(_p(x), x.shape[0], HEAD_DIM // 2, _p(cos), _p(sin), 0, _p(y))
+    cos_full, sin_full = torch.cat((cos, cos), -1).double(), torch.cat((sin, sin), -1).double()
+    torch.testing.assert_close(y.double(), reference.rotate(x.double(), cos_full, sin_full), atol=2e-6, rtol=1e-6)
+    # The transposed rotation (the backward) undoes it up to the attention factor squared.
+    back = torch.empty_like(x)
+    shim.lr2_rotate(_p(y), x.shape[0], HEAD_DIM // 2, _p(cos), _p(sin), 1, _p(back))
+    torch.testing.assert_close(back.double(), reference.rotate(y.double(), cos_full, -sin_full), atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(back.double() / table.attention_factor_for(long) ** 2, x.double(), atol=3e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("from_long", "to_long"), [(False, True), (True, False)])
+def test_rerotate_cos_sin(shim, table, from_long, to_long):
+    positions = _positions()
+    scale = table.attention_factor_for(to_long) / table.attention_factor_for(from_long)
+    angle_f, cos_f, sin_f = _angles(shim, positions, table.inv_freq(from_long).float().contiguous(), 1.0)
+    angle_t, cos_t, sin_t = _angles(shim, positions, table.inv_freq(to_long).float().contiguous(), scale)
+    c, s = ctypes.c_float(), ctypes.c_float()
+    diff = angle_t.double() - angle_f.double()
+    for index in [0, 5, 100, positions.numel() * table.rotary_dim // 2 - 1]:
+        i, j = divmod(index, table.rotary_dim // 2)
+        args = (float(cos_f[i, j]), float(sin_f[i, j]), float(cos_t[i, j]), float(sin_t[i, j]))
+        shim.lr2_rerotate_cos_sin(*map(_f, args), ctypes.byref(c), ctypes.byref(s))
+        assert c.value == pytest.approx(scale * math.cos(diff[i, j]), abs=5e-7)
+        assert s.value == pytest.approx(scale * math.sin(diff[i, j]), abs=5e-7)
+
+
+def _state(shim, scores, v):
+    m, l = ctypes.c_float(), ctypes.c_float()
+    acc = torch.empty(v.shape[1])
+    shim.lr2_softmax_state(_p(scores), _p(v), scores.numel(), v.shape[1], ctypes.byref(m), ctypes.byref(l), _p(acc))
+    return m.value, l.value, acc
+
+
+def _expected(scores, v):
+    """softmax over the union in fp64 (scores in log2 units), and lse in log2 units; masked everywhere: 0, -inf."""
+    s = scores.double() * math.log(2.0)
+    if torch.isinf(s).all():
+        return torch.zeros(v.shape[1], dtype=torch.float64), -math.inf
+    w = torch.softmax(s, 0)
+    return w @ v.double(), float(torch.logsumexp(s, 0)) / math.log(2.0)
+
+
+@pytest.mark.parametrize("case", ["split", "one_empty", "both_empty", "huge_scores"])
+def test_softmax_merge_equals_softmax_over_union(shim, case):
+    gen = torch.Generator().manual_seed(2)
+    n, d, cut = 37, 16, 15
+    scores = torch.randn(n, generator=gen) * 4
+    scores[torch.rand(n, generator=gen) < 0.2] = -math.inf  # some masked keys
+    if case == "one_empty":
+        scores[:cut] = -math.inf
+    elif case == "both_empty":
+        scores[:] = -math.inf
+    elif case == "huge_scores":
+        scores = scores * 100
+    v = torch.randn(n, d, generator=gen)
+    expected_out, expected_lse = _expected(scores, v)
+    state_a = _state(shim, scores[:cut].contiguous(), v[:cut].contiguous())
+    state_b = _state(shim, scores[cut:].contiguous(), v[cut:].contiguous())
+
+    out, lse = torch.empty(d), ctypes.c_float()
+    shim.lr2_merge_finish(_f(state_a[0]), _f(state_a[1]), _p(state_a[2]), _f(state_b[0]), _f(state_b[1]),
+                          _p(state_b[2]), d, _p(out), ctypes.byref(lse))  # fmt: skip
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), expected_out, atol=2e-6, rtol=2e-6)
+    assert lse.value == pytest.approx(expected_lse, abs=2e-5) if math.isfinite(expected_lse) else lse.value == -math.inf
+
+    # The split combine of the merge kernel: each state finished to (o, lse), then combined by lse.
+    parts, lses = [], []
+    for m, l, acc in (state_a, state_b):
+        o, part_lse = torch.empty(d), ctypes.c_float()
+        shim.lr2_finish(_f(m), _f(l), _p(acc), d, _p(o), ctypes.byref(part_lse))
+        parts.append(o)
+        lses.append(part_lse.value)
+    combined = torch.empty(d)
+    stacked, lse_t = torch.stack(parts).contiguous(), torch.tensor(lses, dtype=torch.float32)
+    shim.lr2_combine(_p(stacked), _p(lse_t), 2, d, _p(combined))
+    torch.testing.assert_close(combined.double(), expected_out, atol=2e-6, rtol=2e-6)

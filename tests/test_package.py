@@ -64,3 +64,13 @@ def test_every_command_option_has_help_text(module):
     importlib.import_module(module).add_arguments(parser)
     silent = [action.option_strings for action in parser._actions if action.help in (None, "")]
     assert not silent
+
+
+def test_info_says_why_a_backend_is_unavailable():
+    from lr2kernels.apps.info import collect_info
+
+    info = collect_info()
+    assert "torch" in info["backends"]
+    for name in ("triton", "cuda"):
+        assert (name in info["backends"]) != (name in info["unavailable"])
+        assert info["unavailable"].get(name, "x")  # a reason, never empty

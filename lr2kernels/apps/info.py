@@ -25,6 +25,7 @@ def collect_info() -> dict[str, Any]:
 
     from lr2kernels import available_backends
     from lr2kernels._version import __version__
+    from lr2kernels.ops.dispatch import _BACKENDS, backend_status
 
     cuda = torch.cuda.is_available()
     return {
@@ -35,6 +36,7 @@ def collect_info() -> dict[str, Any]:
         "cuda_available": cuda,
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
         "backends": list(available_backends()),
+        "unavailable": {name: backend_status(name)[1] for name in _BACKENDS if not backend_status(name)[0]},
     }
 
 
@@ -54,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("triton", info["triton"]),
         ("cuda", cuda),
         ("backends", ", ".join(info["backends"])),
+        *((f"  {name}", f"unavailable: {reason}") for name, reason in info["unavailable"].items()),
     ]
     for name, value in rows:
         print(f"{name:<11} {value}")

@@ -148,3 +148,13 @@ def test_cuda_call_the_kernels_decline_falls_back_to_torch_with_one_warning(monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per (op, device type)
         assert dispatch.resolve(None, _attention_call(torch.float64, device="cuda")).NAME == "torch"
+
+
+def test_per_sequence_grids_put_heads_and_sequences_on_their_own_axes():
+    # CUDA caps grid axes 1 and 2 at 65,535: 2,048 sequences x 32 heads must not share one axis.
+    pytest.importorskip("triton")
+    from lr2kernels.ops.triton._host import sequence_grid
+
+    assert sequence_grid(7, 32, 2048) == (7, 32, 2048)
+    with pytest.raises(ValueError, match=r"at most 65535 sequences .* got 70000 sequences"):
+        sequence_grid(1, 8, 70_000)

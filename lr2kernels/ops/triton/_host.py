@@ -25,6 +25,23 @@ def contiguous_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+MAX_GRID_YZ = 65_535  # CUDA's limit on grid axes 1 and 2
+
+
+def sequence_grid(token_blocks: int, per_sequence: int, sequences: int) -> tuple[int, int, int]:
+    """The grid ``(token blocks, heads or chunks of heads, sequences)`` of the per-sequence kernels.
+
+    Heads and sequences get an axis each: CUDA caps axes 1 and 2 at 65,535, which their product (e.g. 2,048
+    sequences x 32 heads) would exceed on one axis.
+    """
+    if per_sequence > MAX_GRID_YZ or sequences > MAX_GRID_YZ:
+        raise ValueError(
+            f"q: at most {MAX_GRID_YZ} sequences and {MAX_GRID_YZ} heads per call (a CUDA grid limit), got "
+            f"{sequences} sequences and {per_sequence} heads; split the batch"
+        )
+    return token_blocks, per_sequence, sequences
+
+
 def new_like(x: torch.Tensor) -> torch.Tensor:
     """A contiguous, uninitialized tensor of x's shape, dtype and device (written by a kernel with ITS strides)."""
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)

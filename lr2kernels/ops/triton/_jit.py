@@ -45,14 +45,17 @@ def _sequence_program(
     per_seq, cu_seqlens_ptr, is_long_ptr, pos_ptr, stride_pos_b, seq_len_dense, attention_short, attention_long,
     BLOCK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
-    """Prologue of a program of the grid ``(token blocks of BLOCK, sequences x per_seq)`` (per_seq: heads, or
-    chunks of heads): where it is and which table it uses.
+    """Prologue of a program of the grid ``(token blocks of BLOCK, per_seq, sequences)`` (per_seq: heads, or
+    chunks of heads; :func:`lr2kernels.ops.triton._host.sequence_grid`): where it is and which table it uses.
+
+    Heads and sequences take axes 1 and 2 (CUDA caps each at 65,535) rather than one axis of their product, which
+    thousands of sequences at 32 heads would overflow.
 
     Returns ``(first token of the block, seq, index within the sequence, first token of the sequence, its length,
     is_long, attention factor, the sequence's position row)``. The caller exits early when the block starts past the
     length (a jit helper cannot end the kernel).
     """
-    pid = tl.program_id(1)
+    pid = tl.program_id(2) * per_seq + tl.program_id(1)
     seq = pid // per_seq
     start, seq_len = _seq_bounds(cu_seqlens_ptr, seq, seq_len_dense, IS_VARLEN)
     is_long, attention = _sequence_table(is_long_ptr, seq, attention_short, attention_long)

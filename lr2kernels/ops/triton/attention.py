@@ -30,6 +30,7 @@ from lr2kernels.ops.triton._host import (
     new_like,
     rotary_dim_of,
     sequence_args,
+    sequence_grid,
     sequences,
     split_sizes,
     triton_interpreting,
@@ -366,7 +367,7 @@ def rope_attention_fwd(
     if q.numel() == 0 or batch == 0 or seq_len == 0:
         return out, lse
     is_long, cu_ptr, pos_ptr, stride_pos_b = sequence_args(is_long, position_ids, cu_seqlens)
-    grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)
+    grid = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_M"]), num_q_heads, batch)
     _rope_attention_fwd_kernel[grid](
         q, k, v, out, lse, inv_freq, cu_ptr, pos_ptr, is_long,
         *bht_strides(q, varlen), *bht_strides(k, varlen), *bht_strides(v, varlen), *bht_strides(out, varlen),
@@ -401,13 +402,13 @@ def rope_attention_bwd(
     table_args = (inv_freq, cu_ptr, pos_ptr, is_long)
     input_strides = (*bht_strides(q, varlen), *bht_strides(k, varlen), *bht_strides(v, varlen),
                      *bht_strides(grad_out, varlen))  # fmt: skip
-    grid_q = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)
+    grid_q = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_M"]), num_q_heads, batch)
     _rope_attention_bwd_dq_kernel[grid_q](
         q, k, v, grad_out, dq, lse, delta, *table_args, *input_strides, *bht_strides(dq, varlen),
         *_lse_strides(lse, varlen), stride_pos_b, seq_len, num_q_heads, num_q_heads // num_kv_heads,
         softmax_scale, attention_short, attention_long, **constexprs,
     )  # fmt: skip
-    grid_kv = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * num_kv_heads)
+    grid_kv = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_N"]), num_kv_heads, batch)
     _rope_attention_bwd_dkdv_kernel[grid_kv](
         q, k, v, grad_out, dk, dv, lse, delta, *table_args, *input_strides,
         *bht_strides(dk, varlen), *bht_strides(dv, varlen),

@@ -31,6 +31,7 @@ from lr2kernels.ops.triton._host import (
     position_batch_stride,
     rotary_dim_of,
     sequence_args,
+    sequence_grid,
     sequences,
     sm_count,
     split_sizes,
@@ -117,9 +118,8 @@ def _rerotate_kernel(
     BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
-    pid_sc = tl.program_id(1)
-    seq = pid_sc // num_chunks
-    chunk = pid_sc % num_chunks
+    seq = tl.program_id(2)  # the grid of sequence_grid: (token blocks, chunks, sequences)
+    chunk = tl.program_id(1)
     if pid_t * BLOCK >= seq_len:
         return
     rows = pid_t * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
@@ -192,7 +192,7 @@ def apply_rope(
     block, per_program, num_chunks = _grid(seq_len, batch, num_q_heads + num_k_heads, head_dim, q_in.device)
     varlen = cu_seqlens is not None
     is_long, cu_ptr, pos_ptr, stride_pos_b = sequence_args(is_long, position_ids, cu_seqlens)
-    _apply_rope_kernel[(triton.cdiv(seq_len, block), batch * num_chunks)](
+    _apply_rope_kernel[sequence_grid(triton.cdiv(seq_len, block), num_chunks, batch)](
         q_in, k_in, q_dst, k_dst, inv_freq, cu_ptr, pos_ptr, is_long,
         *bht_strides(q_in, varlen), *bht_strides(k_in, varlen), *bht_strides(q_dst, varlen),
         *bht_strides(k_dst, varlen),
@@ -226,7 +226,7 @@ def rerotate(
     batch, num_heads, seq_len = (k.shape[0], k.shape[1], k.shape[2]) if dense else (1, k.shape[1], k.shape[0])
     position_ids = int32(position_ids)
     block, per_program, num_chunks = _grid(seq_len, batch, num_heads, k.shape[-1], k.device)
-    _rerotate_kernel[(triton.cdiv(seq_len, block), batch * num_chunks)](
+    _rerotate_kernel[sequence_grid(triton.cdiv(seq_len, block), num_chunks, batch)](
         k, out, inv_freq, position_ids, *bht_strides(k, not dense), *bht_strides(out, not dense),
         position_batch_stride(position_ids), seq_len, num_heads, per_program, num_chunks,
         int(from_long), int(to_long), scale,

@@ -64,5 +64,6 @@ def test_training_suite_compares_packed_and_padded_on_the_same_tokens():
     assert all(set(COLUMNS) <= set(row) for row in rows)
     assert len({row["real_tokens"] for row in rows}) == 1  # the same documents for all three
     assert rows[1]["computed_tokens"] == rows[2]["computed_tokens"] == 2 * 96
-    assert all(row["ms"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+    assert all(row["ms"] > 0 and row["tokens_per_s"] > 0 and row["saved_mb"] > 0 for row in rows)
+    assert rows[2]["saved_mb"] < rows[0]["saved_mb"]  # no padding, no [L, L] mask or scores kept for backward
     assert rows[0]["speedup"] == 1.0

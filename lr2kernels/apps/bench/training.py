@@ -9,7 +9,8 @@ The same documents, the same real tokens, one training step (forward + backward)
 
 Model: the embedded SmolLM2 (or ``--model``), or ``--config`` a real model's config.json at random weights (speed needs
 no trained weights: e.g. a 1B-class llama at 32K tokens per row on a GPU). Rounds alternate providers; the median of
-``--reps`` timed rounds is reported after a warm-up round that measures peak memory.
+``--reps`` timed rounds is reported after a warm-up round that measures memory: the activations autograd saves
+for backward (``saved_mb``, parameters excluded; comparable on any device) and, on a GPU, the allocator's peak.
 
 Run: ``python benchmarks/bench_training.py --seq-len 4096 --rows 2`` (CPU) or ``--config <json> --seq-len 32768``.
 """
@@ -17,6 +18,7 @@ Run: ``python benchmarks/bench_training.py --seq-len 4096 --rows 2`` (CPU) or ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import time
@@ -38,8 +40,8 @@ from lr2kernels.apps.common import (
 )
 from lr2kernels.tables import RopeTable
 
-COLUMNS = ["provider", "seq_len", "documents", "real_tokens", "computed_tokens", "ms", "tokens_per_s", "peak_mb",
-           "speedup"]  # fmt: skip
+COLUMNS = ["provider", "seq_len", "documents", "real_tokens", "computed_tokens", "ms", "tokens_per_s", "saved_mb",
+           "peak_mb", "speedup"]  # fmt: skip
 
 
 def document_lengths(seq_len: int, rows: int, original_length: int, seed: int) -> list[int]:
@@ -71,10 +73,41 @@ def random_model(config_path: str, device: torch.device, dtype: torch.dtype):
     return model.train()
 
 
-def _step(model, batches: list[dict]) -> None:
+class SavedActivations:
+    """Bytes of the tensors autograd keeps for backward during a forward (parameters excluded): the activation
+    memory of a training step, measured the same way on any device. On the CPU it is the comparable number (process
+    RSS never shrinks, so a peak above the start says little about the second provider of a run)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: set[int] = set()
+        self.bytes = 0
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.parameters and storage.data_ptr() not in self.seen:
+            self.seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+        return tensor
+
+
+def _step(model, batches: list[dict], measure: bool = False) -> float:
+    """One training step over ``batches`` (forward + backward each); with ``measure``, the largest batch's saved
+    activations in MB."""
     model.zero_grad(set_to_none=True)
+    largest = 0
     for batch in batches:
-        model(**batch, use_cache=False).loss.backward()
+        saved = SavedActivations(model)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor) if measure else _nothing():
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        largest = max(largest, saved.bytes)
+    return largest / 2**20
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 def run(model, device: torch.device, seq_len: int, rows: int, docs_per_batch: int, reps: int, seed: int) -> list[dict]:
@@ -105,6 +138,7 @@ def run(model, device: torch.device, seq_len: int, rows: int, docs_per_batch: in
                  "patched, packed": ("patched", packed)}  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in providers}
     peaks: dict[str, float] = {}
+    saved: dict[str, float] = {}
     for rep in range(reps + 1):
         for name, (mode, batches) in providers.items():
             if mode == "stock":
@@ -114,7 +148,7 @@ def run(model, device: torch.device, seq_len: int, rows: int, docs_per_batch: in
             with Heartbeat(f"{name}, round {rep}", model):
                 if rep == 0:
                     with PeakMemory(device) as memory:
-                        _step(model, batches)
+                        saved[name] = _step(model, batches, measure=True)
                     peaks[name] = memory.peak_mb
                     continue
                 sync(device)
@@ -131,7 +165,8 @@ def run(model, device: torch.device, seq_len: int, rows: int, docs_per_batch: in
         rows_out.append(dict(
             provider=name, seq_len=seq_len, documents=len(documents), real_tokens=real,
             computed_tokens=computed["padded" if "padded" in name else "packed"], ms=round(seconds * 1e3, 1),
-            tokens_per_s=round(real / seconds, 1), peak_mb=round(peaks[name], 1),
+            tokens_per_s=round(real / seconds, 1), saved_mb=round(saved[name], 1),
+            peak_mb=round(peaks[name], 1) if device.type == "cuda" else "",
             speedup=round(baseline / seconds, 2), model=type(model).__name__,
             dtype=str(next(model.parameters()).dtype).removeprefix("torch."), **env,
         ))  # fmt: skip

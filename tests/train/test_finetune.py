@@ -225,3 +225,14 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     assert any(not torch.equal(one[name], initial[name]) for name in one)
     for name, tensor in one.items():
         torch.testing.assert_close(two[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_training_step(tmp_path):
+    plain, table = model_and_table()
+    checkpointed, _ = model_and_table()
+    settings = FinetuneSettings(**{**SETTINGS.__dict__, "steps": 2, "save_steps": 2})
+    finetune(plain, None, table, documents(), settings, tmp_path / "plain", progress=False)
+    recomputed = FinetuneSettings(**{**settings.__dict__, "gradient_checkpointing": True})
+    finetune(checkpointed, None, table, documents(), recomputed, tmp_path / "checkpointed", progress=False)
+    for (name, want), got in zip(plain.state_dict().items(), checkpointed.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)

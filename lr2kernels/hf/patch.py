@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lr2kernels.hf.attention import ATTENTION_NAME
-from lr2kernels.hf.positions import ForwardTracker, ledger_of
+from lr2kernels.hf.positions import ForwardTracker, newest_cached_position
 from lr2kernels.tables import RopeTable
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -104,15 +104,15 @@ def _prepare_inputs_for_generation(model: torch.nn.Module, input_ids: torch.Tens
     """
     state = getattr(model, _STATE)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    ledger = ledger_of(cache)
     table: RopeTable = state["attention"][0]._lr2_table
     rule: str = state["attention"][0]._lr2_rule
-    if rule == "hf" and ledger is not None and ledger.length and _table_switches(table):
-        newest = ledger.max_position + (input_ids.shape[1] - ledger.length)  # generate advances positions by 1
-        crosses = not table.use_long(ledger.max_position + 1) and table.use_long(newest + 1)
-        if crosses and ledger.length == cache.get_seq_length():
-            cache.reset()  # the next forward runs the whole sequence, with the long table
-            kwargs["next_sequence_length"] = None
+    if rule == "hf" and cache is not None and _table_switches(table):
+        cached = newest_cached_position(cache)  # None: nothing cached (or not by this model): nothing to re-run
+        if cached is not None:
+            newest = cached + (input_ids.shape[1] - cache.get_seq_length())  # generate advances positions by 1
+            if not table.use_long(cached + 1) and table.use_long(newest + 1):
+                cache.reset()  # the next forward runs the whole sequence, with the long table
+                kwargs["next_sequence_length"] = None
     return state["prepare"](model, input_ids, *args, **kwargs)
 
 

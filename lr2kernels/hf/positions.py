@@ -42,6 +42,23 @@ def ledger_of(cache: Any) -> Ledger | None:
     return getattr(cache, LEDGER, None) if cache is not None else None
 
 
+def newest_cached_position(cache: Any) -> int | None:
+    """The highest position among the tokens ``cache`` holds now (None: empty, or not written by a patched model).
+
+    Reconciled with the cache's own length, since ``crop`` (assisted decoding) shortens a cache between forwards;
+    read from the device only in that case and only when rows do not all start at 0.
+    """
+    ledger = ledger_of(cache)
+    past = cache.get_seq_length() if ledger is not None else 0
+    if ledger is None or past == 0 or ledger.length < past:
+        return None
+    if ledger.length == past:
+        return ledger.max_position
+    if ledger.positions is None:
+        return past - 1
+    return int(ledger.positions[:, :past].max())
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)

@@ -300,3 +300,39 @@ def test_real_configs_shrunk(path):
         torch.testing.assert_close(model(ids).logits, stock, atol=1e-5, rtol=1e-5)
         lr2.patch(model, rule="position")
         assert incremental_errors(model, ids[:, : L0 + 6], prefill=L0 - 3) <= 1e-4
+
+
+def _scaled_tiny(arch: str, num_layers: int = 2):
+    model = tiny_model(arch, num_layers=num_layers)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(6.0)  # tables and positions must matter
+    return model
+
+
+def test_assisted_and_beam_generation_across_l0_equal_stock_phi3():
+    # Stock Phi-3 re-runs the sequence when a step first passes L0, also when that step verifies several candidate
+    # tokens (assisted decoding, which then crops the cache) or runs beams (which expand and reorder it): the
+    # patched model (rule="hf") gives the same tokens. (Under HF's rule a verification step that straddles L0 uses
+    # the long table for all its tokens, so assisted decoding need not equal plain greedy; stock's does not either.)
+    stock = _scaled_tiny("phi3")
+    patched = lr2.patch(copy.deepcopy(stock), backend="torch")
+    assistant = tiny_model("phi3", num_layers=1)
+    prompt = _ids(1, L0 - 5)
+    runs = dict(assisted=dict(assistant_model=assistant, max_new_tokens=12), beams=dict(num_beams=3, max_new_tokens=10))
+    for name, kwargs in runs.items():
+        with torch.no_grad():
+            want = stock.generate(prompt, do_sample=False, **kwargs)
+            got = patched.generate(prompt, do_sample=False, **kwargs)
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_assisted_generation_across_l0_equals_greedy_under_the_position_rule(arch):
+    # rule="position": every token by its own position, so verifying candidates in one step changes nothing.
+    model = lr2.patch(_scaled_tiny(arch), backend="torch", rule="position")
+    prompt = _ids(1, L0 - 5)
+    with torch.no_grad():
+        greedy = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        assisted = model.generate(prompt, max_new_tokens=12, do_sample=False, assistant_model=tiny_model(arch, 1))
+    assert torch.equal(assisted, greedy)

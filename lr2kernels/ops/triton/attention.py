@@ -57,12 +57,54 @@ def _configs(backward: bool) -> list[triton.Config]:
     if triton_interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     tiles = [(64, 64), (64, 32), (32, 64)] if backward else [(128, 64), (128, 32), (64, 64), (64, 32)]
-    return [
+    configs = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
         for m, n in tiles
         for w in (4, 8)
         for s in ((2, 3) if not backward else (2,))
     ]
+    if backward:  # smaller tiles: the only spill-free ones at 256 channels and with partial rotary (_KEEP)
+        configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=8, num_stages=2)
+                    for m, n in ((32, 32), (32, 16), (16, 32))]  # fmt: skip
+    return configs
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop the tiles that spill registers at this head size on sm_80 / sm_90 (ptxas, Triton 3.9) where a spill-free
+    one is left (benchmarks/compile_report.py, benchmarks/results/triton_compile.md). Keyed on the kernel (by its
+    argument names) and the constexprs ``HEAD_DIM_PAD`` and ``PASS``; head sizes not measured keep every tile."""
+    if triton_interpreting():
+        return configs
+    kind = "dkdv" if "DK" in named_args else "dq" if "DQ" in named_args else "fwd"
+    head_pad, partial = kwargs.get("HEAD_DIM_PAD", 128), kwargs.get("PASS", 0) > 0
+    keep = _KEEP.get((kind, head_pad, partial))
+    if keep is None:
+        return configs
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+    return kept or configs
+
+
+def _tiles(tiles: list[tuple[int, int, int]], stages: tuple[int, ...] = (2, 3)) -> set[tuple[int, int, int, int]]:
+    return {(m, n, w, s) for m, n, w in tiles for s in stages}
+
+
+# (kernel, HEAD_DIM_PAD, partial rotary) -> the spill-free (BLOCK_M, BLOCK_N, num_warps, num_stages) on both archs.
+_KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]]] = {
+    ("fwd", 64, False): _tiles(
+        [(128, 64, 4), (128, 64, 8), (128, 32, 4), (128, 32, 8), (64, 64, 8), (64, 32, 4), (64, 32, 8)]
+    ),  # fmt: skip
+    ("fwd", 128, False): _tiles([(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]),
+    ("fwd", 128, True): _tiles([(128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]) | {(128, 64, 8, 2)},
+    ("fwd", 256, False): {(64, 32, 8, 2)},
+    ("dq", 64, False): _tiles([(64, 64, 4), (64, 64, 8), (64, 32, 4), (64, 32, 8), (32, 64, 4), (32, 64, 8)]),
+    ("dq", 128, False): _tiles([(32, 64, 8)]),
+    ("dq", 128, True): _tiles([(16, 32, 8)]),
+    ("dq", 256, False): _tiles([(32, 32, 8)]),
+    ("dkdv", 64, False): _tiles([(32, 64, 8)]),
+    ("dkdv", 128, False): _tiles([(64, 32, 8)]),
+    ("dkdv", 128, True): _tiles([(32, 16, 8)]),
+    ("dkdv", 256, False): _tiles([(32, 16, 8)]),
+}
 
 
 # Not keyed on the length: varlen batches change it every step, and a retune per length would dominate.
@@ -150,7 +192,9 @@ def _row_stats(lse_ptr, delta_ptr, rows, row_mask):
     return lse, tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
 
 
-@triton.autotune(configs=_configs(backward=False), key=_TUNE_KEY)
+@triton.autotune(
+    configs=_configs(backward=False), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+)
 @triton.jit
 def _rope_attention_fwd_kernel(
     Q, K, V, O, LSE, INV_FREQ, CU_SEQLENS, POS, IS_LONG,
@@ -205,7 +249,9 @@ def _rope_attention_fwd_kernel(
     tl.store(lse_base + offs_m, lse_log2 / 1.4426950408889634, mask=m_mask)  # natural log
 
 
-@triton.autotune(configs=_configs(backward=True), key=_TUNE_KEY)
+@triton.autotune(
+    configs=_configs(backward=True), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+)
 @triton.jit
 def _rope_attention_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, INV_FREQ, CU_SEQLENS, POS, IS_LONG,
@@ -261,7 +307,9 @@ def _rope_attention_bwd_dq_kernel(
                          HALF, HALF_PAD, PASS, PASS_PAD)  # fmt: skip
 
 
-@triton.autotune(configs=_configs(backward=True), key=_TUNE_KEY)
+@triton.autotune(
+    configs=_configs(backward=True), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+)
 @triton.jit
 def _rope_attention_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, INV_FREQ, CU_SEQLENS, POS, IS_LONG,

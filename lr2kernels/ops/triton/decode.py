@@ -204,6 +204,7 @@ def _rope_decode_merge_kernel(
 
 # ------------------------------------------------------------------------------------------------ host side
 _MAX_SPLITS = 64
+_MERGE_BLOCK_M = 16  # 64-row merge tiles spill registers on sm_90 (1 KB at 128 channels); 16 never did
 
 
 def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -211,9 +212,19 @@ def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int,
     block_m = max(16, min(64, triton.next_power_of_2(num_rows)))
     if triton_interpreting():
         return block_m, 32  # few, small tiles: the interpreter runs every lane in numpy
-    if head_dim > 128 or dtype == torch.float32:
+    if head_dim > 128:
+        # Large heads: 16-key tiles (with _num_warps' 8 warps) compile spill-free on sm_80/sm_90; fp32 also keeps
+        # BLOCK_M at 16 (64 x 256 fp32 tiles spill, and 32-key fp32 tiles need 180 KB of shared memory, over
+        # sm_80's 163 KB). See benchmarks/results/triton_compile.md.
+        return (16 if dtype == torch.float32 else block_m), 16
+    if dtype == torch.float32:
         return block_m, 32
     return block_m, 64
+
+
+def _num_warps(head_dim: int) -> int:
+    """Warps of the decode and merge kernels: 8 above 64 channels (4 warps spill registers on sm_80 at 128)."""
+    return 8 if head_dim > 64 and not triton_interpreting() else 4
 
 
 def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device) -> int:
@@ -281,10 +292,14 @@ def rope_decode(
         softmax_scale * LOG2E, attention_short, attention_long,
         **split_sizes(head_dim, rotary_dim_of(inv_freq)), **sizes,
         BLOCK_M=block_m, BLOCK_N=block_n, IS_SPLIT=is_split, PRECISION=dot_precision(q.dtype),
+        num_warps=_num_warps(head_dim),
         enable_fp_fusion=False,  # the angle products must round as HF's do (see _tile_angles)
     )  # fmt: skip
     if is_split:
-        _rope_decode_merge_kernel[(batch * num_kv_heads, m_blocks)](
-            out, o_part, lse_part, *out_strides, num_kv_heads, group, n_new, num_splits, **sizes, BLOCK_M=block_m,
+        # Rows merge independently: the merge tiles its rows by _MERGE_BLOCK_M, whatever the decode's BLOCK_M.
+        _rope_decode_merge_kernel[(batch * num_kv_heads, triton.cdiv(num_rows, _MERGE_BLOCK_M))](
+            out, o_part, lse_part, *out_strides, num_kv_heads, group, n_new, num_splits, **sizes,
+            BLOCK_M=_MERGE_BLOCK_M,
+            num_warps=_num_warps(head_dim),
         )  # fmt: skip
     return out

@@ -142,10 +142,14 @@ def _rerotate_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ host side
-def _grid(seq_len: int, batch: int, total_heads: int, head_dim: int, device: torch.device) -> tuple[int, int, int]:
+def _grid(
+    seq_len: int, batch: int, total_heads: int, head_dim: int, device: torch.device, small_block: bool = False
+) -> tuple[int, int, int]:
     """(BLOCK, heads per program, chunks of heads per sequence) of a rotation launch.
 
     As many heads per program as keep the grid >= ~4 programs per SM (sin/cos are computed once per program).
+    ``small_block``: 8-token blocks (apply_rope at 256 channels or with partial rotary spills registers on sm_80
+    with larger ones; benchmarks/results/triton_compile.md).
     """
     if triton_interpreting():
         # The interpreter runs every lane in numpy: small tiles; two chunks, so that one chunk holds both q and k
@@ -153,7 +157,7 @@ def _grid(seq_len: int, batch: int, total_heads: int, head_dim: int, device: tor
         block = 16
         per_program = max(1, triton.cdiv(total_heads, 2))
     else:
-        block = max(16, 4096 // triton.next_power_of_2(head_dim))  # ~4K elements per head tile
+        block = 8 if small_block else max(16, 4096 // triton.next_power_of_2(head_dim))  # ~4K elements per head tile
         token_programs = max(triton.cdiv(seq_len, block) * batch, 1)
         chunks = min(total_heads, max(1, triton.cdiv(4 * sm_count(device), token_programs)))
         per_program = triton.cdiv(total_heads, chunks)
@@ -189,7 +193,10 @@ def apply_rope(
     num_q_heads = q.shape[1] if q is not None else 0
     num_k_heads = k.shape[1] if k is not None else 0
     head_dim = q_in.shape[-1]
-    block, per_program, num_chunks = _grid(seq_len, batch, num_q_heads + num_k_heads, head_dim, q_in.device)
+    small_block = head_dim > 128 or rotary_dim_of(inv_freq) < head_dim
+    block, per_program, num_chunks = _grid(
+        seq_len, batch, num_q_heads + num_k_heads, head_dim, q_in.device, small_block
+    )
     varlen = cu_seqlens is not None
     is_long, cu_ptr, pos_ptr, stride_pos_b = sequence_args(is_long, position_ids, cu_seqlens)
     _apply_rope_kernel[sequence_grid(triton.cdiv(seq_len, block), num_chunks, batch)](

@@ -1,0 +1,339 @@
+"""Compile every Triton kernel for real GPUs on the CPU and report registers, spills and shared memory.
+
+Triton ships ptxas, so ``triton.compile`` with a fake ``GPUTarget("cuda", 80 | 90, 32)`` runs the whole pipeline
+(TTIR -> TTGIR -> LLVM -> PTX -> cubin) without a GPU. For each kernel, each config its launcher may pick (the
+autotune list after the kernel's ``early_config_prune``; decode's ``_block_sizes``; rope's ``_grid`` block), each
+head case and dtype, it records ptxas's register count and spill stores and Triton's dynamic shared memory, and
+whether that fits the arch (sm_80: 166,912 B, sm_90: 232,448 B of dynamic shared memory per block).
+
+Usage::
+
+    python benchmarks/compile_report.py                 # reduced matrix, writes benchmarks/results/triton_compile.md
+    python benchmarks/compile_report.py --matrix full   # every head case x fp16/bf16/fp32
+    python benchmarks/compile_report.py --json out.json # also the raw rows (tests/ops/test_compile_gate.py)
+
+One constexpr variant per attention kernel is compiled (causal, dense, explicit positions: the most code); the
+other flags only drop code. TRITON_INTERPRET is removed from the environment before Triton is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)  # must happen before any @triton.jit function is created
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SMEM_LIMIT = {80: 166_912, 90: 232_448}  # max dynamic shared memory per block (opt-in)
+# (name, head_dim, rotary_dim)
+HEAD_CASES = {
+    "64": (64, 64),
+    "80": (80, 80),
+    "96": (96, 96),
+    "128": (128, 128),
+    "256": (256, 256),
+    "96of128": (128, 96),
+}
+MATRICES = {
+    "full": (list(HEAD_CASES), ["fp16", "bf16", "fp32"]),
+    "reduced": (["64", "128", "256", "96of128"], ["bf16", "fp32"]),
+    "gate": (["64", "128", "256", "96of128"], ["bf16"]),
+}
+KERNELS = ["fwd", "bwd_dq", "bwd_dkdv", "decode", "decode_merge", "apply_rope", "rerotate"]
+
+# Pointer arguments that are always fp32 / int32; every other upper-case argument is a tensor of the input dtype.
+_FP32_PTRS = {"LSE", "DELTA", "INV_FREQ", "LSE_PART"}
+_I32_PTRS = {"CU_SEQLENS", "POS", "IS_LONG", "SEQLENS"}
+_FP32_SCALARS = {"sm_scale", "sm_scale_log2", "attention_short", "attention_long", "scale"}
+
+
+@dataclass
+class Job:
+    kernel: str
+    head: str
+    dtype: str
+    arch: int
+    config: str  # human-readable
+    constexprs: dict
+    options: dict
+    ptr_overrides: dict  # name -> type string
+
+
+@dataclass
+class Row:
+    kernel: str
+    head: str
+    dtype: str
+    arch: int
+    config: str
+    regs: int | None
+    spill_bytes: int | None
+    smem: int | None
+    fits: bool
+    error: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.fits and self.spill_bytes == 0
+
+
+def _modules():
+    from lr2kernels.ops.triton import attention, decode, rope
+
+    return attention, decode, rope
+
+
+def _jit_fn(kernel: str):
+    attention, decode, rope = _modules()
+    k = {
+        "fwd": attention._rope_attention_fwd_kernel,
+        "bwd_dq": attention._rope_attention_bwd_dq_kernel,
+        "bwd_dkdv": attention._rope_attention_bwd_dkdv_kernel,
+        "decode": decode._rope_decode_kernel,
+        "decode_merge": decode._rope_decode_merge_kernel,
+        "apply_rope": rope._apply_rope_kernel,
+        "rerotate": rope._rerotate_kernel,
+    }[kernel]
+    return k
+
+
+def _signature(fn, dtype: str, overrides: dict) -> dict:
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in overrides:
+            sig[name] = overrides[name]
+        elif name in _FP32_PTRS:
+            sig[name] = "*fp32"
+        elif name in _I32_PTRS:
+            sig[name] = "*i32"
+        elif name.isupper() or name[0].isupper():
+            sig[name] = f"*{dtype}"
+        elif name in _FP32_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+
+
+def jobs_for(kernel: str, head: str, dtype: str, arch: int) -> list[Job]:
+    """The compilations of one (kernel, head case, dtype, arch): one per config the launcher may pick."""
+    import torch
+
+    from lr2kernels.ops.triton._host import dot_precision, head_sizes, split_sizes
+
+    attention, decode, rope = _modules()
+    head_dim, rotary_dim = HEAD_CASES[head]
+    tdt = _torch_dtype(dtype)
+    split = split_sizes(head_dim, rotary_dim)
+    sizes = head_sizes(head_dim)
+    jobs = []
+    if kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+        tuner = _jit_fn(kernel)
+        constexprs = dict(**split, **sizes, IS_CAUSAL=True, IS_VARLEN=False, HAS_POS=True,
+                          PRECISION=dot_precision(tdt))  # fmt: skip
+        configs = tuner.configs
+        if getattr(tuner, "early_config_prune", None):
+            configs = tuner.early_config_prune(configs, dict.fromkeys(tuner.fn.arg_names), **constexprs)
+        for c in configs:
+            name = f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+            jobs.append(Job(kernel, head, dtype, arch, name, dict(constexprs, **c.kwargs),
+                            dict(num_warps=c.num_warps, num_stages=c.num_stages), {}))  # fmt: skip
+    elif kernel in ("decode", "decode_merge"):
+        seen = set()
+        for num_rows in (1, 64):  # BLOCK_M spans 16 .. 64 with the packed rows (group * n_new)
+            block_m, block_n = decode._block_sizes(num_rows, head_dim, tdt)
+            warps = decode._num_warps(head_dim) if hasattr(decode, "_num_warps") else 4
+            if kernel == "decode_merge":
+                block_m = getattr(decode, "_MERGE_BLOCK_M", block_m)  # the merge's own row tile, where it has one
+                if block_m in seen:
+                    continue
+                seen.add(block_m)
+                jobs.append(Job(kernel, head, dtype, arch, f"M{block_m} w{warps}", dict(**sizes, BLOCK_M=block_m),
+                                dict(num_warps=warps), {}))  # fmt: skip
+                continue
+            for is_split in (num_rows > 1,):  # both store paths, one per BLOCK_M extreme
+                ce = dict(**split, **sizes, BLOCK_M=block_m, BLOCK_N=block_n, IS_SPLIT=is_split,
+                          PRECISION=dot_precision(tdt))  # fmt: skip
+                overrides = {} if is_split else {"O_PART": f"*{dtype}", "LSE_PART": f"*{dtype}"}
+                name = f"M{block_m} N{block_n} w{warps} s3 split={int(is_split)}"
+                options = {"enable_fp_fusion": False, "num_warps": warps}
+                jobs.append(Job(kernel, head, dtype, arch, name, ce, options, overrides))
+    else:  # apply_rope, rerotate: BLOCK from the launcher's _grid (sm_count stubbed: it only sizes the chunks)
+        real_sm_count = rope.sm_count
+        rope.sm_count = lambda device: 132
+        try:
+            small = kernel == "apply_rope" and (head_dim > 128 or rotary_dim < head_dim)  # as apply_rope decides
+            try:
+                block = rope._grid(4096, 1, 8, head_dim, torch.device("cuda"), small)[0]
+            except TypeError:  # a _grid without small_block (before the fix)
+                block = rope._grid(4096, 1, 8, head_dim, torch.device("cuda"))[0]
+        finally:
+            rope.sm_count = real_sm_count
+        ce = dict(**split, BLOCK=block, TRANSPOSED=False)
+        if kernel == "apply_rope":
+            ce.update(IS_VARLEN=False, HAS_POS=True)
+        jobs.append(Job(kernel, head, dtype, arch, f"B{block} w4", ce, {}, {}))
+    return jobs
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores")
+
+
+def _worker_init():
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="lr2_compile_report_")  # fresh: ptxas always runs
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def compile_job(job: Job) -> Row:
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    t0 = time.perf_counter()
+    # A fresh cache per compilation: a cache hit (e.g. decode_merge, which ignores the rotary split) skips ptxas.
+    knobs.cache.dir = tempfile.mkdtemp(prefix="lr2_compile_report_")
+    fn = _jit_fn(job.kernel)
+    if isinstance(fn, triton.runtime.Autotuner):
+        fn = fn.fn  # unwrap triton.autotune
+    knobs.nvidia.dump_ptxas_log = True
+    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, job.dtype, job.ptr_overrides),
+                                    constexprs=job.constexprs)  # fmt: skip
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=job.options)
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        msg = str(e).strip().splitlines()
+        return Row(job.kernel, job.head, job.dtype, job.arch, job.config, None, None, None, False,
+                   error=(msg[0] if msg else type(e).__name__)[:200], seconds=time.perf_counter() - t0)  # fmt: skip
+    log = buf.getvalue()
+    regs = _PTXAS_REGS.findall(log)
+    spills = _PTXAS_SPILL.findall(log)
+    smem = int(compiled.metadata.shared)
+    return Row(job.kernel, job.head, job.dtype, job.arch, job.config,
+               max(map(int, regs)) if regs else None, max(map(int, spills)) if spills else None, smem,
+               smem <= SMEM_LIMIT[job.arch], error="" if regs else "no ptxas log",
+               seconds=time.perf_counter() - t0)  # fmt: skip
+
+
+def run(kernels, heads, dtypes, archs, workers: int) -> list[Row]:
+    _worker_init()
+    jobs_by_kernel = {}
+    for kernel in kernels:
+        jobs_by_kernel[kernel] = [
+            j for head in heads for dtype in dtypes for arch in archs for j in jobs_for(kernel, head, dtype, arch)
+        ]
+    rows: list[Row] = []
+    t_all = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+        futures = {k: pool.map(compile_job, js) for k, js in jobs_by_kernel.items()}  # all queued at once
+        for kernel in kernels:
+            t0 = time.perf_counter()
+            krows = list(futures[kernel])
+            rows += krows
+            bad = sum(not r.ok for r in krows)
+            print(f"{kernel:13s} {len(krows):4d} compiles, {bad:3d} spilling/over-smem/failed, "
+                  f"done at {time.perf_counter() - t_all:6.1f} s (waited {time.perf_counter() - t0:5.1f} s)",
+                  flush=True)  # fmt: skip
+    return rows
+
+
+def summarize(rows: list[Row]) -> dict[tuple, bool]:
+    """(kernel, head, dtype, arch) -> whether at least one spill-free config fits shared memory."""
+    out: dict[tuple, bool] = {}
+    for r in rows:
+        key = (r.kernel, r.head, r.dtype, r.arch)
+        out[key] = out.get(key, False) or r.ok
+    return out
+
+
+def markdown(rows: list[Row], seconds: float, argv: str) -> str:
+    lines = [
+        "# Triton kernels compiled for sm_80 / sm_90 on the CPU",
+        "",
+        f"Generated by `python benchmarks/compile_report.py {argv}` in {seconds:.0f} s "
+        f"({len(rows)} compilations). Registers and spill stores from ptxas `-v`; shared memory is Triton's "
+        f"dynamic shared memory (`metadata.shared`); fits: <= {SMEM_LIMIT[80]:,} B (sm_80), "
+        f"<= {SMEM_LIMIT[90]:,} B (sm_90). Attention kernels: causal, dense, explicit positions.",
+        "",
+        "## Spill-free config that fits, per (kernel, head, dtype, arch)",
+        "",
+        "| kernel | head | dtype | sm_80 | sm_90 |",
+        "|---|---|---|---|---|",
+    ]
+    summary = summarize(rows)
+    keys = sorted({(k, h, d) for (k, h, d, _a) in summary}, key=lambda x: (KERNELS.index(x[0]), x[1], x[2]))
+    for k, h, d in keys:
+        cells = []
+        for a in (80, 90):
+            v = summary.get((k, h, d, a))
+            cells.append("-" if v is None else ("yes" if v else "**NO**"))
+        lines.append(f"| {k} | {h} | {d} | {cells[0]} | {cells[1]} |")
+    lines += [
+        "",
+        "## Every config",
+        "",
+        "| kernel | head | dtype | arch | config | regs | spill B | smem B | fits | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (KERNELS.index(r.kernel), r.head, r.dtype, r.arch, r.config)):
+        note = r.error or ("" if r.ok else ("spills" if r.fits else "over smem"))
+        lines.append(f"| {r.kernel} | {r.head} | {r.dtype} | sm_{r.arch} | {r.config} | {r.regs} | "
+                     f"{r.spill_bytes} | {r.smem} | {'yes' if r.fits else '**no**'} | {note} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--matrix", choices=sorted(MATRICES), default="reduced")
+    p.add_argument("--kernels", nargs="*", default=KERNELS, choices=KERNELS)
+    p.add_argument("--heads", nargs="*", choices=list(HEAD_CASES), help="overrides the matrix's head cases")
+    p.add_argument("--dtypes", nargs="*", choices=["fp16", "bf16", "fp32"], help="overrides the matrix's dtypes")
+    p.add_argument("--archs", nargs="*", type=int, default=[80, 90], choices=[80, 90])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/triton_compile.md")
+    p.add_argument("--json", type=Path, help="also write the raw rows as JSON")
+    args = p.parse_args(argv)
+    heads, dtypes = MATRICES[args.matrix]
+    heads, dtypes = args.heads or heads, args.dtypes or dtypes
+    t0 = time.perf_counter()
+    rows = run(args.kernels, heads, dtypes, args.archs, args.workers)
+    seconds = time.perf_counter() - t0
+    shown = " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(rows, seconds, shown))
+    if args.json:
+        args.json.write_text(json.dumps({"seconds": seconds, "limits": SMEM_LIMIT,
+                                         "rows": [asdict(r) for r in rows]}, indent=1))  # fmt: skip
+    missing = [k for k, v in summarize(rows).items() if not v]
+    print(f"{len(rows)} compilations in {seconds:.1f} s; no spill-free fitting config for: {missing or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""GPU-readiness gate, on the CPU: every Triton kernel compiles for sm_80 and sm_90 (Triton's bundled ptxas, a fake
+GPUTarget) with a spill-free config that fits shared memory, and no config a launcher can pick overflows it.
+
+Runs ``benchmarks/compile_report.py`` in a subprocess without TRITON_INTERPRET (tests/conftest.py sets it, and
+@triton.jit functions created under it cannot be compiled for a GPU), on a reduced matrix: bf16, head dims 64, 128,
+256 and partial rotary 96-of-128, both archs (about 150 compilations of a few seconds each, minutes on 2 cores;
+``python benchmarks/compile_report.py --matrix full`` covers fp16/fp32 and head dims 80, 96).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "compile_report.py"
+
+
+def _ptxas_missing() -> str:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        import triton.backends.nvidia as nvidia
+    except ImportError as e:
+        return f"triton's nvidia backend is absent ({e})"
+    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").exists():
+        return "triton's bundled ptxas is absent"
+    return ""
+
+
+pytestmark = pytest.mark.skipif(bool(_ptxas_missing()), reason=_ptxas_missing() or "ptxas present")
+
+# (kernels, head cases) compiled by the gate, each for bf16 on sm_80 and sm_90.
+GATE = [
+    (["fwd", "bwd_dq", "bwd_dkdv", "decode", "decode_merge", "apply_rope", "rerotate"],
+     ["64", "128", "256", "96of128"]),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rows = []
+    for kernels, heads in GATE:
+        out = tmp_path_factory.mktemp("compile")
+        cmd = [sys.executable, str(SCRIPT), "--matrix", "gate", "--kernels", *kernels, "--heads", *heads,
+               "--json", str(out / "rows.json"), "--out", str(out / "report.md")]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        rows += json.loads((out / "rows.json").read_text())["rows"]
+    return {"rows": rows}
+
+
+def test_every_kernel_compiles(report):
+    failed = [(r["kernel"], r["head"], r["dtype"], r["arch"], r["config"], r["error"]) for r in report["rows"]
+              if r["error"]]  # fmt: skip
+    assert not failed
+
+
+def test_no_reachable_config_overflows_shared_memory(report):
+    over = [(r["kernel"], r["head"], r["dtype"], r["arch"], r["config"], r["smem"]) for r in report["rows"]
+            if not r["fits"]]  # fmt: skip
+    assert not over
+
+
+def test_spill_free_config_exists(report):
+    ok: dict[tuple, bool] = {}
+    for r in report["rows"]:
+        key = (r["kernel"], r["head"], r["dtype"], r["arch"])
+        ok[key] = ok.get(key, False) or (not r["error"] and r["fits"] and r["spill_bytes"] == 0)
+    assert ok
+    assert not [key for key, good in ok.items() if not good]

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lr2kernels.train.packing import check_int
+
 __all__ = ["JSONL_SUFFIXES", "default_documents", "read_documents"]
 
 JSONL_SUFFIXES = (".jsonl", ".json-lines")  # one JSON document per line; any other file is one text document
@@ -127,14 +129,6 @@ def _paragraphs(text: str) -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
-def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
-    return int(value)
-
-
 def default_documents(
     tokenizer: Any,
     *,
@@ -167,10 +161,10 @@ def default_documents(
         num_short / num_long: how many documents of each kind.
         seed: makes the result deterministic.
     """
-    original_length = _check_count("original_length", original_length, 1)
-    seq_len = _check_count("seq_len", seq_len, 2)
-    num_short = _check_count("num_short", num_short, 0)
-    num_long = _check_count("num_long", num_long, 0)
+    original_length = check_int("original_length", original_length, 1)
+    seq_len = check_int("seq_len", seq_len, 2)
+    num_short = check_int("num_short", num_short, 0)
+    num_long = check_int("num_long", num_long, 0)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed: expected an integer, got {type(seed).__name__}")
     if num_short + num_long == 0:

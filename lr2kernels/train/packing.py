@@ -61,7 +61,7 @@ class PackedRow:
 # argument checks
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer >= {minimum}, got {type(value).__name__}")
     if value < minimum:
@@ -289,10 +289,10 @@ def pack_documents(
         >= 0, ``seq_len`` < 2, ``original_length`` < 1, a short document longer than ``seq_len``, ``long_fraction``
         outside [0, 1], or a mix that selects no rows (``long_fraction`` 1 without long documents, 0 without short).
     """
-    seq_len = _check_int("seq_len", seq_len, 2)
-    original_length = _check_int("original_length", original_length, 1)
+    seq_len = check_int("seq_len", seq_len, 2)
+    original_length = check_int("original_length", original_length, 1)
     long_fraction = _check_fraction(long_fraction)
-    pad_token_id = _check_int("pad_token_id", pad_token_id, 0)
+    pad_token_id = check_int("pad_token_id", pad_token_id, 0)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed: expected an integer, got {type(seed).__name__}")
     short, long = _split(_check_documents(documents), seq_len, original_length)

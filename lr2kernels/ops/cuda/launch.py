@@ -15,6 +15,8 @@ import types
 import torch
 from torch import Tensor
 
+from lr2kernels.ops.kernel_args import bht_strides, contiguous_last, int32, new_like, position_batch_stride, sm_count
+
 __all__ = ["DECODE_HEAD_DIMS", "apply_rope", "device_count", "extension", "load_extension", "rerotate", "rope_decode"]
 
 # Head sizes the rope_decode kernel is instantiated for (csrc/lr2_cuda.h: kDecodeHeadDims; the tests check they agree).
@@ -56,14 +58,6 @@ def _dtype_code(x: Tensor) -> int:
     return _DTYPE_CODES[x.dtype]
 
 
-def _contiguous_last(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _int32(x: Tensor | None) -> Tensor | None:
-    return None if x is None else x.to(torch.int32).contiguous()
-
-
 def _ptr(x: Tensor | None) -> int:
     return 0 if x is None else x.data_ptr()
 
@@ -72,33 +66,14 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _bht_strides(x: Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, token) strides of dense ``[B, H, L, D]`` or varlen ``[T, H, D]`` (batch stride 0)."""
-    if varlen:
-        return 0, x.stride(1), x.stride(0)
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _position_batch_stride(position_ids: Tensor | None) -> int:
-    """Only a ``[B, L]`` tensor with B > 1 has a stride between sequences; ``[L]``, ``[1, L]`` are shared."""
-    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] > 1:
-        return position_ids.stride(0)
-    return 0
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_splits(programs: int, max_len: int, device: torch.device) -> int:
     """KV splits per (sequence, kv head, row block): about two waves of blocks, >= 256 keys per split; decided from
     the cache's capacity (no host read of cache_seqlens); the kernel shares each sequence's length evenly."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     if programs >= sms:
         return 1
     return max(1, min(_cdiv(2 * sms, programs), max_len // 256, _MAX_SPLITS))
@@ -110,8 +85,8 @@ def rope_decode(
 ) -> Tensor:  # fmt: skip
     """As :func:`lr2kernels.ops.triton.decode.rope_decode`: ``[B, Hq, n, D]`` in q's dtype, contiguous."""
     ext = extension()
-    q, k_cache, v_cache = (_contiguous_last(x) for x in (q, k_cache, v_cache))
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    q, k_cache, v_cache = (contiguous_last(x) for x in (q, k_cache, v_cache))
+    out = new_like(q)
     if q.numel() == 0:
         return out
     batch, num_q_heads, n_new, head_dim = q.shape
@@ -127,7 +102,7 @@ def rope_decode(
         lse_part = torch.empty((batch * num_kv_heads, num_splits, num_rows), dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = None
-    seqlens = _int32(cache_seqlens)
+    seqlens = int32(cache_seqlens)
     inv_freq = inv_freq.to(torch.float32).contiguous()
     with torch.cuda.device(q.device):
         ext.rope_decode(
@@ -147,10 +122,10 @@ def apply_rope(
 ) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
     """As :func:`lr2kernels.ops.triton.rope.apply_rope`: rotated ``(q, k)`` in one launch (None stays None)."""
     ext = extension()
-    q = _contiguous_last(q) if q is not None else None
-    k = _contiguous_last(k) if k is not None else None
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q is not None else None
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k is not None else None
+    q = contiguous_last(q) if q is not None else None
+    k = contiguous_last(k) if k is not None else None
+    q_out = new_like(q) if q is not None else None
+    k_out = new_like(k) if k is not None else None
     present = [x for x in (q, k) if x is not None]
     if not present or all(x.numel() == 0 for x in present):
         return q_out, k_out
@@ -163,19 +138,19 @@ def apply_rope(
     # A missing tensor gets 0 heads; the other one's pointers stand in for it.
     q_in, q_dst = (q, q_out) if q is not None else (k, k_out)
     k_in, k_dst = (k, k_out) if k is not None else (q, q_out)
-    is_long = _int32(is_long)
-    cu = _int32(cu_seqlens)
-    positions = _int32(position_ids)
+    is_long = int32(is_long)
+    cu = int32(cu_seqlens)
+    positions = int32(position_ids)
     inv_freq = inv_freq.to(torch.float32).contiguous()
     with torch.cuda.device(q_in.device):
         ext.rope_rotate(
             _dtype_code(q_in),
             q_in.data_ptr(), q_dst.data_ptr(), q.shape[1] if q is not None else 0,
-            _bht_strides(q_in, varlen), _bht_strides(q_dst, varlen),
+            bht_strides(q_in, varlen), bht_strides(q_dst, varlen),
             k_in.data_ptr(), k_dst.data_ptr(), k.shape[1] if k is not None else 0,
-            _bht_strides(k_in, varlen), _bht_strides(k_dst, varlen),
+            bht_strides(k_in, varlen), bht_strides(k_dst, varlen),
             inv_freq.data_ptr(), inv_freq.shape[-1], q_in.shape[-1], is_long.data_ptr(), _ptr(cu), _ptr(positions),
-            _position_batch_stride(positions), batch, seq_len, attention_short, attention_long, transposed,
+            position_batch_stride(positions), batch, seq_len, attention_short, attention_long, transposed,
             False, False, False, 1.0, _stream(q_in.device),
         )  # fmt: skip
     return q_out, k_out
@@ -186,8 +161,8 @@ def rerotate(
 ) -> Tensor:
     """As :func:`lr2kernels.ops.triton.rope.rerotate`: POST-RoPE keys moved between the tables, a new tensor."""
     ext = extension()
-    k = _contiguous_last(k)
-    out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    k = contiguous_last(k)
+    out = new_like(k)
     if k.numel() == 0:
         return out
     if from_long == to_long and scale == 1.0:
@@ -195,15 +170,15 @@ def rerotate(
     dense = k.dim() == 4
     # [T, H, D] is one sequence of T tokens: batch 1, (0, head, token) strides.
     batch, num_heads, seq_len = (k.shape[0], k.shape[1], k.shape[2]) if dense else (1, k.shape[1], k.shape[0])
-    positions = _int32(position_ids)
+    positions = int32(position_ids)
     inv_freq = inv_freq.to(torch.float32).contiguous()
-    k_strides, out_strides = _bht_strides(k, not dense), _bht_strides(out, not dense)
+    k_strides, out_strides = bht_strides(k, not dense), bht_strides(out, not dense)
     with torch.cuda.device(k.device):
         ext.rope_rotate(
             _dtype_code(k), k.data_ptr(), out.data_ptr(), num_heads, k_strides, out_strides,
             k.data_ptr(), out.data_ptr(), 0, k_strides, out_strides,
             inv_freq.data_ptr(), inv_freq.shape[-1], k.shape[-1], 0, 0, positions.data_ptr(),
-            _position_batch_stride(positions), batch, seq_len, 1.0, 1.0, transposed,
+            position_batch_stride(positions), batch, seq_len, 1.0, 1.0, transposed,
             True, from_long, to_long, scale, _stream(k.device),
         )  # fmt: skip
     return out

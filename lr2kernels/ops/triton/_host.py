@@ -6,11 +6,20 @@ come from shapes and from the Python arguments the caller resolved.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
+
+# Re-exported: the launchers' tensor arguments are shared with the CUDA backend.
+from lr2kernels.ops.kernel_args import (  # noqa: F401
+    bht_strides,
+    contiguous_last,
+    int32,
+    new_like,
+    position_batch_stride,
+    sm_count,
+)
 
 LOG2E = 1.4426950408889634  # softmax in exp2: scores * scale * log2(e)
 
@@ -18,11 +27,6 @@ LOG2E = 1.4426950408889634  # softmax in exp2: scores * scale * log2(e)
 def triton_interpreting() -> bool:
     """True under ``TRITON_INTERPRET=1`` (kernels run in numpy on the CPU: small tiles, few programs)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def contiguous_last(x: torch.Tensor) -> torch.Tensor:
-    """x itself when its last dim is contiguous (the kernels' only layout requirement), else a contiguous copy."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 MAX_GRID_YZ = 65_535  # CUDA's limit on grid axes 1 and 2
@@ -40,21 +44,6 @@ def sequence_grid(token_blocks: int, per_sequence: int, sequences: int) -> tuple
             f"{sequences} sequences and {per_sequence} heads; split the batch"
         )
     return token_blocks, per_sequence, sequences
-
-
-def new_like(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous, uninitialized tensor of x's shape, dtype and device (written by a kernel with ITS strides)."""
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached per device)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def split_sizes(head_dim: int, rotary_dim: int) -> dict[str, int]:
@@ -89,27 +78,6 @@ def sequences(x: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int)
     if cu_seqlens is not None:
         return cu_seqlens.shape[0] - 1, max_seqlen
     return x.shape[0], x.shape[2]
-
-
-def bht_strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, token) strides of dense ``[B, H, L, D]`` or varlen ``[T, H, D]`` (no batch stride: sequences
-    are row ranges of one tensor)."""
-    if varlen:
-        return 0, x.stride(1), x.stride(0)
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def position_batch_stride(position_ids: torch.Tensor | None) -> int:
-    """Stride between the sequences' position rows: only a ``[B, L]`` tensor with B > 1 has one; ``[L]``, ``[1, L]``
-    (shared by the batch) and varlen ``[T]`` (indexed by the sequence's start) have none."""
-    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] > 1:
-        return position_ids.stride(0)
-    return 0
-
-
-def int32(x: torch.Tensor | None) -> torch.Tensor | None:
-    """x as a contiguous int32 tensor (itself when it already is one), None stays None."""
-    return None if x is None else x.to(torch.int32).contiguous()
 
 
 def sequence_args(

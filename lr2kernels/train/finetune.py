@@ -219,6 +219,9 @@ def finetune(
         bf16=settings.bf16,
         save_strategy="steps",
         save_steps=settings.save_steps,
+        # The newest two: a kill while the newest is written leaves the one before it to resume from, and a long
+        # run does not fill the disk (each checkpoint holds the weights and twice their size in optimiser state).
+        save_total_limit=2,
         logging_steps=max(1, min(10, settings.steps // 10)),
         seed=settings.seed,
         data_seed=settings.seed,

@@ -56,6 +56,7 @@ def load_model(
         dtype: parameter dtype (GGUF weights are dequantised to it).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = None
@@ -77,7 +78,14 @@ def load_model(
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     kwargs["local_files_only"] = True
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    model_kwargs = dict(kwargs)
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    if gguf_file and gguf_config is not None:
+        # Plain dense weights in `dtype`. Without this, transformers >= 5.2x keeps the model marked as quantized
+        # (GgufHfQuantizer; packed GgufLinear layers where the `kernels` package has a GGUF matmul), and then
+        # Trainer refuses to train it and save_pretrained refuses to save it.
+        model_kwargs["quantization_config"] = gguf_config(dequantize=True)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **model_kwargs)
     return loaded.to(device).eval(), tokenizer
 
 

@@ -196,6 +196,13 @@ def finetune(
     out = Path(out)
     if not isinstance(table, RopeTable):
         raise TypeError(f"table: expected a lr2kernels.RopeTable, got {type(table).__name__}")
+    if getattr(model, "is_quantized", False):
+        method = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+        raise ValueError(
+            f"model: expected a model with plain weights to finetune in full, got one quantized "
+            f"({getattr(method, 'quant_method', 'unknown method')}); for a GGUF file load it dequantized "
+            f"(lr2kernels.hf.models.load_model does: quantization_config=GgufConfig(dequantize=True))"
+        )
     rows = pack_documents(
         documents, seq_len=settings.seq_len, original_length=table.original_max_position,
         long_fraction=settings.long_fraction, pad_token_id=_pad_id(model, tokenizer), seed=settings.seed,

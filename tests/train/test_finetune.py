@@ -236,3 +236,33 @@ def test_gradient_checkpointing_gives_the_same_training_step(tmp_path):
     finetune(checkpointed, None, table, documents(), recomputed, tmp_path / "checkpointed", progress=False)
     for (name, want), got in zip(plain.state_dict().items(), checkpointed.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_embedded_gguf_model_finetunes_and_exports(tmp_path):
+    """The default model of ``lr2kernels finetune`` (SmolLM2 from its GGUF file) loads as plain weights: Trainer
+    trains it and save_pretrained writes it (transformers marks a GGUF model as quantized unless it is loaded
+    dequantized, and then refuses both)."""
+    from lr2kernels.hf.models import load_model, small_l0_table
+
+    model, tokenizer = load_model("smollm2")
+    assert not getattr(model, "is_quantized", False)
+    table = small_l0_table(model.config, 32)
+    rng = random.Random(0)
+    docs = [[rng.randrange(3, 40000) for _ in range(rng.randrange(8, 33))] for _ in range(6)]
+    docs += [[rng.randrange(3, 40000) for _ in range(60)]]
+    settings = FinetuneSettings(seq_len=64, steps=1, learning_rate=1e-5, save_steps=1)
+    folder = finetune(model, tokenizer, table, docs, settings, tmp_path / "run", progress=False)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    ids = torch.tensor([docs[-1]])
+    lr2.patch(model, table=table)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_quantized_model_is_refused_by_name(tmp_path):
+    model, table = model_and_table()
+    model.is_quantized = True
+    with pytest.raises(ValueError, match="model: expected a model with plain weights"):
+        finetune(model, None, table, documents(), SETTINGS, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written

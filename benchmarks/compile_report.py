@@ -138,8 +138,9 @@ def _torch_dtype(dtype: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
 
 
-def jobs_for(kernel: str, head: str, dtype: str, arch: int) -> list[Job]:
-    """The compilations of one (kernel, head case, dtype, arch): one per config the launcher may pick."""
+def jobs_for(kernel: str, head: str, dtype: str, arch: int, staged: bool = True) -> list[Job]:
+    """The compilations of one (kernel, head case, dtype, arch): one per config the launcher may pick. ``staged``:
+    the attention kernels' loop operands come rotated (the launchers' default), else rotated per tile."""
     import torch
 
     from lr2kernels.ops.triton._host import dot_precision, head_sizes, split_sizes
@@ -153,7 +154,7 @@ def jobs_for(kernel: str, head: str, dtype: str, arch: int) -> list[Job]:
     if kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
         tuner = _jit_fn(kernel)
         constexprs = dict(**split, **sizes, IS_CAUSAL=True, IS_VARLEN=False, HAS_POS=True,
-                          PRECISION=dot_precision(tdt))  # fmt: skip
+                          PRECISION=dot_precision(tdt), STAGED=staged)  # fmt: skip
         configs = tuner.configs
         if getattr(tuner, "early_config_prune", None):
             configs = tuner.early_config_prune(configs, dict.fromkeys(tuner.fn.arg_names), **constexprs)
@@ -241,6 +242,65 @@ def compile_job(job: Job) -> Row:
                seconds=time.perf_counter() - t0)  # fmt: skip
 
 
+_SASS_LABEL = re.compile(r"^\s*(\.?L\w+):")
+_SASS_BRANCH = re.compile(r"\bBRA\s+(\.?L\w+)")
+
+
+def loop_instructions(sass: str) -> int:
+    """Static SASS instructions of the kernel's largest loop: from a label to the last backward branch to it. In the
+    attention kernels that is the tile loop (keys in the forward and dq, queries in dk/dv), so the count is what a
+    warp issues per tile, give or take the branches it skips (the slow path of sin/cos for huge angles)."""
+    labels: dict[str, int] = {}
+    largest, count = 0, 0
+    for line in sass.splitlines():
+        label = _SASS_LABEL.match(line)
+        if label:
+            labels[label.group(1)] = count
+            continue
+        stripped = line.strip()
+        if "\t" not in line or not stripped or stripped.startswith(("//", ".")):
+            continue
+        branch = _SASS_BRANCH.search(line)
+        if branch and branch.group(1) in labels:
+            largest = max(largest, count - labels[branch.group(1)] + 1)
+        count += 1
+    return largest
+
+
+LOOP_KERNELS = ["fwd", "bwd_dq", "bwd_dkdv"]
+
+
+def loop_job(kernel: str, head: str, dtype: str, arch: int, staged: bool) -> tuple[str, bool, str, int]:
+    """(kernel, staged, config, loop instructions) of the first config the launcher may pick."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    _worker_init()
+    job = jobs_for(kernel, head, dtype, arch, staged)[0]
+    fn = _jit_fn(kernel).fn
+    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, job.dtype, job.ptr_overrides),
+                                    constexprs=job.constexprs)  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=job.options)
+    return kernel, staged, job.config, loop_instructions(compiled.asm["sass"])
+
+
+def run_loops(head: str, dtype: str, arch: int, workers: int) -> list[dict]:
+    """The attention kernels' tile loops, with the loop operand staged (rotated once by the launcher) and rotated
+    per tile: SASS instructions per tile (static count, :func:`loop_instructions`)."""
+    cases = [(k, head, dtype, arch, staged) for k in LOOP_KERNELS for staged in (False, True)]
+    with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+        results = list(pool.map(loop_job, *zip(*cases)))
+    rows = []
+    for kernel in LOOP_KERNELS:
+        found = {staged: (config, n) for k, staged, config, n in results if k == kernel}
+        rows.append(dict(kernel=kernel, head=head, dtype=dtype, arch=arch, config=found[True][0],
+                         per_tile_rotation=found[False][1], staged=found[True][1]))  # fmt: skip
+        print(f"{kernel:13s} tile loop: {found[False][1]} SASS instructions rotating per tile, {found[True][1]} "
+              f"staged", flush=True)  # fmt: skip
+    return rows
+
+
 def run(kernels, heads, dtypes, archs, workers: int) -> list[Row]:
     _worker_init()
     jobs_by_kernel = {}
@@ -272,7 +332,28 @@ def summarize(rows: list[Row]) -> dict[tuple, bool]:
     return out
 
 
-def markdown(rows: list[Row], seconds: float, argv: str) -> str:
+def loops_markdown(loops: list[dict]) -> list[str]:
+    if not loops:
+        return []
+    lines = [
+        "",
+        "## Instructions per tile: the loop operand rotated once (staged) vs rotated in every tile",
+        "",
+        "Static SASS instructions of each attention kernel's tile loop (largest backward branch), the first config "
+        "its launcher may pick. Staged (the default): the launcher rotates the keys (forward, dq) or queries (dk/dv) "
+        "once into a scratch buffer; per tile: each program recomputes sin/cos and rotates every tile it visits.",
+        "",
+        "| kernel | head | dtype | arch | config | per-tile rotation | staged | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in loops:
+        ratio = r["per_tile_rotation"] / r["staged"] if r["staged"] else float("nan")
+        lines.append(f"| {r['kernel']} | {r['head']} | {r['dtype']} | sm_{r['arch']} | {r['config']} | "
+                     f"{r['per_tile_rotation']} | {r['staged']} | {ratio:.2f}x |")  # fmt: skip
+    return lines
+
+
+def markdown(rows: list[Row], seconds: float, argv: str, loops: list[dict] | None = None) -> str:
     lines = [
         "# Triton kernels compiled for sm_80 / sm_90 on the CPU",
         "",
@@ -294,6 +375,7 @@ def markdown(rows: list[Row], seconds: float, argv: str) -> str:
             v = summary.get((k, h, d, a))
             cells.append("-" if v is None else ("yes" if v else "**NO**"))
         lines.append(f"| {k} | {h} | {d} | {cells[0]} | {cells[1]} |")
+    lines += loops_markdown(loops or [])
     lines += [
         "",
         "## Every config",
@@ -318,17 +400,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/triton_compile.md")
     p.add_argument("--json", type=Path, help="also write the raw rows as JSON")
+    p.add_argument("--loops", choices=["on", "off"], default="on",
+                   help="also count the attention kernels' tile-loop instructions, staged vs per-tile rotation "
+                        "(head 128, the first dtype, sm_90)")  # fmt: skip
     args = p.parse_args(argv)
     heads, dtypes = MATRICES[args.matrix]
     heads, dtypes = args.heads or heads, args.dtypes or dtypes
     t0 = time.perf_counter()
     rows = run(args.kernels, heads, dtypes, args.archs, args.workers)
+    loops = run_loops("128", dtypes[0], 90, args.workers) if args.loops == "on" else []
     seconds = time.perf_counter() - t0
     shown = " ".join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(rows, seconds, shown))
+    args.out.write_text(markdown(rows, seconds, shown, loops))
     if args.json:
-        args.json.write_text(json.dumps({"seconds": seconds, "limits": SMEM_LIMIT,
+        args.json.write_text(json.dumps({"seconds": seconds, "limits": SMEM_LIMIT, "loops": loops,
                                          "rows": [asdict(r) for r in rows]}, indent=1))  # fmt: skip
     missing = [k for k, v in summarize(rows).items() if not v]
     print(f"{len(rows)} compilations in {seconds:.1f} s; no spill-free fitting config for: {missing or 'none'}")

@@ -287,3 +287,33 @@ def test_positions_past_l0_rotate_differently_under_the_two_tables():
     cos_short, _ = table.cos_sin(torch.tensor([L0]), long=False)
     cos_long, _ = table.cos_sin(torch.tensor([L0]), long=True)
     assert (cos_short - cos_long).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("layout", ["dense_positions", "varlen", "partial_rotary"])
+def test_triton_per_tile_rotation_matches_the_staged_default(monkeypatch, layout):
+    """The Triton launchers rotate the loop operands once (``staged=True``, the default); ``staged=False`` rotates
+    every tile in the loop instead. Both paths compile from one kernel body: both must give the reference's result,
+    and the same result as each other."""
+    if "triton" not in lr2.available_backends():
+        pytest.skip("the triton backend is not available here")
+    from lr2kernels.ops.triton import attention
+
+    if layout == "varlen":
+        lengths = [20, 70, 9]  # short, long (> L0 = 64), short
+        table, kwargs = make_table(32), {"cu_seqlens": cu_seqlens_of(lengths), "max_seqlen": 70}
+        q, k, v = _qkv((sum(lengths), 6, 32), (sum(lengths), 2, 32), requires_grad=True)
+    else:
+        table = make_table(32, rotary_dim=24 if layout == "partial_rotary" else 32)
+        positions = torch.arange(40, 110, device=DEVICE)[None].expand(2, -1)  # crosses L0
+        kwargs = {"position_ids": positions} if layout == "dense_positions" else {}
+        q, k, v = _qkv((2, 6, 70, 32), (2, 2, 70, 32), requires_grad=True)
+    results = {}
+    for staged in (True, False):
+        # The launchers' keyword default, switched for this test only (dispatch calls them without it).
+        monkeypatch.setattr(attention.rope_attention_fwd, "__defaults__", (staged,))
+        monkeypatch.setattr(attention.rope_attention_bwd, "__defaults__", (staged,))
+        _check("triton", q, k, v, table, **kwargs)
+        out = run("triton", lr2.rope_attention, q, k, v, table, **kwargs)
+        results[staged] = (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    for got, want in zip(results[False], results[True]):
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)

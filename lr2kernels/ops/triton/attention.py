@@ -1,8 +1,13 @@
 """Fused rescaled-RoPE flash attention (FlashAttention-2 style) forward and backward, dense and varlen.
 
-q and k arrive PRE-RoPE; each tile is rotated in registers right after it is loaded (q once per program, k once
-per key tile), with the table of its sequence (short or long), so rotated q/k never reach memory, in training
-either: the backward recomputes the rotation and returns gradients w.r.t. the pre-RoPE q and k.
+q and k arrive PRE-RoPE and the gradients go back w.r.t. the pre-RoPE q and k. The tiles a program keeps (its own
+block of queries in the forward and dq, its block of keys in dk/dv) are rotated in registers once, with the table of
+their sequence (short or long). The tiles a program loops over (keys in the forward and dq, queries in dk/dv) would
+be rotated again by every program that visits them: at 128K tokens, 1,000 query blocks x the GQA group each recompute
+the sin/cos of every key, which dominated the instructions per key tile (benchmarks/results/triton_compile.md). So
+by default (``staged=True``) the launcher rotates those once, in one :func:`lr2kernels.ops.triton.rope.apply_rope`
+pass into a scratch buffer that lives for the launch only, and the loop loads them ready; ``staged=False`` keeps the
+older per-tile rotation (same results; the compile report measures both).
 
 Dense ``[B, H, L, D]`` and varlen ``[T, H, D]`` share one kernel body: varlen is a batch whose sequence bounds
 come from ``cu_seqlens`` (IS_VARLEN). GQA maps q head h to kv head ``h // (Hq // Hk)``; the dk/dv program of a kv
@@ -41,6 +46,7 @@ from lr2kernels.ops.triton._jit import (
     _head_offset,
     _load_rotated,
     _load_rows,
+    _load_split,
     _positions,
     _qk_scores,
     _rotate_transposed,
@@ -48,6 +54,7 @@ from lr2kernels.ops.triton._jit import (
     _store_rows,
     _store_split,
 )
+from lr2kernels.ops.triton.rope import apply_rope
 
 __all__ = ["rope_attention_bwd", "rope_attention_fwd"]
 
@@ -108,7 +115,7 @@ _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]]] = {
 
 
 # Not keyed on the length: varlen batches change it every step, and a retune per length would dominate.
-_TUNE_KEY = ["HEAD_DIM", "HALF", "PASS", "IS_CAUSAL", "IS_VARLEN", "PRECISION"]
+_TUNE_KEY = ["HEAD_DIM", "HALF", "PASS", "IS_CAUSAL", "IS_VARLEN", "PRECISION", "STAGED"]
 
 
 @triton.jit
@@ -127,6 +134,26 @@ def _load_rotated_tile(
     x1, x2, xp, cos, sin = _load_rotated(x_base, rows, stride_xt, row_mask, pos, INV_FREQ, is_long, attention,
                                          dtype, HALF, HALF_PAD, PASS, PASS_PAD)  # fmt: skip
     return rows, row_mask, x1, x2, xp, cos, sin
+
+
+@triton.jit
+def _load_loop_tile(
+    x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
+    BLOCK: tl.constexpr, HAS_POS: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr, STAGED: tl.constexpr,
+):  # fmt: skip
+    """A tile of the tokens a program loops over (keys in the forward and dq, queries in dk/dv), rotated: loaded
+    ready from the staged buffer (STAGED), or rotated here. Returns (rows ``[BLOCK]``, row mask, x1, x2, xp)."""
+    if STAGED:
+        rows = first + tl.arange(0, BLOCK)
+        row_mask = rows < seq_len
+        x1, x2, xp = _load_split(x_base, rows, stride_xt, row_mask, HALF, HALF_PAD, PASS, PASS_PAD)
+        return rows, row_mask, x1.to(dtype), x2.to(dtype), xp.to(dtype)
+    rows, row_mask, x1, x2, xp, cos, sin = _load_rotated_tile(
+        x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK, HAS_POS,
+        HALF, HALF_PAD, PASS, PASS_PAD,
+    )  # fmt: skip
+    return rows, row_mask, x1, x2, xp
 
 
 @triton.jit
@@ -207,6 +234,7 @@ def _rope_attention_fwd_kernel(
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
+    STAGED: tl.constexpr,
 ):  # fmt: skip
     """Output and lse of one block of queries of one q head: loop over the key tiles of its kv head."""
     first, seq, head, start, seq_len, is_long, attention, pos_base = _sequence_program(  # queries of q head `head`
@@ -230,9 +258,9 @@ def _rope_attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     hi = tl.minimum(seq_len, first + BLOCK_M) if IS_CAUSAL else seq_len
     for n_start in range(0, hi, BLOCK_N):
-        offs_n, n_mask, k1, k2, kp, cos_k, sin_k = _load_rotated_tile(  # k [BLOCK_N, *] rotated
+        offs_n, n_mask, k1, k2, kp = _load_loop_tile(  # k [BLOCK_N, *] rotated
             k_base, stride_kt, n_start, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_N, HAS_POS,
-            HALF, HALF_PAD, PASS, PASS_PAD,
+            HALF, HALF_PAD, PASS, PASS_PAD, STAGED,
         )  # fmt: skip
         visible = n_mask[None, :]
         if IS_CAUSAL:
@@ -265,6 +293,7 @@ def _rope_attention_bwd_dq_kernel(
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
+    STAGED: tl.constexpr,
 ):  # fmt: skip
     """dq for one block of queries: loop over key tiles; rotated with the same angles as the forward."""
     first, seq, head, start, seq_len, is_long, attention, pos_base = _sequence_program(  # dq rows of q head `head`
@@ -290,11 +319,11 @@ def _rope_attention_bwd_dq_kernel(
     dqp = tl.zeros([BLOCK_M, PASS_PAD], dtype=tl.float32)
     hi = tl.minimum(seq_len, first + BLOCK_M) if IS_CAUSAL else seq_len
     for n_start in range(0, hi, BLOCK_N):
-        # k [BLOCK_N, *] rotated, v [BLOCK_N, HEAD_DIM_PAD]
-        offs_n, n_mask, k1, k2, kp, cos_k, sin_k, v = _load_token_tile(
-            k_base, v_base, stride_kt, stride_vt, n_start, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
-            BLOCK_N, HAS_POS, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM, HEAD_DIM_PAD,
+        offs_n, n_mask, k1, k2, kp = _load_loop_tile(  # k [BLOCK_N, *] rotated
+            k_base, stride_kt, n_start, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_N, HAS_POS,
+            HALF, HALF_PAD, PASS, PASS_PAD, STAGED,
         )  # fmt: skip
+        v = _load_rows(v_base, offs_n, stride_vt, n_mask, HEAD_DIM, HEAD_DIM_PAD)  # [BLOCK_N, HEAD_DIM_PAD]
         visible = n_mask[None, :] & m_mask[:, None]
         if IS_CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
@@ -324,6 +353,7 @@ def _rope_attention_bwd_dkdv_kernel(
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
+    STAGED: tl.constexpr,
 ):  # fmt: skip
     """dk, dv for one key tile of one kv head, summed over the q heads of its GQA group."""
     first, seq, kv_head, start, seq_len, is_long, attention, pos_base = _sequence_program(  # keys of `kv_head`
@@ -351,10 +381,11 @@ def _rope_attention_bwd_dkdv_kernel(
         row_base = _head_offset(seq, head, start, stride_lse_b, stride_lse_h, 1)
         for m_start in range(lo, seq_len, BLOCK_M):
             # q [BLOCK_M, *] rotated, dO [BLOCK_M, HEAD_DIM_PAD], lse and delta [BLOCK_M]
-            offs_m, m_mask, q1, q2, qp, cos_q, sin_q, do = _load_token_tile(
-                q_base, do_base, stride_qt, stride_dot, m_start, seq_len, pos_base, INV_FREQ, is_long, attention,
-                dtype, BLOCK_M, HAS_POS, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM, HEAD_DIM_PAD,
+            offs_m, m_mask, q1, q2, qp = _load_loop_tile(
+                q_base, stride_qt, m_start, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_M,
+                HAS_POS, HALF, HALF_PAD, PASS, PASS_PAD, STAGED,
             )  # fmt: skip
+            do = _load_rows(do_base, offs_m, stride_dot, m_mask, HEAD_DIM, HEAD_DIM_PAD)
             lse, delta = _row_stats(LSE + row_base, DELTA + row_base, offs_m, m_mask)
             visible = n_mask[:, None] & m_mask[None, :]
             if IS_CAUSAL:
@@ -371,7 +402,9 @@ def _rope_attention_bwd_dkdv_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ host side
-def _constexprs(q: torch.Tensor, inv_freq: torch.Tensor, causal: bool, varlen: bool, has_pos: bool) -> dict:
+def _constexprs(
+    q: torch.Tensor, inv_freq: torch.Tensor, causal: bool, varlen: bool, has_pos: bool, staged: bool
+) -> dict:
     return dict(
         **split_sizes(q.shape[-1], rotary_dim_of(inv_freq)),
         **head_sizes(q.shape[-1]),
@@ -379,6 +412,7 @@ def _constexprs(q: torch.Tensor, inv_freq: torch.Tensor, causal: bool, varlen: b
         IS_VARLEN=varlen,
         HAS_POS=has_pos,
         PRECISION=dot_precision(q.dtype),
+        STAGED=staged,
     )
 
 
@@ -390,7 +424,7 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
 def rope_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     inv_freq: Tensor, is_long: Tensor, position_ids: Tensor | None, cu_seqlens: Tensor | None, max_seqlen: int,
-    causal: bool, softmax_scale: float, attention_short: float, attention_long: float,
+    causal: bool, softmax_scale: float, attention_short: float, attention_long: float, staged: bool = True,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Fused RoPE + attention forward on PRE-RoPE q, k.
 
@@ -401,6 +435,8 @@ def rope_attention_fwd(
         position_ids: None (0..len-1 per sequence) or int32 ``[L]`` / ``[1, L]`` / ``[B, L]`` / varlen ``[T]``.
         cu_seqlens: None (dense) or int32 ``[num_seqs + 1]``; max_seqlen: L (dense), an upper bound (varlen).
         softmax_scale: the resolved scale; attention_short, attention_long: the tables' attention factors.
+        staged: rotate the keys once into a scratch buffer (k's size) before the loop, instead of in every query
+            block's program (the module docstring).
 
     Returns:
         (out ``q.shape`` contiguous in q's dtype, lse fp32 natural log: dense ``[B, Hq, L]``, varlen ``[Hq, T]``).
@@ -414,6 +450,9 @@ def rope_attention_fwd(
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     if q.numel() == 0 or batch == 0 or seq_len == 0:
         return out, lse
+    if staged:  # [B, Hk, L, D] / [T, Hk, D]: the keys rotated once, with each sequence's table
+        k = apply_rope(None, k, inv_freq, is_long, position_ids, cu_seqlens, max_seqlen, attention_short,
+                       attention_long, transposed=False)[1]  # fmt: skip
     is_long, cu_ptr, pos_ptr, stride_pos_b = sequence_args(is_long, position_ids, cu_seqlens)
     grid = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_M"]), num_q_heads, batch)
     _rope_attention_fwd_kernel[grid](
@@ -421,7 +460,7 @@ def rope_attention_fwd(
         *bht_strides(q, varlen), *bht_strides(k, varlen), *bht_strides(v, varlen), *bht_strides(out, varlen),
         *_lse_strides(lse, varlen), stride_pos_b,
         seq_len, num_q_heads, num_q_heads // k.shape[1], softmax_scale * LOG2E, attention_short, attention_long,
-        **_constexprs(q, inv_freq, causal, varlen, position_ids is not None),
+        **_constexprs(q, inv_freq, causal, varlen, position_ids is not None, staged),
     )  # fmt: skip
     return out, lse
 
@@ -429,11 +468,13 @@ def rope_attention_fwd(
 def rope_attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     inv_freq: Tensor, is_long: Tensor, position_ids: Tensor | None, cu_seqlens: Tensor | None, max_seqlen: int,
-    causal: bool, softmax_scale: float, attention_short: float, attention_long: float,
+    causal: bool, softmax_scale: float, attention_short: float, attention_long: float, staged: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients (dq, dk, dv) w.r.t. the PRE-RoPE q, k and v, shaped like them (contiguous).
 
-    ``out`` and ``lse`` are :func:`rope_attention_fwd`'s; the other arguments are the forward's.
+    ``out`` and ``lse`` are :func:`rope_attention_fwd`'s; the other arguments are the forward's. ``staged``: rotate
+    q and k once (one launch, scratch buffers of their sizes) for the loops of the dq (keys) and dk/dv (queries)
+    kernels.
     """
     grad_out, q, k, v = (contiguous_last(x) for x in (grad_out, q, k, v))
     varlen = cu_seqlens is not None
@@ -445,20 +486,27 @@ def rope_attention_bwd(
     lse = lse.contiguous()
     delta = (out.float() * grad_out.float()).sum(-1)  # [B, H, L] or [T, H]
     delta = (delta.transpose(0, 1) if varlen else delta).contiguous()  # lse's layout: [B, H, L] or [H, T]
+    # The loops' operands: dq loops over keys, dk/dv over queries; each rotated once when staged.
+    q_loop, k_loop = q, k
+    if staged:
+        q_loop, k_loop = apply_rope(q, k, inv_freq, is_long, position_ids, cu_seqlens, max_seqlen, attention_short,
+                                    attention_long, transposed=False)  # fmt: skip
     is_long, cu_ptr, pos_ptr, stride_pos_b = sequence_args(is_long, position_ids, cu_seqlens)
-    constexprs = _constexprs(q, inv_freq, causal, varlen, position_ids is not None)
+    constexprs = _constexprs(q, inv_freq, causal, varlen, position_ids is not None, staged)
     table_args = (inv_freq, cu_ptr, pos_ptr, is_long)
-    input_strides = (*bht_strides(q, varlen), *bht_strides(k, varlen), *bht_strides(v, varlen),
-                     *bht_strides(grad_out, varlen))  # fmt: skip
+    v_do_strides = (*bht_strides(v, varlen), *bht_strides(grad_out, varlen))
     grid_q = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_M"]), num_q_heads, batch)
     _rope_attention_bwd_dq_kernel[grid_q](
-        q, k, v, grad_out, dq, lse, delta, *table_args, *input_strides, *bht_strides(dq, varlen),
+        q, k_loop, v, grad_out, dq, lse, delta, *table_args,
+        *bht_strides(q, varlen), *bht_strides(k_loop, varlen), *v_do_strides, *bht_strides(dq, varlen),
         *_lse_strides(lse, varlen), stride_pos_b, seq_len, num_q_heads, num_q_heads // num_kv_heads,
         softmax_scale, attention_short, attention_long, **constexprs,
     )  # fmt: skip
+    del k_loop  # the scratch buffer goes before the dk/dv kernel runs
     grid_kv = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_N"]), num_kv_heads, batch)
     _rope_attention_bwd_dkdv_kernel[grid_kv](
-        q, k, v, grad_out, dk, dv, lse, delta, *table_args, *input_strides,
+        q_loop, k, v, grad_out, dk, dv, lse, delta, *table_args,
+        *bht_strides(q_loop, varlen), *bht_strides(k, varlen), *v_do_strides,
         *bht_strides(dk, varlen), *bht_strides(dv, varlen),
         *_lse_strides(lse, varlen), stride_pos_b, seq_len, num_kv_heads, num_q_heads // num_kv_heads,
         softmax_scale, attention_short, attention_long, **constexprs,

@@ -16,6 +16,7 @@ aside (nothing written is ever deleted). The result, ``<out>/model``, is a Huggi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,6 +30,7 @@ import torch
 
 from lr2kernels.hf.models import weights_sha256
 from lr2kernels.hf.patch import is_patched, patch, unpatch
+from lr2kernels.hf.progress import Heartbeat
 from lr2kernels.search.outputs import save_hf_config
 from lr2kernels.tables import RopeTable
 from lr2kernels.train.packing import PackedRow, collate, pack_documents
@@ -244,8 +246,11 @@ def finetune(
         long_rows = sum(row.long for row in rows)
         print(f"finetune: {len(rows)} rows of {settings.seq_len} tokens ({long_rows} with a long document), "
               f"{settings.steps} steps" + (f", resuming from {resume}" if resume else ""), flush=True)  # fmt: skip
+    # Trainer's bar moves once per step, and a step of 16K tokens on a CPU takes minutes: a line every 30 s between.
+    beat = Heartbeat("training step", model, every=30.0, indent="  ") if progress else contextlib.nullcontext()
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        with beat:
+            trainer.train(resume_from_checkpoint=resume)
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         if resume is None:
             raise

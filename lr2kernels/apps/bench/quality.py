@@ -157,8 +157,7 @@ def run(
     print(f"quality: base model, table: {rows[-1]}", flush=True)
 
     start = time.perf_counter()
-    with Heartbeat("finetune", model, every=30):
-        finetune(model, tokenizer, table, documents, settings, job)
+    finetune(model, tokenizer, table, documents, settings, job)  # its own progress: a bar, and a line every 30 s
     train_seconds = time.perf_counter() - start
     model.eval()
     start = time.perf_counter()

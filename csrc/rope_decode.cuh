@@ -6,10 +6,15 @@
 // rows of the GQA group: row g * n + t is q head kv_head * group + g, new token t (position seq_len - n + t). So each
 // cached key of the split is read, and rotated, once for the whole group. Each of the NWARPS warps takes every
 // NWARPS-th key of the split: its 32 lanes hold the head's channels as pair slots (slot s < half: the NeoX pair
-// (s, s + half), rotated in registers with sincosf of the key's angle; slot s >= half: two pass-through channels),
+// (s, s + half), rotated in registers; slot s >= half: two pass-through channels),
 // score it against the ROWS rotated queries (held in registers, pre-scaled by softmax_scale * log2 e) with a warp
 // reduction, and update their online-softmax states. At the end the warps' states are merged through shared memory.
 // With one split the block writes the output; with more, its finished partial (o, lse), merged by the second kernel.
+//
+// The keys' angles: the loop walks tiles of key_tile<D>() positions (p0 a multiple of the tile; warp w takes offsets w,
+// w + NWARPS, ...). In fp16/bf16 each lane calls sincosf once per tile and slot, and gets every key's cos/sin by angle
+// addition with a per-block step table in shared memory (rope_cos_sin_step: 2.9e-7 from fp64, where HF rounds cos/sin
+// to the model's dtype); in fp32 it keeps one sincosf per key (1.4e-7, as HF's fp32 path).
 //
 // The table is chosen per sequence from seqlens[b] on the device (no host sync). Slots past seqlens[b] are never read.
 #pragma once
@@ -23,6 +28,20 @@
 namespace lr2 {
 
 constexpr int kDecodeWarps = 4;
+
+// Positions per angle-addition tile: one sincosf per tile and slot, then tile / kDecodeWarps keys per warp by angle
+// addition. The step table takes 2 * tile * D / 2 floats of static shared memory (48 KB in all), so half at D = 256.
+template <int D>
+__host__ __device__ constexpr int key_tile() {
+    return D >= 256 ? 16 : 32;
+}
+
+// Angle addition for the keys where HF's own path rounds cos/sin to the model's dtype (fp16, bf16); fp32 keeps a
+// sincosf per key (see rope_cos_sin_step and tests/cuda/test_host_math.py).
+template <typename T>
+__host__ __device__ constexpr bool step_angles() {
+    return sizeof(T) == 2;
+}
 
 // Packed rows per block: the rotated queries and their accumulators live in registers (4 * D / 32 floats per row
 // and lane), so fewer rows for the largest head.
@@ -55,7 +74,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const De
     constexpr int ROWS = decode_rows<D>();
     constexpr int SLOTS = D / 2;
     constexpr int SPL = (SLOTS + 31) / 32;  // pair slots per lane
+    constexpr bool STEP = step_angles<T>();
+    constexpr int TILE = key_tile<D>();
+    constexpr int STEP_ROWS = STEP ? TILE : 1;
     __shared__ float sm_acc[kDecodeWarps][ROWS][D];
+    __shared__ float sm_step_cos[STEP_ROWS][SLOTS];  // cos/sin of fl(t * inv_freq[s]), t < TILE (unscaled)
+    __shared__ float sm_step_sin[STEP_ROWS][SLOTS];
     __shared__ float sm_m[kDecodeWarps][ROWS];
     __shared__ float sm_l[kDecodeWarps][ROWS];
 
@@ -72,6 +96,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const De
     const bool is_long = seq_len > p.original_max_position;
     const float* inv_freq = p.inv_freq + (is_long ? p.half : 0);
     const float attention = is_long ? p.attention_long : p.attention_short;
+
+    if (STEP) {
+        for (int idx = threadIdx.x; idx < TILE * p.half; idx += blockDim.x) {
+            const int t = idx / p.half, slot = idx % p.half;
+            rope_cos_sin(rope_angle(t, inv_freq[slot]), 1.0f, &sm_step_cos[t][slot], &sm_step_sin[t][slot]);
+        }
+        __syncthreads();
+    }
 
     // This lane's pair slots.
     int d1[SPL], d2[SPL];
@@ -126,38 +158,55 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const De
     const T* k_base = static_cast<const T*>(p.k) + seq * p.k_strides[0] + kv_head * p.k_strides[1];
     const T* v_base = static_cast<const T*>(p.v) + seq * p.v_strides[0] + kv_head * p.v_strides[1];
 
-    for (int j = lo + warp; j < hi; j += kDecodeWarps) {
-        const T* k_row = k_base + j * p.k_strides[2];
-        const T* v_row = v_base + j * p.v_strides[2];
-        float k1[SPL], k2[SPL], v1[SPL], v2[SPL];
+    for (int p0 = lo / TILE * TILE; p0 < hi; p0 += TILE) {
+        float cos_base[SPL], sin_base[SPL];  // the tile's base angle fl(p0 * f), scaled (fp16/bf16 only)
 #pragma unroll
         for (int i = 0; i < SPL; ++i) {
-            k1[i] = k2[i] = v1[i] = v2[i] = 0.0f;
-            if (valid[i]) {
-                k1[i] = to_float(k_row[d1[i]]);
-                k2[i] = to_float(k_row[d2[i]]);
-                v1[i] = to_float(v_row[d1[i]]);
-                v2[i] = to_float(v_row[d2[i]]);
-                if (rotates[i]) {
-                    float c, s;
-                    rope_cos_sin(rope_angle(j, slot_freq[i]), attention, &c, &s);
-                    rotate_pair(k1[i], k2[i], c, s, false, &k1[i], &k2[i]);
-                }
-            }
+            cos_base[i] = sin_base[i] = 0.0f;
+            if (STEP && valid[i] && rotates[i])
+                rope_cos_sin(rope_angle(p0, slot_freq[i]), attention, &cos_base[i], &sin_base[i]);
         }
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            float dot = 0.0f;
-#pragma unroll
-            for (int i = 0; i < SPL; ++i) dot += q1[r][i] * k1[i] + q2[r][i] * k2[i];
-            dot = warp_sum(dot);
-            const float score = j <= q_pos[r] ? dot : -INFINITY;  // causal among the new tokens
-            float alpha, prob;
-            softmax_update(score, &m[r], &l[r], &alpha, &prob);
+        for (int t = warp; t < TILE; t += kDecodeWarps) {
+            const int j = p0 + t;
+            if (j >= hi) break;
+            if (j < lo) continue;  // the first tile of a split that starts inside it
+            const T* k_row = k_base + j * p.k_strides[2];
+            const T* v_row = v_base + j * p.v_strides[2];
+            float k1[SPL], k2[SPL], v1[SPL], v2[SPL];
 #pragma unroll
             for (int i = 0; i < SPL; ++i) {
-                acc1[r][i] = acc1[r][i] * alpha + prob * v1[i];
-                acc2[r][i] = acc2[r][i] * alpha + prob * v2[i];
+                k1[i] = k2[i] = v1[i] = v2[i] = 0.0f;
+                if (valid[i]) {
+                    k1[i] = to_float(k_row[d1[i]]);
+                    k2[i] = to_float(k_row[d2[i]]);
+                    v1[i] = to_float(v_row[d1[i]]);
+                    v2[i] = to_float(v_row[d2[i]]);
+                    if (rotates[i]) {
+                        float c, s;
+                        if (STEP) {
+                            rope_cos_sin_step(p0, t, slot_freq[i], cos_base[i], sin_base[i],
+                                              sm_step_cos[t][d1[i]], sm_step_sin[t][d1[i]], &c, &s);
+                        } else {
+                            rope_cos_sin(rope_angle(j, slot_freq[i]), attention, &c, &s);
+                        }
+                        rotate_pair(k1[i], k2[i], c, s, false, &k1[i], &k2[i]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                float dot = 0.0f;
+#pragma unroll
+                for (int i = 0; i < SPL; ++i) dot += q1[r][i] * k1[i] + q2[r][i] * k2[i];
+                dot = warp_sum(dot);
+                const float score = j <= q_pos[r] ? dot : -INFINITY;  // causal among the new tokens
+                float alpha, prob;
+                softmax_update(score, &m[r], &l[r], &alpha, &prob);
+#pragma unroll
+                for (int i = 0; i < SPL; ++i) {
+                    acc1[r][i] = acc1[r][i] * alpha + prob * v1[i];
+                    acc2[r][i] = acc2[r][i] * alpha + prob * v2[i];
+                }
             }
         }
     }

@@ -22,9 +22,26 @@ namespace lr2 {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// HF's angle: float32(position) * inv_freq, rounded ONCE in fp32. A single multiply: nothing for the compiler to
-// contract into an FMA, so the rounding is the same on every backend (torch, triton, this one).
-LR2_HD float rope_angle(int position, float inv_freq) { return static_cast<float>(position) * inv_freq; }
+// fp32 product and difference, each rounded on its own. nvcc contracts a * b + c into one FMA by default (one
+// rounding instead of two); the angle code below needs the products rounded exactly as HF's fp32 multiply rounds them.
+LR2_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fmul_rn(a, b);
+#else
+    return a * b;  // the host build (tests/cuda) compiles with -ffp-contract=off
+#endif
+}
+
+LR2_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fsub_rn(a, b);
+#else
+    return a - b;
+#endif
+}
+
+// HF's angle: float32(position) * inv_freq, rounded ONCE in fp32, the same on every backend (torch, triton, this one).
+LR2_HD float rope_angle(int position, float inv_freq) { return mul_rn(static_cast<float>(position), inv_freq); }
 
 // cos/sin of an fp32 angle, times the table's attention factor.
 //
@@ -43,6 +60,27 @@ LR2_HD void rope_cos_sin(float angle, float attention, float* cos_out, float* si
 #endif
     *cos_out = c * attention;
     *sin_out = s * attention;
+}
+
+// cos/sin of HF's angle fl(p * f) at p = p0 + t by angle addition, for a loop over keys that would otherwise call
+// sincosf once per key: from the scaled cos/sin of fl(p0 * f) (computed once per tile of keys, p0 a multiple of the
+// tile) and the unscaled cos/sin of fl(t * f) (a per-block step table, 0 <= t < tile).
+//
+// HF rounds each angle once, so fl(p f) != fl(p0 f) + fl(t f): the difference delta = (fl(p f) - fl(p0 f)) - fl(t f)
+// is formed exactly (both subtractions are of floats within a factor 2 of each other, or of zero: Sterbenz, because
+// p0 >= t unless p0 = 0) and applied as a small rotation. |delta| <= ~1 ulp of the angle (0.06 rad at 2^20
+// positions), so the Taylor series to delta^5 leaves < 1e-9.
+LR2_HD void rope_cos_sin_step(int p0, int t, float inv_freq, float cos_base, float sin_base, float cos_step,
+                              float sin_step, float* cos_out, float* sin_out) {
+    const float delta =
+        sub_rn(sub_rn(rope_angle(p0 + t, inv_freq), rope_angle(p0, inv_freq)), rope_angle(t, inv_freq));
+    const float d2 = delta * delta;
+    const float cos_delta = 1.0f - d2 * (0.5f - d2 * (1.0f / 24.0f));
+    const float sin_delta = delta * (1.0f - d2 * ((1.0f / 6.0f) - d2 * (1.0f / 120.0f)));
+    const float cos_off = cos_step * cos_delta - sin_step * sin_delta;  // cos(fl(p f) - fl(p0 f))
+    const float sin_off = sin_step * cos_delta + cos_step * sin_delta;
+    *cos_out = cos_base * cos_off - sin_base * sin_off;
+    *sin_out = sin_base * cos_off + cos_base * sin_off;
 }
 
 // RoPE on one NeoX pair (x1 = channel j, x2 = channel j + rotary_dim / 2), cos/sin already scaled:

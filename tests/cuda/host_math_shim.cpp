@@ -16,6 +16,21 @@ void lr2_angles(const int* pos, int n, const float* inv_freq, int half, float at
     }
 }
 
+// The same cos/sin by angle addition over tiles of `tile` positions (rope_cos_sin_step), as the decode kernel's loop.
+void lr2_angles_by_steps(const int* pos, int n, const float* inv_freq, int half, float attention, int tile, float* c,
+                         float* s) {
+    for (int i = 0; i < n; ++i) {
+        const int p0 = pos[i] / tile * tile, t = pos[i] - p0;
+        for (int j = 0; j < half; ++j) {
+            float cos_base, sin_base, cos_step, sin_step;
+            lr2::rope_cos_sin(lr2::rope_angle(p0, inv_freq[j]), attention, &cos_base, &sin_base);
+            lr2::rope_cos_sin(lr2::rope_angle(t, inv_freq[j]), 1.0f, &cos_step, &sin_step);
+            lr2::rope_cos_sin_step(p0, t, inv_freq[j], cos_base, sin_base, cos_step, sin_step, &c[i * half + j],
+                                   &s[i * half + j]);
+        }
+    }
+}
+
 // x [n, 2 * half] rotated pair-wise (NeoX halves) with cos/sin [n, half].
 void lr2_rotate(const float* x, int n, int half, const float* c, const float* s, int transposed, float* y) {
     for (int i = 0; i < n; ++i) {

@@ -158,3 +158,30 @@ def test_per_sequence_grids_put_heads_and_sequences_on_their_own_axes():
     assert sequence_grid(7, 32, 2048) == (7, 32, 2048)
     with pytest.raises(ValueError, match=r"at most 65535 sequences .* got 70000 sequences"):
         sequence_grid(1, 8, 70_000)
+
+
+def test_a_triton_interpreter_that_numpy_breaks_is_reported_not_run():
+    """Triton 3.6's interpreter does int(array) on 1-element arrays, an error since NumPy 2.4: every kernel would
+    fail at its first loop. The backend reports why instead; a fixed interpreter (3.9 squeezes) passes."""
+    from lr2kernels.ops.triton import interpreter_problem
+
+    broken = 'scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))'
+    fixed = 'scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))'
+    assert "numpy<2.4" in interpreter_problem("2.4.6", broken)
+    assert interpreter_problem("2.3.5", broken) == ""
+    assert interpreter_problem("2.4.6", fixed) == ""
+    assert interpreter_problem("3.0.0", fixed) == ""
+
+
+def test_the_triton_backend_runs_in_this_interpreter_when_it_can():
+    """No silent loss of the Triton tests: where the installed interpreter has no NumPy problem, the backend is
+    available on the CPU under TRITON_INTERPRET=1."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (the README's test command sets it)")
+    from lr2kernels.ops.triton import _installed_interpreter_problem
+
+    ok, reason = dispatch.backend_status("triton", torch.device("cpu"))
+    assert ok == (not _installed_interpreter_problem()), reason

@@ -26,6 +26,34 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Triton 3.6's interpreter turns a scalar into a Python int with int(array) of a 1-element array, which NumPy 2.4
+# made an error ("only 0-dimensional arrays can be converted to Python scalars"): every kernel loop over a loaded
+# length fails. Triton 3.9's squeezes first. Found by its source line, so any Triton with the fix passes.
+_UNSQUEEZED_INDEX = '"__index__", lambda self: int(self.handle.data))'
+
+
+def interpreter_problem(numpy_version: str, interpreter_source: str) -> str:
+    """Why this Triton interpreter cannot run the kernels with this NumPy ("" when it can)."""
+    major, minor = (int(part) for part in numpy_version.split(".")[:2])
+    if (major, minor) >= (2, 4) and _UNSQUEEZED_INDEX in interpreter_source:
+        return (
+            f"this Triton's interpreter cannot run loops over loaded lengths with NumPy {numpy_version} (>= 2.4 "
+            f"refuses int() of a 1-element array): pip install 'numpy<2.4', or a Triton whose interpreter squeezes "
+            f"first (3.9 does)"
+        )
+    return ""
+
+
+@functools.cache
+def _installed_interpreter_problem() -> str:
+    import inspect
+
+    import numpy
+    import triton.runtime.interpreter
+
+    return interpreter_problem(numpy.__version__, inspect.getsource(triton.runtime.interpreter))
+
+
 class TritonBackend(FusedBackend):
     NAME = "triton"
 
@@ -33,11 +61,17 @@ class TritonBackend(FusedBackend):
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not installed (pip install triton)"
         if device is None:
-            if _interpreting() or torch.cuda.is_available():
+            if torch.cuda.is_available():
                 return True, ""
+            if _interpreting():
+                problem = _installed_interpreter_problem()
+                return not problem, problem
             return False, "needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU (Triton's interpreter)"
-        if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+        if device.type == "cuda":
             return True, ""
+        if device.type == "cpu" and _interpreting():
+            problem = _installed_interpreter_problem()
+            return not problem, problem
         if device.type == "cpu":
             return False, "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter; slow, for testing)"
         return False, f"no Triton support for {device.type} tensors"

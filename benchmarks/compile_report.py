@@ -50,7 +50,7 @@ HEAD_CASES = {
 MATRICES = {
     "full": (list(HEAD_CASES), ["fp16", "bf16", "fp32"]),
     "reduced": (["64", "128", "256", "96of128"], ["bf16", "fp32"]),
-    "gate": (["64", "128", "256", "96of128"], ["bf16"]),
+    "gate": (list(HEAD_CASES), ["bf16", "fp16"]),
 }
 KERNELS = ["fwd", "bwd_dq", "bwd_dkdv", "decode", "decode_merge", "apply_rope", "rerotate"]
 
@@ -85,6 +85,7 @@ class Row:
     fits: bool
     error: str = ""
     seconds: float = 0.0
+    triton: str = ""  # the Triton version that compiled it
 
     @property
     def ok(self) -> bool:
@@ -231,7 +232,8 @@ def compile_job(job: Job) -> Row:
     except Exception as e:  # noqa: BLE001 - reported, not raised
         msg = str(e).strip().splitlines()
         return Row(job.kernel, job.head, job.dtype, job.arch, job.config, None, None, None, False,
-                   error=(msg[0] if msg else type(e).__name__)[:200], seconds=time.perf_counter() - t0)  # fmt: skip
+                   error=(msg[0] if msg else type(e).__name__)[:200], seconds=time.perf_counter() - t0,
+                   triton=triton.__version__)  # fmt: skip
     log = buf.getvalue()
     regs = _PTXAS_REGS.findall(log)
     spills = _PTXAS_SPILL.findall(log)
@@ -239,7 +241,7 @@ def compile_job(job: Job) -> Row:
     return Row(job.kernel, job.head, job.dtype, job.arch, job.config,
                max(map(int, regs)) if regs else None, max(map(int, spills)) if spills else None, smem,
                smem <= SMEM_LIMIT[job.arch], error="" if regs else "no ptxas log",
-               seconds=time.perf_counter() - t0)  # fmt: skip
+               seconds=time.perf_counter() - t0, triton=triton.__version__)  # fmt: skip
 
 
 _SASS_LABEL = re.compile(r"^\s*(\.?L\w+):")
@@ -267,11 +269,26 @@ def loop_instructions(sass: str) -> int:
     return largest
 
 
+def loop_trig_ops(ttir: str) -> int:
+    """``math.sin`` / ``math.cos`` operations inside ``scf.for`` loops of Triton's TTIR (before libdevice is inlined,
+    so each tl.sin / tl.cos of the source is one op)."""
+    depth, loop_depths, count = 0, [], 0
+    for line in ttir.splitlines():
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            loop_depths.append(depth)
+        if loop_depths and ("math.sin" in line or "math.cos" in line):
+            count += 1
+        depth += line.count("{") - line.count("}")
+        while loop_depths and depth <= loop_depths[-1]:
+            loop_depths.pop()
+    return count
+
+
 LOOP_KERNELS = ["fwd", "bwd_dq", "bwd_dkdv"]
 
 
-def loop_job(kernel: str, head: str, dtype: str, arch: int, staged: bool) -> tuple[str, bool, str, int]:
-    """(kernel, staged, config, loop instructions) of the first config the launcher may pick."""
+def loop_job(kernel: str, head: str, dtype: str, arch: int, staged: bool) -> tuple[str, bool, str, int, int]:
+    """(kernel, staged, config, loop instructions, cos/sin ops in loops) of the first config the launcher may pick."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -282,7 +299,7 @@ def loop_job(kernel: str, head: str, dtype: str, arch: int, staged: bool) -> tup
                                     constexprs=job.constexprs)  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=job.options)
-    return kernel, staged, job.config, loop_instructions(compiled.asm["sass"])
+    return kernel, staged, job.config, loop_instructions(compiled.asm["sass"]), loop_trig_ops(compiled.asm["ttir"])
 
 
 def run_loops(head: str, dtype: str, arch: int, workers: int) -> list[dict]:
@@ -293,11 +310,12 @@ def run_loops(head: str, dtype: str, arch: int, workers: int) -> list[dict]:
         results = list(pool.map(loop_job, *zip(*cases)))
     rows = []
     for kernel in LOOP_KERNELS:
-        found = {staged: (config, n) for k, staged, config, n in results if k == kernel}
+        found = {staged: (config, n, trig) for k, staged, config, n, trig in results if k == kernel}
         rows.append(dict(kernel=kernel, head=head, dtype=dtype, arch=arch, config=found[True][0],
-                         per_tile_rotation=found[False][1], staged=found[True][1]))  # fmt: skip
-        print(f"{kernel:13s} tile loop: {found[False][1]} SASS instructions rotating per tile, {found[True][1]} "
-              f"staged", flush=True)  # fmt: skip
+                         per_tile_rotation=found[False][1], staged=found[True][1],
+                         trig_per_tile_rotation=found[False][2], trig_staged=found[True][2]))  # fmt: skip
+        print(f"{kernel:13s} tile loop: {found[False][1]} SASS instructions and {found[False][2]} cos/sin rotating "
+              f"per tile, {found[True][1]} and {found[True][2]} staged", flush=True)  # fmt: skip
     return rows
 
 
@@ -341,15 +359,18 @@ def loops_markdown(loops: list[dict]) -> list[str]:
         "",
         "Static SASS instructions of each attention kernel's tile loop (largest backward branch), the first config "
         "its launcher may pick. Staged (the default): the launcher rotates the keys (forward, dq) or queries (dk/dv) "
-        "once into a scratch buffer; per tile: each program recomputes sin/cos and rotates every tile it visits.",
+        "once into a scratch buffer; per tile: each program recomputes sin/cos and rotates every tile it visits. "
+        "cos/sin: math.cos / math.sin ops inside scf.for loops of the TTIR.",
         "",
-        "| kernel | head | dtype | arch | config | per-tile rotation | staged | ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kernel | head | dtype | arch | config | per-tile rotation | staged | ratio | cos/sin in loop: per tile, "
+        "staged |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in loops:
         ratio = r["per_tile_rotation"] / r["staged"] if r["staged"] else float("nan")
         lines.append(f"| {r['kernel']} | {r['head']} | {r['dtype']} | sm_{r['arch']} | {r['config']} | "
-                     f"{r['per_tile_rotation']} | {r['staged']} | {ratio:.2f}x |")  # fmt: skip
+                     f"{r['per_tile_rotation']} | {r['staged']} | {ratio:.2f}x | {r['trig_per_tile_rotation']}, "
+                     f"{r['trig_staged']} |")  # fmt: skip
     return lines
 
 
@@ -357,7 +378,8 @@ def markdown(rows: list[Row], seconds: float, argv: str, loops: list[dict] | Non
     lines = [
         "# Triton kernels compiled for sm_80 / sm_90 on the CPU",
         "",
-        f"Generated by `python benchmarks/compile_report.py {argv}` in {seconds:.0f} s "
+        f"Generated by `python benchmarks/compile_report.py {argv}` with Triton "
+        f"{', '.join(sorted({r.triton for r in rows}))} in {seconds:.0f} s "
         f"({len(rows)} compilations). Registers and spill stores from ptxas `-v`; shared memory is Triton's "
         f"dynamic shared memory (`metadata.shared`); fits: <= {SMEM_LIMIT[80]:,} B (sm_80), "
         f"<= {SMEM_LIMIT[90]:,} B (sm_90). Attention kernels: causal, dense, explicit positions.",

@@ -65,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun with several processes on GPUs: FSDP2 (sharded weights, gradients and optimiser "
+        "state) instead of DDP",
+    )
     parser.add_argument("--save-steps", type=int, default=50, help="a checkpoint every N steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="packing, data order and init seed (default 0)")
     parser.add_argument("--backend", default=None, help="lr2kernels backend: torch, triton or cuda (default: best)")
@@ -98,6 +104,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         if not Path(data).is_file():
             parser.error(f"--data: expected a readable file, got {data!r} (no such file)")
     check_model_device_backend(parser, args)
+    if args.fsdp and device_from(args.device).type != "cuda":
+        parser.error("--fsdp: accelerate runs FSDP on GPUs only; on the CPU several processes train with DDP (leave "
+                     "--fsdp out)")  # fmt: skip
     if args.bf16 and device_from(args.device).type != "cuda":
         parser.error("--bf16: bf16 training is for GPUs; on the CPU train in fp32 (leave --bf16 out)")
     check_writable_folder(parser, "--out", args.out, "the finetune can write its checkpoints and model to")
@@ -125,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                                       seed=args.seed)  # fmt: skip
     print(f"finetune: {len(documents)} documents, table L0 {table.original_max_position} -> "
           f"{table.max_position}, rows of {seq_len} tokens", flush=True)  # fmt: skip
-    folder = finetune(model, tokenizer, table, documents, settings, args.out, fresh=args.fresh)
+    folder = finetune(model, tokenizer, table, documents, settings, args.out, fresh=args.fresh, fsdp=args.fsdp)
     print(f"finetune: the model is in {folder} (stock transformers: AutoModelForCausalLM.from_pretrained)", flush=True)
     return 0
 

@@ -180,6 +180,7 @@ def finetune(
     *,
     fresh: bool = False,
     progress: bool = True,
+    fsdp: bool = False,
 ) -> Path:
     """Finetune ``model`` on packed ``documents`` with ``table``; returns ``<out>/model`` (a HF model folder).
 
@@ -192,12 +193,22 @@ def finetune(
         out: the job's folder: ``finetune.json``, ``checkpoints/``, ``model/``. Rerunning the same job resumes.
         fresh: move a previous run in ``out`` aside first.
         progress: Trainer's progress bar and a log line every few steps.
+        fsdp: under torchrun / accelerate with more than one process on GPUs, shard parameters, gradients and
+            optimiser state with FSDP2 (one shard group per decoder layer, nccl) instead of DDP's full replicas.
+            The result is the same job (same global batch, same weights up to rounding), so it is not part of the
+            job's fingerprint; a single process ignores it. accelerate runs FSDP on accelerators only: on the CPU
+            it is refused (not silently replaced by DDP).
     """
     from transformers import Trainer, TrainingArguments
 
     out = Path(out)
     if not isinstance(table, RopeTable):
         raise TypeError(f"table: expected a lr2kernels.RopeTable, got {type(table).__name__}")
+    if fsdp and next(model.parameters()).device.type == "cpu":
+        raise ValueError(
+            "fsdp: accelerate shards models with FSDP on GPUs only; on the CPU leave it out (several processes then "
+            "train with DDP over gloo)"
+        )
     if getattr(model, "is_quantized", False):
         method = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
         raise ValueError(
@@ -214,6 +225,8 @@ def finetune(
     claim_output_folder(out, fingerprint, fresh)
     resume = _last_checkpoint(out / CHECKPOINTS)
     model.train()
+    sharded = fsdp and _distributed()
+    recompute = settings.gradient_checkpointing
     arguments = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         max_steps=settings.steps,
@@ -223,8 +236,11 @@ def finetune(
         warmup_steps=settings.warmup_steps,
         weight_decay=settings.weight_decay,
         lr_scheduler_type="linear",
-        activation_checkpointing=settings.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        # Under FSDP, its own per-layer recompute (the Trainer's would all-gather every layer once more).
+        activation_checkpointing=recompute and not sharded,
+        activation_checkpointing_kwargs={"use_reentrant": False} if recompute and not sharded else None,
+        fsdp=sharded or None,
+        fsdp_config={"version": 2, "activation_checkpointing": recompute} if sharded else None,
         bf16=settings.bf16,
         save_strategy="steps",
         save_steps=settings.save_steps,

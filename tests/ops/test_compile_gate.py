@@ -2,9 +2,10 @@
 GPUTarget) with a spill-free config that fits shared memory, and no config a launcher can pick overflows it.
 
 Runs ``benchmarks/compile_report.py`` in a subprocess without TRITON_INTERPRET (tests/conftest.py sets it, and
-@triton.jit functions created under it cannot be compiled for a GPU), on a reduced matrix: bf16, head dims 64, 128,
-256 and partial rotary 96-of-128, both archs (about 150 compilations of a few seconds each, minutes on 2 cores;
-``python benchmarks/compile_report.py --matrix full`` covers fp16/fp32 and head dims 80, 96).
+@triton.jit functions created under it cannot be compiled for a GPU), on the gate matrix: bf16 and fp16, head dims
+64, 80, 96, 128, 256 and partial rotary 96-of-128, both archs (``--matrix full`` adds fp32). It runs with this
+interpreter's Triton and with every Python named in ``LR2_GATE_PYTHONS`` (colon-separated): ``.ci/run`` adds one with
+Triton 3.6, the GPU image's, so that the kernels are proven for the Triton that will run them as well as CI's.
 """
 
 from __future__ import annotations
@@ -39,23 +40,31 @@ pytestmark = pytest.mark.skipif(bool(_ptxas_missing()), reason=_ptxas_missing() 
 # (kernels, head cases) compiled by the gate, each for bf16 on sm_80 and sm_90.
 GATE = [
     (["fwd", "bwd_dq", "bwd_dkdv", "decode", "decode_merge", "apply_rope", "rerotate"],
-     ["64", "128", "256", "96of128"]),
+     ["64", "80", "96", "128", "256", "96of128"]),
 ]  # fmt: skip
+
+
+def gate_pythons() -> list[str]:
+    """This interpreter, then the ones ``LR2_GATE_PYTHONS`` names (each must exist: a missing one fails the gate)."""
+    extra = [p for p in os.environ.get("LR2_GATE_PYTHONS", "").split(":") if p]
+    return [sys.executable, *extra]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     rows, loops = [], []
-    for kernels, heads in GATE:
-        out = tmp_path_factory.mktemp("compile")
-        cmd = [sys.executable, str(SCRIPT), "--matrix", "gate", "--kernels", *kernels, "--heads", *heads,
-               "--json", str(out / "rows.json"), "--out", str(out / "report.md")]  # fmt: skip
-        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        written = json.loads((out / "rows.json").read_text())
-        rows += written["rows"]
-        loops += written["loops"]
+    for python in gate_pythons():
+        assert Path(python).exists(), f"LR2_GATE_PYTHONS names {python}, which does not exist"
+        for kernels, heads in GATE:
+            out = tmp_path_factory.mktemp("compile")
+            cmd = [python, str(SCRIPT), "--matrix", "gate", "--kernels", *kernels, "--heads", *heads,
+                   "--json", str(out / "rows.json"), "--out", str(out / "report.md")]  # fmt: skip
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+            written = json.loads((out / "rows.json").read_text())
+            rows += [dict(r, python=python) for r in written["rows"]]
+            loops += written["loops"]
     return {"rows": rows, "loops": loops}
 
 
@@ -74,7 +83,7 @@ def test_no_reachable_config_overflows_shared_memory(report):
 def test_spill_free_config_exists(report):
     ok: dict[tuple, bool] = {}
     for r in report["rows"]:
-        key = (r["kernel"], r["head"], r["dtype"], r["arch"])
+        key = (r["triton"], r["kernel"], r["head"], r["dtype"], r["arch"])
         ok[key] = ok.get(key, False) or (not r["error"] and r["fits"] and r["spill_bytes"] == 0)
     assert ok
     assert not [key for key, good in ok.items() if not good]
@@ -86,4 +95,18 @@ def test_staged_rotation_takes_the_sin_cos_out_of_the_tile_loops(report):
     head 128, sm_90; static SASS counts, deterministic for a Triton version)."""
     assert {r["kernel"] for r in report["loops"]} == {"fwd", "bwd_dq", "bwd_dkdv"}
     for r in report["loops"]:
+        assert r["trig_staged"] == 0 < r["trig_per_tile_rotation"], r  # no cos/sin left in the tile loops
         assert 0 < r["staged"] <= r["per_tile_rotation"] / 2, r
+
+
+def test_no_launch_choice_spills(report):
+    """What a launcher can pick (the autotune lists after pruning, decode's and rope's block sizes) never spills
+    registers: a spilling config kept in an autotune list could win the tuning on one GPU and run slow there."""
+    spilling = [(r["triton"], r["kernel"], r["head"], r["dtype"], r["arch"], r["config"], r["spill_bytes"])
+                for r in report["rows"] if not r["error"] and r["spill_bytes"]]  # fmt: skip
+    assert not spilling
+
+
+def test_every_gate_python_compiled(report):
+    """Every gate interpreter compiled the matrix: a Python named in LR2_GATE_PYTHONS that compiled nothing fails."""
+    assert {r["python"] for r in report["rows"]} == set(gate_pythons())

@@ -204,7 +204,7 @@ def test_cli_rejects_bad_arguments_before_loading(tmp_path, capsys, options, mes
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    # torchrun, 2 CPU processes (gloo), 1 row each per step == 1 process, 2 rows per step.
+    # torchrun, 2 CPU processes (gloo, DDP), 1 row each per step == 1 process, 2 rows per step.
     tiny_model_folder(tmp_path / "tiny")
     lr2.RopeTable.from_hf_config(transformers.AutoConfig.from_pretrained(tmp_path / "tiny")).save(tmp_path / "t.json")
     write_data(tmp_path / "docs.jsonl")
@@ -266,3 +266,17 @@ def test_a_quantized_model_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="model: expected a model with plain weights"):
         finetune(model, None, table, documents(), SETTINGS, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_fsdp_on_the_cpu_is_refused_not_replaced_by_ddp(tmp_path, capsys):
+    """accelerate shards with FSDP only on accelerators; asked for on the CPU it would quietly train with DDP."""
+    model, table = model_and_table()
+    with pytest.raises(ValueError, match="fsdp: accelerate shards models with FSDP on GPUs only"):
+        finetune(model, None, table, documents(), SETTINGS, tmp_path / "run", progress=False, fsdp=True)
+    assert not (tmp_path / "run").exists()
+    from lr2kernels.apps.cli import main
+
+    table.save(tmp_path / "t.json")
+    with pytest.raises(SystemExit):
+        main(["finetune", "--table", str(tmp_path / "t.json"), "--fsdp", "--device", "cpu"])
+    assert "--fsdp: accelerate runs FSDP on GPUs only" in capsys.readouterr().err

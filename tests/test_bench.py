@@ -67,3 +67,26 @@ def test_training_suite_compares_packed_and_padded_on_the_same_tokens():
     assert all(row["ms"] > 0 and row["tokens_per_s"] > 0 and row["saved_mb"] > 0 for row in rows)
     assert rows[2]["saved_mb"] < rows[0]["saved_mb"]  # no padding, no [L, L] mask or scores kept for backward
     assert rows[0]["speedup"] == 1.0
+
+
+def test_e2e_suite_times_a_real_config_at_random_weights(tmp_path):
+    """``--config``: a real model's shapes at random weights on random ids (Phi-4-mini's attention and LongRoPE
+    fields: partial rotary 96 of 128, GQA; shrunk to 1 layer and 2 heads to run here)."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).parent / "data" / "real_configs" / "phi4-mini-instruct.json").read_text())
+    config.update(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                  intermediate_size=64, vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    argv = ["--suite", "e2e", "--config", str(tmp_path / "config.json"), "--device", "cpu", "--lengths", "40",
+            "--decode-steps", "2", "--reps", "1", "--e2e-modes", "prefill", "decode",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(["bench", *argv]) == 0
+    with open(tmp_path / "e2e.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["mode"], r["provider"]) for r in rows) == [
+        ("decode", "lr2-patched"), ("decode", "stock-hf"), ("prefill", "lr2-patched"), ("prefill", "stock-hf")
+    ]  # fmt: skip
+    assert all(r["model"] == "Phi3ForCausalLM" and float(r["ms"]) > 0 for r in rows)
+    assert all(r["ratio"] for r in rows if r["provider"] == "lr2-patched")

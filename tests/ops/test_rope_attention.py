@@ -317,3 +317,33 @@ def test_triton_per_tile_rotation_matches_the_staged_default(monkeypatch, layout
         results[staged] = (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
     for got, want in zip(results[False], results[True]):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_triton_backward_delta_is_rowsum_in_fp32(varlen, dtype):
+    """The backward's delta = rowsum(O * dO) comes from a kernel reading O and dO in their own dtype (no fp32 copies
+    of them in memory), in the lse's layout: dense [B, H, L], varlen [H, T]."""
+    if "triton" not in lr2.available_backends():
+        pytest.skip("the triton backend is not available here")
+    from lr2kernels.ops.triton.attention import _delta
+
+    shape = (37, 3, 80) if varlen else (2, 3, 37, 80)  # rows not a multiple of the block; head_dim not a power of 2
+    out, grad_out = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
+    expected = (out.double() * grad_out.double()).sum(-1)
+    expected = expected.transpose(0, 1) if varlen else expected
+    got = _delta(out, grad_out, varlen)
+    assert got.dtype == torch.float32 and got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_autotune_length_buckets():
+    """Autotune keys on a bucket of the length: one tuning per bucket, not per length (varlen batches change their
+    longest length every step)."""
+    pytest.importorskip("triton")
+    from lr2kernels.ops.triton.attention import _TUNE_KEY, length_bucket
+
+    assert "len_bucket" in _TUNE_KEY and "seq_len_dense" not in _TUNE_KEY
+    assert [length_bucket(n) for n in (1, 1024, 1025, 4096, 5000, 16384, 65536, 70000, 131072, 10**7)] == [
+        1024, 1024, 4096, 4096, 16384, 16384, 65536, 262144, 262144, 262144
+    ]  # fmt: skip

@@ -114,8 +114,18 @@ _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]]] = {
 }
 
 
-# Not keyed on the length: varlen batches change it every step, and a retune per length would dominate.
-_TUNE_KEY = ["HEAD_DIM", "HALF", "PASS", "IS_CAUSAL", "IS_VARLEN", "PRECISION", "STAGED"]
+# Keyed on the length's bucket (len_bucket, an argument the kernels never read), not the length itself: the best
+# tile at 128K is not the best at 1K, but varlen batches change their longest length every step, and a retune per
+# length would dominate.
+_TUNE_KEY = ["HEAD_DIM", "HALF", "PASS", "IS_CAUSAL", "IS_VARLEN", "PRECISION", "STAGED", "len_bucket"]
+
+
+def length_bucket(seq_len: int) -> int:
+    """The autotune bucket of a (longest) sequence length: 1K, 4K, 16K, 64K or 256K, whichever is reached first."""
+    bucket = 1024
+    while bucket < seq_len and bucket < 262144:
+        bucket *= 4
+    return bucket
 
 
 @triton.jit
@@ -231,6 +241,7 @@ def _rope_attention_fwd_kernel(
     stride_ob, stride_oh, stride_ot,
     stride_lse_b, stride_lse_h, stride_pos_b,
     seq_len_dense, num_q_heads, group, sm_scale_log2, attention_short, attention_long,  # sm_scale * log2(e)
+    len_bucket,  # the autotune key's length bucket; not read
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
@@ -290,6 +301,7 @@ def _rope_attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt,
     stride_lse_b, stride_lse_h, stride_pos_b,  # lse and delta share a layout
     seq_len_dense, num_q_heads, group, sm_scale, attention_short, attention_long,
+    len_bucket,  # the autotune key's length bucket; not read
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
@@ -350,6 +362,7 @@ def _rope_attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvt,
     stride_lse_b, stride_lse_h, stride_pos_b,  # lse and delta share a layout
     seq_len_dense, num_kv_heads, group, sm_scale, attention_short, attention_long,  # programs per sequence: Hk
+    len_bucket,  # the autotune key's length bucket; not read
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
@@ -399,6 +412,38 @@ def _rope_attention_bwd_dkdv_kernel(
                          HALF, HALF_PAD, PASS, PASS_PAD)  # fmt: skip
     dv_base = DV + _head_offset(seq, kv_head, start, stride_dvb, stride_dvh, stride_dvt)
     _store_rows(dv_base, offs_n, stride_dvt, n_mask, dv, HEAD_DIM, HEAD_DIM_PAD)
+
+
+@triton.jit
+def _delta_kernel(
+    O, DO, DELTA, num_rows, stride_o, stride_do,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """delta = rowsum(O * dO) in fp32 for BLOCK rows: the backward's preprocessing, read straight from the inputs'
+    dtype (no fp32 copies of O and dO in memory)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_mask = rows < num_rows
+    o = _load_rows(O, rows, stride_o, row_mask, HEAD_DIM, HEAD_DIM_PAD).to(tl.float32)  # [BLOCK, HEAD_DIM_PAD]
+    do = _load_rows(DO, rows, stride_do, row_mask, HEAD_DIM, HEAD_DIM_PAD).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=row_mask)
+
+
+def delta_block(head_dim: int) -> int:
+    """Rows per program of :func:`_delta_kernel`: about 4K elements per tile (16 in the interpreter)."""
+    return 16 if triton_interpreting() else max(16, 4096 // triton.next_power_of_2(head_dim))
+
+
+def _delta(out: Tensor, grad_out: Tensor, varlen: bool) -> Tensor:
+    """rowsum(out * grad_out) fp32 in the lse's layout: dense ``[B, H, L]``, varlen ``[H, T]``."""
+    head_dim = out.shape[-1]
+    o_rows, do_rows = out.reshape(-1, head_dim), grad_out.reshape(-1, head_dim)  # views where rows are dense
+    delta = torch.empty(out.shape[:-1], dtype=torch.float32, device=out.device)  # [B, H, L] or [T, H]
+    num_rows = o_rows.shape[0]
+    block = delta_block(head_dim)
+    _delta_kernel[(triton.cdiv(num_rows, block),)](
+        o_rows, do_rows, delta, num_rows, o_rows.stride(0), do_rows.stride(0), **head_sizes(head_dim), BLOCK=block,
+    )  # fmt: skip
+    return delta.transpose(0, 1).contiguous() if varlen else delta
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -460,7 +505,7 @@ def rope_attention_fwd(
         *bht_strides(q, varlen), *bht_strides(k, varlen), *bht_strides(v, varlen), *bht_strides(out, varlen),
         *_lse_strides(lse, varlen), stride_pos_b,
         seq_len, num_q_heads, num_q_heads // k.shape[1], softmax_scale * LOG2E, attention_short, attention_long,
-        **_constexprs(q, inv_freq, causal, varlen, position_ids is not None, staged),
+        length_bucket(seq_len), **_constexprs(q, inv_freq, causal, varlen, position_ids is not None, staged),
     )  # fmt: skip
     return out, lse
 
@@ -484,8 +529,7 @@ def rope_attention_bwd(
     if q.numel() == 0 or batch == 0 or seq_len == 0:
         return dq, dk, dv
     lse = lse.contiguous()
-    delta = (out.float() * grad_out.float()).sum(-1)  # [B, H, L] or [T, H]
-    delta = (delta.transpose(0, 1) if varlen else delta).contiguous()  # lse's layout: [B, H, L] or [H, T]
+    delta = _delta(contiguous_last(out), grad_out, varlen)  # lse's layout: [B, H, L] or [H, T]
     # The loops' operands: dq loops over keys, dk/dv over queries; each rotated once when staged.
     q_loop, k_loop = q, k
     if staged:
@@ -500,7 +544,7 @@ def rope_attention_bwd(
         q, k_loop, v, grad_out, dq, lse, delta, *table_args,
         *bht_strides(q, varlen), *bht_strides(k_loop, varlen), *v_do_strides, *bht_strides(dq, varlen),
         *_lse_strides(lse, varlen), stride_pos_b, seq_len, num_q_heads, num_q_heads // num_kv_heads,
-        softmax_scale, attention_short, attention_long, **constexprs,
+        softmax_scale, attention_short, attention_long, length_bucket(seq_len), **constexprs,
     )  # fmt: skip
     del k_loop  # the scratch buffer goes before the dk/dv kernel runs
     grid_kv = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_N"]), num_kv_heads, batch)
@@ -509,6 +553,6 @@ def rope_attention_bwd(
         *bht_strides(q_loop, varlen), *bht_strides(k, varlen), *v_do_strides,
         *bht_strides(dk, varlen), *bht_strides(dv, varlen),
         *_lse_strides(lse, varlen), stride_pos_b, seq_len, num_kv_heads, num_q_heads // num_kv_heads,
-        softmax_scale, attention_short, attention_long, **constexprs,
+        softmax_scale, attention_short, attention_long, length_bucket(seq_len), **constexprs,
     )  # fmt: skip
     return dq, dk, dv

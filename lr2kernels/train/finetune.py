@@ -170,6 +170,18 @@ def _last_checkpoint(folder: Path) -> str | None:
     return last
 
 
+def _finished_steps(checkpoint: str) -> int:
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0))
+
+
+def _load_checkpoint_weights(model: torch.nn.Module, checkpoint: str) -> None:
+    """The checkpoint's weights into ``model`` (through from_pretrained: tied weights and shards handled)."""
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict())
+
+
 def finetune(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -258,6 +270,14 @@ def finetune(
         ddp_backend="gloo" if _distributed() and not torch.cuda.is_available() else None,
     )
     trainer = Trainer(model=model, args=arguments, train_dataset=PackedRows(rows), data_collator=collate)
+    if resume is not None and _finished_steps(resume) >= settings.steps:
+        # The job had finished (killed before or after its export): Trainer would run one more step from a final
+        # checkpoint, so its weights are taken as they are and exported again.
+        if progress:
+            print(f"finetune: all {settings.steps} steps done in {resume}; exporting its weights", flush=True)
+        _load_checkpoint_weights(model, resume)
+        unpatch(model)
+        return export(model, tokenizer, table, out / MODEL, trainer)
     if progress:
         long_rows = sum(row.long for row in rows)
         print(f"finetune: {len(rows)} rows of {settings.seq_len} tokens ({long_rows} with a long document), "

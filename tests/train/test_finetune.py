@@ -280,3 +280,24 @@ def test_fsdp_on_the_cpu_is_refused_not_replaced_by_ddp(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--table", str(tmp_path / "t.json"), "--fsdp", "--device", "cpu"])
     assert "--fsdp: accelerate runs FSDP on GPUs only" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_job_trains_no_further_step(tmp_path, monkeypatch):
+    """Trainer resumed from a job's final checkpoint runs one step past it (transformers 5.24); a finished job rerun
+    (killed during or after its export, say) must export the final checkpoint's weights unchanged."""
+    model, table = model_and_table()
+    settings = FinetuneSettings(**{**SETTINGS.__dict__, "steps": 3, "save_steps": 1})
+    finetune(model, None, table, documents(), settings, tmp_path / "run", progress=False)
+    finished = weights(model)
+    rerun, _ = model_and_table()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished job trained again")
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", no_training)
+    folder = finetune(rerun, None, table, documents(), settings, tmp_path / "run", progress=False)
+    for name, tensor in weights(rerun).items():
+        torch.testing.assert_close(tensor, finished[name], atol=0, rtol=0, msg=name)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, finished[name], atol=0, rtol=0, msg=name)

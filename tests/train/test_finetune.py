@@ -238,6 +238,7 @@ def test_gradient_checkpointing_gives_the_same_training_step(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow  # loads the real model
 def test_the_embedded_gguf_model_finetunes_and_exports(tmp_path):
     """The default model of ``lr2kernels finetune`` (SmolLM2 from its GGUF file) loads as plain weights: Trainer
     trains it and save_pretrained writes it (transformers marks a GGUF model as quantized unless it is loaded

@@ -67,7 +67,8 @@ def run(
             "prefill": (lambda ids=ids: timed(lambda: model(ids, logits_to_keep=1), device)[1], length),
             "decode": (lambda ids=ids: prefill_and_decode(model, ids, decode_steps)[1], decode_steps),
         }
-        for mode, (seconds_of, tokens) in ((m, r) for m, r in runs.items() if m in modes):
+        runs = {mode: timing for mode, timing in runs.items() if mode in modes}
+        for mode, (seconds_of, tokens) in runs.items():
             times: dict[str, list[float]] = {"stock": [], "patched": []}
             peaks: dict[str, float] = {}
             with torch.no_grad(), Heartbeat(f"e2e {mode}, {length} tokens", model):  # the same hooks on both

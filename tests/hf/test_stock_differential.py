@@ -266,6 +266,77 @@ def test_sliding_window_caches(arch, cache):
     generate_both(stock, patched, ids(1, 12), do_sample=False, max_new_tokens=10, cache_implementation=cache)
 
 
+def quantized_caches(model, backend: str, **layer_kwargs):
+    from transformers.cache_utils import QuantizedCache
+
+    return QuantizedCache(backend, model.config, **layer_kwargs)
+
+
+class LosslessQuantizedLayer(transformers.cache_utils.QuantizedLayer):
+    """transformers' residual-window quantized cache layer (the quanto/hqq bookkeeping: a full-precision window,
+    flushed into the quantized states when full, beam reorders deferred to the next update) storing exactly: what
+    it hands attention must then equal a dynamic cache's, stock or patched."""
+
+    def _quantize(self, tensor, axis):
+        return tensor.clone()
+
+    def _dequantize(self, stored):
+        return stored
+
+
+@pytest.mark.parametrize("arch", [arch for arch in ARCHS if arch != "mistral"])  # transformers: full attention only
+def test_quantized_cache_bookkeeping(arch):
+    # Keys leave and re-enter the quantized store (residual window of 3): their positions must survive it.
+    stock, patched = stock_and_patched(arch)
+    prompt = ids(2, 9)
+    for kwargs in (dict(do_sample=False), dict(do_sample=False, num_beams=2)):
+        results = []
+        for model in (stock, patched):
+            cache = quantized_caches(model, "fp8")
+            cache.layers = [LosslessQuantizedLayer(residual_length=3) for _ in cache.layers]
+            with torch.no_grad():
+                results.append(
+                    model.generate(
+                        prompt, max_new_tokens=8, past_key_values=cache, return_dict_in_generate=True,
+                        output_logits=True, **kwargs,
+                    )  # fmt: skip
+                )
+        assert torch.equal(results[1].sequences, results[0].sequences)
+        for got, want in zip(results[1].logits, results[0].logits, strict=True):
+            torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_fp8_quantized_cache_errs_like_stock(arch):
+    # A lossy cache: the patched model stores PRE-RoPE keys, so it quantizes other numbers than stock (per-tensor
+    # fp8 of unrotated keys) and cannot match stock to 1e-4. It must err by the order of stock's own quantization,
+    # far below what keys one position off do (about 3.5 here). Mean |logit error| of 4 cached steps, 4 prompts.
+    stock, patched = stock_and_patched(arch)
+    stock_errors, patched_errors, shift_errors = [], [], []
+    for seed in range(4):
+        prompt = ids(1, 16, seed=seed)
+        shifted_positions = torch.arange(16)
+        shifted_positions[12:] += 1
+        with torch.no_grad():
+            exact = stock(prompt).logits[0, 12:]  # [4, V]
+            shifted = stock(prompt, position_ids=shifted_positions[None]).logits[0, 12:]
+            shift_errors.append((shifted - exact).abs().mean())
+            for model, errors in ((stock, stock_errors), (patched, patched_errors)):
+                cache = quantized_caches(model, "fp8")
+                model(prompt[:, :12], past_key_values=cache, use_cache=True)
+                steps = [
+                    model(prompt[:, step : step + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+                    for step in range(12, 16)
+                ]
+                errors.append((torch.stack(steps) - exact).abs().mean())
+    stock_error, patched_error, shift_error = (
+        torch.stack(errors).mean().item() for errors in (stock_errors, patched_errors, shift_errors)
+    )
+    assert stock_error > 0, "the fp8 cache is lossy: stock must err"
+    errors = dict(stock=stock_error, patched=patched_error, one_position_off=shift_error)
+    assert patched_error < 2 * stock_error and patched_error < shift_error / 3, errors
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_eager_maps_through_assisted_generation(arch):
     stock, patched = stock_and_patched(arch, attn="eager")

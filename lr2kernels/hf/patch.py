@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import warnings
 from typing import Any
 
@@ -226,7 +227,10 @@ def _apply(model, config, rotary, attention, table) -> None:
     prepare = _keep_cache_prepare(model)
     if prepare is not None:
         state["prepare"] = prepare
-        model.prepare_inputs_for_generation = functools.partial(_prepare_inputs_for_generation, model)
+        wrapper = functools.partial(_prepare_inputs_for_generation, model)
+        # generate() reads this signature to decide what it may pass (e.g. ``inputs_embeds``): keep the original's.
+        wrapper.__signature__ = inspect.signature(functools.partial(prepare, model))
+        model.prepare_inputs_for_generation = wrapper
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:

@@ -223,6 +223,16 @@ def test_left_padded_batch(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_generation_from_inputs_embeds(arch):
+    # generate() allows inputs_embeds only where prepare_inputs_for_generation's signature names it.
+    stock, patched = stock_and_patched(arch)
+    prompt = ids(2, 10)
+    embeds = stock.get_input_embeddings()(prompt).detach()
+    generate_both(stock, patched, None, inputs_embeds=embeds, do_sample=False)
+    generate_both(stock, patched, prompt, inputs_embeds=embeds, do_sample=False, cache_implementation="static")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_assisted_and_prompt_lookup_decoding(arch):
     stock, patched = stock_and_patched(arch)
     assistant = tiny_default_rope(arch, layers=1)

@@ -392,3 +392,15 @@ def test_a_cache_the_patched_model_did_not_write_is_named(monkeypatch):
         cache = output_cache(stock(tokens[:, :10], use_cache=True))
         with pytest.warns(UserWarning, match="a KV cache holds tokens that this patched model did not write"):
             patched(tokens[:, 10:], **cache_kwargs(patched, cache), use_cache=True)
+
+
+def test_compiled_generation_with_a_static_cache():
+    # generate(compile_config=...) compiles the forward. A patched forward reads its positions from the device once,
+    # so fullgraph=True is not supported yet (README, Limitations); with graph breaks it must equal stock.
+    from transformers import CompileConfig
+
+    stock, patched = stock_and_patched("llama")
+    config = CompileConfig(fullgraph=False, dynamic=False)
+    config._compile_all_devices = True  # transformers compiles on the CPU only when asked
+    torch.compiler.reset()
+    generate_both(stock, patched, ids(2, 10), do_sample=False, cache_implementation="static", compile_config=config)

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.tests_dir / "tests" / "models").is_dir():
         parser.error(f"--tests-dir: expected a transformers tree with tests/models/, got {args.tests_dir}")
+    args.out = args.out.resolve()  # the suites run with the transformers tree as working directory
     args.out.mkdir(parents=True, exist_ok=True)
     import transformers
 

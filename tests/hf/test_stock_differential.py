@@ -307,10 +307,12 @@ def test_quantized_cache_bookkeeping(arch):
             with torch.no_grad():
                 results.append(
                     model.generate(
-                        prompt, max_new_tokens=8, past_key_values=cache, return_dict_in_generate=True,
+                        prompt, max_new_tokens=8, **cache_kwargs(model, cache), return_dict_in_generate=True,
                         output_logits=True, **kwargs,
                     )  # fmt: skip
                 )
+            # generate used this cache (not one of its own): the store was flushed into at least once
+            assert all(layer.cumulative_length > layer.residual_length for layer in cache.layers)
         assert torch.equal(results[1].sequences, results[0].sequences)
         for got, want in zip(results[1].logits, results[0].logits, strict=True):
             torch.testing.assert_close(got, want, **TOL)
@@ -333,9 +335,9 @@ def test_fp8_quantized_cache_errs_like_stock(arch):
             shift_errors.append((shifted - exact).abs().mean())
             for model, errors in ((stock, stock_errors), (patched, patched_errors)):
                 cache = quantized_caches(model, "fp8")
-                model(prompt[:, :12], past_key_values=cache, use_cache=True)
+                model(prompt[:, :12], **cache_kwargs(model, cache), use_cache=True)
                 steps = [
-                    model(prompt[:, step : step + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+                    model(prompt[:, step : step + 1], **cache_kwargs(model, cache), use_cache=True).logits[0, -1]
                     for step in range(12, 16)
                 ]
                 errors.append((torch.stack(steps) - exact).abs().mean())

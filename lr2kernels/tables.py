@@ -298,10 +298,12 @@ class RopeTable:
         key = (bool(long), str(torch.device(device) if device is not None else torch.device("cpu")))
         cached = self._inv_freq_cache.get(key)
         if cached is None:
-            # Same ops, same order, same dtype as transformers' `_compute_longrope_parameters`.
-            factors = torch.tensor(self.factors(long), dtype=torch.float32)
-            shape = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float() / self.rotary_dim
-            cached = (1.0 / (factors * self.base**shape)).to(key[1])
+            # Same ops, same order, same dtype as transformers' `_compute_longrope_parameters`. A shared cache is made
+            # of plain tensors even under torch.inference_mode, or a later call with autograd could not use it.
+            with torch.inference_mode(False), torch.no_grad():
+                factors = torch.tensor(self.factors(long), dtype=torch.float32)
+                shape = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float() / self.rotary_dim
+                cached = (1.0 / (factors * self.base**shape)).to(key[1])
             self._inv_freq_cache[key] = cached
         return cached
 
@@ -318,7 +320,8 @@ class RopeTable:
         cached = self._inv_freq_cache.get(key)
         if cached is None or cached[0].shape[0] < length:
             capacity = max(256, 1 << max(length - 1, 1).bit_length())
-            cached = self.cos_sin(torch.arange(capacity, device=key[2]), long=long)
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, as in _inv_freq
+                cached = self.cos_sin(torch.arange(capacity, device=key[2]), long=long)
             self._inv_freq_cache[key] = cached
         return cached[0][:length], cached[1][:length]
 

@@ -923,3 +923,19 @@ def test_inv_freq_is_a_copy():
     first.zero_()
     assert table.inv_freq(True).min() > 0
     assert table.cos_sin(torch.tensor([1000]))[1].abs().max() > 0
+
+
+def test_cached_tensors_made_under_inference_mode_still_serve_autograd():
+    # The table's shared caches (inverse frequencies, the cos/sin prefix of decode paths) are plain tensors even when
+    # first built under torch.inference_mode: a later training step must be able to use them.
+    table = RopeTable.longrope(
+        head_dim=16, base=10000.0, original_max_position=32, max_position=256, short_factor=[1.0] * 8,
+        long_factor=[2.0] * 8,
+    )  # fmt: skip
+    with torch.inference_mode():
+        cos, _ = table._cos_sin_prefix(True, 40)
+        table._inv_freq(False)
+    assert not cos.is_inference() and not table._inv_freq(False).is_inference()
+    x = torch.randn(40, 16, requires_grad=True)
+    (x * table._cos_sin_prefix(True, 40)[0] * table._inv_freq(False).sum()).sum().backward()
+    assert x.grad is not None

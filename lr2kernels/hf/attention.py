@@ -11,9 +11,11 @@ forward over the sequence so far uses; or, with ``patch(model, rule="position")`
 per sequence, by that sequence's length, as each sequence run alone would.
 
 Paths: no mask, keys at 0..T-1 -> the fused ``rope_attention`` (prefill, training) or ``rope_decode`` (cached
-steps); packed rows -> the fused varlen ``rope_attention``; attention maps requested from a model whose
-implementation is eager -> rotate, then transformers' eager attention (which returns the maps); anything else
-(padding, masks with holes, static and sliding caches, dropout) -> rotate, then transformers' SDPA with its mask.
+steps; where that would run on the torch backend, i.e. on the CPU, the layer's rotated-key copy of
+:mod:`lr2kernels.hf.rotated_keys` instead, so a step rotates only its new keys); packed rows -> the fused varlen
+``rope_attention``; attention maps requested from a model whose implementation is eager -> rotate, then
+transformers' eager attention (which returns the maps); anything else (padding, masks with holes, static and
+sliding caches, dropout) -> rotate, then transformers' SDPA with its mask.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import sys
 
 import torch
 
+from lr2kernels.hf import rotated_keys
 from lr2kernels.hf.positions import ForwardFacts
-from lr2kernels.ops import rope_attention, rope_decode, rotary
+from lr2kernels.ops import dispatch, rope_attention, rope_decode, rotary
+from lr2kernels.ops.torch_backend import one_query_attention
 from lr2kernels.tables import RopeTable
 
 ATTENTION_NAME = "lr2kernels"
@@ -37,12 +41,17 @@ def _rotate(x: torch.Tensor, table: RopeTable, positions: torch.Tensor, long) ->
 
 def _maps_requested() -> bool:
     """Whether the running forward collects attention maps (``output_attentions=True``)."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # pragma: no cover - older layouts: maps are then never computed here
-        return False
-    collected = _active_collector.get()
+    global _ACTIVE_COLLECTOR
+    if _ACTIVE_COLLECTOR is None:
+        try:
+            from transformers.utils.output_capturing import _active_collector as _ACTIVE_COLLECTOR
+        except ImportError:  # pragma: no cover - older layouts: maps are then never computed here
+            return False
+    collected = _ACTIVE_COLLECTOR.get()
     return bool(collected) and "attentions" in collected
+
+
+_ACTIVE_COLLECTOR = None  # transformers' context variable of the outputs a forward collects (imported on first use)
 
 
 def _eager_attention(module):
@@ -88,6 +97,9 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding
         )
         return out.transpose(1, 2), None
     if plain and long == table.use_long(num_keys):  # rope_decode picks the table from the length itself
+        layer = _layer_with_rotated_keys(module, query, key, facts)
+        if layer is not None:
+            return _decode_on_rotated_keys(layer, query, key, value, table, long, scaling, facts)
         cache_seqlens = torch.full((batch,), num_keys, dtype=torch.int32, device=query.device)
         out = rope_decode(query, key, value, table, cache_seqlens=cache_seqlens, softmax_scale=scaling, backend=backend)
         return out.transpose(1, 2), None
@@ -104,6 +116,50 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, sliding_window=sliding_window,
         **kwargs,
     )  # fmt: skip
+
+
+def _layer_with_rotated_keys(module, query: torch.Tensor, key: torch.Tensor, facts: ForwardFacts):
+    """The cache layer to keep rotated keys for (see :mod:`lr2kernels.hf.rotated_keys`), or None: only where the
+    decode would run on the torch backend (the fused kernels rotate in registers) and the patch allows it."""
+    if not module._lr2_rotated_key_cache or query.requires_grad:
+        return None
+    choice = (module._lr2_backend, query.device, query.dtype, query.shape[-1])
+    decodes_on_torch = _DECODES_ON_TORCH.get(choice)
+    if decodes_on_torch is None:
+        decodes_on_torch = _DECODES_ON_TORCH[choice] = (
+            dispatch.backend_name("rope_decode", query.device, query.dtype, query.shape[-1], module._lr2_backend)
+            == "torch"
+        )
+    if not decodes_on_torch:
+        return None
+    return rotated_keys.usable_layer(facts.cache, getattr(module, "layer_idx", None), key)
+
+
+# (backend asked for, device, dtype, head_dim) -> whether rope_decode runs on the torch backend: fixed per process.
+_DECODES_ON_TORCH: dict[tuple, bool] = {}
+
+
+def _decode_on_rotated_keys(
+    layer, query, key, value, table: RopeTable, long: bool, scaling, facts: ForwardFacts
+) -> tuple[torch.Tensor, None]:
+    """What the torch backend's ``rope_decode`` computes for n new queries at the end of keys at 0..T-1 (the same
+    numbers), with the cached keys' rotation kept from step to step. query ``[B, Hq, n, D]``, key/value
+    ``[B, Hk, T, D]``; returns ``([B, n, Hq, D], None)``."""
+    num_new, num_keys = query.shape[2], key.shape[2]
+    memo_key = ("decode rows", id(table), long, query.dtype, num_new, num_keys)
+    new_rows = facts.memo.get(memo_key)
+    if new_rows is None:  # once per forward: every layer rotates the same positions
+        cos, sin = (c[num_keys - num_new :].to(query.dtype) for c in table._cos_sin_prefix(long, num_keys, key.device))
+        full_width = cos.shape[-1] == query.shape[-1]
+        new_rows = facts.memo[memo_key] = (cos, sin, rotary.signed_sin(sin) if full_width else None)
+    query, keys = rotated_keys.rotate_for_decode(layer, query, key, table, long, new_rows)  # [B,Hq,n,D], [B,Hk,T,D]
+    if num_new == 1:
+        return one_query_attention(query, keys, value, scaling).transpose(1, 2), None
+    mask = torch.ones(num_new, num_keys, dtype=torch.bool, device=query.device).tril(num_keys - num_new)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
+    )  # fmt: skip  causal among the new queries: query i sees keys 0..T-n+i
+    return out.transpose(1, 2), None
 
 
 def _unpatched(module, query, key, value, attention_mask, **kwargs):

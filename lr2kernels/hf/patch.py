@@ -10,7 +10,10 @@ Instance-level, all or nothing, and reversible. For the given model only:
 4. ``generate`` re-runs the sequence at the L0 crossing under ``rule="hf"`` (every architecture, decided by
    position), and keeps its cache under ``rule="position"``.
 
-``unpatch`` restores all of it exactly. transformers is imported inside the functions, never at package import.
+``unpatch`` restores all of it exactly. One change outlives it, by design: the ``apply_rotary_pos_emb`` of each
+patched architecture's modeling module is wrapped (once per process) so that it skips the identity rotation of a
+patched model; for every other caller the wrapper calls the original unchanged. transformers is imported inside the
+functions, never at package import.
 """
 
 from __future__ import annotations
@@ -70,11 +73,36 @@ def _identity_rotary_forward(module, x: torch.Tensor, position_ids: torch.Tensor
                 stacklevel=2,
             )
         return type(module).forward(module, x, position_ids, *args, **kwargs)
-    # [B, L, rotary_dim] cos = 1, sin = 0: HF's apply_rotary_pos_emb becomes the identity (x * 1 + y * 0 == x).
+    # [B, L, rotary_dim] cos = 1, sin = 0: HF's apply_rotary_pos_emb becomes the identity (x * 1 + y * 0 == x),
+    # and is skipped altogether where _skip_identity_rotation wrapped it (the mark says which cos this is).
     batch, seq = position_ids.shape[0], position_ids.shape[-1]
     width = module._lr2_rotary_width
     ones = torch.ones(1, 1, width, dtype=x.dtype, device=x.device).expand(batch, seq, width)
+    ones._lr2_identity_rotation = True
     return ones, torch.zeros_like(ones)
+
+
+def _skip_identity_rotation(attention: torch.nn.Module) -> None:
+    """Let the ``apply_rotary_pos_emb`` that ``attention``'s forward calls return q and k as they are when it gets
+    a patched rotary module's identity cos, instead of computing ``q * 1 + rotate_half(q) * 0`` (ten passes over q
+    and k per layer that a decode step on the CPU pays for nothing).
+
+    The function is wrapped once per modeling module, in the namespace the forward reads it from, and stays wrapped:
+    for any other cos (stock models, unpatched ones) the wrapper calls the original with the same arguments.
+    """
+    namespace = getattr(inspect.unwrap(type(attention).forward), "__globals__", {})  # under its decorators
+    original = namespace.get("apply_rotary_pos_emb")
+    if original is None or getattr(original, "_lr2_skips_identity", False):
+        return
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if getattr(cos, "_lr2_identity_rotation", False):
+            return q, k  # the identity rotation, exactly (x * 1 + y * 0 == x for every finite x)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._lr2_skips_identity = True
+    namespace["apply_rotary_pos_emb"] = apply_rotary_pos_emb
 
 
 def _keep_cache_prepare(model: torch.nn.Module):
@@ -142,7 +170,11 @@ RULES = ("hf", "position")
 
 
 def patch(
-    model: torch.nn.Module, backend: str | None = None, table: RopeTable | None = None, rule: str = "hf"
+    model: torch.nn.Module,
+    backend: str | None = None,
+    table: RopeTable | None = None,
+    rule: str = "hf",
+    rotated_key_cache: bool = True,
 ) -> torch.nn.Module:
     """Run ``model``'s attention through lr2kernels with a PRE-RoPE KV cache. Idempotent; returns the model.
 
@@ -157,9 +189,15 @@ def patch(
             token equals what a full forward gives. ``"position"``: each token uses the table of its own position,
             so incremental decoding equals its own full forward exactly and crossing L0 is one cached step; past L0
             it then differs from stock transformers (which re-rotates the whole prefix): the README gives the cost.
+        rotated_key_cache: where decoding runs on the torch backend (the CPU), keep a rotated copy of each cache
+            layer's keys, so that a step rotates only its new keys instead of the whole cache (the same numbers,
+            bit for bit; one more key tensor per layer: +50% KV cache memory). False: rotate the whole cache at
+            every step. The fused GPU kernels rotate as they read and keep no copy either way.
     """
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {list(RULES)}, got {rule!r}")
+    if not isinstance(rotated_key_cache, bool):
+        raise TypeError(f"rotated_key_cache: expected a bool, got {type(rotated_key_cache).__name__}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -188,6 +226,7 @@ def patch(
 
     for module in attention:
         module._lr2_table, module._lr2_backend, module._lr2_rule = table, backend, rule
+        module._lr2_rotated_key_cache = rotated_key_cache
     if getattr(model, _STATE, None) is not None:
         return model  # already patched: table, backend and rule updated above
     try:
@@ -216,6 +255,7 @@ def _apply(model, config, rotary, attention, table) -> None:
     tracker = ForwardTracker()  # one per model: the positions of the forward that runs
     for module in attention:
         state["attention"].append(module)
+        _skip_identity_rotation(module)
         module.config, module._lr2_model_config, module._lr2_tracker = attention_config, config, tracker
     for module in rotary:
         state["rotary"].append(module)
@@ -246,7 +286,9 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
             module.__dict__.pop(attribute, None)
     for module in state.get("attention", []):
         module.config = state["config"]
-        for attribute in ("_lr2_table", "_lr2_backend", "_lr2_rule", "_lr2_model_config", "_lr2_tracker"):
+        for attribute in (
+            "_lr2_table", "_lr2_backend", "_lr2_rule", "_lr2_rotated_key_cache", "_lr2_model_config", "_lr2_tracker"
+        ):  # fmt: skip
             module.__dict__.pop(attribute, None)
     model.__dict__.pop("prepare_inputs_for_generation", None)
     delattr(model, _STATE)

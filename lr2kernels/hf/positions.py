@@ -17,12 +17,16 @@ forward reads the same facts; how a layer's key slots map to cache indices depen
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import warnings
+import weakref
 from typing import Any
 
 import torch
+
+from lr2kernels.hf import rotated_keys
 
 LEDGER = "_lr2_ledger"
 
@@ -118,6 +122,7 @@ class ForwardFacts:
         segments: packed rows: ``cu_seqlens`` over the flattened ``[B * L]`` tokens (segments restart at 0);
             ``max_segment`` their longest length. None otherwise.
         user_mask: the caller passed an attention mask (padding, holes): the 4D mask is more than causal.
+        cache: the KV cache object this forward reads and writes (a weak reference; None without one).
     """
 
     def __init__(self, queries, positions, total, max_position, min_position, keys_at_arange):
@@ -130,6 +135,12 @@ class ForwardFacts:
         self.max_segment = 0
         self._segment_length_of_token: torch.Tensor | None = None
         self.user_mask = False
+        self._cache: weakref.ref | None = None
+        self.memo: dict = {}  # what every attention layer of this forward would compute alike (cos/sin rows)
+
+    @property
+    def cache(self) -> Any:
+        return None if self._cache is None else self._cache()
 
     def all_positions(self) -> torch.Tensor:
         if self.positions is not None:
@@ -170,6 +181,9 @@ class ForwardTracker:
         self._signatures: dict[type, inspect.Signature] = {}
 
     def arguments(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+        """The forward's arguments by name (read only)."""
+        if not args:  # transformers passes everything by keyword: nothing to bind
+            return kwargs
         signature = self._signatures.get(type(module))
         if signature is None:
             signature = self._signatures[type(module)] = inspect.signature(module.forward)
@@ -199,6 +213,10 @@ class ForwardTracker:
         else:
             facts = self._read_facts(arguments, position_ids, history, past, batch, length, device)
         facts.user_mask = arguments.get("attention_mask") is not None
+        if cache is not None:
+            with contextlib.suppress(TypeError):  # a cache class without weak references: no rotated-key copies
+                facts._cache = weakref.ref(cache)
+            rotated_keys.carry_over(cache)  # before any layer appends to it
         self.facts = facts
 
     @staticmethod

@@ -347,3 +347,48 @@ def test_autotune_length_buckets():
     assert [length_bucket(n) for n in (1, 1024, 1025, 4096, 5000, 16384, 65536, 70000, 131072, 10**7)] == [
         1024, 1024, 4096, 4096, 16384, 16384, 65536, 262144, 262144, 262144
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("splits", [2, 4], ids=lambda s: f"parts{s}")
+@pytest.mark.parametrize("layout", ["dense_positions", "varlen"])
+def test_triton_dkdv_split_gqa_group_matches_one_program_per_kv_head(monkeypatch, layout, splits):
+    """Where one dk/dv program per kv head and key tile would under-fill the GPU, each GQA group is split into parts
+    whose fp32 partial sums the launcher adds. Forced here (the interpreter has no SMs to count): the gradients must
+    equal the unsplit kernel's and the reference's."""
+    if "triton" not in lr2.available_backends():
+        pytest.skip("the triton backend is not available here")
+    from lr2kernels.ops.triton import attention
+
+    if layout == "varlen":
+        lengths = [20, 70, 9]
+        table, kwargs = make_table(32), {"cu_seqlens": cu_seqlens_of(lengths), "max_seqlen": 70}
+        q, k, v = _qkv((sum(lengths), 8, 32), (sum(lengths), 2, 32), requires_grad=True)
+    else:
+        table = make_table(32)
+        kwargs = {"position_ids": torch.arange(40, 110, device=DEVICE)[None].expand(2, -1)}  # crosses L0
+        q, k, v = _qkv((2, 8, 70, 32), (2, 2, 70, 32), requires_grad=True)
+    results = {}
+    for parts in (1, splits):
+        monkeypatch.setattr(attention, "FORCE_DKDV_GROUP_SPLITS", parts)
+        out = run("triton", lr2.rope_attention, q, k, v, table, **kwargs)
+        results[parts] = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for name, got, want in zip("qkv", results[splits], results[1]):
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6, msg=lambda m, n=name: f"d{n}: {m}")
+    monkeypatch.setattr(attention, "FORCE_DKDV_GROUP_SPLITS", splits)
+    _check("triton", q, k, v, table, **kwargs)  # forward and gradients against the reference
+
+
+def test_dkdv_group_splits_fill_the_gpu_only_when_needed(monkeypatch):
+    from lr2kernels.ops.triton import attention
+
+    monkeypatch.setattr(attention, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert attention.dkdv_group_splits(1024, 4, cuda) == 1  # 1,024 programs: every SM has two already
+    assert attention.dkdv_group_splits(128, 4, cuda) == 4  # 8 kv heads x 16 tiles: 128 -> 512
+    assert attention.dkdv_group_splits(100, 6, cuda) == 3  # the smallest divisor that reaches 264
+    assert attention.dkdv_group_splits(10, 4, cuda) == 4  # never more parts than q heads per kv head
+    assert attention.dkdv_group_splits(10, 1, cuda) == 1  # no GQA: nothing to split
+    assert attention.dkdv_group_splits(10, 4, torch.device("cpu")) == 1  # the interpreter: by default, never
+    monkeypatch.setattr(attention, "FORCE_DKDV_GROUP_SPLITS", 3)
+    with pytest.raises(ValueError, match="a divisor of the GQA group 4"):
+        attention.dkdv_group_splits(10, 4, cuda)

@@ -11,7 +11,8 @@ older per-tile rotation (same results; the compile report measures both).
 
 Dense ``[B, H, L, D]`` and varlen ``[T, H, D]`` share one kernel body: varlen is a batch whose sequence bounds
 come from ``cu_seqlens`` (IS_VARLEN). GQA maps q head h to kv head ``h // (Hq // Hk)``; the dk/dv program of a kv
-head loops over its q heads, so no atomics are needed.
+head loops over its q heads, so no atomics are needed (where that grid would under-fill the GPU, the group is split
+into parts whose fp32 partial sums the launcher adds: :func:`dkdv_group_splits`).
 
 Launchers (:func:`rope_attention_fwd`, :func:`rope_attention_bwd`) take tensors and Python scalars only, prepared
 by the caller (``lr2kernels.ops``): the ``[2, rotary_dim // 2]`` fp32 inverse frequencies (short row, long row),
@@ -37,6 +38,7 @@ from lr2kernels.ops.triton._host import (
     sequence_args,
     sequence_grid,
     sequences,
+    sm_count,
     split_sizes,
     triton_interpreting,
 )
@@ -374,20 +376,25 @@ def _rope_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
     stride_lse_b, stride_lse_h, stride_pos_b,  # lse and delta share a layout
-    seq_len_dense, num_kv_heads, group, sm_scale, attention_short, attention_long,  # programs per sequence: Hk
+    seq_len_dense, num_kv_heads, group, group_splits, sm_scale, attention_short, attention_long,
     len_bucket,  # the autotune key's length bucket; not read
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
     STAGED: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv for one key tile of one kv head, summed over the q heads of its GQA group."""
-    first, seq, kv_head, start, seq_len, is_long, attention, pos_base = _sequence_program(  # keys of `kv_head`
-        num_kv_heads, CU_SEQLENS, IS_LONG, POS, stride_pos_b, seq_len_dense, attention_short, attention_long,
-        BLOCK_N, IS_VARLEN,
+    """dk, dv for one key tile of one kv head, summed over the q heads of its GQA group, or over one of
+    ``group_splits`` equal parts of it: programs per sequence are Hk x group_splits, and program ``slot`` writes the
+    partial sums of its part to head ``slot`` of DK/DV (the launcher adds the parts; with 1 part, DK/DV are dk/dv)."""
+    first, seq, slot, start, seq_len, is_long, attention, pos_base = _sequence_program(
+        num_kv_heads * group_splits, CU_SEQLENS, IS_LONG, POS, stride_pos_b, seq_len_dense, attention_short,
+        attention_long, BLOCK_N, IS_VARLEN,
     )  # fmt: skip
     if first >= seq_len:
         return
+    kv_head = slot // group_splits
+    heads_per_program = group // group_splits
+    first_head = kv_head * group + (slot % group_splits) * heads_per_program
     dk1 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
     dkp = tl.zeros([BLOCK_N, PASS_PAD], dtype=tl.float32)
@@ -400,8 +407,8 @@ def _rope_attention_bwd_dkdv_kernel(
         BLOCK_N, HAS_POS, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM, HEAD_DIM_PAD,
     )  # fmt: skip
     lo = (first // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
-    for g in range(0, group):
-        head = kv_head * group + g
+    for g in range(0, heads_per_program):
+        head = first_head + g
         q_base = Q + _head_offset(seq, head, start, stride_qb, stride_qh, stride_qt)
         do_base = DO + _head_offset(seq, head, start, stride_dob, stride_doh, stride_dot)
         row_base = _head_offset(seq, head, start, stride_lse_b, stride_lse_h, 1)
@@ -420,10 +427,10 @@ def _rope_attention_bwd_dkdv_kernel(
             dv += tl.dot(p_t.to(dtype), do, input_precision=PRECISION)
             ds_t = _score_grads(p_t, v, do, delta[None, :], dtype, PRECISION)
             dk1, dk2, dkp = _dot_split_acc(dk1, dk2, dkp, ds_t, q1, q2, qp, PASS, PRECISION)
-    dk_base = DK + _head_offset(seq, kv_head, start, stride_dkb, stride_dkh, stride_dkt)
+    dk_base = DK + _head_offset(seq, slot, start, stride_dkb, stride_dkh, stride_dkt)
     _store_pre_rope_grad(dk_base, offs_n, stride_dkt, n_mask, dk1, dk2, dkp, cos_k, sin_k, sm_scale,
                          HALF, HALF_PAD, PASS, PASS_PAD)  # fmt: skip
-    dv_base = DV + _head_offset(seq, kv_head, start, stride_dvb, stride_dvh, stride_dvt)
+    dv_base = DV + _head_offset(seq, slot, start, stride_dvb, stride_dvh, stride_dvt)
     _store_rows(dv_base, offs_n, stride_dvt, n_mask, dv, HEAD_DIM, HEAD_DIM_PAD)
 
 
@@ -560,12 +567,63 @@ def rope_attention_bwd(
         softmax_scale, attention_short, attention_long, length_bucket(seq_len), **constexprs,
     )  # fmt: skip
     del k_loop  # the scratch buffer goes before the dk/dv kernel runs
-    grid_kv = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_N"]), num_kv_heads, batch)
+    group = num_q_heads // num_kv_heads
+    splits = dkdv_group_splits(batch * num_kv_heads * triton.cdiv(seq_len, _LARGEST_BLOCK_N), group, q.device)
+    dk_out, dv_out = dk, dv
+    if splits > 1:  # fp32 partial sums, heads kv_head * splits + part: [B, Hk * splits, L, D] or [T, Hk * splits, D]
+        dk_out, dv_out = (_partials(x, splits) for x in (k, v))
+    grid_kv = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_N"]), num_kv_heads * splits, batch)
     _rope_attention_bwd_dkdv_kernel[grid_kv](
-        q_loop, k, v, grad_out, dk, dv, lse, delta, *table_args,
+        q_loop, k, v, grad_out, dk_out, dv_out, lse, delta, *table_args,
         *bht_strides(q_loop, varlen), *bht_strides(k, varlen), *v_do_strides,
-        *bht_strides(dk, varlen), *bht_strides(dv, varlen),
-        *_lse_strides(lse, varlen), stride_pos_b, seq_len, num_kv_heads, num_q_heads // num_kv_heads,
+        *bht_strides(dk_out, varlen), *bht_strides(dv_out, varlen),
+        *_lse_strides(lse, varlen), stride_pos_b, seq_len, num_kv_heads, group, splits,
         softmax_scale, attention_short, attention_long, length_bucket(seq_len), **constexprs,
     )  # fmt: skip
+    if splits > 1:
+        for out, parts in ((dk, dk_out), (dv, dv_out)):
+            out.copy_(_sum_partials(parts, splits))
     return dq, dk, dv
+
+
+# The largest key tile of the backward's autotune space: the fewest dk/dv programs any config launches.
+_LARGEST_BLOCK_N = 64
+# Tests set this to split the GQA group of the dk/dv kernel where no GPU decides it (None: by the device).
+FORCE_DKDV_GROUP_SPLITS: int | None = None
+
+
+def dkdv_group_splits(programs: int, group: int, device: torch.device) -> int:
+    """Into how many parts the dk/dv kernel splits each GQA group: 1 when its ``programs`` (one per kv head and key
+    tile) already give every SM two, else the smallest divisor of ``group`` that does (at most ``group``).
+
+    At short lengths with GQA, one program per kv head and key tile under-fills the GPU (8 kv heads x 16 tiles of a
+    1K sequence = 128 programs for 132 SMs), while each program loops over all the q heads of its group. Split, each
+    part writes fp32 partial sums that the launcher adds: memory of ``parts`` x dk and dv in fp32, small exactly
+    when the grid is small.
+    """
+    if FORCE_DKDV_GROUP_SPLITS is not None:
+        if group % FORCE_DKDV_GROUP_SPLITS:
+            raise ValueError(f"FORCE_DKDV_GROUP_SPLITS: expected a divisor of the GQA group {group}")
+        return FORCE_DKDV_GROUP_SPLITS
+    if device.type != "cuda" or group == 1:
+        return 1
+    target = 2 * sm_count(device)
+    for parts in range(1, group + 1):
+        if group % parts == 0 and programs * parts >= target:
+            return parts
+    return group
+
+
+def _partials(x: Tensor, splits: int) -> Tensor:
+    """A zeroed fp32 buffer for ``splits`` partial sums per head of ``x`` (dense ``[B, H, L, D]``, varlen
+    ``[T, H, D]``): the head axis ``H * splits`` long; key tiles past a sequence's end are never written."""
+    shape = list(x.shape)
+    shape[1] *= splits  # the head axis of both layouts
+    return torch.zeros(shape, dtype=torch.float32, device=x.device)
+
+
+def _sum_partials(parts: Tensor, splits: int) -> Tensor:
+    """[B, H * splits, L, D] -> [B, H, L, D] (varlen: [T, H * splits, D] -> [T, H, D]), summed over the parts."""
+    shape = list(parts.shape)
+    heads = shape[1] // splits
+    return parts.view(*shape[:1], heads, splits, *shape[2:]).sum(2)

@@ -44,6 +44,29 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
+def resolve_cpu_trig() -> None:
+    """Resolve the CPU kernels of cos and sin once per process, on one thread, before any sizeable call.
+
+    PyTorch's CPU builds route float unary ops to oneMKL's VML, which picks each function's kernel lazily on its
+    first call. When that first call runs on several intra-op threads at once, a thread can compute its chunk with a
+    low-accuracy kernel (pytorch/pytorch#188792, oneMKL 2024.2): on this project's machine, in about a third of fresh
+    processes, the first fp32 ``cos`` over a few hundred positions errs by up to 1.5e-4 instead of 4e-8, and a RoPE
+    table built from it is silently wrong. A one-element call per function and dtype resolves the kernel first
+    (about 1 ms, once). Called before the package computes cos/sin, by ``patch`` and by ``load_model`` (so that a
+    stock model's own rotary embedding is protected too).
+    """
+    global _TRIG_RESOLVED
+    if _TRIG_RESOLVED:
+        return
+    for dtype in (torch.float32, torch.float64):
+        one = torch.zeros(1, dtype=dtype)
+        one.cos(), one.sin()
+    _TRIG_RESOLVED = True
+
+
+_TRIG_RESOLVED = False
+
+
 def _default_attention_factor(max_position: int, original_max_position: int) -> float:
     """LongRoPE's default: sqrt(1 + ln(s) / ln(L0)) with s = max_position / L0; 1 when s <= 1."""
     scale = max_position / original_max_position
@@ -294,7 +317,9 @@ class RopeTable:
         return int(seq_len) > self.original_max_position
 
     def _inv_freq(self, long: bool, device: torch.device | str | None = None) -> torch.Tensor:
-        # Cached, shared tensor: callers inside the package never modify it.
+        # Cached, shared tensor: callers inside the package never modify it. Every cos/sin the package computes
+        # starts here, so this is where the CPU trig kernels are resolved (resolve_cpu_trig).
+        resolve_cpu_trig()
         key = (bool(long), str(torch.device(device) if device is not None else torch.device("cpu")))
         cached = self._inv_freq_cache.get(key)
         if cached is None:

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -939,3 +940,28 @@ def test_cached_tensors_made_under_inference_mode_still_serve_autograd():
     x = torch.randn(40, 16, requires_grad=True)
     (x * table._cos_sin_prefix(True, 40)[0] * table._inv_freq(False).sum()).sum().backward()
     assert x.grad is not None
+
+
+_FRESH_PROCESS_COS = """
+import torch
+from lr2kernels.tables import RopeTable
+table = RopeTable.longrope(head_dim=64, base=10000.0, original_max_position=256, max_position=2048,
+                           short_factor=[1.0] * 32, long_factor=[1.0 + i / 4 for i in range(32)])
+positions = torch.arange(512)
+cos, sin = table.cos_sin(positions, long=False)  # the process's first cos/sin: several threads, 32K elements
+angle = (positions[:, None].float() * table.inv_freq(False)).double()  # HF's fp32 angle, then exact trig
+angle, factor = torch.cat((angle, angle), -1), table.attention_factor_for(False)
+errors = [(got.double() / factor - want).abs().max().item() for got, want in ((cos, angle.cos()), (sin, angle.sin()))]
+print(max(errors))
+"""
+
+
+def test_the_first_cos_of_a_process_is_accurate():
+    # pytorch/pytorch#188792: without resolve_cpu_trig, about a third of fresh processes computed their first
+    # multi-threaded fp32 cos with a low-accuracy kernel (errors up to 1.5e-4 here); 8 clean processes in a row had
+    # a 4% chance then.
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(2, torch.get_num_threads()))}
+    for _ in range(8):
+        result = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_COS], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        assert float(result.stdout) < 1e-5, result.stdout

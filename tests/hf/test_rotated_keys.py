@@ -13,6 +13,7 @@ import pickle
 
 import pytest
 import torch
+import transformers
 
 import lr2kernels as lr2
 from lr2kernels.hf import rotated_keys
@@ -42,9 +43,10 @@ def copy_of(cache, layer: int = 0):
 
 @torch.no_grad()
 def run_script(model, prompt: torch.Tensor, script) -> list[torch.Tensor]:
-    """Prefill ``prompt``, then for each entry of ``script``: a callable edits the cache, an int is a decode step
-    of that token. Returns the logits of every step."""
-    out = model(prompt, use_cache=True)
+    """Prefill ``prompt`` into a new cache (as generate does: the prefill builds the copy), then for each entry of
+    ``script``: a callable edits the cache, an int is a decode step of that token. Returns the logits of every
+    step, the prefill's included."""
+    out = model(prompt, cache=transformers.DynamicCache(config=model.config), use_cache=True)
     cache, logits = out.past_key_values, [out.logits[:, -1]]
     for entry in script:
         if callable(entry):
@@ -75,14 +77,18 @@ def test_greedy_decode_equals_whole_cache_rotation_bit_for_bit(arch):
     assert_same(kept, whole, prompt, [5, 17, 3, 99, 42, 7, 8, 9])
     # The copy was kept and extended: it holds every key, rotated, and was not rebuilt at each step.
     with torch.no_grad():
-        out = kept(prompt, use_cache=True)
-        cache = out.past_key_values
-        assert copy_of(cache) is None  # prefill runs the fused attention: no copy yet
+        cache = kept(prompt, use_cache=True).past_key_values
+        assert copy_of(cache) is None  # the model made its cache inside the prefill: the copy starts at step 1
+        cache = transformers.DynamicCache(config=kept.config)
+        kept(prompt, cache=cache, use_cache=True)  # a prefill into a given cache (generate's) builds it
+        held = copy_of(cache)
+        assert held is not None and held.rows == 20
+        buffer = held.buffer
         for token in (4, 5, 6):
             cache = kept(torch.full((2, 1), token), cache=cache, use_cache=True).past_key_values
-    held = copy_of(cache)
-    assert held is not None and held.rows == cache.layers[0].keys.shape[2] == 23
-    assert held.buffer.shape[2] <= 23 + 23 // 4 + 256  # growth room is bounded
+    assert copy_of(cache) is held and held.buffer is buffer  # extended in place, never rebuilt
+    assert held.rows == cache.layers[0].keys.shape[2] == 23
+    assert held.buffer.shape[2] <= 20 + 256  # growth room is bounded
 
 
 def test_partial_rotary_equals_whole_cache_rotation():

@@ -94,7 +94,7 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding
     if plain and num_queries == num_keys:
         layer = _layer_with_rotated_keys(module, "rope_attention", query, key, facts)
         if layer is not None:  # a prefill into a cache: its rotated keys become the layer's copy
-            return _decode_on_rotated_keys(layer, query, key, value, table, long, scaling, facts)
+            return _attend_on_rotated_keys(layer, query, key, value, table, long, scaling, facts)
         out = rope_attention(
             query, key, value, table, position_ids=queries, softmax_scale=scaling, long=long, backend=backend
         )
@@ -102,7 +102,7 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding
     if plain and long == table.use_long(num_keys):  # rope_decode picks the table from the length itself
         layer = _layer_with_rotated_keys(module, "rope_decode", query, key, facts)
         if layer is not None:
-            return _decode_on_rotated_keys(layer, query, key, value, table, long, scaling, facts)
+            return _attend_on_rotated_keys(layer, query, key, value, table, long, scaling, facts)
         cache_seqlens = torch.full((batch,), num_keys, dtype=torch.int32, device=query.device)
         out = rope_decode(query, key, value, table, cache_seqlens=cache_seqlens, softmax_scale=scaling, backend=backend)
         return out.transpose(1, 2), None
@@ -127,22 +127,12 @@ def _layer_with_rotated_keys(module, op: str, query: torch.Tensor, key: torch.Te
     kernels rotate in registers) and the patch allows it."""
     if not module._lr2_rotated_key_cache or query.requires_grad:
         return None
-    choice = (op, module._lr2_backend, query.device, query.dtype, query.shape[-1])
-    on_torch = _RUNS_ON_TORCH.get(choice)
-    if on_torch is None:
-        on_torch = _RUNS_ON_TORCH[choice] = (
-            dispatch.backend_name(op, query.device, query.dtype, query.shape[-1], module._lr2_backend) == "torch"
-        )
-    if not on_torch:
+    if dispatch.backend_name(op, query.device, query.dtype, query.shape[-1], module._lr2_backend) != "torch":
         return None
     return rotated_keys.usable_layer(facts.cache, getattr(module, "layer_idx", None), key)
 
 
-# (op, backend asked for, device, dtype, head_dim) -> whether the op runs on the torch backend: fixed per process.
-_RUNS_ON_TORCH: dict[tuple, bool] = {}
-
-
-def _decode_on_rotated_keys(
+def _attend_on_rotated_keys(
     layer, query, key, value, table: RopeTable, long: bool, scaling, facts: ForwardFacts
 ) -> tuple[torch.Tensor, None]:
     """What the torch backend's ``rope_decode`` (or, for a prefill, n = T, its ``rope_attention``) computes for n

@@ -132,8 +132,9 @@ def rotate_for_decode(
         elif 0 < copy.carried == total - num_new:  # carried over from the last forward; the new rows appended
             valid = copy.carried
     copy.carried = 0
-    if not (valid and copy.capacity >= total):
-        _reallocate(copy, keys, valid, total)
+    if copy.capacity < total or not valid:
+        same_layout = copy.signature is not None and copy.signature[2:] == signature[2:]  # dtype .. head_dim
+        _reallocate(copy, keys, valid, total, same_layout)
     cos, sin, sin_signed = new_rows
     rows = copy.buffer.narrow(2, valid, total - valid)  # [B, Hk, T - valid, D]: the rows to compute
     if valid == total - num_new:  # the usual step: the new keys share the queries' positions, so one pass for both
@@ -154,22 +155,15 @@ def rotate_for_decode(
     return query, copy.buffer.narrow(2, 0, total)
 
 
-def _reallocate(copy: RotatedKeys, keys: torch.Tensor, valid: int, total: int) -> None:
+def _reallocate(copy: RotatedKeys, keys: torch.Tensor, valid: int, total: int, same_layout: bool) -> None:
     """Give ``copy`` a buffer for keys like ``keys`` with room for ``total`` rows, keeping its first ``valid`` rows:
-    the current buffer when it fits (and is not far larger than a rebuild needs), else one grown by a quarter."""
-    batch, heads, _, head_dim = keys.shape
-    buffer = copy.buffer
-    if (
-        buffer is not None
-        and total <= copy.capacity <= 2 * total + _MIN_GROWTH_ROWS
-        and buffer.shape[:2] == (batch, heads)
-        and buffer.shape[3] == head_dim
-        and buffer.dtype == keys.dtype
-        and buffer.device == keys.device
-    ):
+    the current buffer when it has the layout (dtype, device, batch, heads, head_dim) and room (and is not far larger
+    than a rebuild needs), else one grown by a quarter."""
+    if same_layout and total <= copy.capacity <= 2 * total + _MIN_GROWTH_ROWS:
         return
+    batch, heads, _, head_dim = keys.shape
     capacity = max(total + _MIN_GROWTH_ROWS, total + total // 4)
     grown = keys.new_empty(batch, heads, capacity, head_dim)  # [B, Hk, capacity, D]
     if valid:
-        grown[:, :, :valid] = buffer[:, :, :valid]
+        grown[:, :, :valid] = copy.buffer[:, :, :valid]
     copy.buffer, copy.capacity = grown, capacity

@@ -93,8 +93,16 @@ def resolve(backend: str | None, call: OpCall) -> Backend:
 def backend_name(
     op: str, device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None = None, varlen: bool = False
 ) -> str:
-    """The name of the backend that a call of ``op`` with this metadata runs on (as :func:`resolve` chooses it)."""
-    return _choose(backend, op, device.type, device.index, dtype, head_dim, varlen)
+    """The name of the backend that a call of ``op`` with this metadata runs on (as :func:`resolve` chooses it);
+    remembered per metadata, since availability does not change within a process."""
+    key = (op, device, dtype, head_dim, backend, varlen)
+    name = _chosen.get(key)
+    if name is None:
+        name = _chosen[key] = _choose(backend, op, device.type, device.index, dtype, head_dim, varlen)
+    return name
+
+
+_chosen: dict[tuple, str] = {}  # backend_name's answers
 
 
 def _choose(

@@ -568,7 +568,8 @@ def rope_attention_bwd(
     )  # fmt: skip
     del k_loop  # the scratch buffer goes before the dk/dv kernel runs
     group = num_q_heads // num_kv_heads
-    splits = dkdv_group_splits(batch * num_kv_heads * triton.cdiv(seq_len, _LARGEST_BLOCK_N), group, q.device)
+    largest_block_n = max(c.kwargs["BLOCK_N"] for c in _configs(backward=True))  # the fewest programs any config has
+    splits = dkdv_group_splits(batch * num_kv_heads * triton.cdiv(seq_len, largest_block_n), group, q.device)
     dk_out, dv_out = dk, dv
     if splits > 1:  # fp32 partial sums, heads kv_head * splits + part: [B, Hk * splits, L, D] or [T, Hk * splits, D]
         dk_out, dv_out = (_partials(x, splits) for x in (k, v))
@@ -586,8 +587,6 @@ def rope_attention_bwd(
     return dq, dk, dv
 
 
-# The largest key tile of the backward's autotune space: the fewest dk/dv programs any config launches.
-_LARGEST_BLOCK_N = 64
 # Tests set this to split the GQA group of the dk/dv kernel where no GPU decides it (None: by the device).
 FORCE_DKDV_GROUP_SPLITS: int | None = None
 

@@ -22,15 +22,21 @@ from tests.hf.test_patch import L0, tiny_model
 ARCHS = ["llama", "qwen3", "phi3"]
 
 
-def both_ways(arch: str, rule: str = "hf", partial_rotary: float = 1.0):
-    """(kept copy, whole-cache rotation): two patched copies of one tiny model."""
+def scaled_model(arch: str, partial_rotary: float = 1.0):
+    """The tiny model with weights x6, as the stock-vs-patched suite: a key one position off moves logits > 0.1."""
     model = tiny_model(arch, partial_rotary=partial_rotary)
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.mul_(4.0)  # positions then move the logits: a stale rotated key cannot hide
+            parameter.mul_(6.0)
+    return model
+
+
+def both_ways(arch: str, rule: str = "hf", partial_rotary: float = 1.0, with_stock: bool = False):
+    """(kept copy, whole-cache rotation[, stock]): two patched copies of one tiny model[, and the model itself]."""
+    model = scaled_model(arch, partial_rotary)
     kept = lr2.patch(copy.deepcopy(model), rule=rule)
     whole = lr2.patch(copy.deepcopy(model), rule=rule, rotated_key_cache=False)
-    return kept, whole
+    return (kept, whole, model) if with_stock else (kept, whole)
 
 
 def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -149,13 +155,29 @@ def _reset(cache):
     cache.reset()
 
 
+def test_a_key_one_position_off_moves_these_logits():
+    # The premise of the stock comparisons below: with weights x6, shifting the positions of the newest token by one
+    # (what a stale or misplaced rotated key amounts to) moves the logits by far more than their tolerance.
+    model = scaled_model("llama")
+    prompt = tokens(1, 16)
+    with torch.no_grad():
+        right = model(prompt).logits[:, -1]
+        shifted = torch.cat([torch.arange(15), torch.tensor([16])])[None]
+        wrong = model(prompt, position_ids=shifted).logits[:, -1]
+    assert (right - wrong).abs().max() > 0.1
+
+
 @pytest.mark.parametrize(
     "edit", [_permute, _crop, _edit_in_place, _select, _repeat], ids=["reorder", "crop", "in-place", "select", "repeat"]
 )
 def test_cache_changes_between_steps_are_never_served_stale(edit):
-    kept, whole = both_ways("llama")
-    # Two steps (the copy is kept), the change, then steps on the changed cache.
-    assert_same(kept, whole, tokens(2, 16), [5, 6, edit, 7, 8, 9])
+    kept, whole, stock = both_ways("llama", with_stock=True)
+    # Two steps (the copy is kept), the change, then steps on the changed cache (positions stay below L0 = 32).
+    script = [5, 6, edit, 7, 8, 9]
+    got = assert_same(kept, whole, tokens(2, 16), script)
+    if edit is not _edit_in_place:  # stock caches rotated keys: an edit of its cache means something else
+        for step, (a, b) in enumerate(zip(got, run_script(stock, tokens(2, 16), script), strict=True)):
+            torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-4, msg=lambda m, i=step: f"step {i} vs stock: {m}")
 
 
 def test_reset_and_a_new_prefill_rebuild_the_copy():

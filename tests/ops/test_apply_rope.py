@@ -15,8 +15,8 @@ from lr2kernels import reference
 from tests.ops.conftest import DEVICE, cu_seqlens_of, dtype_id, hf_rotate, make_table, randn, run, tolerance
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
-DIMS = [(64, 64), (80, 80), (96, 96), (128, 96), (96, 64)]
-DIM_IDS = ["D64", "D80", "D96", "D128rot96", "D96rot64"]
+DIMS = [(64, 64), (80, 80), (96, 96), (128, 96), (96, 64), (80, 32)]
+DIM_IDS = ["D64", "D80", "D96", "D128rot96", "D96rot64", "D80rot32"]
 
 
 def _check(backend, q, k, table, **kwargs):

@@ -95,8 +95,8 @@ def test_batched_gradients_match_hf_oracle(backend, heads, seq):
 
 @pytest.mark.parametrize(
     "head_dim,rotary_dim",
-    [(64, 32), (64, 48), (128, 96), (256, 256)],
-    ids=["D64rot32", "D64rot48", "D128rot96", "D256"],
+    [(64, 32), (64, 48), (80, 32), (128, 96), (256, 256)],
+    ids=["D64rot32", "D64rot48", "D80rot32", "D128rot96", "D256"],  # D80rot32 (Phi-2): pass-through in 2 tiles
 )
 def test_partial_rotary_and_large_heads(backend, head_dim, rotary_dim):
     table = make_table(head_dim, rotary_dim=rotary_dim)

@@ -218,8 +218,8 @@ if triton is not None:
         start = tl.load(STARTS + pid)
         cols = tl.arange(0, HALF_PAD)
         inv_freq = tl.load(INV_FREQ + cols, mask=cols < HALF, other=0.0)
-        cos_step, sin_step = _step_table(inv_freq, BLOCK_N)
-        cos, sin = _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N)
+        cos_step, sin_step = _step_table((inv_freq,), BLOCK_N)  # a half of one tile
+        cos, sin = _tile_angles(start, inv_freq, cos_step[0], sin_step[0], attention, BLOCK_N)
         offs = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * HALF + cols[None, :]
         mask = (cols < HALF)[None, :]
         tl.store(COS + offs, cos, mask=mask)

@@ -46,16 +46,46 @@ def sequence_grid(token_blocks: int, per_sequence: int, sequences: int) -> tuple
     return token_blocks, per_sequence, sequences
 
 
-def split_sizes(head_dim: int, rotary_dim: int) -> dict[str, int]:
-    """Constexpr sizes of the split layout for a head (PASS_PAD >= 16 keeps tl.dot legal when PASS is 0)."""
+MIN_DOT_WIDTH = 16  # tl.dot's smallest operand dimension
+
+
+def one_tile_widths(channels: int) -> tuple[int, int]:
+    """``(A, B)`` of a segment held in one power-of-two tile (>= 16): A = next_pow2(channels); B unused."""
+    return max(MIN_DOT_WIDTH, triton.next_power_of_2(max(channels, 1))), MIN_DOT_WIDTH
+
+
+def tile_widths(channels: int) -> tuple[int, int]:
+    """The two power-of-two tile widths ``(A, B)`` (each >= 16, tl.dot's minimum) that hold ``channels`` channels:
+    the first A channels, then the rest padded to B. B is used only where ``channels > A``; where one tile is as
+    narrow as two, it is one tile of ``next_pow2(channels)`` (and B = 16 is unused).
+
+    Triton tiles are powers of two, so one tile per segment would contract 48-channel halves over 64: D96 and
+    Phi-4-mini's 96-of-128 (halves of 48) as 128 and 160 channels. Two tiles of 32 + 16 make them 96 and 128.
+    """
+    whole, _ = one_tile_widths(channels)
+    first = max(MIN_DOT_WIDTH, whole // 2)
+    rest = max(MIN_DOT_WIDTH, triton.next_power_of_2(max(channels - first, 1)))
+    if channels <= first or first + rest >= whole:
+        return whole, MIN_DOT_WIDTH
+    return first, rest
+
+
+def split_sizes(head_dim: int, rotary_dim: int, accumulated: bool = False) -> dict[str, int]:
+    """Constexpr sizes of the split layout for a head: each NeoX half (HALF channels) and the pass-through (PASS,
+    possibly 0) in tiles of :func:`tile_widths`.
+
+    ``accumulated``: the layout of gradients accumulated in registers (the backward's dq and dk): one tile per
+    segment. A 16-channel second tile of an accumulator is narrower than 8 warps' MMA tiles cover, so it is
+    replicated across warps, and the dq and dk/dv kernels then spilled in every tile at 80 and 96 channels on sm_80
+    (ptxas, benchmarks/compile_report.py --all-configs), where one 64-channel tile per half spills in none of the
+    64 x 32, 32 x 32, 32 x 16 and 16 x 32 tiles.
+    """
     half = rotary_dim // 2
     passthrough = head_dim - rotary_dim
-    return {
-        "HALF": half,
-        "HALF_PAD": max(16, triton.next_power_of_2(half)),
-        "PASS": passthrough,
-        "PASS_PAD": max(16, triton.next_power_of_2(max(passthrough, 1))),
-    }
+    widths = one_tile_widths if accumulated else tile_widths
+    half_a, half_b = widths(half)
+    pass_a, pass_b = widths(passthrough)
+    return {"HALF": half, "HALF_A": half_a, "HALF_B": half_b, "PASS": passthrough, "PASS_A": pass_a, "PASS_B": pass_b}
 
 
 def rotary_dim_of(inv_freq: torch.Tensor) -> int:
@@ -64,8 +94,9 @@ def rotary_dim_of(inv_freq: torch.Tensor) -> int:
 
 
 def head_sizes(head_dim: int) -> dict[str, int]:
-    """Constexpr sizes of a whole head (v, dO, outputs): HEAD_DIM and its power-of-two pad (>= 16 for tl.dot)."""
-    return {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": max(16, triton.next_power_of_2(head_dim))}
+    """Constexpr sizes of a whole head (v, dO, outputs): HEAD_DIM in the tiles of :func:`tile_widths`."""
+    head_a, head_b = tile_widths(head_dim)
+    return {"HEAD_DIM": head_dim, "HEAD_A": head_a, "HEAD_B": head_b}
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:

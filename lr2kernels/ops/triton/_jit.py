@@ -2,16 +2,22 @@
 split-half layout, angles and rotation, loads/stores, online-softmax tiles. (Helpers used by one op file only stay
 in that file.)
 
-A head of ``D`` channels is handled as three tiles: ``x1 = x[:, :HALF]`` and ``x2 = x[:, HALF:2*HALF]`` (the NeoX
-pairs: channel j rotates with j + HALF) and the pass-through ``xp = x[:, 2*HALF:]`` (partial rotary). The rotation
-is then elementwise between x1 and x2. Every kernel rotates through the same chain, so none can disagree about
-pairing, angles or scaling: :func:`_load_split` -> cos/sin -> :func:`_rotate_cast`. :func:`_load_rotated` is that
-chain with the angles of given positions (:func:`_angles`), used for every q and k tile of attention and for
+A head of ``D`` channels is handled in three segments: ``x1 = x[:, :HALF]`` and ``x2 = x[:, HALF:2*HALF]`` (the
+NeoX pairs: channel j rotates with j + HALF) and the pass-through ``xp = x[:, 2*HALF:]`` (partial rotary). The
+rotation is then elementwise between x1 and x2. Every kernel rotates through the same chain, so none can disagree
+about pairing, angles or scaling: :func:`_load_split` -> cos/sin -> :func:`_rotate_cast`. :func:`_load_rotated` is
+that chain with the angles of given positions (:func:`_angles`), used for every q and k tile of attention and for
 decode's queries; apply_rope / rerotate compute cos/sin once per program and reuse them for all its heads; decode's
-keys take theirs from an angle-addition table. Each tile is padded to a power of two (``*_PAD``) and masked.
+keys take theirs from an angle-addition table. Whole rows (v, dO, outputs) are one segment of HEAD_DIM channels.
 
-Pointer offsets: every ``index * stride`` product is formed in int64 (:func:`_head_offset`, :func:`_split_ptrs`,
-:func:`_load_rows`), so tensors past 2^31 elements address correctly.
+Tiles: a segment of n channels is a tuple of at most two power-of-two tiles (``_host.tile_widths``): the first
+``*_A`` channels, then the rest padded to ``*_B`` and masked; none when n is 0 (no pass-through). So a 48-channel
+half is 32 + 16 channels of tl.dot, not 64. The segment constexprs travel as tuples: a split layout ``SPLIT = (HALF,
+HALF_A, HALF_B, PASS, PASS_A, PASS_B)``, a row ``ROW = (HEAD_DIM, HEAD_A, HEAD_B)``; a segment's ``(n, A, B)``.
+Helpers loop over a segment's tiles with ``tl.static_range(len(seg))``, so absent tiles cost no code.
+
+Pointer offsets: every ``index * stride`` product is formed in int64 (:func:`_head_offset`, :func:`_row_ptrs`), so
+tensors past 2^31 elements address correctly.
 """
 
 from __future__ import annotations
@@ -77,151 +83,243 @@ def _positions(pos_ptr, rows, row_mask, HAS_POS: tl.constexpr):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- segments
+@triton.jit
+def _segment_cols(SEG: tl.constexpr):
+    """The column offsets ``[A]`` / ``[B]`` of a segment's tiles (as a tuple like the tiles) and their masks."""
+    cols = ()
+    if SEG[0] > 0:
+        cols = (tl.arange(0, SEG[1]),)
+        if SEG[0] > SEG[1]:
+            cols = (tl.arange(0, SEG[1]), SEG[1] + tl.arange(0, SEG[2]))
+    return cols
+
+
+@triton.jit
+def _load_segment(base, row_mask, OFFSET: tl.constexpr, SEG: tl.constexpr):
+    """The tiles ``[BLOCK, A]`` (, ``[BLOCK, B]``) of channels ``OFFSET .. OFFSET + n - 1`` of rows whose pointers
+    are ``base [BLOCK, 1]``, in the tensor's dtype, zero outside the mask."""
+    cols = _segment_cols(SEG)
+    tiles = ()
+    for i in tl.static_range(len(cols)):
+        mask = row_mask[:, None] & (cols[i] < SEG[0])[None, :]
+        tiles = tiles + (tl.load(base + OFFSET + cols[i][None, :], mask=mask, other=0.0),)
+    return tiles
+
+
+@triton.jit
+def _store_segment(base, row_mask, x, OFFSET: tl.constexpr, SEG: tl.constexpr):
+    """Store a segment's tiles ``x`` at channels ``OFFSET ..`` of rows ``base [BLOCK, 1]`` in the pointer's dtype."""
+    cols = _segment_cols(SEG)
+    for i in tl.static_range(len(cols)):
+        mask = row_mask[:, None] & (cols[i] < SEG[0])[None, :]
+        tl.store(base + OFFSET + cols[i][None, :], x[i].to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cast(x, dtype):
+    """A segment's tiles cast to ``dtype``."""
+    out = ()
+    for i in tl.static_range(len(x)):
+        out = out + (x[i].to(dtype),)
+    return out
+
+
+@triton.jit
+def _scale(x, factor):
+    """A segment's tiles times ``factor`` (a scalar, or a ``[BLOCK, 1]`` column)."""
+    out = ()
+    for i in tl.static_range(len(x)):
+        out = out + (x[i] * factor,)
+    return out
+
+
+@triton.jit
+def _add(x, y):
+    """Two segments' tiles added."""
+    out = ()
+    for i in tl.static_range(len(x)):
+        out = out + (x[i] + y[i],)
+    return out
+
+
+@triton.jit
+def _divide(x, divisor):
+    """A segment's tiles divided by ``divisor`` (a ``[BLOCK, 1]`` column)."""
+    out = ()
+    for i in tl.static_range(len(x)):
+        out = out + (x[i] / divisor,)
+    return out
+
+
+@triton.jit
+def _zeros_fp32(BLOCK: tl.constexpr, SEG: tl.constexpr):
+    """fp32 zero tiles ``[BLOCK, A]`` (, ``[BLOCK, B]``) of a segment: an accumulator."""
+    tiles = ()
+    if SEG[0] > 0:
+        tiles = (tl.zeros([BLOCK, SEG[1]], dtype=tl.float32),)
+        if SEG[0] > SEG[1]:
+            tiles = (tl.zeros([BLOCK, SEG[1]], dtype=tl.float32), tl.zeros([BLOCK, SEG[2]], dtype=tl.float32))
+    return tiles
+
+
+@triton.jit
+def _dot_acc(acc, a, x, PRECISION: tl.constexpr):
+    """``acc += a @ x`` tile by tile: a ``[M, K]``, x a segment ``[K, *]``, acc a segment ``[M, *]``."""
+    out = ()
+    for i in tl.static_range(len(x)):
+        out = out + (acc[i] + tl.dot(a, x[i], input_precision=PRECISION),)
+    return out
+
+
+@triton.jit
+def _dot_rows(acc, a, b, PRECISION: tl.constexpr):
+    """``acc += a b^T`` contracted over a segment: a ``[M, *]``, b ``[N, *]`` tiles; acc ``[M, N]`` fp32."""
+    for i in tl.static_range(len(a)):
+        acc += tl.dot(a[i], tl.trans(b[i]), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _row_dot(a, b):
+    """Row sums of ``a * b`` over a segment: ``[BLOCK]`` fp32."""
+    total = tl.sum(a[0].to(tl.float32) * b[0].to(tl.float32), 1)
+    for i in tl.static_range(1, len(a)):
+        total += tl.sum(a[i].to(tl.float32) * b[i].to(tl.float32), 1)
+    return total
+
+
 # ---------------------------------------------------------------------------------------------- angles, rotation
 @triton.jit
-def _inv_freq(inv_freq_ptr, is_long, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
-    """The ``[HALF_PAD]`` fp32 inverse frequencies of a table: row ``is_long`` of the ``[2, HALF]`` pair."""
-    cols = tl.arange(0, HALF_PAD)
-    return tl.load(inv_freq_ptr + is_long * HALF + cols, mask=cols < HALF, other=0.0)
+def _inv_freq(inv_freq_ptr, is_long, SPLIT: tl.constexpr):
+    """The fp32 inverse frequencies of a table, tiled like a half (``[A]`` (, ``[B]``), zero past HALF): row
+    ``is_long`` of the ``[2, HALF]`` pair."""
+    HALVES: tl.constexpr = (SPLIT[0], SPLIT[1], SPLIT[2])  # (n, A, B) of a half
+    cols = _segment_cols(HALVES)
+    tiles = ()
+    for i in tl.static_range(len(cols)):
+        tiles = tiles + (tl.load(inv_freq_ptr + is_long * HALVES[0] + cols[i], mask=cols[i] < HALVES[0], other=0.0),)
+    return tiles
 
 
 @triton.jit
-def _angles(pos, inv_freq_ptr, is_long, attention, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
-    """Scaled cos/sin ``[BLOCK, HALF_PAD]`` for integer positions ``[BLOCK]``.
+def _angles(pos, inv_freq_ptr, is_long, attention, SPLIT: tl.constexpr):
+    """Scaled (cos, sin), each tiled like a half ``[BLOCK, *]``, for integer positions ``[BLOCK]``.
 
     The angle is HF's: ``float32(pos) * inv_freq`` rounded once in fp32; ``inv_freq_ptr`` holds the short table's
     ``HALF`` frequencies followed by the long table's.
     """
-    inv_freq = _inv_freq(inv_freq_ptr, is_long, HALF, HALF_PAD)  # [HALF_PAD]
-    angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]  # [BLOCK, HALF_PAD]
-    return tl.cos(angle) * attention, tl.sin(angle) * attention
+    inv_freq = _inv_freq(inv_freq_ptr, is_long, SPLIT)
+    cos = ()
+    sin = ()
+    for i in tl.static_range(len(inv_freq)):
+        angle = pos.to(tl.float32)[:, None] * inv_freq[i][None, :]  # [BLOCK, A or B]
+        cos = cos + (tl.cos(angle) * attention,)
+        sin = sin + (tl.sin(angle) * attention,)
+    return cos, sin
 
 
 @triton.jit
 def _rotate(x1, x2, cos, sin):
-    """RoPE on the pairs (x1, x2): (x1 cos - x2 sin, x2 cos + x1 sin)."""
-    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    """RoPE on the pairs (x1, x2), tile by tile: (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    y1 = ()
+    y2 = ()
+    for i in tl.static_range(len(x1)):
+        y1 = y1 + (x1[i] * cos[i] - x2[i] * sin[i],)
+        y2 = y2 + (x2[i] * cos[i] + x1[i] * sin[i],)
+    return y1, y2
 
 
 @triton.jit
 def _rotate_transposed(g1, g2, cos, sin):
     """The transpose of :func:`_rotate` (gradients w.r.t. the pre-RoPE input): rotation by -angle."""
-    return g1 * cos + g2 * sin, g2 * cos - g1 * sin
+    y1 = ()
+    y2 = ()
+    for i in tl.static_range(len(g1)):
+        y1 = y1 + (g1[i] * cos[i] + g2[i] * sin[i],)
+        y2 = y2 + (g2[i] * cos[i] - g1[i] * sin[i],)
+    return y1, y2
 
 
 # ---------------------------------------------------------------------------------------------- loads and stores
 @triton.jit
-def _split_ptrs(
-    ptr, rows, row_stride, row_mask,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-):  # fmt: skip
-    """Pointers and masks of the split tiles of rows ``[BLOCK]``: (x1 ptrs, x2 ptrs, half mask, xp ptrs, pass mask)."""
-    half_cols = tl.arange(0, HALF_PAD)
-    pass_cols = tl.arange(0, PASS_PAD)
-    base = ptr + rows.to(tl.int64)[:, None] * row_stride  # [BLOCK, 1]
-    half_mask = row_mask[:, None] & (half_cols < HALF)[None, :]  # [BLOCK, HALF_PAD]
-    pass_mask = row_mask[:, None] & (pass_cols < PASS)[None, :]  # [BLOCK, PASS_PAD]
-    x1_ptrs = base + half_cols[None, :]
-    x2_ptrs = base + HALF + half_cols[None, :]
-    xp_ptrs = base + 2 * HALF + pass_cols[None, :]
-    return x1_ptrs, x2_ptrs, half_mask, xp_ptrs, pass_mask
+def _row_ptrs(ptr, rows, row_stride):
+    """Pointers ``[BLOCK, 1]`` to the first channel of rows ``[BLOCK]`` (int64 offsets)."""
+    return ptr + rows.to(tl.int64)[:, None] * row_stride
 
 
 @triton.jit
-def _load_split(
-    ptr, rows, row_stride, row_mask,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-):  # fmt: skip
-    """Load ``[BLOCK, D]`` rows as fp32 tiles (x1, x2, xp); xp is a dummy zero tile when PASS == 0."""
-    p1, p2, half_mask, pp, pass_mask = _split_ptrs(ptr, rows, row_stride, row_mask, HALF, HALF_PAD, PASS, PASS_PAD)
-    x1 = tl.load(p1, mask=half_mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p2, mask=half_mask, other=0.0).to(tl.float32)
-    xp = tl.load(pp, mask=pass_mask, other=0.0).to(tl.float32)
+def _load_split_native(ptr, rows, row_stride, row_mask, SPLIT: tl.constexpr):
+    """Rows ``[BLOCK, D]`` as the split segments (x1, x2, xp) in the tensor's own dtype: tiles that feed ``tl.dot``
+    as stored (operands rotated already) go to shared memory as loaded instead of through fp32 registers. xp is an
+    empty tuple when PASS == 0."""
+    base = _row_ptrs(ptr, rows, row_stride)
+    HALVES: tl.constexpr = (SPLIT[0], SPLIT[1], SPLIT[2])  # (n, A, B) of a half
+    x1 = _load_segment(base, row_mask, 0, HALVES)
+    x2 = _load_segment(base, row_mask, HALVES[0], HALVES)
+    xp = _load_segment(base, row_mask, 2 * HALVES[0], (SPLIT[3], SPLIT[4], SPLIT[5]))
     return x1, x2, xp
 
 
 @triton.jit
-def _load_split_native(
-    ptr, rows, row_stride, row_mask,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-):  # fmt: skip
-    """:func:`_load_split` in the tensor's own dtype: tiles that feed ``tl.dot`` as stored (operands rotated already),
-    so they can go to shared memory as loaded instead of through fp32 registers."""
-    p1, p2, half_mask, pp, pass_mask = _split_ptrs(ptr, rows, row_stride, row_mask, HALF, HALF_PAD, PASS, PASS_PAD)
-    x1 = tl.load(p1, mask=half_mask, other=0.0)
-    x2 = tl.load(p2, mask=half_mask, other=0.0)
-    xp = tl.load(pp, mask=pass_mask, other=0.0)
-    return x1, x2, xp
+def _load_split(ptr, rows, row_stride, row_mask, SPLIT: tl.constexpr):
+    """:func:`_load_split_native` in fp32 (for the rotation)."""
+    x1, x2, xp = _load_split_native(ptr, rows, row_stride, row_mask, SPLIT)
+    return _cast(x1, tl.float32), _cast(x2, tl.float32), _cast(xp, tl.float32)
 
 
 @triton.jit
-def _store_split(
-    ptr, rows, row_stride, row_mask, x1, x2, xp,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-):  # fmt: skip
-    """Store the split tiles (x1, x2, xp) as ``[BLOCK, D]`` rows of ptr's dtype."""
-    p1, p2, half_mask, pp, pass_mask = _split_ptrs(ptr, rows, row_stride, row_mask, HALF, HALF_PAD, PASS, PASS_PAD)
-    out_ty = ptr.dtype.element_ty
-    tl.store(p1, x1.to(out_ty), mask=half_mask)
-    tl.store(p2, x2.to(out_ty), mask=half_mask)
-    if PASS > 0:
-        tl.store(pp, xp.to(out_ty), mask=pass_mask)
+def _store_split(ptr, rows, row_stride, row_mask, x1, x2, xp, SPLIT: tl.constexpr):
+    """Store the split segments (x1, x2, xp) as ``[BLOCK, D]`` rows of ptr's dtype."""
+    base = _row_ptrs(ptr, rows, row_stride)
+    HALVES: tl.constexpr = (SPLIT[0], SPLIT[1], SPLIT[2])  # (n, A, B) of a half
+    _store_segment(base, row_mask, x1, 0, HALVES)
+    _store_segment(base, row_mask, x2, HALVES[0], HALVES)
+    _store_segment(base, row_mask, xp, 2 * HALVES[0], (SPLIT[3], SPLIT[4], SPLIT[5]))
 
 
 @triton.jit
 def _rotate_cast(x1, x2, xp, cos, sin, out_dtype, TRANSPOSED: tl.constexpr):
-    """Rotate the fp32 split tiles by cos/sin (or the transpose) and cast them to ``out_dtype``: (x1, x2, xp)."""
+    """Rotate the fp32 split segments by cos/sin (or the transpose) and cast them to ``out_dtype``: (x1, x2, xp)."""
     if TRANSPOSED:
         x1, x2 = _rotate_transposed(x1, x2, cos, sin)
     else:
         x1, x2 = _rotate(x1, x2, cos, sin)
-    return x1.to(out_dtype), x2.to(out_dtype), xp.to(out_dtype)
+    return _cast(x1, out_dtype), _cast(x2, out_dtype), _cast(xp, out_dtype)
 
 
 @triton.jit
-def _load_rotated(
-    ptr, rows, row_stride, row_mask, pos, inv_freq_ptr, is_long, attention, out_dtype,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-):  # fmt: skip
+def _load_rotated(ptr, rows, row_stride, row_mask, pos, inv_freq_ptr, is_long, attention, out_dtype,
+                  SPLIT: tl.constexpr):  # fmt: skip
     """Load -> angles of ``pos`` -> rotate -> cast: the RoPE'd rows (x1, x2, xp) in ``out_dtype``, and the scaled
-    (cos, sin) ``[BLOCK, HALF_PAD]`` used (the backward rotates its gradients back with them)."""
-    x1, x2, xp = _load_split(ptr, rows, row_stride, row_mask, HALF, HALF_PAD, PASS, PASS_PAD)  # [BLOCK, *] fp32
-    cos, sin = _angles(pos, inv_freq_ptr, is_long, attention, HALF, HALF_PAD)  # [BLOCK, HALF_PAD]
+    (cos, sin) used, tiled like a half (the backward rotates its gradients back with them)."""
+    x1, x2, xp = _load_split(ptr, rows, row_stride, row_mask, SPLIT)  # [BLOCK, *] fp32
+    cos, sin = _angles(pos, inv_freq_ptr, is_long, attention, SPLIT)
     x1, x2, xp = _rotate_cast(x1, x2, xp, cos, sin, out_dtype, False)
     return x1, x2, xp, cos, sin
 
 
 @triton.jit
-def _load_rows(ptr, rows, row_stride, row_mask, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """Whole-head rows ``[BLOCK, HEAD_DIM_PAD]`` (v, dO, partial outputs), zero outside the mask."""
-    cols = tl.arange(0, HEAD_DIM_PAD)
-    return tl.load(
-        ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
-        mask=row_mask[:, None] & (cols < HEAD_DIM)[None, :],
-        other=0.0,
-    )
+def _load_rows(ptr, rows, row_stride, row_mask, ROW: tl.constexpr):
+    """Whole-head rows (v, dO, partial outputs) as a segment of tiles ``[BLOCK, *]``, zero outside the mask."""
+    return _load_segment(_row_ptrs(ptr, rows, row_stride), row_mask, 0, ROW)
 
 
 @triton.jit
-def _store_rows(ptr, rows, row_stride, row_mask, x, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """Store whole-head rows ``[BLOCK, HEAD_DIM_PAD]`` (outputs, dv, partials) in ptr's dtype."""
-    cols = tl.arange(0, HEAD_DIM_PAD)
-    tl.store(
-        ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
-        x.to(ptr.dtype.element_ty),
-        mask=row_mask[:, None] & (cols < HEAD_DIM)[None, :],
-    )
+def _store_rows(ptr, rows, row_stride, row_mask, x, ROW: tl.constexpr):
+    """Store whole-head rows (outputs, dv, partials), a segment of tiles, in ptr's dtype."""
+    _store_segment(_row_ptrs(ptr, rows, row_stride), row_mask, x, 0, ROW)
 
 
 # ---------------------------------------------------------------------------------------------- attention tiles
 @triton.jit
-def _qk_scores(q1, q2, qp, k1, k2, kp, PASS: tl.constexpr, PRECISION: tl.constexpr):
+def _qk_scores(q1, q2, qp, k1, k2, kp, PRECISION: tl.constexpr):
     """q k^T over the split layout: ``[BLOCK_M, BLOCK_N]`` fp32."""
-    scores = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-    scores += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
-    if PASS > 0:
-        scores += tl.dot(qp, tl.trans(kp), input_precision=PRECISION)
-    return scores
+    scores = tl.dot(q1[0], tl.trans(k1[0]), input_precision=PRECISION)
+    for i in tl.static_range(1, len(q1)):
+        scores += tl.dot(q1[i], tl.trans(k1[i]), input_precision=PRECISION)
+    scores = _dot_rows(scores, q2, k2, PRECISION)
+    return _dot_rows(scores, qp, kp, PRECISION)
 
 
 @triton.jit
@@ -240,20 +338,21 @@ def _online_softmax_step(scores, m_i, l_i):
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i, q1, q2, qp, k1, k2, kp, visible, sm_scale_log2, v_ptr, rows, row_stride, row_mask,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PASS: tl.constexpr, PRECISION: tl.constexpr,
+    ROW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Fold one key tile into the running output ``acc [BLOCK_M, HEAD_DIM_PAD]``, max ``m_i`` and sum ``l_i`` (log2
-    units): scores of the rotated k ``[BLOCK_N, *]`` where ``visible [BLOCK_M, BLOCK_N]``, then the tile's v rows."""
-    scores = _qk_scores(q1, q2, qp, k1, k2, kp, PASS, PRECISION) * sm_scale_log2
+    """Fold one key tile into the running output ``acc`` (a row segment ``[BLOCK_M, *]`` fp32), max ``m_i`` and sum
+    ``l_i`` (log2 units): scores of the rotated k ``[BLOCK_N, *]`` where ``visible [BLOCK_M, BLOCK_N]``, then the
+    tile's v rows."""
+    scores = _qk_scores(q1, q2, qp, k1, k2, kp, PRECISION) * sm_scale_log2
     scores = tl.where(visible, scores, float("-inf"))  # [BLOCK_M, BLOCK_N], log2 units
     p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i)
-    v = _load_rows(v_ptr, rows, row_stride, row_mask, HEAD_DIM, HEAD_DIM_PAD)  # [BLOCK_N, HEAD_DIM_PAD]
-    acc = acc * alpha[:, None] + tl.dot(p.to(q1.dtype), v, input_precision=PRECISION)
+    v = _load_rows(v_ptr, rows, row_stride, row_mask, ROW)  # [BLOCK_N, *]
+    acc = _dot_acc(_scale(acc, alpha[:, None]), p.to(q1[0].dtype), v, PRECISION)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _attend_finish(acc, m_i, l_i):
-    """(output ``[BLOCK_M, HEAD_DIM_PAD]`` fp32, log2-sum-exp ``[BLOCK_M]``); rows that saw no key: 0 and -inf."""
+    """(output, a row segment ``[BLOCK_M, *]`` fp32, log2-sum-exp ``[BLOCK_M]``); rows that saw no key: 0, -inf."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows give 0, not NaN
-    return acc / l_safe[:, None], tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    return _divide(acc, l_safe[:, None]), tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))

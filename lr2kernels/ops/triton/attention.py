@@ -45,6 +45,8 @@ from lr2kernels.ops.triton._host import (
 from lr2kernels.ops.triton._jit import (
     _attend_finish,
     _attend_tile,
+    _cast,
+    _dot_acc,
     _head_offset,
     _load_rotated,
     _load_rows,
@@ -52,9 +54,12 @@ from lr2kernels.ops.triton._jit import (
     _positions,
     _qk_scores,
     _rotate_transposed,
+    _row_dot,
+    _scale,
     _sequence_program,
     _store_rows,
     _store_split,
+    _zeros_fp32,
 )
 from lr2kernels.ops.triton.rope import apply_rope
 
@@ -89,14 +94,14 @@ def _prune_configs(
 ) -> list[triton.Config]:
     """Drop the tiles that spill registers at this head size (ptxas, Triton 3.9 and 3.6) where a spill-free one is
     left (benchmarks/compile_report.py, benchmarks/results/triton_compile.md). Keyed on the kernel (by its argument
-    names), the constexprs ``HEAD_DIM_PAD`` and ``PASS``, and, where the two archs need different tiles, the GPU's
+    names), the constexprs ``HEAD_DIM`` and ``PASS``, and, where the two archs need different tiles, the GPU's
     arch (``arch``: the compile report's target; else the current device's); head sizes not measured keep every
     tile."""
     if triton_interpreting():
         return configs
     kind = "dkdv" if "DK" in named_args else "dq" if "DQ" in named_args else "fwd"
-    head_pad, partial = kwargs.get("HEAD_DIM_PAD", 128), kwargs.get("PASS", 0) > 0
-    keep = _KEEP.get((kind, head_pad, partial))
+    head_dim, partial = kwargs.get("HEAD_DIM", 128), kwargs.get("PASS", 0) > 0
+    keep = _KEEP.get((kind, head_dim, partial))
     if isinstance(keep, dict):
         keep = keep[arch or _device_arch()]
     if keep is None:
@@ -109,20 +114,27 @@ def _tiles(tiles: list[tuple[int, int, int]], stages: tuple[int, ...] = (2, 3)) 
     return {(m, n, w, s) for m, n, w in tiles for s in stages}
 
 
-# (kernel, HEAD_DIM_PAD, partial rotary) -> the spill-free (BLOCK_M, BLOCK_N, num_warps, num_stages) on both archs.
+# (kernel, HEAD_DIM, partial rotary) -> the spill-free (BLOCK_M, BLOCK_N, num_warps, num_stages) on both archs.
 _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]] | dict[int, set[tuple[int, int, int, int]]]] = {
     # With the loop operand staged (rotated once, loaded as stored), Triton pipelines those loads through shared
     # memory, and 128 x 64 tiles then spill on sm_80: they are out (checked with Triton 3.9 and 3.6).
     ("fwd", 64, False): _tiles([(128, 64, 8), (128, 32, 4), (128, 32, 8), (64, 64, 8), (64, 32, 4), (64, 32, 8)]),
-    ("fwd", 128, False): _tiles([(128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]),
-    ("fwd", 128, True): _tiles([(128, 32, 8), (64, 32, 8), (64, 32, 4)]),
+    # 80 and 96 channels: the halves in 32 + 16 channel tiles in the forward, in one 64-channel tile in the backward.
+    ("fwd", 80, False): _tiles([(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]),
+    ("fwd", 96, False): _tiles([(128, 32, 8), (64, 32, 8), (64, 32, 4)]),
+    ("fwd", 128, False): _tiles([(128, 32, 8), (64, 32, 8), (64, 32, 4)]),  # 64 x 64: 12 B spilled (3.6, sm_90)
+    ("fwd", 128, True): _tiles([(128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]),
     ("fwd", 256, False): {(64, 32, 8, 2)},
     ("dq", 64, False): _tiles([(64, 64, 4), (64, 64, 8), (64, 32, 4), (64, 32, 8), (32, 64, 4), (32, 64, 8)]),
+    ("dq", 80, False): _tiles([(32, 64, 8), (32, 32, 8), (32, 16, 8)]),
+    ("dq", 96, False): _tiles([(32, 64, 8), (32, 32, 8), (32, 16, 8)]),
     ("dq", 128, False): _tiles([(32, 64, 8)]),
     ("dq", 128, True): _tiles([(16, 32, 8)]),
     ("dq", 256, False): _tiles([(32, 32, 8)]),
-    # dk/dv: no tile is spill-free on both archs at 64 channels, nor the 64 x 32 one on sm_90 at 80..128: per arch.
+    # dk/dv: no tile is spill-free on both archs at 64 channels, nor the 64 x 32 one on sm_90 at 128: per arch.
     ("dkdv", 64, False): {80: _tiles([(16, 32, 8)]), 90: _tiles([(32, 64, 8), (64, 64, 8)])},
+    ("dkdv", 80, False): _tiles([(64, 32, 8), (32, 32, 8), (32, 16, 8), (16, 32, 8)]),
+    ("dkdv", 96, False): _tiles([(64, 32, 8), (32, 32, 8), (32, 16, 8), (16, 32, 8)]),
     ("dkdv", 128, False): {80: _tiles([(64, 32, 8), (32, 32, 8)]), 90: _tiles([(32, 32, 8), (32, 16, 8)])},
     ("dkdv", 128, True): _tiles([(32, 16, 8)]),
     ("dkdv", 256, False): _tiles([(32, 16, 8)]),
@@ -146,37 +158,34 @@ def length_bucket(seq_len: int) -> int:
 @triton.jit
 def _load_rotated_tile(
     x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
-    BLOCK: tl.constexpr, HAS_POS: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_POS: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Tokens ``first .. first + BLOCK - 1`` of a sequence, rotated (q, or k) with the sequence's table.
 
-    Returns (rows ``[BLOCK]``, row mask, x1, x2, xp in ``dtype``, cos, sin ``[BLOCK, HALF_PAD]``).
+    Returns (rows ``[BLOCK]``, row mask, x1, x2, xp in ``dtype``, cos, sin tiled like a half ``[BLOCK, *]``).
     """
     rows = first + tl.arange(0, BLOCK)
     row_mask = rows < seq_len
     pos = _positions(pos_base, rows, row_mask, HAS_POS)
     x1, x2, xp, cos, sin = _load_rotated(x_base, rows, stride_xt, row_mask, pos, INV_FREQ, is_long, attention,
-                                         dtype, HALF, HALF_PAD, PASS, PASS_PAD)  # fmt: skip
+                                         dtype, SPLIT)  # fmt: skip
     return rows, row_mask, x1, x2, xp, cos, sin
 
 
 @triton.jit
 def _load_loop_tile(
     x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
-    BLOCK: tl.constexpr, HAS_POS: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr, STAGED: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_POS: tl.constexpr, SPLIT: tl.constexpr, STAGED: tl.constexpr,
 ):  # fmt: skip
     """A tile of the tokens a program loops over (keys in the forward and dq, queries in dk/dv), rotated: loaded
     ready from the staged buffer (STAGED), or rotated here. Returns (rows ``[BLOCK]``, row mask, x1, x2, xp)."""
     if STAGED:
         rows = first + tl.arange(0, BLOCK)
         row_mask = rows < seq_len
-        x1, x2, xp = _load_split_native(x_base, rows, stride_xt, row_mask, HALF, HALF_PAD, PASS, PASS_PAD)
-        return rows, row_mask, x1.to(dtype), x2.to(dtype), xp.to(dtype)  # the buffer is in dtype: no conversion
+        x1, x2, xp = _load_split_native(x_base, rows, stride_xt, row_mask, SPLIT)
+        return rows, row_mask, _cast(x1, dtype), _cast(x2, dtype), _cast(xp, dtype)  # the buffer is in dtype
     rows, row_mask, x1, x2, xp, cos, sin = _load_rotated_tile(
-        x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK, HAS_POS,
-        HALF, HALF_PAD, PASS, PASS_PAD,
+        x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK, HAS_POS, SPLIT,
     )  # fmt: skip
     return rows, row_mask, x1, x2, xp
 
@@ -184,56 +193,50 @@ def _load_loop_tile(
 @triton.jit
 def _load_token_tile(
     x_base, y_base, stride_xt, stride_yt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
-    BLOCK: tl.constexpr, HAS_POS: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_POS: tl.constexpr, SPLIT: tl.constexpr, ROW: tl.constexpr,
 ):  # fmt: skip
-    """:func:`_load_rotated_tile` of x (q, or k) and the same tokens' whole rows of y (dO, or v)
-    ``[BLOCK, HEAD_DIM_PAD]``, loaded right after: (rows, row mask, x1, x2, xp, cos, sin, y)."""
+    """:func:`_load_rotated_tile` of x (q, or k) and the same tokens' whole rows of y (dO, or v) ``[BLOCK, *]``,
+    loaded right after: (rows, row mask, x1, x2, xp, cos, sin, y)."""
     rows, row_mask, x1, x2, xp, cos, sin = _load_rotated_tile(
-        x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK, HAS_POS,
-        HALF, HALF_PAD, PASS, PASS_PAD,
+        x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK, HAS_POS, SPLIT,
     )  # fmt: skip
-    y = _load_rows(y_base, rows, stride_yt, row_mask, HEAD_DIM, HEAD_DIM_PAD)
+    y = _load_rows(y_base, rows, stride_yt, row_mask, ROW)
     return rows, row_mask, x1, x2, xp, cos, sin, y
 
 
 @triton.jit
-def _probs(a1, a2, ap, b1, b2, bp, lse, visible, sm_scale, PASS: tl.constexpr, PRECISION: tl.constexpr):
+def _probs(a1, a2, ap, b1, b2, bp, lse, visible, sm_scale, PRECISION: tl.constexpr):
     """Softmax probabilities of one tile, in either orientation: ``exp(a b^T scale - lse)`` where visible, else 0
     (lse broadcast by the caller). dq passes (q, k) and gets ``[BLOCK_M, BLOCK_N]``; dk/dv pass (k, q) and get the
     transposed ``[BLOCK_N, BLOCK_M]``."""
-    scores = _qk_scores(a1, a2, ap, b1, b2, bp, PASS, PRECISION) * sm_scale
+    scores = _qk_scores(a1, a2, ap, b1, b2, bp, PRECISION) * sm_scale
     return tl.where(visible, tl.exp(scores - lse), 0.0)
 
 
 @triton.jit
 def _score_grads(p, x, y, delta, dtype, PRECISION: tl.constexpr):
     """Gradients of the scores of a tile of probabilities p: ``p (x y^T - delta)`` in ``dtype`` (delta broadcast by
-    the caller). dq passes (dO, v); dk/dv pass (v, dO) for the transposed tile."""
-    dp = tl.dot(x, tl.trans(y), input_precision=PRECISION)
+    the caller; x, y row segments). dq passes (dO, v); dk/dv pass (v, dO) for the transposed tile."""
+    dp = tl.dot(x[0], tl.trans(y[0]), input_precision=PRECISION)
+    for i in tl.static_range(1, len(x)):
+        dp += tl.dot(x[i], tl.trans(y[i]), input_precision=PRECISION)
     return (p * (dp - delta)).to(dtype)
 
 
 @triton.jit
-def _dot_split_acc(acc1, acc2, accp, ds, x1, x2, xp, PASS: tl.constexpr, PRECISION: tl.constexpr):
+def _dot_split_acc(acc1, acc2, accp, ds, x1, x2, xp, PRECISION: tl.constexpr):
     """(acc1, acc2, accp) += ds @ (x1, x2, xp): a gradient accumulated in the split layout."""
-    acc1 += tl.dot(ds, x1, input_precision=PRECISION)
-    acc2 += tl.dot(ds, x2, input_precision=PRECISION)
-    if PASS > 0:
-        accp += tl.dot(ds, xp, input_precision=PRECISION)
-    return acc1, acc2, accp
+    return _dot_acc(acc1, ds, x1, PRECISION), _dot_acc(acc2, ds, x2, PRECISION), _dot_acc(accp, ds, xp, PRECISION)
 
 
 @triton.jit
 def _store_pre_rope_grad(
-    ptr, rows, row_stride, row_mask, g1, g2, gp, cos, sin, scale,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+    ptr, rows, row_stride, row_mask, g1, g2, gp, cos, sin, scale, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Store ``scale * g``, a gradient w.r.t. the ROTATED input, as the gradient w.r.t. the pre-RoPE input: the
     transposed rotation (by -angle, same attention factor); pass-through channels unchanged."""
-    g1, g2 = _rotate_transposed(g1 * scale, g2 * scale, cos, sin)
-    _store_split(ptr, rows, row_stride, row_mask, g1, g2, gp * scale, HALF, HALF_PAD, PASS, PASS_PAD)
+    g1, g2 = _rotate_transposed(_scale(g1, scale), _scale(g2, scale), cos, sin)
+    _store_split(ptr, rows, row_stride, row_mask, g1, g2, _scale(gp, scale), SPLIT)
 
 
 @triton.jit
@@ -257,12 +260,15 @@ def _rope_attention_fwd_kernel(
     stride_lse_b, stride_lse_h, stride_pos_b,
     seq_len_dense, num_q_heads, group, sm_scale_log2, attention_short, attention_long,  # sm_scale * log2(e)
     len_bucket,  # the autotune key's length bucket; not read
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr, HALF_A: tl.constexpr, HALF_B: tl.constexpr,
+    PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
     STAGED: tl.constexpr,
 ):  # fmt: skip
     """Output and lse of one block of queries of one q head: loop over the key tiles of its kv head."""
+    SPLIT: tl.constexpr = (HALF, HALF_A, HALF_B, PASS, PASS_A, PASS_B)
+    ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
     first, seq, head, start, seq_len, is_long, attention, pos_base = _sequence_program(  # queries of q head `head`
         num_q_heads, CU_SEQLENS, IS_LONG, POS, stride_pos_b, seq_len_dense, attention_short, attention_long,
         BLOCK_M, IS_VARLEN,
@@ -276,29 +282,29 @@ def _rope_attention_fwd_kernel(
 
     offs_m, m_mask, q1, q2, qp, cos_q, sin_q = _load_rotated_tile(  # q [BLOCK_M, *] rotated
         q_base, stride_qt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_M, HAS_POS,
-        HALF, HALF_PAD, PASS, PASS_PAD,
+        SPLIT,
     )  # fmt: skip
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc = _zeros_fp32(BLOCK_M, ROW)  # [BLOCK_M, *] row tiles
     hi = tl.minimum(seq_len, first + BLOCK_M) if IS_CAUSAL else seq_len
     for n_start in range(0, hi, BLOCK_N):
         offs_n, n_mask, k1, k2, kp = _load_loop_tile(  # k [BLOCK_N, *] rotated
             k_base, stride_kt, n_start, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_N, HAS_POS,
-            HALF, HALF_PAD, PASS, PASS_PAD, STAGED,
+            SPLIT, STAGED,
         )  # fmt: skip
         visible = n_mask[None, :]
         if IS_CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q1, q2, qp, k1, k2, kp, visible, sm_scale_log2, v_base, offs_n, stride_vt, n_mask,
-            HEAD_DIM, HEAD_DIM_PAD, PASS, PRECISION,
+            ROW, PRECISION,
         )  # fmt: skip
 
-    out, lse_log2 = _attend_finish(acc, m_i, l_i)  # [BLOCK_M, HEAD_DIM_PAD], [BLOCK_M]
+    out, lse_log2 = _attend_finish(acc, m_i, l_i)  # [BLOCK_M, *] row tiles, [BLOCK_M]
     o_base = O + _head_offset(seq, head, start, stride_ob, stride_oh, stride_ot)
-    _store_rows(o_base, offs_m, stride_ot, m_mask, out, HEAD_DIM, HEAD_DIM_PAD)
+    _store_rows(o_base, offs_m, stride_ot, m_mask, out, ROW)
     lse_base = LSE + _head_offset(seq, head, start, stride_lse_b, stride_lse_h, 1)
     tl.store(lse_base + offs_m, lse_log2 / 1.4426950408889634, mask=m_mask)  # natural log
 
@@ -317,12 +323,15 @@ def _rope_attention_bwd_dq_kernel(
     stride_lse_b, stride_lse_h, stride_pos_b,  # lse and delta share a layout
     seq_len_dense, num_q_heads, group, sm_scale, attention_short, attention_long,
     len_bucket,  # the autotune key's length bucket; not read
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr, HALF_A: tl.constexpr, HALF_B: tl.constexpr,
+    PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
     STAGED: tl.constexpr,
 ):  # fmt: skip
     """dq for one block of queries: loop over key tiles; rotated with the same angles as the forward."""
+    SPLIT: tl.constexpr = (HALF, HALF_A, HALF_B, PASS, PASS_A, PASS_B)
+    ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
     first, seq, head, start, seq_len, is_long, attention, pos_base = _sequence_program(  # dq rows of q head `head`
         num_q_heads, CU_SEQLENS, IS_LONG, POS, stride_pos_b, seq_len_dense, attention_short, attention_long,
         BLOCK_M, IS_VARLEN,
@@ -332,35 +341,35 @@ def _rope_attention_bwd_dq_kernel(
     dtype = Q.dtype.element_ty
     q_base = Q + _head_offset(seq, head, start, stride_qb, stride_qh, stride_qt)
     do_base = DO + _head_offset(seq, head, start, stride_dob, stride_doh, stride_dot)
-    offs_m, m_mask, q1, q2, qp, cos, sin, do = _load_token_tile(  # q [BLOCK_M, *] rotated, dO [BLOCK_M, HEAD_DIM_PAD]
+    offs_m, m_mask, q1, q2, qp, cos, sin, do = _load_token_tile(  # q [BLOCK_M, *] rotated, dO [BLOCK_M, *]
         q_base, do_base, stride_qt, stride_dot, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
-        BLOCK_M, HAS_POS, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM, HEAD_DIM_PAD,
+        BLOCK_M, HAS_POS, SPLIT, ROW,
     )  # fmt: skip
     row_base = _head_offset(seq, head, start, stride_lse_b, stride_lse_h, 1)
     lse, delta = _row_stats(LSE + row_base, DELTA + row_base, offs_m, m_mask)  # [BLOCK_M]
     k_base = K + _head_offset(seq, head // group, start, stride_kb, stride_kh, stride_kt)
     v_base = V + _head_offset(seq, head // group, start, stride_vb, stride_vh, stride_vt)
 
-    dq1 = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
-    dq2 = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
-    dqp = tl.zeros([BLOCK_M, PASS_PAD], dtype=tl.float32)
+    HALVES: tl.constexpr = (HALF, HALF_A, HALF_B)
+    dq1 = _zeros_fp32(BLOCK_M, HALVES)  # [BLOCK_M, *] each, the split layout
+    dq2 = _zeros_fp32(BLOCK_M, HALVES)
+    dqp = _zeros_fp32(BLOCK_M, (PASS, PASS_A, PASS_B))
     hi = tl.minimum(seq_len, first + BLOCK_M) if IS_CAUSAL else seq_len
     for n_start in range(0, hi, BLOCK_N):
         offs_n, n_mask, k1, k2, kp = _load_loop_tile(  # k [BLOCK_N, *] rotated
             k_base, stride_kt, n_start, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_N, HAS_POS,
-            HALF, HALF_PAD, PASS, PASS_PAD, STAGED,
+            SPLIT, STAGED,
         )  # fmt: skip
-        v = _load_rows(v_base, offs_n, stride_vt, n_mask, HEAD_DIM, HEAD_DIM_PAD)  # [BLOCK_N, HEAD_DIM_PAD]
+        v = _load_rows(v_base, offs_n, stride_vt, n_mask, ROW)  # [BLOCK_N, *]
         visible = n_mask[None, :] & m_mask[:, None]
         if IS_CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
-        p = _probs(q1, q2, qp, k1, k2, kp, lse[:, None], visible, sm_scale, PASS, PRECISION)  # [BLOCK_M, BLOCK_N]
+        p = _probs(q1, q2, qp, k1, k2, kp, lse[:, None], visible, sm_scale, PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = _score_grads(p, do, v, delta[:, None], dtype, PRECISION)
-        dq1, dq2, dqp = _dot_split_acc(dq1, dq2, dqp, ds, k1, k2, kp, PASS, PRECISION)
+        dq1, dq2, dqp = _dot_split_acc(dq1, dq2, dqp, ds, k1, k2, kp, PRECISION)
     # dq of the rotated q -> dq of the pre-RoPE q: the transposed rotation (rotation by -angle, same scale).
     dq_base = DQ + _head_offset(seq, head, start, stride_dqb, stride_dqh, stride_dqt)
-    _store_pre_rope_grad(dq_base, offs_m, stride_dqt, m_mask, dq1, dq2, dqp, cos, sin, sm_scale,
-                         HALF, HALF_PAD, PASS, PASS_PAD)  # fmt: skip
+    _store_pre_rope_grad(dq_base, offs_m, stride_dqt, m_mask, dq1, dq2, dqp, cos, sin, sm_scale, SPLIT)  # fmt: skip
 
 
 @triton.autotune(
@@ -378,14 +387,17 @@ def _rope_attention_bwd_dkdv_kernel(
     stride_lse_b, stride_lse_h, stride_pos_b,  # lse and delta share a layout
     seq_len_dense, num_kv_heads, group, group_splits, sm_scale, attention_short, attention_long,
     len_bucket,  # the autotune key's length bucket; not read
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr, HALF_A: tl.constexpr, HALF_B: tl.constexpr,
+    PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
     STAGED: tl.constexpr,
 ):  # fmt: skip
     """dk, dv for one key tile of one kv head, summed over the q heads of its GQA group, or over one of
     ``group_splits`` equal parts of it: programs per sequence are Hk x group_splits, and program ``slot`` writes the
     partial sums of its part to head ``slot`` of DK/DV (the launcher adds the parts; with 1 part, DK/DV are dk/dv)."""
+    SPLIT: tl.constexpr = (HALF, HALF_A, HALF_B, PASS, PASS_A, PASS_B)
+    ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
     first, seq, slot, start, seq_len, is_long, attention, pos_base = _sequence_program(
         num_kv_heads * group_splits, CU_SEQLENS, IS_LONG, POS, stride_pos_b, seq_len_dense, attention_short,
         attention_long, BLOCK_N, IS_VARLEN,
@@ -395,16 +407,17 @@ def _rope_attention_bwd_dkdv_kernel(
     kv_head = slot // group_splits
     heads_per_program = group // group_splits
     first_head = kv_head * group + (slot % group_splits) * heads_per_program
-    dk1 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
-    dk2 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
-    dkp = tl.zeros([BLOCK_N, PASS_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    HALVES: tl.constexpr = (HALF, HALF_A, HALF_B)
+    dk1 = _zeros_fp32(BLOCK_N, HALVES)  # [BLOCK_N, *] each, the split layout
+    dk2 = _zeros_fp32(BLOCK_N, HALVES)
+    dkp = _zeros_fp32(BLOCK_N, (PASS, PASS_A, PASS_B))
+    dv = _zeros_fp32(BLOCK_N, ROW)
     dtype = Q.dtype.element_ty
-    offs_n, n_mask, k1, k2, kp, cos_k, sin_k, v = _load_token_tile(  # k [BLOCK_N, *] rotated, v [BLOCK_N, HEAD_DIM_PAD]
+    offs_n, n_mask, k1, k2, kp, cos_k, sin_k, v = _load_token_tile(  # k [BLOCK_N, *] rotated, v [BLOCK_N, *]
         K + _head_offset(seq, kv_head, start, stride_kb, stride_kh, stride_kt),
         V + _head_offset(seq, kv_head, start, stride_vb, stride_vh, stride_vt),
         stride_kt, stride_vt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
-        BLOCK_N, HAS_POS, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM, HEAD_DIM_PAD,
+        BLOCK_N, HAS_POS, SPLIT, ROW,
     )  # fmt: skip
     lo = (first // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
     for g in range(0, heads_per_program):
@@ -413,39 +426,39 @@ def _rope_attention_bwd_dkdv_kernel(
         do_base = DO + _head_offset(seq, head, start, stride_dob, stride_doh, stride_dot)
         row_base = _head_offset(seq, head, start, stride_lse_b, stride_lse_h, 1)
         for m_start in range(lo, seq_len, BLOCK_M):
-            # q [BLOCK_M, *] rotated, dO [BLOCK_M, HEAD_DIM_PAD], lse and delta [BLOCK_M]
+            # q [BLOCK_M, *] rotated, dO [BLOCK_M, *], lse and delta [BLOCK_M]
             offs_m, m_mask, q1, q2, qp = _load_loop_tile(
                 q_base, stride_qt, m_start, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_M,
-                HAS_POS, HALF, HALF_PAD, PASS, PASS_PAD, STAGED,
+                HAS_POS, SPLIT, STAGED,
             )  # fmt: skip
-            do = _load_rows(do_base, offs_m, stride_dot, m_mask, HEAD_DIM, HEAD_DIM_PAD)
+            do = _load_rows(do_base, offs_m, stride_dot, m_mask, ROW)
             lse, delta = _row_stats(LSE + row_base, DELTA + row_base, offs_m, m_mask)
             visible = n_mask[:, None] & m_mask[None, :]
             if IS_CAUSAL:
                 visible = visible & (offs_n[:, None] <= offs_m[None, :])
-            p_t = _probs(k1, k2, kp, q1, q2, qp, lse[None, :], visible, sm_scale, PASS, PRECISION)  # [BLOCK_N, BLOCK_M]
-            dv += tl.dot(p_t.to(dtype), do, input_precision=PRECISION)
+            p_t = _probs(k1, k2, kp, q1, q2, qp, lse[None, :], visible, sm_scale, PRECISION)  # [BLOCK_N, BLOCK_M]
+            dv = _dot_acc(dv, p_t.to(dtype), do, PRECISION)
             ds_t = _score_grads(p_t, v, do, delta[None, :], dtype, PRECISION)
-            dk1, dk2, dkp = _dot_split_acc(dk1, dk2, dkp, ds_t, q1, q2, qp, PASS, PRECISION)
+            dk1, dk2, dkp = _dot_split_acc(dk1, dk2, dkp, ds_t, q1, q2, qp, PRECISION)
     dk_base = DK + _head_offset(seq, slot, start, stride_dkb, stride_dkh, stride_dkt)
-    _store_pre_rope_grad(dk_base, offs_n, stride_dkt, n_mask, dk1, dk2, dkp, cos_k, sin_k, sm_scale,
-                         HALF, HALF_PAD, PASS, PASS_PAD)  # fmt: skip
+    _store_pre_rope_grad(dk_base, offs_n, stride_dkt, n_mask, dk1, dk2, dkp, cos_k, sin_k, sm_scale, SPLIT)  # fmt: skip
     dv_base = DV + _head_offset(seq, slot, start, stride_dvb, stride_dvh, stride_dvt)
-    _store_rows(dv_base, offs_n, stride_dvt, n_mask, dv, HEAD_DIM, HEAD_DIM_PAD)
+    _store_rows(dv_base, offs_n, stride_dvt, n_mask, dv, ROW)
 
 
 @triton.jit
 def _delta_kernel(
     O, DO, DELTA, num_rows, stride_o, stride_do,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """delta = rowsum(O * dO) in fp32 for BLOCK rows: the backward's preprocessing, read straight from the inputs'
     dtype (no fp32 copies of O and dO in memory)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < num_rows
-    o = _load_rows(O, rows, stride_o, row_mask, HEAD_DIM, HEAD_DIM_PAD).to(tl.float32)  # [BLOCK, HEAD_DIM_PAD]
-    do = _load_rows(DO, rows, stride_do, row_mask, HEAD_DIM, HEAD_DIM_PAD).to(tl.float32)
-    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=row_mask)
+    ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
+    o = _load_rows(O, rows, stride_o, row_mask, ROW)  # [BLOCK, *] row tiles
+    do = _load_rows(DO, rows, stride_do, row_mask, ROW)
+    tl.store(DELTA + rows, _row_dot(o, do), mask=row_mask)
 
 
 def delta_block(head_dim: int) -> int:
@@ -468,10 +481,10 @@ def _delta(out: Tensor, grad_out: Tensor, varlen: bool) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ host side
 def _constexprs(
-    q: torch.Tensor, inv_freq: torch.Tensor, causal: bool, varlen: bool, has_pos: bool, staged: bool
+    q: torch.Tensor, inv_freq: torch.Tensor, causal: bool, varlen: bool, has_pos: bool, staged: bool, backward: bool
 ) -> dict:
     return dict(
-        **split_sizes(q.shape[-1], rotary_dim_of(inv_freq)),
+        **split_sizes(q.shape[-1], rotary_dim_of(inv_freq), accumulated=backward),
         **head_sizes(q.shape[-1]),
         IS_CAUSAL=causal,
         IS_VARLEN=varlen,
@@ -525,7 +538,7 @@ def rope_attention_fwd(
         *bht_strides(q, varlen), *bht_strides(k, varlen), *bht_strides(v, varlen), *bht_strides(out, varlen),
         *_lse_strides(lse, varlen), stride_pos_b,
         seq_len, num_q_heads, num_q_heads // k.shape[1], softmax_scale * LOG2E, attention_short, attention_long,
-        length_bucket(seq_len), **_constexprs(q, inv_freq, causal, varlen, position_ids is not None, staged),
+        length_bucket(seq_len), **_constexprs(q, inv_freq, causal, varlen, position_ids is not None, staged, False),
     )  # fmt: skip
     return out, lse
 
@@ -556,7 +569,7 @@ def rope_attention_bwd(
         q_loop, k_loop = apply_rope(q, k, inv_freq, is_long, position_ids, cu_seqlens, max_seqlen, attention_short,
                                     attention_long, transposed=False)  # fmt: skip
     is_long, cu_ptr, pos_ptr, stride_pos_b = sequence_args(is_long, position_ids, cu_seqlens)
-    constexprs = _constexprs(q, inv_freq, causal, varlen, position_ids is not None, staged)
+    constexprs = _constexprs(q, inv_freq, causal, varlen, position_ids is not None, staged, backward=True)
     table_args = (inv_freq, cu_ptr, pos_ptr, is_long)
     v_do_strides = (*bht_strides(v, varlen), *bht_strides(grad_out, varlen))
     grid_q = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_M"]), num_q_heads, batch)

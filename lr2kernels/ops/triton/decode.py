@@ -34,15 +34,19 @@ from lr2kernels.ops.triton._host import (
     triton_interpreting,
 )
 from lr2kernels.ops.triton._jit import (
+    _add,
     _attend_finish,
     _attend_tile,
+    _divide,
     _head_offset,
     _inv_freq,
     _load_rotated,
     _load_rows,
     _load_split,
     _rotate_cast,
+    _scale,
     _store_rows,
+    _zeros_fp32,
 )
 
 __all__ = ["rope_decode"]
@@ -50,14 +54,21 @@ __all__ = ["rope_decode"]
 
 @triton.jit
 def _step_table(inv_freq, BLOCK_N: tl.constexpr):
-    """cos/sin ``[BLOCK_N, HALF_PAD]`` of the in-tile offsets' angles ``float32(t * inv_freq)``, t < BLOCK_N."""
-    step = tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * inv_freq[None, :]
-    return tl.cos(step), tl.sin(step)
+    """cos/sin ``[BLOCK_N, *]``, tiled like a half, of the in-tile offsets' angles ``float32(t * inv_freq)``,
+    t < BLOCK_N."""
+    cos = ()
+    sin = ()
+    for i in tl.static_range(len(inv_freq)):
+        step = tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * inv_freq[i][None, :]
+        cos = cos + (tl.cos(step),)
+        sin = sin + (tl.sin(step),)
+    return cos, sin
 
 
 @triton.jit
 def _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.constexpr):
-    """Scaled cos/sin ``[BLOCK_N, HALF_PAD]`` of HF's fp32 angles ``float32(p * inv_freq)``, p = start + t.
+    """Scaled cos/sin ``[BLOCK_N, *]`` (one tile of a half: inv_freq ``[*]`` and the step table's tile) of HF's fp32
+    angles ``float32(p * inv_freq)``, p = start + t.
 
     One sincos per frequency at the tile start p0, then angle addition with the step table. HF rounds each angle
     once, so ``float32(p w) != float32(p0 w) + float32(t w)``; the difference ``delta`` is computed exactly (the
@@ -65,11 +76,11 @@ def _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.con
     applied as a small rotation (|delta| <= ~1 ulp of the angle, < 0.01 rad at 131K positions: the cubic terms
     suffice). The kernel must be compiled without FMA contraction so that the products are rounded as in HF.
     """
-    base = start * inv_freq  # [HALF_PAD] float32(p0 w): the int promotes to fp32 exactly (< 2^24)
+    base = start * inv_freq  # [*] float32(p0 w): the int promotes to fp32 exactly (< 2^24)
     cos_base = tl.cos(base) * attention
     sin_base = tl.sin(base) * attention
     offs = tl.arange(0, BLOCK_N)
-    angle = (start + offs).to(tl.float32)[:, None] * inv_freq[None, :]  # [BLOCK_N, HALF_PAD] HF's angles
+    angle = (start + offs).to(tl.float32)[:, None] * inv_freq[None, :]  # [BLOCK_N, *] HF's angles
     step = offs.to(tl.float32)[:, None] * inv_freq[None, :]  # the step table's angles
     delta = (angle - base[None, :]) - step
     delta_sq = delta * delta
@@ -79,6 +90,19 @@ def _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.con
     sin_off = sin_step * cos_delta + cos_step * sin_delta
     cos = cos_base[None, :] * cos_off - sin_base[None, :] * sin_off
     sin = sin_base[None, :] * cos_off + cos_base[None, :] * sin_off
+    return cos, sin
+
+
+@triton.jit
+def _key_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.constexpr):
+    """:func:`_tile_angles` of keys ``start .. start + BLOCK_N - 1`` for each tile of a half: (cos, sin) tiled
+    like it."""
+    cos = ()
+    sin = ()
+    for i in tl.static_range(len(inv_freq)):
+        cos_i, sin_i = _tile_angles(start, inv_freq[i], cos_step[i], sin_step[i], attention, BLOCK_N)
+        cos = cos + (cos_i,)
+        sin = sin + (sin_i,)
     return cos, sin
 
 
@@ -103,11 +127,14 @@ def _rope_decode_kernel(
     stride_ob, stride_oh, stride_ot,
     num_kv_heads, group, n_new, num_splits, original_max_position,
     sm_scale_log2, attention_short, attention_long,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_A: tl.constexpr, HALF_B: tl.constexpr,
+    PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, kv head) x KV split x block of packed rows: its output, or its partial output and lse."""
+    SPLIT: tl.constexpr = (HALF, HALF_A, HALF_B, PASS, PASS_A, PASS_B)
+    ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -126,7 +153,7 @@ def _rope_decode_kernel(
     q_base = Q + _head_offset(seq, kv_head * group, 0, stride_qb, stride_qh, 0)
     q_rows = _row_offsets(offs_m, n_new, stride_qh, stride_qt)
     q1, q2, qp, cos_q, sin_q = _load_rotated(
-        q_base, q_rows, 1, m_mask, q_pos, INV_FREQ, is_long, attention, dtype, HALF, HALF_PAD, PASS, PASS_PAD
+        q_base, q_rows, 1, m_mask, q_pos, INV_FREQ, is_long, attention, dtype, SPLIT
     )  # [BLOCK_M, *]
 
     # This split's key range: the sequence's length shared evenly, in whole key tiles.
@@ -134,37 +161,37 @@ def _rope_decode_kernel(
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
-    inv_freq = _inv_freq(INV_FREQ, is_long, HALF, HALF_PAD)  # [HALF_PAD]
-    cos_step, sin_step = _step_table(inv_freq, BLOCK_N)  # [BLOCK_N, HALF_PAD], once per program
+    inv_freq = _inv_freq(INV_FREQ, is_long, SPLIT)  # [*] tiled like a half
+    cos_step, sin_step = _step_table(inv_freq, BLOCK_N)  # [BLOCK_N, *], once per program
     k_base = K + _head_offset(seq, kv_head, 0, stride_kb, stride_kh, 0)
     v_base = V + _head_offset(seq, kv_head, 0, stride_vb, stride_vh, 0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc = _zeros_fp32(BLOCK_M, ROW)  # [BLOCK_M, *] row tiles
     for n_start in range(lo, hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
         # The load -> angles -> rotate chain of _load_rotated, with the angle-addition table for the angles.
-        k1, k2, kp = _load_split(k_base, offs_n, stride_kt, n_mask, HALF, HALF_PAD, PASS, PASS_PAD)  # [BLOCK_N, *]
-        cos_k, sin_k = _tile_angles(n_start, inv_freq, cos_step, sin_step, attention, BLOCK_N)
+        k1, k2, kp = _load_split(k_base, offs_n, stride_kt, n_mask, SPLIT)  # [BLOCK_N, *]
+        cos_k, sin_k = _key_angles(n_start, inv_freq, cos_step, sin_step, attention, BLOCK_N)
         k1, k2, kp = _rotate_cast(k1, k2, kp, cos_k, sin_k, dtype, False)
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])  # causal among the new tokens
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q1, q2, qp, k1, k2, kp, visible, sm_scale_log2, v_base, offs_n, stride_vt, n_mask,
-            HEAD_DIM, HEAD_DIM_PAD, PASS, PRECISION,
+            ROW, PRECISION,
         )  # fmt: skip
 
     # A row that sees nothing in this split: output 0, lse -inf.
-    out, lse = _attend_finish(acc, m_i, l_i)  # [BLOCK_M, HEAD_DIM_PAD], [BLOCK_M] log2 units
+    out, lse = _attend_finish(acc, m_i, l_i)  # [BLOCK_M, *] row tiles, [BLOCK_M] log2 units
     if IS_SPLIT:
         # Partials [B * Hk, num_splits, num_rows, HEAD_DIM] fp32 and their lse [B * Hk, num_splits, num_rows].
         part_rows = _part_rows(pid_bh, split, num_splits, num_rows, offs_m)
-        _store_rows(O_PART, part_rows, HEAD_DIM, m_mask, out, HEAD_DIM, HEAD_DIM_PAD)
+        _store_rows(O_PART, part_rows, HEAD_DIM, m_mask, out, ROW)
         tl.store(LSE_PART + part_rows, lse, mask=m_mask)
     else:
         o_base = O + _head_offset(seq, kv_head * group, 0, stride_ob, stride_oh, 0)
         o_rows = _row_offsets(offs_m, n_new, stride_oh, stride_ot)
-        _store_rows(o_base, o_rows, 1, m_mask, out, HEAD_DIM, HEAD_DIM_PAD)
+        _store_rows(o_base, o_rows, 1, m_mask, out, ROW)
 
 
 @triton.jit
@@ -172,9 +199,10 @@ def _rope_decode_merge_kernel(
     O, O_PART, LSE_PART,
     stride_ob, stride_oh, stride_ot,
     num_kv_heads, group, n_new, num_splits,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Combine the splits of one (sequence, kv head) row block: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(...)."""
+    ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     seq = pid_bh // num_kv_heads
@@ -185,21 +213,21 @@ def _rope_decode_merge_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc = _zeros_fp32(BLOCK_M, ROW)  # [BLOCK_M, *] row tiles
     for split in range(0, num_splits):
         part_rows = _part_rows(pid_bh, split, num_splits, num_rows, offs_m)
         lse = tl.load(LSE_PART + part_rows, mask=m_mask, other=float("-inf"))  # [BLOCK_M], log2 units
-        part = _load_rows(O_PART, part_rows, HEAD_DIM, m_mask, HEAD_DIM, HEAD_DIM_PAD)  # [BLOCK_M, HEAD_DIM_PAD]
+        part = _load_rows(O_PART, part_rows, HEAD_DIM, m_mask, ROW)  # [BLOCK_M, *] row tiles
         m_new = tl.maximum(m_i, lse)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         weight = tl.exp2(lse - m_safe)  # 0 for a split that saw no key of this row
-        acc = acc * alpha[:, None] + weight[:, None] * part
+        acc = _add(_scale(acc, alpha[:, None]), _scale(part, weight[:, None]))
         l_i = l_i * alpha + weight
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = _divide(acc, tl.where(l_i == 0.0, 1.0, l_i)[:, None])
     o_base = O + _head_offset(seq, kv_head * group, 0, stride_ob, stride_oh, 0)
-    _store_rows(o_base, _row_offsets(offs_m, n_new, stride_oh, stride_ot), 1, m_mask, out, HEAD_DIM, HEAD_DIM_PAD)
+    _store_rows(o_base, _row_offsets(offs_m, n_new, stride_oh, stride_ot), 1, m_mask, out, ROW)
 
 
 # ------------------------------------------------------------------------------------------------ host side

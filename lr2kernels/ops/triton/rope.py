@@ -43,6 +43,7 @@ from lr2kernels.ops.triton._jit import (
     _load_split,
     _positions,
     _rotate_cast,
+    _rotate_transposed,
     _sequence_program,
     _store_split,
 )
@@ -53,17 +54,15 @@ __all__ = ["apply_rope", "rerotate"]
 @triton.jit
 def _rotate_heads(
     x_ptr, y_ptr, stride_xh, stride_xt, stride_yh, stride_yt,
-    head_lo, head_hi, rows, row_mask, cos, sin,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
+    head_lo, head_hi, rows, row_mask, cos, sin, SPLIT: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
     """Rotate rows ``[BLOCK]`` of heads ``head_lo .. head_hi - 1`` of x into y, all with the same cos/sin."""
     for head in range(head_lo, head_hi):
         x_head = x_ptr + tl.cast(head, tl.int64) * stride_xh
-        x1, x2, xp = _load_split(x_head, rows, stride_xt, row_mask, HALF, HALF_PAD, PASS, PASS_PAD)  # [BLOCK, *] fp32
+        x1, x2, xp = _load_split(x_head, rows, stride_xt, row_mask, SPLIT)  # [BLOCK, *] fp32
         y1, y2, yp = _rotate_cast(x1, x2, xp, cos, sin, y_ptr.dtype.element_ty, TRANSPOSED)
         y_head = y_ptr + tl.cast(head, tl.int64) * stride_yh
-        _store_split(y_head, rows, stride_yt, row_mask, y1, y2, yp, HALF, HALF_PAD, PASS, PASS_PAD)
+        _store_split(y_head, rows, stride_yt, row_mask, y1, y2, yp, SPLIT)
 
 
 @triton.jit
@@ -75,7 +74,8 @@ def _apply_rope_kernel(
     stride_kob, stride_koh, stride_kot,
     stride_pos_b, seq_len_dense, num_q_heads, num_k_heads, heads_per_program, num_chunks,
     attention_short, attention_long,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_A: tl.constexpr, HALF_B: tl.constexpr,
+    PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
     BLOCK: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
     first, seq, chunk, start, seq_len, is_long, attention, pos_base = _sequence_program(
@@ -84,10 +84,11 @@ def _apply_rope_kernel(
     )  # fmt: skip
     if first >= seq_len:
         return
+    SPLIT: tl.constexpr = (HALF, HALF_A, HALF_B, PASS, PASS_A, PASS_B)
     rows = first + tl.arange(0, BLOCK)  # [BLOCK] token index within the sequence
     row_mask = rows < seq_len
     pos = _positions(pos_base, rows, row_mask, HAS_POS)
-    cos, sin = _angles(pos, INV_FREQ, is_long, attention, HALF, HALF_PAD)  # [BLOCK, HALF_PAD]
+    cos, sin = _angles(pos, INV_FREQ, is_long, attention, SPLIT)  # [BLOCK, *] tiled like a half
 
     # This chunk's heads in the concatenated list [q heads, k heads].
     head_lo = chunk * heads_per_program
@@ -97,14 +98,14 @@ def _apply_rope_kernel(
         Q_OUT + _head_offset(seq, 0, start, stride_qob, 0, stride_qot),
         stride_qh, stride_qt, stride_qoh, stride_qot,
         head_lo, tl.minimum(head_hi, num_q_heads), rows, row_mask, cos, sin,
-        HALF, HALF_PAD, PASS, PASS_PAD, TRANSPOSED,
+        SPLIT, TRANSPOSED,
     )  # fmt: skip
     _rotate_heads(
         K + _head_offset(seq, 0, start, stride_kb, 0, stride_kt),
         K_OUT + _head_offset(seq, 0, start, stride_kob, 0, stride_kot),
         stride_kh, stride_kt, stride_koh, stride_kot,
         tl.maximum(head_lo, num_q_heads) - num_q_heads, head_hi - num_q_heads, rows, row_mask, cos, sin,
-        HALF, HALF_PAD, PASS, PASS_PAD, TRANSPOSED,
+        SPLIT, TRANSPOSED,
     )  # fmt: skip
 
 
@@ -114,7 +115,8 @@ def _rerotate_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_ob, stride_oh, stride_ot,
     stride_pos_b, seq_len, num_heads, heads_per_program, num_chunks, from_long, to_long, scale,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_A: tl.constexpr, HALF_B: tl.constexpr,
+    PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
     BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
@@ -127,17 +129,17 @@ def _rerotate_kernel(
     pos = _positions(POS + tl.cast(seq, tl.int64) * stride_pos_b, rows, row_mask, True)
     # Keys carry a_f R(theta_f); a_t R(theta_t) = (a_t / a_f) R(theta_t - theta_f) a_f R(theta_f), and
     # cos(t - f) = cos t cos f + sin t sin f, sin(t - f) = sin t cos f - cos t sin f.
-    cos_f, sin_f = _angles(pos, INV_FREQ, from_long, 1.0, HALF, HALF_PAD)  # [BLOCK, HALF_PAD]
-    cos_t, sin_t = _angles(pos, INV_FREQ, to_long, scale, HALF, HALF_PAD)  # scale = a_t / a_f
-    cos = cos_t * cos_f + sin_t * sin_f
-    sin = sin_t * cos_f - cos_t * sin_f
+    SPLIT: tl.constexpr = (HALF, HALF_A, HALF_B, PASS, PASS_A, PASS_B)
+    cos_f, sin_f = _angles(pos, INV_FREQ, from_long, 1.0, SPLIT)  # [BLOCK, *] tiled like a half
+    cos_t, sin_t = _angles(pos, INV_FREQ, to_long, scale, SPLIT)  # scale = a_t / a_f
+    cos, sin = _rotate_transposed(cos_t, sin_t, cos_f, sin_f)  # the identities above, tile by tile
 
     head_lo = chunk * heads_per_program
     head_hi = tl.minimum(head_lo + heads_per_program, num_heads)
     _rotate_heads(
         K + tl.cast(seq, tl.int64) * stride_kb, K_OUT + tl.cast(seq, tl.int64) * stride_ob,
         stride_kh, stride_kt, stride_oh, stride_ot,
-        head_lo, head_hi, rows, row_mask, cos, sin, HALF, HALF_PAD, PASS, PASS_PAD, TRANSPOSED,
+        head_lo, head_hi, rows, row_mask, cos, sin, SPLIT, TRANSPOSED,
     )  # fmt: skip
 
 

@@ -141,9 +141,13 @@ def _torch_dtype(dtype: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
 
 
-def jobs_for(kernel: str, head: str, dtype: str, arch: int, staged: bool = True) -> list[Job]:
+def jobs_for(
+    kernel: str, head: str, dtype: str, arch: int, staged: bool = True, all_configs: bool = False
+) -> list[Job]:
     """The compilations of one (kernel, head case, dtype, arch): one per config the launcher may pick. ``staged``:
-    the attention kernels' loop operands come rotated (the launchers' default), else rotated per tile."""
+    the attention kernels' loop operands come rotated (the launchers' default), else rotated per tile.
+    ``all_configs``: every config of the attention kernels' autotune lists, before pruning (to choose what they
+    keep: ``attention._KEEP``)."""
     import torch
 
     from lr2kernels.ops.triton._host import dot_precision, head_sizes, split_sizes
@@ -151,7 +155,7 @@ def jobs_for(kernel: str, head: str, dtype: str, arch: int, staged: bool = True)
     attention, decode, rope = _modules()
     head_dim, rotary_dim = HEAD_CASES[head]
     tdt = _torch_dtype(dtype)
-    split = split_sizes(head_dim, rotary_dim)
+    split = split_sizes(head_dim, rotary_dim, accumulated=kernel in ("bwd_dq", "bwd_dkdv"))  # as the launchers do
     sizes = head_sizes(head_dim)
     jobs = []
     if kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
@@ -159,7 +163,7 @@ def jobs_for(kernel: str, head: str, dtype: str, arch: int, staged: bool = True)
         constexprs = dict(**split, **sizes, IS_CAUSAL=True, IS_VARLEN=False, HAS_POS=True,
                           PRECISION=dot_precision(tdt), STAGED=staged)  # fmt: skip
         configs = tuner.configs
-        if getattr(tuner, "early_config_prune", None):
+        if getattr(tuner, "early_config_prune", None) and not all_configs:
             configs = tuner.early_config_prune(configs, dict.fromkeys(tuner.fn.arg_names), arch=arch, **constexprs)
         for c in configs:
             name = f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
@@ -325,12 +329,16 @@ def run_loops(head: str, dtype: str, arch: int, workers: int) -> list[dict]:
     return rows
 
 
-def run(kernels, heads, dtypes, archs, workers: int) -> list[Row]:
+def run(kernels, heads, dtypes, archs, workers: int, all_configs: bool = False) -> list[Row]:
     _worker_init()
     jobs_by_kernel = {}
     for kernel in kernels:
         jobs_by_kernel[kernel] = [
-            j for head in heads for dtype in dtypes for arch in archs for j in jobs_for(kernel, head, dtype, arch)
+            j
+            for head in heads
+            for dtype in dtypes
+            for arch in archs
+            for j in jobs_for(kernel, head, dtype, arch, all_configs=all_configs)
         ]
     rows: list[Row] = []
     t_all = time.perf_counter()
@@ -382,6 +390,48 @@ def loops_markdown(loops: list[dict]) -> list[str]:
     return lines
 
 
+def _tiles(channels: int, first: int, second: int) -> list[int]:
+    """The widths of the tiles a segment of ``channels`` channels is held in (``_host``'s constexprs)."""
+    return [] if channels == 0 else [first] if channels <= first else [first, second]
+
+
+def tile_widths_markdown(heads: list[str]) -> list[str]:
+    """The tiles each head case is cut into (``_host.tile_widths``): the channels tl.dot contracts q k^T over in
+    the forward and decode, in the backward (``accumulated``: one tile per segment), and the width of the v / output
+    rows, against one power-of-two tile per segment."""
+    from lr2kernels.ops.triton._host import head_sizes, one_tile_widths, split_sizes
+
+    lines = [
+        "",
+        "## Tile widths: the channels tl.dot runs over",
+        "",
+        "Each segment (a NeoX half, the pass-through, a whole v / output row) is cut into at most two power-of-two "
+        "tiles, so a 48-channel half is 32 + 16 channels, not 64. The backward keeps the halves and the "
+        "pass-through of its dq / dk accumulators in one tile each (16-channel accumulator tiles spill). In "
+        "parentheses: one power-of-two tile per segment (before).",
+        "",
+        "| head | forward, decode: q k^T tiles | q k^T channels | backward q k^T channels | v / output rows |",
+        "|---|---|---|---|---|",
+    ]
+    for head in heads:
+        head_dim, rotary_dim = HEAD_CASES[head]
+        split, row = split_sizes(head_dim, rotary_dim), head_sizes(head_dim)
+        backward = split_sizes(head_dim, rotary_dim, accumulated=True)
+
+        def contracted(sizes: dict) -> tuple[list[int], list[int], int]:
+            halves = _tiles(sizes["HALF"], sizes["HALF_A"], sizes["HALF_B"])
+            passthrough = _tiles(sizes["PASS"], sizes["PASS_A"], sizes["PASS_B"])
+            return halves, passthrough, 2 * sum(halves) + sum(passthrough)
+
+        halves, passthrough, channels = contracted(split)
+        one_tile = 2 * one_tile_widths(split["HALF"])[0] + (one_tile_widths(split["PASS"])[0] if split["PASS"] else 0)
+        shown = f"2 x ({'+'.join(map(str, halves))})" + (f" + {'+'.join(map(str, passthrough))}" if passthrough else "")
+        rows = sum(_tiles(row["HEAD_DIM"], row["HEAD_A"], row["HEAD_B"]))
+        lines.append(f"| {head} | {shown} | {channels} ({one_tile}) | {contracted(backward)[2]} ({one_tile}) | "
+                     f"{rows} ({one_tile_widths(head_dim)[0]}) |")  # fmt: skip
+    return lines
+
+
 def markdown(rows: list[Row], seconds: float, argv: str, loops: list[dict] | None = None) -> str:
     lines = [
         "# Triton kernels compiled for sm_80 / sm_90 on the CPU",
@@ -406,6 +456,7 @@ def markdown(rows: list[Row], seconds: float, argv: str, loops: list[dict] | Non
             cells.append("-" if v is None else ("yes" if v else "**NO**"))
         lines.append(f"| {k} | {h} | {d} | {cells[0]} | {cells[1]} |")
     lines += loops_markdown(loops or [])
+    lines += tile_widths_markdown(sorted({r.head for r in rows}, key=list(HEAD_CASES).index))
     lines += [
         "",
         "## Every config",
@@ -430,15 +481,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/triton_compile.md")
     p.add_argument("--json", type=Path, help="also write the raw rows as JSON")
+    p.add_argument(
+        "--all-configs",
+        action="store_true",
+        help="compile every attention autotune config, before pruning (to choose attention._KEEP)",
+    )
+    p.add_argument("--loop-heads", nargs="*", default=["128"], choices=list(HEAD_CASES),
+                   help="head cases whose tile loops are counted (--loops on)")  # fmt: skip
     p.add_argument("--loops", choices=["on", "off"], default="on",
                    help="also count the attention kernels' tile-loop instructions, staged vs per-tile rotation "
-                        "(head 128, the first dtype, sm_90)")  # fmt: skip
+                        "(the --loop-heads, the first dtype, sm_90)")  # fmt: skip
     args = p.parse_args(argv)
     heads, dtypes = MATRICES[args.matrix]
     heads, dtypes = args.heads or heads, args.dtypes or dtypes
     t0 = time.perf_counter()
-    rows = run(args.kernels, heads, dtypes, args.archs, args.workers)
-    loops = run_loops("128", dtypes[0], 90, args.workers) if args.loops == "on" else []
+    rows = run(args.kernels, heads, dtypes, args.archs, args.workers, args.all_configs)
+    loops = []
+    if args.loops == "on":
+        for head in args.loop_heads:
+            loops += run_loops(head, dtypes[0], 90, args.workers)
     seconds = time.perf_counter() - t0
     shown = " ".join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)

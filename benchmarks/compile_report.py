@@ -155,8 +155,9 @@ def jobs_for(
     attention, decode, rope = _modules()
     head_dim, rotary_dim = HEAD_CASES[head]
     tdt = _torch_dtype(dtype)
-    split = split_sizes(head_dim, rotary_dim, accumulated=kernel in ("bwd_dq", "bwd_dkdv"))  # as the launchers do
-    sizes = head_sizes(head_dim)
+    # As the launchers do: the backward's accumulators and decode's rows in one tile per segment.
+    split = split_sizes(head_dim, rotary_dim, one_tile=kernel in ("bwd_dq", "bwd_dkdv"))
+    sizes = head_sizes(head_dim, one_tile=kernel in ("decode", "decode_merge"))
     jobs = []
     if kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
         tuner = _jit_fn(kernel)
@@ -397,7 +398,7 @@ def _tiles(channels: int, first: int, second: int) -> list[int]:
 
 def tile_widths_markdown(heads: list[str]) -> list[str]:
     """The tiles each head case is cut into (``_host.tile_widths``): the channels tl.dot contracts q k^T over in
-    the forward and decode, in the backward (``accumulated``: one tile per segment), and the width of the v / output
+    the forward and decode, in the backward (``one_tile``: one tile per segment), and the width of the v / output
     rows, against one power-of-two tile per segment."""
     from lr2kernels.ops.triton._host import head_sizes, one_tile_widths, split_sizes
 
@@ -407,16 +408,17 @@ def tile_widths_markdown(heads: list[str]) -> list[str]:
         "",
         "Each segment (a NeoX half, the pass-through, a whole v / output row) is cut into at most two power-of-two "
         "tiles, so a 48-channel half is 32 + 16 channels, not 64. The backward keeps the halves and the "
-        "pass-through of its dq / dk accumulators in one tile each (16-channel accumulator tiles spill). In "
-        "parentheses: one power-of-two tile per segment (before).",
+        "pass-through of its dq / dk accumulators in one tile each (16-channel accumulator tiles spill), and decode "
+        "its v / output rows (its 16-row tiles). In parentheses: one power-of-two tile per segment (before).",
         "",
-        "| head | forward, decode: q k^T tiles | q k^T channels | backward q k^T channels | v / output rows |",
+        "| head | forward, decode: q k^T tiles | q k^T channels | backward q k^T channels | "
+        "v / output rows (not decode) |",
         "|---|---|---|---|---|",
     ]
     for head in heads:
         head_dim, rotary_dim = HEAD_CASES[head]
         split, row = split_sizes(head_dim, rotary_dim), head_sizes(head_dim)
-        backward = split_sizes(head_dim, rotary_dim, accumulated=True)
+        backward = split_sizes(head_dim, rotary_dim, one_tile=True)
 
         def contracted(sizes: dict) -> tuple[list[int], list[int], int]:
             halves = _tiles(sizes["HALF"], sizes["HALF_A"], sizes["HALF_B"])

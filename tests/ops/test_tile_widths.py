@@ -33,9 +33,9 @@ def test_tiles_cover_the_channels_in_powers_of_two():
     assert _used(0) == [] and _used(48) == [32, 16] and _used(64) == [64]
 
 
-def _contracted(head_dim: int, rotary_dim: int, accumulated: bool = False) -> int:
+def _contracted(head_dim: int, rotary_dim: int, one_tile: bool = False) -> int:
     """The channels q k^T is contracted over: the tiles of both halves and of the pass-through."""
-    split = split_sizes(head_dim, rotary_dim, accumulated)
+    split = split_sizes(head_dim, rotary_dim, one_tile)
 
     def tiles(n: int, first: int, second: int) -> list[int]:
         return [] if n == 0 else [first] if n <= first else [first, second]
@@ -58,8 +58,9 @@ def _contracted(head_dim: int, rotary_dim: int, accumulated: bool = False) -> in
 )
 def test_real_head_sizes_contract_over_their_channels(head_dim, rotary_dim, contracted, backward, rows):
     """Forward and decode contract over the two-tile widths; the backward's dq / dk accumulators keep one tile per
-    segment (narrow accumulator tiles spill); v and output rows are two tiles everywhere."""
+    segment (narrow accumulator tiles spill); v and output rows are two tiles but in decode (16-row tiles)."""
     assert _contracted(head_dim, rotary_dim) == contracted
-    assert _contracted(head_dim, rotary_dim, accumulated=True) == backward
+    assert _contracted(head_dim, rotary_dim, one_tile=True) == backward
     sizes = head_sizes(head_dim)
     assert sum(_used(sizes["HEAD_DIM"])) == rows
+    assert head_sizes(head_dim, one_tile=True)["HEAD_A"] >= head_dim

@@ -70,19 +70,19 @@ def tile_widths(channels: int) -> tuple[int, int]:
     return first, rest
 
 
-def split_sizes(head_dim: int, rotary_dim: int, accumulated: bool = False) -> dict[str, int]:
+def split_sizes(head_dim: int, rotary_dim: int, one_tile: bool = False) -> dict[str, int]:
     """Constexpr sizes of the split layout for a head: each NeoX half (HALF channels) and the pass-through (PASS,
     possibly 0) in tiles of :func:`tile_widths`.
 
-    ``accumulated``: the layout of gradients accumulated in registers (the backward's dq and dk): one tile per
-    segment. A 16-channel second tile of an accumulator is narrower than 8 warps' MMA tiles cover, so it is
-    replicated across warps, and the dq and dk/dv kernels then spilled in every tile at 80 and 96 channels on sm_80
-    (ptxas, benchmarks/compile_report.py --all-configs), where one 64-channel tile per half spills in none of the
-    64 x 32, 32 x 32, 32 x 16 and 16 x 32 tiles.
+    ``one_tile``: one tile per segment, the layout of the gradients the backward accumulates in registers (dq and
+    dk). A 16-channel second tile of an accumulator is narrower than 8 warps' MMA tiles cover, so it is replicated
+    across warps, and the dq and dk/dv kernels then spilled in every tile at 80 and 96 channels on sm_80 (ptxas,
+    benchmarks/compile_report.py --all-configs), where one 64-channel tile per half spills in none of the 64 x 32,
+    32 x 32, 32 x 16 and 16 x 32 tiles.
     """
     half = rotary_dim // 2
     passthrough = head_dim - rotary_dim
-    widths = one_tile_widths if accumulated else tile_widths
+    widths = one_tile_widths if one_tile else tile_widths
     half_a, half_b = widths(half)
     pass_a, pass_b = widths(passthrough)
     return {"HALF": half, "HALF_A": half_a, "HALF_B": half_b, "PASS": passthrough, "PASS_A": pass_a, "PASS_B": pass_b}
@@ -93,9 +93,11 @@ def rotary_dim_of(inv_freq: torch.Tensor) -> int:
     return 2 * inv_freq.shape[-1]
 
 
-def head_sizes(head_dim: int) -> dict[str, int]:
-    """Constexpr sizes of a whole head (v, dO, outputs): HEAD_DIM in the tiles of :func:`tile_widths`."""
-    head_a, head_b = tile_widths(head_dim)
+def head_sizes(head_dim: int, one_tile: bool = False) -> dict[str, int]:
+    """Constexpr sizes of a whole head (v, dO, outputs): HEAD_DIM in the tiles of :func:`tile_widths`, or in one
+    (``one_tile``: decode, whose 16-row tiles for one new token would spread a 16-channel tile over 8 warps with
+    replication: at 80 channels 1,765 SASS instructions per key tile and 88 MMAs against 1,434 and 14 in one tile)."""
+    head_a, head_b = (one_tile_widths if one_tile else tile_widths)(head_dim)
     return {"HEAD_DIM": head_dim, "HEAD_A": head_a, "HEAD_B": head_b}
 
 

@@ -484,7 +484,7 @@ def _constexprs(
     q: torch.Tensor, inv_freq: torch.Tensor, causal: bool, varlen: bool, has_pos: bool, staged: bool, backward: bool
 ) -> dict:
     return dict(
-        **split_sizes(q.shape[-1], rotary_dim_of(inv_freq), accumulated=backward),
+        **split_sizes(q.shape[-1], rotary_dim_of(inv_freq), one_tile=backward),
         **head_sizes(q.shape[-1]),
         IS_CAUSAL=causal,
         IS_VARLEN=varlen,

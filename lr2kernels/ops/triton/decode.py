@@ -309,7 +309,7 @@ def rope_decode(
         lse_part = torch.empty((batch * num_kv_heads, num_splits, num_rows), dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = out  # unused
-    sizes = head_sizes(head_dim)
+    sizes = head_sizes(head_dim, one_tile=True)  # 16-row tiles: a 16-channel tile would be replicated
     out_strides = (out.stride(0), out.stride(1), out.stride(2))
     _rope_decode_kernel[(batch * num_kv_heads, num_splits, m_blocks)](
         q, k_cache, v_cache, out, o_part, lse_part, int32(cache_seqlens), inv_freq,

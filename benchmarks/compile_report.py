@@ -295,11 +295,33 @@ def loop_trig_ops(ttir: str) -> int:
     return count
 
 
+_TT_DOT = re.compile(r"tt\.dot .*: tensor<(\d+)x(\d+)x\w+> \* tensor<\d+x(\d+)x\w+>")
+
+
+def loop_mma_channels(ttir: str, block_m: int, block_n: int) -> int:
+    """The MMA work of one trip of the tile loops, in channels: the sum of M x K x N over the ``tt.dot`` ops inside
+    ``scf.for`` loops of the TTIR, divided by BLOCK_M x BLOCK_N. The forward's q k^T and p v give twice its head
+    size when no channel is padding (D96: 2 x 96, not 2 x 128)."""
+    depth, loop_depths, work = 0, [], 0
+    for line in ttir.splitlines():
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            loop_depths.append(depth)
+        dot = _TT_DOT.search(line) if loop_depths else None
+        if dot:
+            m, k, n = map(int, dot.groups())
+            work += m * k * n
+        depth += line.count("{") - line.count("}")
+        while loop_depths and depth <= loop_depths[-1]:
+            loop_depths.pop()
+    return work // (block_m * block_n)
+
+
 LOOP_KERNELS = ["fwd", "bwd_dq", "bwd_dkdv"]
 
 
-def loop_job(kernel: str, head: str, dtype: str, arch: int, staged: bool) -> tuple[str, bool, str, int, int]:
-    """(kernel, staged, config, loop instructions, cos/sin ops in loops) of the first config the launcher may pick."""
+def loop_job(kernel: str, head: str, dtype: str, arch: int, staged: bool) -> tuple[str, bool, str, int, int, int]:
+    """(kernel, staged, config, loop instructions, cos/sin ops in loops, MMA channels per loop trip) of the first
+    config the launcher may pick."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -310,7 +332,9 @@ def loop_job(kernel: str, head: str, dtype: str, arch: int, staged: bool) -> tup
                                     constexprs=job.constexprs)  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=job.options)
-    return kernel, staged, job.config, loop_instructions(compiled.asm["sass"]), loop_trig_ops(compiled.asm["ttir"])
+    ttir = compiled.asm["ttir"]
+    mma = loop_mma_channels(ttir, job.constexprs["BLOCK_M"], job.constexprs["BLOCK_N"])
+    return kernel, staged, job.config, loop_instructions(compiled.asm["sass"]), loop_trig_ops(ttir), mma
 
 
 def run_loops(head: str, dtype: str, arch: int, workers: int) -> list[dict]:
@@ -321,10 +345,11 @@ def run_loops(head: str, dtype: str, arch: int, workers: int) -> list[dict]:
         results = list(pool.map(loop_job, *zip(*cases)))
     rows = []
     for kernel in LOOP_KERNELS:
-        found = {staged: (config, n, trig) for k, staged, config, n, trig in results if k == kernel}
+        found = {staged: (config, n, trig, mma) for k, staged, config, n, trig, mma in results if k == kernel}
         rows.append(dict(kernel=kernel, head=head, dtype=dtype, arch=arch, config=found[True][0],
                          per_tile_rotation=found[False][1], staged=found[True][1],
-                         trig_per_tile_rotation=found[False][2], trig_staged=found[True][2]))  # fmt: skip
+                         trig_per_tile_rotation=found[False][2], trig_staged=found[True][2],
+                         mma_channels=found[True][3]))  # fmt: skip
         print(f"{kernel:13s} tile loop: {found[False][1]} SASS instructions and {found[False][2]} cos/sin rotating "
               f"per tile, {found[True][1]} and {found[True][2]} staged", flush=True)  # fmt: skip
     return rows
@@ -375,11 +400,13 @@ def loops_markdown(loops: list[dict]) -> list[str]:
         "Static SASS instructions of each attention kernel's tile loop (largest backward branch), the first config "
         "its launcher may pick. Staged (the default): the launcher rotates the keys (forward, dq) or queries (dk/dv) "
         "once into a scratch buffer; per tile: each program recomputes sin/cos and rotates every tile it visits. "
-        "cos/sin: math.cos / math.sin ops inside scf.for loops of the TTIR.",
+        "cos/sin: math.cos / math.sin ops inside scf.for loops of the TTIR. MMA channels: the loop's tt.dot work "
+        "(sum of M x K x N) over BLOCK_M x BLOCK_N, staged (the forward's q k^T and p v: twice the head size when "
+        "no channel is padding).",
         "",
         "| kernel | head | dtype | arch | config | per-tile rotation | staged | ratio | cos/sin in loop: per tile, "
-        "staged |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "staged | MMA channels |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in loops:
         counts = (r["per_tile_rotation"], r["staged"], f"{r['per_tile_rotation'] / max(r['staged'], 1):.2f}x")
@@ -387,7 +414,7 @@ def loops_markdown(loops: list[dict]) -> list[str]:
             counts = ("n/a", "n/a", "n/a")
         lines.append(f"| {r['kernel']} | {r['head']} | {r['dtype']} | sm_{r['arch']} | {r['config']} | "
                      f"{counts[0]} | {counts[1]} | {counts[2]} | {r['trig_per_tile_rotation']}, "
-                     f"{r['trig_staged']} |")  # fmt: skip
+                     f"{r['trig_staged']} | {r['mma_channels']} |")  # fmt: skip
     return lines
 
 

@@ -46,6 +46,11 @@ GATE = [
 ]  # fmt: skip
 
 
+# Head cases whose tile loops are counted (instructions, cos/sin, MMA work): 128, and the two whose halves are cut
+# in two tiles (Phi-3-mini's 96, Phi-4-mini's 96-of-128).
+LOOP_HEADS = ["128", "96", "96of128"]
+
+
 def gate_pythons() -> list[str]:
     """This interpreter, then the ones ``LR2_GATE_PYTHONS`` names (each must exist: a missing one fails the gate)."""
     extra = [p for p in os.environ.get("LR2_GATE_PYTHONS", "").split(":") if p]
@@ -61,7 +66,8 @@ def report(tmp_path_factory) -> dict:
         for kernels, heads in GATE:
             out = tmp_path_factory.mktemp("compile")
             cmd = [python, str(SCRIPT), "--matrix", "gate", "--kernels", *kernels, "--heads", *heads,
-                   "--json", str(out / "rows.json"), "--out", str(out / "report.md")]  # fmt: skip
+                   "--loop-heads", *LOOP_HEADS, "--json", str(out / "rows.json"),
+                   "--out", str(out / "report.md")]  # fmt: skip
             proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
             written = json.loads((out / "rows.json").read_text())
@@ -100,6 +106,17 @@ def test_staged_rotation_takes_the_sin_cos_out_of_the_tile_loops(report):
         assert r["trig_staged"] == 0 < r["trig_per_tile_rotation"], r  # no cos/sin left in the tile loops
         if r["python"] == sys.executable:  # the SASS listing Triton 3.6 returns has no loop back-edge to count
             assert 0 < r["staged"] <= r["per_tile_rotation"] / 2, r
+
+
+def test_forward_tiles_do_the_mma_work_of_the_head_not_of_its_power_of_two(report):
+    """The forward's q k^T and p v run over exactly the head's channels per key tile (MMA work M x K x N summed over
+    the loop's tt.dot ops, over BLOCK_M x BLOCK_N): 2 x 96 at Phi-3-mini's 96 channels and 2 x 128 at Phi-4-mini's
+    96-of-128, where one power-of-two tile per segment made them 2 x 128 and 160 + 128."""
+    forward = {(r["python"], r["head"]): r["mma_channels"] for r in report["loops"] if r["kernel"] == "fwd"}
+    for python in gate_pythons():
+        assert forward[(python, "128")] == 2 * 128
+        assert forward[(python, "96")] == 2 * 96
+        assert forward[(python, "96of128")] == 2 * 128
 
 
 def test_no_launch_choice_spills(report):

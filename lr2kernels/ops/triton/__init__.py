@@ -17,7 +17,7 @@ import torch
 from lr2kernels.ops.calls import CallSpec
 from lr2kernels.ops.fused import FusedBackend
 
-# Head sizes the kernels are tiled for (HEAD_DIM padded to a power of two up to 256).
+# Head sizes the kernels are tiled for: up to 256 channels, each segment in at most two power-of-two tiles (_host).
 MAX_HEAD_DIM = 256
 _TL_DOT_OPS = ("rope_attention", "rope_decode")
 

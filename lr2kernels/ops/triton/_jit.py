@@ -14,7 +14,8 @@ Tiles: a segment of n channels is a tuple of at most two power-of-two tiles (``_
 ``*_A`` channels, then the rest padded to ``*_B`` and masked; none when n is 0 (no pass-through). So a 48-channel
 half is 32 + 16 channels of tl.dot, not 64. The segment constexprs travel as tuples: a split layout ``SPLIT = (HALF,
 HALF_A, HALF_B, PASS, PASS_A, PASS_B)``, a row ``ROW = (HEAD_DIM, HEAD_A, HEAD_B)``; a segment's ``(n, A, B)``.
-Helpers loop over a segment's tiles with ``tl.static_range(len(seg))``, so absent tiles cost no code.
+Helpers loop over a segment's tiles with ``tl.static_range(len(seg))``, so absent tiles cost no code. The launchers
+choose the widths: the backward's dq / dk accumulators and decode's rows get one tile per segment (``one_tile``).
 
 Pointer offsets: every ``index * stride`` product is formed in int64 (:func:`_head_offset`, :func:`_row_ptrs`), so
 tensors past 2^31 elements address correctly.

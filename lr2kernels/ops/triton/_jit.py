@@ -17,8 +17,8 @@ HALF_A, HALF_B, PASS, PASS_A, PASS_B)``, a row ``ROW = (HEAD_DIM, HEAD_A, HEAD_B
 Helpers loop over a segment's tiles with ``tl.static_range(len(seg))``, so absent tiles cost no code. The launchers
 choose the widths: the backward's dq / dk accumulators and decode's rows get one tile per segment (``one_tile``).
 
-Pointer offsets: every ``index * stride`` product is formed in int64 (:func:`_head_offset`, :func:`_row_ptrs`), so
-tensors past 2^31 elements address correctly.
+Pointer offsets: every ``index * stride`` product is formed in int64 (:func:`_head_offset`, the row pointers of
+the loads and stores), so tensors past 2^31 elements address correctly.
 """
 
 from __future__ import annotations
@@ -86,35 +86,25 @@ def _positions(pos_ptr, rows, row_mask, HAS_POS: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------- segments
 @triton.jit
-def _segment_cols(SEG: tl.constexpr):
-    """The column offsets ``[A]`` / ``[B]`` of a segment's tiles (as a tuple like the tiles) and their masks."""
-    cols = ()
-    if SEG[0] > 0:
-        cols = (tl.arange(0, SEG[1]),)
-        if SEG[0] > SEG[1]:
-            cols = (tl.arange(0, SEG[1]), SEG[1] + tl.arange(0, SEG[2]))
-    return cols
-
-
-@triton.jit
 def _load_segment(base, row_mask, OFFSET: tl.constexpr, SEG: tl.constexpr):
     """The tiles ``[BLOCK, A]`` (, ``[BLOCK, B]``) of channels ``OFFSET .. OFFSET + n - 1`` of rows whose pointers
-    are ``base [BLOCK, 1]``, in the tensor's dtype, zero outside the mask."""
-    cols = _segment_cols(SEG)
+    are ``base [BLOCK, 1]``, in the tensor's dtype, zero outside the mask. (Tile i starts at channel i * A and is
+    A + i * (B - A) wide: written out rather than in a helper, as Triton's interpreter pays per nested call.)"""
     tiles = ()
-    for i in tl.static_range(len(cols)):
-        mask = row_mask[:, None] & (cols[i] < SEG[0])[None, :]
-        tiles = tiles + (tl.load(base + OFFSET + cols[i][None, :], mask=mask, other=0.0),)
+    for i in tl.static_range((SEG[0] > 0) + (SEG[0] > SEG[1])):  # 0, 1 or 2 tiles
+        cols = i * SEG[1] + tl.arange(0, SEG[1] + i * (SEG[2] - SEG[1]))
+        mask = row_mask[:, None] & (cols < SEG[0])[None, :]
+        tiles = tiles + (tl.load(base + OFFSET + cols[None, :], mask=mask, other=0.0),)
     return tiles
 
 
 @triton.jit
 def _store_segment(base, row_mask, x, OFFSET: tl.constexpr, SEG: tl.constexpr):
     """Store a segment's tiles ``x`` at channels ``OFFSET ..`` of rows ``base [BLOCK, 1]`` in the pointer's dtype."""
-    cols = _segment_cols(SEG)
-    for i in tl.static_range(len(cols)):
-        mask = row_mask[:, None] & (cols[i] < SEG[0])[None, :]
-        tl.store(base + OFFSET + cols[i][None, :], x[i].to(base.dtype.element_ty), mask=mask)
+    for i in tl.static_range(len(x)):
+        cols = i * SEG[1] + tl.arange(0, SEG[1] + i * (SEG[2] - SEG[1]))
+        mask = row_mask[:, None] & (cols < SEG[0])[None, :]
+        tl.store(base + OFFSET + cols[None, :], x[i].to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -174,14 +164,6 @@ def _dot_acc(acc, a, x, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _dot_rows(acc, a, b, PRECISION: tl.constexpr):
-    """``acc += a b^T`` contracted over a segment: a ``[M, *]``, b ``[N, *]`` tiles; acc ``[M, N]`` fp32."""
-    for i in tl.static_range(len(a)):
-        acc += tl.dot(a[i], tl.trans(b[i]), input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
 def _row_dot(a, b):
     """Row sums of ``a * b`` over a segment: ``[BLOCK]`` fp32."""
     total = tl.sum(a[0].to(tl.float32) * b[0].to(tl.float32), 1)
@@ -195,11 +177,10 @@ def _row_dot(a, b):
 def _inv_freq(inv_freq_ptr, is_long, SPLIT: tl.constexpr):
     """The fp32 inverse frequencies of a table, tiled like a half (``[A]`` (, ``[B]``), zero past HALF): row
     ``is_long`` of the ``[2, HALF]`` pair."""
-    HALVES: tl.constexpr = (SPLIT[0], SPLIT[1], SPLIT[2])  # (n, A, B) of a half
-    cols = _segment_cols(HALVES)
     tiles = ()
-    for i in tl.static_range(len(cols)):
-        tiles = tiles + (tl.load(inv_freq_ptr + is_long * HALVES[0] + cols[i], mask=cols[i] < HALVES[0], other=0.0),)
+    for i in tl.static_range(1 + (SPLIT[0] > SPLIT[1])):  # the tiles of a half (HALF >= 1)
+        cols = i * SPLIT[1] + tl.arange(0, SPLIT[1] + i * (SPLIT[2] - SPLIT[1]))
+        tiles = tiles + (tl.load(inv_freq_ptr + is_long * SPLIT[0] + cols, mask=cols < SPLIT[0], other=0.0),)
     return tiles
 
 
@@ -244,21 +225,21 @@ def _rotate_transposed(g1, g2, cos, sin):
 
 # ---------------------------------------------------------------------------------------------- loads and stores
 @triton.jit
-def _row_ptrs(ptr, rows, row_stride):
-    """Pointers ``[BLOCK, 1]`` to the first channel of rows ``[BLOCK]`` (int64 offsets)."""
-    return ptr + rows.to(tl.int64)[:, None] * row_stride
-
-
-@triton.jit
 def _load_split_native(ptr, rows, row_stride, row_mask, SPLIT: tl.constexpr):
     """Rows ``[BLOCK, D]`` as the split segments (x1, x2, xp) in the tensor's own dtype: tiles that feed ``tl.dot``
     as stored (operands rotated already) go to shared memory as loaded instead of through fp32 registers. xp is an
     empty tuple when PASS == 0."""
-    base = _row_ptrs(ptr, rows, row_stride)
-    HALVES: tl.constexpr = (SPLIT[0], SPLIT[1], SPLIT[2])  # (n, A, B) of a half
-    x1 = _load_segment(base, row_mask, 0, HALVES)
-    x2 = _load_segment(base, row_mask, HALVES[0], HALVES)
-    xp = _load_segment(base, row_mask, 2 * HALVES[0], (SPLIT[3], SPLIT[4], SPLIT[5]))
+    base = ptr + rows.to(tl.int64)[:, None] * row_stride  # [BLOCK, 1] int64 offsets
+    x1 = ()
+    x2 = ()
+    for i in tl.static_range(1 + (SPLIT[0] > SPLIT[1])):  # the tiles of a half: x1's and x2's share columns
+        cols = i * SPLIT[1] + tl.arange(0, SPLIT[1] + i * (SPLIT[2] - SPLIT[1]))
+        mask = row_mask[:, None] & (cols < SPLIT[0])[None, :]
+        x1 = x1 + (tl.load(base + cols[None, :], mask=mask, other=0.0),)
+        x2 = x2 + (tl.load(base + SPLIT[0] + cols[None, :], mask=mask, other=0.0),)
+    xp = ()
+    if SPLIT[3] > 0:
+        xp = _load_segment(base, row_mask, 2 * SPLIT[0], (SPLIT[3], SPLIT[4], SPLIT[5]))
     return x1, x2, xp
 
 
@@ -272,11 +253,15 @@ def _load_split(ptr, rows, row_stride, row_mask, SPLIT: tl.constexpr):
 @triton.jit
 def _store_split(ptr, rows, row_stride, row_mask, x1, x2, xp, SPLIT: tl.constexpr):
     """Store the split segments (x1, x2, xp) as ``[BLOCK, D]`` rows of ptr's dtype."""
-    base = _row_ptrs(ptr, rows, row_stride)
-    HALVES: tl.constexpr = (SPLIT[0], SPLIT[1], SPLIT[2])  # (n, A, B) of a half
-    _store_segment(base, row_mask, x1, 0, HALVES)
-    _store_segment(base, row_mask, x2, HALVES[0], HALVES)
-    _store_segment(base, row_mask, xp, 2 * HALVES[0], (SPLIT[3], SPLIT[4], SPLIT[5]))
+    base = ptr + rows.to(tl.int64)[:, None] * row_stride  # [BLOCK, 1] int64 offsets
+    out_dtype = ptr.dtype.element_ty
+    for i in tl.static_range(len(x1)):  # the tiles of a half: x1's and x2's share columns
+        cols = i * SPLIT[1] + tl.arange(0, SPLIT[1] + i * (SPLIT[2] - SPLIT[1]))
+        mask = row_mask[:, None] & (cols < SPLIT[0])[None, :]
+        tl.store(base + cols[None, :], x1[i].to(out_dtype), mask=mask)
+        tl.store(base + SPLIT[0] + cols[None, :], x2[i].to(out_dtype), mask=mask)
+    if SPLIT[3] > 0:
+        _store_segment(base, row_mask, xp, 2 * SPLIT[0], (SPLIT[3], SPLIT[4], SPLIT[5]))
 
 
 @triton.jit
@@ -303,13 +288,13 @@ def _load_rotated(ptr, rows, row_stride, row_mask, pos, inv_freq_ptr, is_long, a
 @triton.jit
 def _load_rows(ptr, rows, row_stride, row_mask, ROW: tl.constexpr):
     """Whole-head rows (v, dO, partial outputs) as a segment of tiles ``[BLOCK, *]``, zero outside the mask."""
-    return _load_segment(_row_ptrs(ptr, rows, row_stride), row_mask, 0, ROW)
+    return _load_segment(ptr + rows.to(tl.int64)[:, None] * row_stride, row_mask, 0, ROW)
 
 
 @triton.jit
 def _store_rows(ptr, rows, row_stride, row_mask, x, ROW: tl.constexpr):
     """Store whole-head rows (outputs, dv, partials), a segment of tiles, in ptr's dtype."""
-    _store_segment(_row_ptrs(ptr, rows, row_stride), row_mask, x, 0, ROW)
+    _store_segment(ptr + rows.to(tl.int64)[:, None] * row_stride, row_mask, x, 0, ROW)
 
 
 # ---------------------------------------------------------------------------------------------- attention tiles
@@ -319,8 +304,11 @@ def _qk_scores(q1, q2, qp, k1, k2, kp, PRECISION: tl.constexpr):
     scores = tl.dot(q1[0], tl.trans(k1[0]), input_precision=PRECISION)
     for i in tl.static_range(1, len(q1)):
         scores += tl.dot(q1[i], tl.trans(k1[i]), input_precision=PRECISION)
-    scores = _dot_rows(scores, q2, k2, PRECISION)
-    return _dot_rows(scores, qp, kp, PRECISION)
+    for i in tl.static_range(len(q2)):
+        scores += tl.dot(q2[i], tl.trans(k2[i]), input_precision=PRECISION)
+    for i in tl.static_range(len(qp)):
+        scores += tl.dot(qp[i], tl.trans(kp[i]), input_precision=PRECISION)
+    return scores
 
 
 @triton.jit
@@ -348,8 +336,11 @@ def _attend_tile(
     scores = tl.where(visible, scores, float("-inf"))  # [BLOCK_M, BLOCK_N], log2 units
     p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i)
     v = _load_rows(v_ptr, rows, row_stride, row_mask, ROW)  # [BLOCK_N, *]
-    acc = _dot_acc(_scale(acc, alpha[:, None]), p.to(q1[0].dtype), v, PRECISION)
-    return acc, m_i, l_i
+    p = p.to(q1[0].dtype)
+    rescaled = ()
+    for i in tl.static_range(len(v)):
+        rescaled = rescaled + (acc[i] * alpha[:, None] + tl.dot(p, v[i], input_precision=PRECISION),)
+    return rescaled, m_i, l_i
 
 
 @triton.jit

@@ -45,7 +45,6 @@ from lr2kernels.ops.triton._host import (
 from lr2kernels.ops.triton._jit import (
     _attend_finish,
     _attend_tile,
-    _cast,
     _dot_acc,
     _head_offset,
     _load_rotated,
@@ -182,8 +181,8 @@ def _load_loop_tile(
     if STAGED:
         rows = first + tl.arange(0, BLOCK)
         row_mask = rows < seq_len
-        x1, x2, xp = _load_split_native(x_base, rows, stride_xt, row_mask, SPLIT)
-        return rows, row_mask, _cast(x1, dtype), _cast(x2, dtype), _cast(xp, dtype)  # the buffer is in dtype
+        x1, x2, xp = _load_split_native(x_base, rows, stride_xt, row_mask, SPLIT)  # the buffer is in dtype
+        return rows, row_mask, x1, x2, xp
     rows, row_mask, x1, x2, xp, cos, sin = _load_rotated_tile(
         x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK, HAS_POS, SPLIT,
     )  # fmt: skip

@@ -418,16 +418,11 @@ def loops_markdown(loops: list[dict]) -> list[str]:
     return lines
 
 
-def _tiles(channels: int, first: int, second: int) -> list[int]:
-    """The widths of the tiles a segment of ``channels`` channels is held in (``_host``'s constexprs)."""
-    return [] if channels == 0 else [first] if channels <= first else [first, second]
-
-
 def tile_widths_markdown(heads: list[str]) -> list[str]:
     """The tiles each head case is cut into (``_host.tile_widths``): the channels tl.dot contracts q k^T over in
     the forward and decode, in the backward (``one_tile``: one tile per segment), and the width of the v / output
     rows, against one power-of-two tile per segment."""
-    from lr2kernels.ops.triton._host import head_sizes, one_tile_widths, split_sizes
+    from lr2kernels.ops.triton._host import head_sizes, one_tile_widths, segment_tiles, split_sizes
 
     lines = [
         "",
@@ -448,14 +443,14 @@ def tile_widths_markdown(heads: list[str]) -> list[str]:
         backward = split_sizes(head_dim, rotary_dim, one_tile=True)
 
         def contracted(sizes: dict) -> tuple[list[int], list[int], int]:
-            halves = _tiles(sizes["HALF"], sizes["HALF_A"], sizes["HALF_B"])
-            passthrough = _tiles(sizes["PASS"], sizes["PASS_A"], sizes["PASS_B"])
+            halves = segment_tiles(sizes["HALF"], sizes["HALF_A"], sizes["HALF_B"])
+            passthrough = segment_tiles(sizes["PASS"], sizes["PASS_A"], sizes["PASS_B"])
             return halves, passthrough, 2 * sum(halves) + sum(passthrough)
 
         halves, passthrough, channels = contracted(split)
         one_tile = 2 * one_tile_widths(split["HALF"])[0] + (one_tile_widths(split["PASS"])[0] if split["PASS"] else 0)
         shown = f"2 x ({'+'.join(map(str, halves))})" + (f" + {'+'.join(map(str, passthrough))}" if passthrough else "")
-        rows = sum(_tiles(row["HEAD_DIM"], row["HEAD_A"], row["HEAD_B"]))
+        rows = sum(segment_tiles(row["HEAD_DIM"], row["HEAD_A"], row["HEAD_B"]))
         lines.append(f"| {head} | {shown} | {channels} ({one_tile}) | {contracted(backward)[2]} ({one_tile}) | "
                      f"{rows} ({one_tile_widths(head_dim)[0]}) |")  # fmt: skip
     return lines

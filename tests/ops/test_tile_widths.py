@@ -8,13 +8,18 @@ import pytest
 
 pytest.importorskip("triton")
 
-from lr2kernels.ops.triton._host import MIN_DOT_WIDTH, head_sizes, split_sizes, tile_widths  # noqa: E402
+from lr2kernels.ops.triton._host import (  # noqa: E402
+    MIN_DOT_WIDTH,
+    head_sizes,
+    segment_tiles,
+    split_sizes,
+    tile_widths,
+)
 
 
 def _used(channels: int) -> list[int]:
     """The widths of the tiles a segment of ``channels`` channels is held in (none when it has no channel)."""
-    first, second = tile_widths(channels)
-    return [] if channels == 0 else [first] if channels <= first else [first, second]
+    return segment_tiles(channels, *tile_widths(channels))
 
 
 def _next_pow2(n: int) -> int:
@@ -36,12 +41,8 @@ def test_tiles_cover_the_channels_in_powers_of_two():
 def _contracted(head_dim: int, rotary_dim: int, one_tile: bool = False) -> int:
     """The channels q k^T is contracted over: the tiles of both halves and of the pass-through."""
     split = split_sizes(head_dim, rotary_dim, one_tile)
-
-    def tiles(n: int, first: int, second: int) -> list[int]:
-        return [] if n == 0 else [first] if n <= first else [first, second]
-
-    halves = tiles(split["HALF"], split["HALF_A"], split["HALF_B"])
-    return 2 * sum(halves) + sum(tiles(split["PASS"], split["PASS_A"], split["PASS_B"]))
+    halves = segment_tiles(split["HALF"], split["HALF_A"], split["HALF_B"])
+    return 2 * sum(halves) + sum(segment_tiles(split["PASS"], split["PASS_A"], split["PASS_B"]))
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,12 @@ def tile_widths(channels: int) -> tuple[int, int]:
     return first, rest
 
 
+def segment_tiles(channels: int, first: int, second: int) -> list[int]:
+    """The widths of the tiles the kernels hold a segment of ``channels`` channels in, given its constexprs
+    ``(A, B)`` (from :func:`tile_widths` or :func:`one_tile_widths`): none, ``[A]`` or ``[A, B]``."""
+    return [] if channels == 0 else [first] if channels <= first else [first, second]
+
+
 def split_sizes(head_dim: int, rotary_dim: int, one_tile: bool = False) -> dict[str, int]:
     """Constexpr sizes of the split layout for a head: each NeoX half (HALF channels) and the pass-through (PASS,
     possibly 0) in tiles of :func:`tile_widths`.

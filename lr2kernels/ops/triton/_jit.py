@@ -147,10 +147,8 @@ def _divide(x, divisor):
 def _zeros_fp32(BLOCK: tl.constexpr, SEG: tl.constexpr):
     """fp32 zero tiles ``[BLOCK, A]`` (, ``[BLOCK, B]``) of a segment: an accumulator."""
     tiles = ()
-    if SEG[0] > 0:
-        tiles = (tl.zeros([BLOCK, SEG[1]], dtype=tl.float32),)
-        if SEG[0] > SEG[1]:
-            tiles = (tl.zeros([BLOCK, SEG[1]], dtype=tl.float32), tl.zeros([BLOCK, SEG[2]], dtype=tl.float32))
+    for i in tl.static_range((SEG[0] > 0) + (SEG[0] > SEG[1])):  # as in _load_segment
+        tiles = tiles + (tl.zeros([BLOCK, SEG[1] + i * (SEG[2] - SEG[1])], dtype=tl.float32),)
     return tiles
 
 

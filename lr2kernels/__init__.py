@@ -4,10 +4,10 @@
 compiles nothing, imports no transformers and probes no GPU; ``lr2kernels --help`` and ``--version`` stay instant.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+# No module-level helper names here (no `from __future__ import annotations`, private aliases below): the
+# package namespace shows the API only (`dir(lr2kernels)`, tab completion).
+import importlib as _importlib
+import typing as _typing
 
 from lr2kernels._version import __version__
 
@@ -24,7 +24,7 @@ _EXPORTS = {
     "set_value_checks": "lr2kernels.ops",
     "unpatch": "lr2kernels.hf",
 }
-_SUBPACKAGES = ("apps", "hf", "nn", "ops", "reference", "search", "tables")
+_SUBPACKAGES = ("apps", "hf", "nn", "ops", "reference", "search", "tables", "train")
 
 __all__ = [
     "LongRopeAttention",
@@ -40,18 +40,18 @@ __all__ = [
     "unpatch",
 ]
 
-if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+if _typing.TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from lr2kernels.hf import patch, unpatch
     from lr2kernels.nn import LongRopeAttention
     from lr2kernels.ops import apply_rope, available_backends, rerotate, rope_attention, rope_decode, set_value_checks
     from lr2kernels.tables import RopeTable
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(_importlib.import_module(_EXPORTS[name]), name)
     elif name in _SUBPACKAGES:
-        value = importlib.import_module(f"lr2kernels.{name}")
+        value = _importlib.import_module(f"lr2kernels.{name}")
     else:
         raise AttributeError(f"module 'lr2kernels' has no attribute {name!r}")
     globals()[name] = value  # later lookups skip this function
@@ -59,4 +59,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *_SUBPACKAGES})
+    """The public API and the subpackages; loaded submodules and private helpers are not listed."""
+    return sorted({*__all__, *_SUBPACKAGES})

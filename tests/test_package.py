@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import subprocess
 import sys
 
@@ -17,6 +18,21 @@ def test_every_public_name_resolves_to_its_defining_module():
         if name != "__version__":
             assert value is getattr(importlib.import_module(lr2kernels._EXPORTS[name]), name)
     assert set(lr2kernels.__all__) <= set(dir(lr2kernels))
+
+
+def test_namespace_shows_only_the_api():
+    # In a fresh process, after every public name and subpackage was touched: dir() lists exactly the API.
+    code = (
+        "import lr2kernels as l\n"
+        "for n in [*l.__all__, *l._SUBPACKAGES]: getattr(l, n)\n"
+        "print(' '.join(dir(l)))\n"
+    )
+    listed = set(_run(code).stdout.split())
+    assert listed == {*lr2kernels.__all__, *lr2kernels._SUBPACKAGES}
+    for helper in ("Any", "TYPE_CHECKING", "annotations", "importlib"):
+        assert not hasattr(lr2kernels, helper), helper
+    for name in lr2kernels._SUBPACKAGES:  # every subpackage listed exists
+        assert importlib.util.find_spec(f"lr2kernels.{name}") is not None, name
 
 
 def test_unknown_attribute_is_an_attribute_error():
@@ -70,6 +86,10 @@ def test_info_says_why_a_backend_is_unavailable():
     from lr2kernels.apps.info import collect_info
 
     info = collect_info()
+    for name in ("torch", "triton", "transformers", "numpy", "cuda_toolkit"):  # what a bug report needs
+        assert info[name], name
+    assert info["numpy"] == importlib.import_module("numpy").__version__
+    assert "torch built with" in info["cuda_toolkit"] and "nvcc" in info["cuda_toolkit"]
     assert "torch" in info["backends"]
     for name in ("triton", "cuda"):
         assert (name in info["backends"]) != (name in info["unavailable"])

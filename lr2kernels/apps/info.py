@@ -1,10 +1,11 @@
-"""``lr2kernels info``: versions, CUDA device and available backends."""
+"""``lr2kernels info``: versions (torch, triton, transformers, numpy, the CUDA toolchain), device and backends."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import subprocess
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +20,36 @@ def _triton_version() -> str:
     return triton.__version__
 
 
+def _distribution_version(name: str) -> str:
+    """An installed distribution's version from its metadata, without importing it (transformers takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _cuda_toolkit(torch_cuda: str | None) -> str:
+    """The CUDA toolchain: torch's build (its CUDA version, or CPU-only) and the nvcc that builds the extension."""
+    from lr2kernels.ops.cuda.build import find_cuda
+
+    torch_part = f"torch built with CUDA {torch_cuda}" if torch_cuda else "torch built without CUDA"
+    found = find_cuda()
+    if found is None:
+        return f"{torch_part}; nvcc not found ($CUDA_HOME, $CUDA_PATH, /usr/local/cuda or PATH)"
+    nvcc = found[0]
+    try:
+        lines = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{torch_part}; nvcc at {nvcc} does not run ({type(exc).__name__}: {exc})"
+    release = next((line.split("release", 1)[1].split(",")[0].strip() for line in lines if "release" in line), "?")
+    return f"{torch_part}; nvcc {release} at {nvcc}"
+
+
 def collect_info() -> dict[str, Any]:
-    """Versions, CUDA device and available backends, as printed by ``lr2kernels info``."""
+    """Versions, CUDA device, toolchain and available backends, as printed by ``lr2kernels info``."""
+    import numpy
     import torch
 
     from lr2kernels import available_backends
@@ -33,6 +62,9 @@ def collect_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _triton_version(),
+        "transformers": _distribution_version("transformers"),
+        "numpy": numpy.__version__,
+        "cuda_toolkit": _cuda_toolkit(torch.version.cuda),
         "cuda_available": cuda,
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
         "backends": list(available_backends()),
@@ -54,10 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("python", info["python"]),
         ("torch", info["torch"]),
         ("triton", info["triton"]),
+        ("transformers", info["transformers"]),
+        ("numpy", info["numpy"]),
+        ("toolchain", info["cuda_toolkit"]),
         ("cuda", cuda),
         ("backends", ", ".join(info["backends"])),
         *((f"  {name}", f"unavailable: {reason}") for name, reason in info["unavailable"].items()),
     ]
     for name, value in rows:
-        print(f"{name:<11} {value}")
+        print(f"{name:<12} {value}")
     return 0

@@ -1,13 +1,15 @@
 """lr2kernels in one minute: a LongRoPE table, fused-style attention on pre-RoPE q/k, and decode across L0.
 
-Run: python examples/quickstart.py [--device cpu|cuda] [--backend torch|triton|cuda]
-Everything here is checked against lr2kernels.reference and printed.
+Run: python examples/quickstart.py [--device cpu|cuda] [--backend torch|triton|cuda] [--tolerance 1e-4]
+Everything here is checked against lr2kernels.reference and printed; the exit code is 1 if any error is above its
+tolerance (``--tolerance``, or twice stock PyTorch attention's own error on the same input where that is larger).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,11 +33,22 @@ def build_table() -> lr2.RopeTable:
     )
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default=None, help="default: the best available for the device")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda where available)")  # fmt: skip
+    parser.add_argument("--backend", default=None, help="torch, triton or cuda (default: the best for the device)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest max-abs error accepted against the fp64 reference (default: 1e-4)")  # fmt: skip
     args = parser.parse_args()
+    if not args.tolerance > 0:
+        parser.error(f"--tolerance: expected a positive number, got {args.tolerance}")
+    failed: list[str] = []
+
+    def check(name: str, error: float, tolerance: float) -> None:
+        if not error <= tolerance:  # NaN fails too
+            failed.append(f"{name}: error {error:.2e} above the tolerance {tolerance:.2e}")
+
     device = torch.device(args.device)
     torch.manual_seed(0)
 
@@ -63,6 +76,8 @@ def main() -> None:
     )
     stock_error = (stock.double() - ref).abs().max()
     print(f"  PyTorch SDPA on the same rotated q/k (fp32): max |stock - reference| = {stock_error:.2e}")
+    # fp32 attention kernels differ by machine: ours must be within the tolerance, or within twice stock's error.
+    check("rope_attention", float((out.double() - ref).abs().max()), max(args.tolerance, 2 * float(stock_error)))
 
     # 2. Varlen: three packed sequences, each picks its own table (100 and 200 short, 300 long).
     lengths = [100, 300, 200]
@@ -72,6 +87,7 @@ def main() -> None:
     ref_v = reference.rope_attention(qv.double(), kv.double(), vv.double(), table, cu_seqlens=cu_seqlens)
     tables = ["long" if table.use_long(n) else "short" for n in lengths]
     print(f"varlen {lengths} -> tables {tables}: max error {(out_v.double() - ref_v).abs().max():.2e}")
+    check("varlen rope_attention", float((out_v.double() - ref_v).abs().max()), args.tolerance)
 
     # 3. Decode across the boundary on a PRE-RoPE cache: token 257 switches to the long table, no re-prefill.
     k_cache = torch.zeros(1, 2, 512, 64, device=device)
@@ -81,6 +97,7 @@ def main() -> None:
     full = reference.rope_attention(q[:, :, :257].double(), k[:, :, :257].double(), v[:, :, :257].double(), table)
     step_error = (step.double() - full[:, :, 256:]).abs().max()
     print(f"decode step at position 256 (257 > L0): max |step - full forward| = {step_error:.2e}")
+    check("rope_decode", float(step_error), args.tolerance)
 
     # 4. Save the table, and export it for transformers / vLLM.
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,6 +108,12 @@ def main() -> None:
     shown = {key: (f"[{len(val)} factors]" if isinstance(val, list) else val) for key, val in params.items()}
     print("HF rope_parameters:", json.dumps(shown))
 
+    if failed:
+        print("FAILED: " + "; ".join(failed))
+        return 1
+    print("all checks passed")
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,4 +28,18 @@ def test_quickstart_runs_and_agrees_with_the_reference():
     assert ours < max(1e-4, 2 * stock), result.stdout
     assert max(varlen, decode) < 1e-4, result.stdout
     assert "['short', 'long', 'short']" in result.stdout
+    assert result.stdout.rstrip().endswith("all checks passed")
+
+
+def test_quickstart_exits_non_zero_on_an_error_above_its_tolerance():
+    # A tolerance no fp32 computation meets: the same run must now fail, and say which checks and why.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--device", "cpu", "--tolerance", "1e-30"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED: " in result.stdout and "varlen rope_attention: error" in result.stdout
+    assert "above the tolerance 1.00e-30" in result.stdout
     assert '"rope_type": "longrope"' in result.stdout

@@ -107,7 +107,9 @@ def rope_decode(
         table: the RoPE factor table.
         cache_seqlens: ``[B]`` int32/int64: valid positions per sequence, new tokens included. The queries sit at
             positions ``cache_seqlens[b] - n .. cache_seqlens[b] - 1`` and are causal among themselves; sequence b
-            uses the long table iff ``cache_seqlens[b] > L0``.
+            uses the long table iff ``cache_seqlens[b] > L0``. Each must lie in ``[n, max_len]``: a ValueError
+            where values are checked (CPU tensors; GPU ones under ``set_value_checks("always")``); unchecked, an
+            out-of-range length never reads past the cache and makes that sequence's output rows NaN.
         softmax_scale: default ``D ** -0.5``.
         backend: "torch", "triton", "cuda" or None for the best available.
 

@@ -90,6 +90,11 @@ class DecodeCall(OpCall):
     def num_new(self) -> int:
         return self.q.shape[2]
 
+    @property
+    def capacity(self) -> int:
+        """Slots per sequence in the caches (``k_cache.shape[2]``): every launch bounds its key reads by it."""
+        return self.k_cache.shape[2]
+
 
 @dataclasses.dataclass(frozen=True)
 class RerotateCall(OpCall):

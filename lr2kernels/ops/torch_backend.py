@@ -161,11 +161,17 @@ class TorchBackend:
 
     def rope_decode(self, call: DecodeCall) -> torch.Tensor:
         table, q, seqlens = call.table, call.q, call.cache_seqlens
-        k_cache, v_cache, n_new = call.k_cache, call.v_cache, call.num_new
+        k_cache, v_cache, n_new, capacity = call.k_cache, call.v_cache, call.num_new, call.capacity
         if call.batch == 0:
             return q.new_empty(q.shape)  # no sequence: nothing to attend
+        # A length outside [n_new, capacity] (possible only where values go unchecked) is computed as if clamped
+        # into it, never read past the cache, and its sequence's output rows are NaN (as the kernels do).
         if validation.reads_values(seqlens):
-            lengths = seqlens.tolist()
+            given = seqlens.tolist()
+            lengths = [min(max(n, n_new), capacity) for n in given]
+            invalid = [n != m for n, m in zip(given, lengths)]
+            if any(invalid):
+                seqlens = torch.tensor(lengths, dtype=seqlens.dtype, device=seqlens.device)
             max_len = max(lengths)  # slots past every sequence's length are never read
             k_cache, v_cache = k_cache[:, :, :max_len], v_cache[:, :, :max_len]
             long_flags = [table.use_long(n) for n in lengths]
@@ -175,12 +181,24 @@ class TorchBackend:
                 is_long = torch.tensor(long_flags, device=q.device)[:, None]  # [B, 1]
                 cos, sin = rotary.token_cos_sin(table, torch.arange(max_len, device=q.device), is_long, q.dtype)
             every_slot_valid = all(n == max_len for n in lengths)
+            invalid = torch.tensor(invalid, device=q.device) if any(invalid) else None
         else:
-            max_len = k_cache.shape[2]
+            max_len = capacity
+            invalid = (seqlens < n_new) | (seqlens > capacity)  # [B]
+            seqlens = seqlens.clamp(n_new, capacity)
             is_long = (seqlens > table.original_max_position)[:, None]  # [B, 1]: each sequence by its length
             cos, sin = rotary.token_cos_sin(table, torch.arange(max_len, device=q.device), is_long, q.dtype)
             every_slot_valid = False
-        # cos/sin: [1 or B, max_len, rotary_dim]
+        out = self._decode(q, k_cache, v_cache, seqlens, cos, sin, every_slot_valid, n_new, call.softmax_scale)
+        if invalid is None:
+            return out
+        return out.masked_fill(invalid[:, None, None, None], float("nan"))
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, seqlens, cos, sin, every_slot_valid: bool, n_new: int, softmax_scale: float):
+        """rope_decode on caches of ``max_len = cos.shape[1]`` slots and lengths in [n_new, max_len]; cos/sin:
+        ``[1 or B, max_len, rotary_dim]``."""
+        max_len = cos.shape[1]
         k_rot = rotary.rotate(k_cache, cos[:, None], sin[:, None])  # [B, Hk, max_len, D]
         q_positions = seqlens[:, None].long() - n_new + torch.arange(n_new, device=q.device)  # [B, n]
         gather_index = q_positions[..., None].expand(-1, -1, cos.shape[-1])  # [B, n, rotary_dim]
@@ -188,7 +206,7 @@ class TorchBackend:
         sin_q = sin.expand(q.shape[0], -1, -1).gather(1, gather_index)[:, None]
         q_rot = rotary.rotate(q, cos_q, sin_q)  # [B, Hq, n, D]
         if every_slot_valid and n_new == 1:
-            return one_query_attention(q_rot, k_rot, v_cache, call.softmax_scale)  # every key visible: no mask
+            return one_query_attention(q_rot, k_rot, v_cache, softmax_scale)  # every key visible: no mask
         key_positions = torch.arange(max_len, device=q.device)
         visible = key_positions[None, None, :] <= q_positions[:, :, None]  # [B, n, max_len]
         if not every_slot_valid:
@@ -197,7 +215,7 @@ class TorchBackend:
             valid = (key_positions[None, :] < seqlens[:, None])[:, None, :, None]  # [B, 1, max_len, 1]
             k_rot = torch.where(valid, k_rot, 0.0)
             v_cache = torch.where(valid, v_cache, 0.0)
-        return _sdpa(q_rot, k_rot, v_cache, False, call.softmax_scale, attn_mask=visible[:, None])
+        return _sdpa(q_rot, k_rot, v_cache, False, softmax_scale, attn_mask=visible[:, None])
 
     def rerotate(self, call: RerotateCall) -> torch.Tensor:
         # One rotation by (theta_to - theta_from) scaled by a_to / a_from, from the fp32 scaled cos/sin of both

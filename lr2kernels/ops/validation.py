@@ -270,15 +270,23 @@ def check_decode_call(
         )
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens: expected device {q.device} (as q), got {cache_seqlens.device}")
-    n_new, max_len = q.shape[2], k_cache.shape[2]
+    n_new, capacity = q.shape[2], k_cache.shape[2]
+    if n_new > capacity:
+        raise ValueError(
+            f"q: expected at most k_cache's capacity of {capacity} new tokens (k_cache.shape[2]), got {n_new}"
+        )
     if _run_value_checks(cache_seqlens):
+        # Unchecked (GPU tensors under "auto"), an out-of-range length is still never read past the cache: the
+        # kernels clamp their key range to the capacity and write NaN to that sequence's output rows.
         lengths = cache_seqlens.tolist()
-        if any(n < n_new or n > max_len for n in lengths):
-            raise ValueError(
-                f"cache_seqlens: expected values in [{n_new} (new tokens), {max_len} (cache size)], got {lengths}"
-            )
+        for seq, length in enumerate(lengths):
+            if not n_new <= length <= capacity:
+                raise ValueError(
+                    f"cache_seqlens: expected values in [{n_new} (new tokens), {capacity} (the cache's capacity, "
+                    f"k_cache.shape[2])], got {length} for sequence {seq}"
+                )
     return DecodeCall(
-        table=table, varlen=False, batch=q.shape[0], seq_len=max_len, num_q_heads=q.shape[1],
+        table=table, varlen=False, batch=q.shape[0], seq_len=capacity, num_q_heads=q.shape[1],
         num_kv_heads=k_cache.shape[1], head_dim=q.shape[-1], dtype=q.dtype, device=q.device, q=q, k_cache=k_cache,
         v_cache=v_cache, cache_seqlens=cache_seqlens, softmax_scale=check_softmax_scale(softmax_scale, q.shape[-1]),
     )  # fmt: skip

@@ -16,6 +16,7 @@ from lr2kernels.ops import rotary
 from lr2kernels.tables import RopeTable
 from tests.ops.conftest import (
     DEVICE,
+    INTERPRETED,
     TOLERANCES,
     dtype_id,
     hf_rope_attention,
@@ -163,6 +164,53 @@ def test_gradcheck_fp64_flows_to_q_and_cache(backend):
     )
 
 
+def _capacity_inputs(lengths, capacity, hq, hk, n_new, head_dim):
+    """As :func:`_inputs` with caches of ``capacity`` slots that are views of buffers with 16 more NaN slots per
+    head: reading past the capacity would meet NaN. Lengths may exceed the capacity (they fill it)."""
+    q, k_wide, v_wide, cache_seqlens = _inputs([min(n, capacity) for n in lengths], hq, hk, n_new, head_dim,
+                                               max_len=capacity + 16)  # fmt: skip
+    k_wide[:, :, capacity:] = float("nan")
+    v_wide[:, :, capacity:] = float("nan")
+    return q, k_wide[:, :, :capacity], v_wide[:, :, :capacity], torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("gpu_like", [False, True], ids=["host_lengths", "device_lengths"])
+def test_unchecked_bad_length_gives_nan_rows_and_reads_nothing_past_the_cache(backend, gpu_like, monkeypatch):
+    # With value checks off (as for GPU tensors by default), a length past the capacity or under n must not read past
+    # the cache (NaN there) and must not look right: that sequence's rows are NaN, the others exact.
+    if gpu_like:
+        from lr2kernels.ops import validation
+
+        monkeypatch.setattr(validation, "reads_values", lambda tensor: False)  # as on a GPU: no host reads
+    capacity, n_new = 70, 2
+    lengths = [5, capacity + 9, 1, capacity, 66]
+    q, k_cache, v_cache, cache_seqlens = _capacity_inputs(lengths, capacity, 6, 2, n_new, 64)
+    table = make_table(64)
+    previous = lr2.set_value_checks("never")
+    try:
+        out = run(backend, lr2.rope_decode, q, k_cache, v_cache, table, cache_seqlens=cache_seqlens)
+    finally:
+        lr2.set_value_checks(previous)
+    invalid = torch.tensor([not n_new <= n <= capacity for n in lengths], device=DEVICE)
+    assert out[invalid].isnan().all(), "an invalid length's rows must be NaN"
+    valid = ~invalid
+    expected = _expected(q[valid], k_cache[valid], v_cache[valid], cache_seqlens[valid], table)
+    torch.testing.assert_close(out[valid].double(), expected, **tolerance(backend, torch.float32, "decode"))
+
+
+def test_checked_bad_length_is_an_error(backend):
+    capacity = 70
+    q, k_cache, v_cache, cache_seqlens = _capacity_inputs([5, capacity + 9], capacity, 4, 2, 1, 64)
+    previous = lr2.set_value_checks("always")
+    try:
+        with pytest.raises(
+            ValueError, match=rf"cache_seqlens: .*{capacity} \(the cache's capacity.*got 79 for sequence 1"
+        ):
+            lr2.rope_decode(q, k_cache, v_cache, make_table(64), cache_seqlens=cache_seqlens, backend=backend)
+    finally:
+        lr2.set_value_checks(previous)
+
+
 # ---------------------------------------------------------------- triton only: the launcher's num_splits knob
 def _launch(q, k_cache, v_cache, cache_seqlens, table, num_splits):
     """The Triton launcher itself (the public op picks num_splits), with the table prepared as the backend does."""
@@ -186,6 +234,47 @@ def test_triton_num_splits_give_the_same_result(num_splits):
     torch.testing.assert_close(
         out.double(), _expected(q, k_cache, v_cache, cache_seqlens, table), **TOLERANCES[torch.float32]
     )
+
+
+class _CacheReads:
+    """Records, in Triton's interpreter, the slot of every element a kernel loads from the storage of the given
+    caches (``[B, H, S, D]`` views whose heads are blocks of ``stride(1)`` elements; unmasked lanes only): the proof
+    that a launch reads nothing past a capacity, even where the storage goes on."""
+
+    def __init__(self, monkeypatch, *caches):
+        from triton.runtime import interpreter
+
+        self.slots = []
+        original = interpreter.InterpreterBuilder.create_masked_load
+
+        def recording_load(builder, ptrs, mask, *args, **kwargs):
+            addresses = ptrs.data[mask.data.astype(bool)].astype("int64")
+            for x in caches:
+                storage = x.untyped_storage()
+                inside = (addresses >= storage.data_ptr()) & (addresses < storage.data_ptr() + storage.nbytes())
+                offsets = (addresses[inside] - x.data_ptr()) // x.element_size()
+                self.slots.extend(((offsets % x.stride(1)) // x.stride(2)).tolist())
+            return original(builder, ptrs, mask, *args, **kwargs)
+
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", recording_load)
+
+
+@requires_triton
+@pytest.mark.parametrize("num_splits", [1, 3], ids=lambda s: f"splits{s}")
+def test_triton_bad_length_nan_rows_in_every_split_layout(num_splits, monkeypatch):
+    # The launcher itself (no validation): the split and merge kernels both poison an invalid sequence's rows, and
+    # (in the interpreter, which sees every load) no lane reads a slot at or past the capacity.
+    capacity, n_new = 70, 2
+    lengths = [capacity + 40, 66, 1]
+    q, k_cache, v_cache, cache_seqlens = _capacity_inputs(lengths, capacity, 6, 2, n_new, 64)
+    table = make_table(64)
+    reads = _CacheReads(monkeypatch, k_cache, v_cache) if INTERPRETED else None
+    out = _launch(q, k_cache, v_cache, cache_seqlens, table, num_splits)
+    assert out[0].isnan().all() and out[2].isnan().all()
+    expected = _expected(q[1:2], k_cache[1:2], v_cache[1:2], cache_seqlens[1:2], table)
+    torch.testing.assert_close(out[1:2].double(), expected, **TOLERANCES[torch.float32])
+    if reads is not None:
+        assert reads.slots and max(reads.slots) == capacity - 1, "the over-long sequence reads up to the capacity"
 
 
 @requires_triton

@@ -96,10 +96,15 @@ def test_scalar_argument_checks():
 def test_decode_checks():
     q = torch.randn(2, 4, 1, 64)
     k_cache, v_cache = torch.zeros(2, 2, 16, 64), torch.zeros(2, 2, 16, 64)
-    with pytest.raises(ValueError, match=r"cache_seqlens: expected values in \[1 \(new tokens\), 16 \(cache size\)\]"):
+    expected = (
+        r"cache_seqlens: expected values in \[1 \(new tokens\), 16 \(the cache's capacity, k_cache.shape\[2\]\)\]"
+    )
+    with pytest.raises(ValueError, match=rf"{expected}, got 17 for sequence 1"):
         lr2.rope_decode(q, k_cache, v_cache, TABLE, cache_seqlens=torch.tensor([3, 17]))
-    with pytest.raises(ValueError, match=r"cache_seqlens: expected values in \[1 \(new tokens\), 16"):
+    with pytest.raises(ValueError, match=rf"{expected}, got 0 for sequence 0"):
         lr2.rope_decode(q, k_cache, v_cache, TABLE, cache_seqlens=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"q: expected at most k_cache's capacity of 16 new tokens .*, got 17"):
+        lr2.rope_decode(torch.randn(2, 4, 17, 64), k_cache, v_cache, TABLE, cache_seqlens=torch.tensor([16, 16]))
     with pytest.raises(ValueError, match=r"cache_seqlens: expected an int32/int64 tensor of shape \[2\]"):
         lr2.rope_decode(q, k_cache, v_cache, TABLE, cache_seqlens=torch.tensor([3]))
     with pytest.raises(TypeError, match=r"cache_seqlens: expected an integer torch.Tensor \[batch\], got list"):

@@ -5,6 +5,9 @@ M rows of one tile (row ``g * n + t`` is q head ``kv_head * group + g``, token t
 rotated once for the whole group. Each sequence picks its table (long iff ``cache_seqlens[b] > L0``) inside the
 kernel from the loaded length: no host sync, and a sequence crossing L0 only changes which table the next call
 reads. Slots past ``cache_seqlens[b]`` are masked on load, so garbage there (even NaN) never reaches the result.
+The cache's capacity (``k_cache.shape[2]``) travels with the launch: a length outside ``[n, capacity]`` (which only
+unchecked device values can carry, see :mod:`lr2kernels.ops.validation`) is clamped into it for the reads, so no key
+past the cache is ever read, and that sequence's output rows are written as NaN: loud, never plausibly wrong.
 
 With more than one split, each program writes a partial output and its log-sum-exp, and a second kernel merges the
 splits (log-sum-exp rule). The key angles come from one precise sincos per key tile plus a per-program
@@ -107,6 +110,16 @@ def _key_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.cons
 
 
 @triton.jit
+def _valid_length(SEQLENS, seq, n_new, capacity):
+    """(length, invalid) of sequence ``seq``: ``cache_seqlens[seq]`` clamped into ``[n_new, capacity]``, and whether
+    it had to be. Keys are read only below the clamped length, so a bad length never reads past the cache; the
+    kernels write NaN to an invalid sequence's output rows, so its result cannot pass for a right one."""
+    given = tl.load(SEQLENS + seq)
+    seq_len = tl.minimum(tl.maximum(given, n_new), capacity)
+    return seq_len, seq_len != given
+
+
+@triton.jit
 def _row_offsets(rows, n_new, stride_h, stride_t):
     """Offset of packed row ``g * n_new + t`` (q head g of the group, new token t) in a [heads, n, D] block."""
     return (rows // n_new).to(tl.int64) * stride_h + (rows % n_new).to(tl.int64) * stride_t
@@ -125,7 +138,7 @@ def _rope_decode_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    num_kv_heads, group, n_new, num_splits, original_max_position,
+    num_kv_heads, group, n_new, capacity, num_splits, original_max_position,
     sm_scale_log2, attention_short, attention_long,
     HALF: tl.constexpr, HALF_A: tl.constexpr, HALF_B: tl.constexpr,
     PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
@@ -140,7 +153,7 @@ def _rope_decode_kernel(
     pid_m = tl.program_id(2)
     seq = pid_bh // num_kv_heads
     kv_head = pid_bh % num_kv_heads
-    seq_len = tl.load(SEQLENS + seq)
+    seq_len, invalid = _valid_length(SEQLENS, seq, n_new, capacity)
     is_long = (seq_len > original_max_position).to(tl.int32)  # the table of this sequence, decided here
     attention = tl.where(is_long != 0, attention_long, attention_short)
     dtype = Q.dtype.element_ty
@@ -183,7 +196,7 @@ def _rope_decode_kernel(
 
     # A row that sees nothing in this split: output 0, lse -inf.
     out, lse = _attend_finish(acc, m_i, l_i)  # [BLOCK_M, *] row tiles, [BLOCK_M] log2 units
-    if IS_SPLIT:
+    if IS_SPLIT:  # the merge poisons an invalid length's rows
         # Partials [B * Hk, num_splits, num_rows, HEAD_DIM] fp32 and their lse [B * Hk, num_splits, num_rows].
         part_rows = _part_rows(pid_bh, split, num_splits, num_rows, offs_m)
         _store_rows(O_PART, part_rows, HEAD_DIM, m_mask, out, ROW)
@@ -191,14 +204,14 @@ def _rope_decode_kernel(
     else:
         o_base = O + _head_offset(seq, kv_head * group, 0, stride_ob, stride_oh, 0)
         o_rows = _row_offsets(offs_m, n_new, stride_oh, stride_ot)
-        _store_rows(o_base, o_rows, 1, m_mask, out, ROW)
+        _store_rows(o_base, o_rows, 1, m_mask, _scale(out, tl.where(invalid, float("nan"), 1.0)), ROW)
 
 
 @triton.jit
 def _rope_decode_merge_kernel(
-    O, O_PART, LSE_PART,
+    O, O_PART, LSE_PART, SEQLENS,
     stride_ob, stride_oh, stride_ot,
-    num_kv_heads, group, n_new, num_splits,
+    num_kv_heads, group, n_new, capacity, num_splits,
     HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Combine the splits of one (sequence, kv head) row block: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(...)."""
@@ -225,7 +238,9 @@ def _rope_decode_merge_kernel(
         acc = _add(_scale(acc, alpha[:, None]), _scale(part, weight[:, None]))
         l_i = l_i * alpha + weight
         m_i = m_new
+    _, invalid = _valid_length(SEQLENS, seq, n_new, capacity)
     out = _divide(acc, tl.where(l_i == 0.0, 1.0, l_i)[:, None])
+    out = _scale(out, tl.where(invalid, float("nan"), 1.0))
     o_base = O + _head_offset(seq, kv_head * group, 0, stride_ob, stride_oh, 0)
     _store_rows(o_base, _row_offsets(offs_m, n_new, stride_oh, stride_ot), 1, m_mask, out, ROW)
 
@@ -311,12 +326,13 @@ def rope_decode(
         o_part = lse_part = out  # unused
     sizes = head_sizes(head_dim, one_tile=True)  # 16-row tiles: a 16-channel tile would be replicated
     out_strides = (out.stride(0), out.stride(1), out.stride(2))
+    seqlens = int32(cache_seqlens)
     _rope_decode_kernel[(batch * num_kv_heads, num_splits, m_blocks)](
-        q, k_cache, v_cache, out, o_part, lse_part, int32(cache_seqlens), inv_freq,
+        q, k_cache, v_cache, out, o_part, lse_part, seqlens, inv_freq,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *out_strides, num_kv_heads, group, n_new, num_splits, original_max_position,
+        *out_strides, num_kv_heads, group, n_new, max_len, num_splits, original_max_position,
         softmax_scale * LOG2E, attention_short, attention_long,
         **split_sizes(head_dim, rotary_dim_of(inv_freq)), **sizes,
         BLOCK_M=block_m, BLOCK_N=block_n, IS_SPLIT=is_split, PRECISION=dot_precision(q.dtype),
@@ -326,7 +342,7 @@ def rope_decode(
     if is_split:
         # Rows merge independently: the merge tiles its rows by _MERGE_BLOCK_M, whatever the decode's BLOCK_M.
         _rope_decode_merge_kernel[(batch * num_kv_heads, triton.cdiv(num_rows, _MERGE_BLOCK_M))](
-            out, o_part, lse_part, *out_strides, num_kv_heads, group, n_new, num_splits, **sizes,
+            out, o_part, lse_part, seqlens, *out_strides, num_kv_heads, group, n_new, max_len, num_splits, **sizes,
             BLOCK_M=_MERGE_BLOCK_M,
             num_warps=_num_warps(head_dim),
         )  # fmt: skip

@@ -4,6 +4,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+// kernel<<<grid, block, 0, stream>>>(args) as LR2_LAUNCH(kernel, grid, block, stream)(args), kernel a function pointer
+// variable (a template-id's commas would split the macro's arguments): the host emulation of tests/cuda defines its own.
+#if !defined(LR2_HOST_EMULATION)
+#define LR2_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
+
 namespace lr2 {
 
 __device__ __forceinline__ float to_float(float x) { return x; }

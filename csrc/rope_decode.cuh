@@ -16,7 +16,8 @@
 // addition with a per-block step table in shared memory (rope_cos_sin_step: 2.9e-7 from fp64, where HF rounds cos/sin
 // to the model's dtype); in fp32 it keeps one sincosf per key (1.4e-7, as HF's fp32 path).
 //
-// The table is chosen per sequence from seqlens[b] on the device (no host sync). Slots past seqlens[b] are never read.
+// The table is chosen per sequence from seqlens[b] on the device (no host sync). Slots past seqlens[b] are never read,
+// nor any at or past the capacity: a sequence whose seqlens[b] exceeds it gets NaN rows.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -93,6 +94,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const De
     const int row0 = blockIdx.z * ROWS;
 
     const int seq_len = p.seqlens[seq];
+    const int kv_len = max(0, min(seq_len, p.capacity));  // no key at or past the capacity is read
     const bool is_long = seq_len > p.original_max_position;
     const float* inv_freq = p.inv_freq + (is_long ? p.half : 0);
     const float attention = is_long ? p.attention_long : p.attention_short;
@@ -152,9 +154,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const De
     }
 
     // This split's keys: the sequence's length shared evenly.
-    const int chunk = (seq_len + p.num_splits - 1) / p.num_splits;
+    const int chunk = (kv_len + p.num_splits - 1) / p.num_splits;
     const int lo = split * chunk;
-    const int hi = min(lo + chunk, seq_len);
+    const int hi = min(lo + chunk, kv_len);
     const T* k_base = static_cast<const T*>(p.k) + seq * p.k_strides[0] + kv_head * p.k_strides[1];
     const T* v_base = static_cast<const T*>(p.v) + seq * p.v_strides[0] + kv_head * p.v_strides[1];
 
@@ -228,6 +230,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const De
     }
     __syncthreads();
 
+    const bool overlong = p.seqlens[seq] > p.capacity;  // NaN rows (read again here: fewer live registers)
     const int64_t part_base = (static_cast<int64_t>(bh) * p.num_splits + split) * num_rows;
     for (int idx = threadIdx.x; idx < ROWS * D; idx += blockDim.x) {
         const int r = idx / D;
@@ -245,7 +248,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const De
         }
         float lse, inv_l;
         softmax_finish(mm, ll, &lse, &inv_l);
-        const float o = aa * inv_l;  // a row that saw no key: 0
+        const float o = overlong ? NAN : aa * inv_l;  // a row that saw no key: 0
         if (p.num_splits == 1) {
             const int g = row / p.n_new, t = row % p.n_new;
             T* out = static_cast<T*>(p.out) + seq * p.o_strides[0] +
@@ -265,6 +268,7 @@ __global__ void __launch_bounds__(128) rope_decode_merge_kernel(const DecodePara
     const int seq = bh / p.num_kv_heads;
     const int kv_head = bh % p.num_kv_heads;
     const int num_rows = p.group * p.n_new;
+    const bool overlong = p.seqlens[seq] > p.capacity;
     const int64_t idx = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
     if (idx >= static_cast<int64_t>(num_rows) * p.head_dim) return;
     const int row = static_cast<int>(idx / p.head_dim);
@@ -279,7 +283,7 @@ __global__ void __launch_bounds__(128) rope_decode_merge_kernel(const DecodePara
     const int g = row / p.n_new, t = row % p.n_new;
     T* out = static_cast<T*>(p.out) + seq * p.o_strides[0] +
              static_cast<int64_t>(kv_head * p.group + g) * p.o_strides[1] + t * p.o_strides[2];
-    out[d] = from_float<T>(l > 0.0f ? acc / l : 0.0f);
+    out[d] = from_float<T>(overlong ? NAN : l > 0.0f ? acc / l : 0.0f);
 }
 
 template <typename T, int D>
@@ -287,11 +291,13 @@ cudaError_t launch_rope_decode_d(const DecodeParams& p, cudaStream_t stream) {
     constexpr int ROWS = decode_rows<D>();
     const int num_rows = p.group * p.n_new;
     const dim3 grid(p.batch * p.num_kv_heads, p.num_splits, (num_rows + ROWS - 1) / ROWS);
-    rope_decode_kernel<T, D><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+    const auto kernel = rope_decode_kernel<T, D>;
+    LR2_LAUNCH(kernel, grid, kDecodeWarps * 32, stream)(p);
     if (p.num_splits > 1) {
         const int64_t elements = static_cast<int64_t>(num_rows) * p.head_dim;
         const dim3 merge_grid(p.batch * p.num_kv_heads, static_cast<unsigned>((elements + 127) / 128));
-        rope_decode_merge_kernel<T><<<merge_grid, 128, 0, stream>>>(p);
+        const auto merge = rope_decode_merge_kernel<T>;
+        LR2_LAUNCH(merge, merge_grid, 128, stream)(p);
     }
     return cudaGetLastError();
 }

@@ -1,5 +1,11 @@
-// Host shim over csrc/rope_math.cuh for tests/cuda/test_host_math.py (loaded with ctypes): the same inline functions
-// the kernels call, compiled by the host compiler.
+// Host shim for tests/cuda/test_host_math.py (loaded with ctypes), compiled by the host compiler with
+// -DLR2_HOST_EMULATION and tests/cuda/host_cuda first on the include path:
+// - csrc/rope_math.cuh, the inline math every kernel calls;
+// - csrc/rope_decode.cuh, the REAL decode kernel bodies and their launch, run by the emulation of
+//   tests/cuda/host_cuda/lr2_host.h (each CUDA thread a fiber; shuffles, barriers and cp.async emulated).
+#include <string>
+
+#include "rope_decode.cuh"
 #include "rope_math.cuh"
 
 extern "C" {
@@ -85,5 +91,53 @@ void lr2_combine(const float* o, const float* lse, int splits, int d, float* out
         for (int c = 0; c < d; ++c) out[c] = out[c] * alpha + w * o[s * d + c];
     }
     for (int c = 0; c < d; ++c) out[c] = l > 0.0f ? out[c] / l : 0.0f;
+}
+
+// rope_decode through the kernels' own launch (csrc/rope_decode.cuh): dtype 0 fp32, 1 fp16, 2 bf16. Strides are
+// (batch, head, token) triples. Returns "" on success, else the launch's or the emulation's error.
+const char* lr2_rope_decode(int dtype, const void* q, const void* k, const void* v, void* out, float* o_part,
+                            float* lse_part, const int32_t* seqlens, const float* inv_freq, const int64_t* q_strides,
+                            const int64_t* k_strides, const int64_t* v_strides, const int64_t* o_strides, int batch,
+                            int num_kv_heads, int group, int n_new, int half, int head_dim, int num_splits,
+                            int capacity, int original_max_position, float scale_log2, float attention_short,
+                            float attention_long) {
+    static std::string message;
+    lr2::DecodeParams p{};
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.out = out;
+    p.o_part = o_part;
+    p.lse_part = lse_part;
+    p.seqlens = seqlens;
+    p.inv_freq = inv_freq;
+    for (int i = 0; i < 3; ++i) {
+        p.q_strides[i] = q_strides[i];
+        p.k_strides[i] = k_strides[i];
+        p.v_strides[i] = v_strides[i];
+        p.o_strides[i] = o_strides[i];
+    }
+    p.batch = batch;
+    p.num_kv_heads = num_kv_heads;
+    p.group = group;
+    p.n_new = n_new;
+    p.half = half;
+    p.head_dim = head_dim;
+    p.num_splits = num_splits;
+    p.capacity = capacity;
+    p.original_max_position = original_max_position;
+    p.scale_log2 = scale_log2;
+    p.attention_short = attention_short;
+    p.attention_long = attention_long;
+    lr2_host::clear_error();
+    const char* error = nullptr;
+    switch (dtype) {
+        case 0: error = lr2::launch_rope_decode<float>(p, nullptr); break;
+        case 1: error = lr2::launch_rope_decode<__half>(p, nullptr); break;
+        case 2: error = lr2::launch_rope_decode<__nv_bfloat16>(p, nullptr); break;
+        default: error = "dtype code must be 0, 1 or 2";
+    }
+    message = error != nullptr ? error : lr2_host::error();
+    return message.c_str();
 }
 }

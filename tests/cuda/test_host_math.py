@@ -1,8 +1,10 @@
-"""csrc/rope_math.cuh, compiled for the host (g++) through a ctypes shim, against lr2kernels.reference / torch fp64.
+"""csrc/ compiled for the host (g++) through a ctypes shim, against lr2kernels.reference / torch fp64.
 
-The kernels call these same inline functions (angle, pair rotation, online-softmax update and merge), so their math is
-checked here without a GPU. On the device, rope_cos_sin uses CUDA's sincosf (2 ulp, full-range argument reduction);
-on the host the shim uses libm's sinf/cosf: the angles (one fp32 multiply) are bit-identical either way.
+Two layers: the inline math every kernel calls (csrc/rope_math.cuh: angle, pair rotation, online-softmax update and
+merge), and the REAL rope_decode kernel bodies with their launch (csrc/rope_decode.cuh), run block by block by the
+emulation of tests/cuda/host_cuda (each CUDA thread a fiber; barriers, warp shuffles and cp.async emulated; 16-byte
+alignment checked). On the device, rope_cos_sin uses CUDA's sincosf (2 ulp, full-range argument reduction); on the
+host the shim uses libm's sinf/cosf: the angles (one fp32 multiply) are bit-identical either way.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import math
 import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from lr2kernels.tables import RopeTable
 from tests.cuda.conftest import CSRC, host_compiler
 
 SHIM = CSRC.parent / "tests" / "cuda" / "host_math_shim.cpp"
+HOST_CUDA = SHIM.parent / "host_cuda"
 HEAD_DIM = 128
 L0 = 4096
 
@@ -30,10 +35,13 @@ def shim(tmp_path_factory):
         pytest.skip("no host C++ compiler (g++, c++ or clang++) to build the rope_math.cuh shim")
     library = tmp_path_factory.mktemp("rope_math") / "librope_math.so"
     # -ffp-contract=off: every product rounded on its own, as the device code's angle (a single multiply) is.
-    cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", f"-I{CSRC}", str(SHIM), "-o",
-           str(library)]  # fmt: skip
+    cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-DLR2_HOST_EMULATION",
+           f"-I{HOST_CUDA}", f"-I{CSRC}", str(SHIM), "-o", str(library)]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return ctypes.CDLL(str(library))
+    lib = ctypes.CDLL(str(library))
+    lib.lr2_rope_decode.restype = ctypes.c_char_p
+    lib.lr2_library_path = str(library)
+    return lib
 
 
 def _p(t: torch.Tensor) -> ctypes.c_void_p:
@@ -195,3 +203,157 @@ def test_softmax_merge_equals_softmax_over_union(shim, case):
     stacked, lse_t = torch.stack(parts).contiguous(), torch.tensor(lses, dtype=torch.float32)
     shim.lr2_combine(_p(stacked), _p(lse_t), 2, d, _p(combined))
     torch.testing.assert_close(combined.double(), expected_out, atol=2e-6, rtol=2e-6)
+
+
+# ------------------------------------------------------------------------------------ rope_decode kernel bodies
+DECODE_L0 = 40
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Error of the kernel's output against fp64 of the same inputs: the output's own rounding (and fp32 accumulation).
+_DECODE_ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _decode_table(head_dim: int, rotary_dim: int | None = None) -> RopeTable:
+    gen = torch.Generator().manual_seed(head_dim)
+    half = (rotary_dim or head_dim) // 2
+    short = (1.0 + torch.rand(half, generator=gen) * 0.5).tolist()
+    long = torch.linspace(1.0, 8.0, half).mul(1.0 + 0.1 * torch.rand(half, generator=gen)).tolist()
+    return RopeTable.longrope(head_dim=head_dim, base=10000.0, original_max_position=DECODE_L0,
+                              max_position=8 * DECODE_L0, short_factor=short, long_factor=long,
+                              rotary_dim=rotary_dim)  # fmt: skip
+
+
+def _strides(x: torch.Tensor) -> ctypes.Array:
+    return (ctypes.c_int64 * 3)(*x.stride()[:3])
+
+
+def _host_decode(shim, q, k_cache, v_cache, seqlens, table, num_splits, capacity=None):
+    """The CUDA rope_decode (kernel bodies and launch) on the host; out filled with NaN first (an unwritten element
+    fails). k_cache/v_cache may be views into larger buffers (their strides are passed)."""
+    batch, num_q_heads, n_new, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    capacity = k_cache.shape[2] if capacity is None else capacity
+    group = num_q_heads // num_kv_heads
+    out = torch.full_like(q, math.nan)
+    rows = group * n_new
+    o_part = torch.full((batch * num_kv_heads, num_splits, rows, head_dim), math.nan)
+    lse_part = torch.full((batch * num_kv_heads, num_splits, rows), math.nan)
+    inv_freq = torch.stack([table.inv_freq(False), table.inv_freq(True)]).float().contiguous()
+    seqlens = seqlens.to(torch.int32).contiguous()
+    error = shim.lr2_rope_decode(
+        _DTYPE_CODES[q.dtype], ctypes.c_void_p(q.data_ptr()), ctypes.c_void_p(k_cache.data_ptr()),
+        ctypes.c_void_p(v_cache.data_ptr()), ctypes.c_void_p(out.data_ptr()), _p(o_part), _p(lse_part),
+        _p(seqlens), _p(inv_freq), _strides(q), _strides(k_cache), _strides(v_cache), _strides(out),
+        batch, num_kv_heads, group, n_new, table.rotary_dim // 2, head_dim, num_splits, capacity,
+        table.original_max_position, _f(head_dim**-0.5 * 1.4426950408889634), _f(table.attention_factor_for(False)),
+        _f(table.attention_factor_for(True)),
+    )  # fmt: skip
+    assert error == b"", error.decode()
+    return out
+
+
+def _reference_rows(q, k_cache, v_cache, seqlens, table, b):
+    """fp64 reference of sequence b alone (its keys 0..len-1)."""
+    length = int(seqlens[b])
+    k = k_cache[b : b + 1, :, :length].double()
+    v = v_cache[b : b + 1, :, :length].double()
+    return reference.rope_decode(q[b : b + 1].double(), k, v, torch.tensor([length]), table)[0]
+
+
+def _poisoned_cache(gen, batch, heads, capacity, head_dim, dtype, seqlens, pad=16):
+    """[B, Hk, capacity, D] as a view into a buffer of capacity + pad positions: every position at or past a
+    sequence's length (and all the memory past the capacity) holds NaN, so a key read there turns its row NaN."""
+    buf = torch.randn(batch, heads, capacity + pad, head_dim, generator=gen).to(dtype)
+    for b, length in enumerate(seqlens.tolist()):
+        buf[b, :, max(0, min(length, capacity)) :] = math.nan
+    return buf[:, :, :capacity]
+
+
+DECODE_CASES = [
+    # (head_dim, rotary_dim, dtype, batch, q heads, kv heads, n_new, capacity, seqlens, splits)
+    (128, None, torch.float32, 3, 6, 2, 2, 90, (37, 90, 5), 1),
+    (128, None, torch.float32, 3, 6, 2, 2, 90, (37, 90, 5), 3),
+    (64, None, torch.float16, 2, 8, 1, 1, 77, (77, 41), 4),
+    (96, None, torch.bfloat16, 2, 3, 3, 3, 70, (2, 70), 2),
+    (128, 96, torch.bfloat16, 1, 12, 4, 1, 66, (61,), 5),
+    (256, None, torch.float16, 2, 10, 2, 1, 50, (50, 39), 2),
+]
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "rotary_dim", "dtype", "batch", "hq", "hk", "n_new", "capacity", "seqlens", "splits"),
+    DECODE_CASES,
+    ids=[f"D{c[0]}{'-r' + str(c[1]) if c[1] else ''}-{str(c[2])[6:]}-B{c[3]}-{c[4]}x{c[5]}-n{c[6]}-s{c[9]}"
+         for c in DECODE_CASES],
+)  # fmt: skip
+def test_decode_kernel_equals_reference(shim, head_dim, rotary_dim, dtype, batch, hq, hk, n_new, capacity, seqlens,
+                                        splits):  # fmt: skip
+    """The kernel bodies against the fp64 reference: odd shapes, GQA and MHA, several new tokens, lengths on both
+    sides of L0 (short and long table per sequence), split-KV with its merge, positions past each length NaN."""
+    gen = torch.Generator().manual_seed(hash((head_dim, hq, n_new)) % 2**31)
+    table = _decode_table(head_dim, rotary_dim)
+    lengths = torch.tensor(seqlens)
+    q = torch.randn(batch, hq, n_new, head_dim, generator=gen).to(dtype)
+    k = _poisoned_cache(gen, batch, hk, capacity, head_dim, dtype, lengths)
+    v = _poisoned_cache(gen, batch, hk, capacity, head_dim, dtype, lengths)
+    out = _host_decode(shim, q, k, v, lengths, table, splits)
+    for b in range(batch):
+        expected = _reference_rows(q, k, v, lengths, table, b)
+        torch.testing.assert_close(out[b].double(), expected, atol=_DECODE_ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_overlong_sequence_gets_nan_rows(shim, dtype, splits):
+    """A cache_seqlens past the capacity: NaN in every output element of that sequence's rows, the others exact; the
+    memory past the capacity is NaN, so a read there would also show in the other sequences' rows."""
+    gen = torch.Generator().manual_seed(7)
+    head_dim, capacity = 64, 48
+    table = _decode_table(head_dim)
+    lengths = torch.tensor([30, capacity + 1, capacity, 2 * capacity + 5])
+    q = torch.randn(4, 4, 2, head_dim, generator=gen).to(dtype)
+    k = _poisoned_cache(gen, 4, 2, capacity, head_dim, dtype, lengths)
+    v = _poisoned_cache(gen, 4, 2, capacity, head_dim, dtype, lengths)
+    out = _host_decode(shim, q, k, v, lengths, table, splits)
+    for b in (1, 3):
+        assert torch.isnan(out[b]).all(), f"sequence {b} is over the capacity: every element must be NaN"
+    for b in (0, 2):
+        torch.testing.assert_close(out[b].double(), _reference_rows(q, k, v, lengths, table, b),
+                                   atol=_DECODE_ATOL[dtype], rtol=0)  # fmt: skip
+
+
+_GUARD_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, math, mmap, sys
+    import torch
+    sys.path.insert(0, {root!r})
+    from tests.cuda import test_host_math as t
+
+    shim = ctypes.CDLL({library!r})
+    shim.lr2_rope_decode.restype = ctypes.c_char_p
+    libc = ctypes.CDLL(None)
+    page = mmap.PAGESIZE
+    batch, heads, capacity, head_dim = 2, 2, 40, 64
+    nbytes = batch * heads * capacity * head_dim * 4
+    pages = -(-nbytes // page)
+    region = mmap.mmap(-1, (pages + 1) * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    assert libc.mprotect(ctypes.c_void_p(base + pages * page), page, 0) == 0  # PROT_NONE right after the cache
+    flat = torch.frombuffer(region, dtype=torch.float32, count=pages * page // 4)
+    cache = flat[(pages * page - nbytes) // 4 :].view(batch, heads, capacity, head_dim)
+    cache.copy_(torch.randn(cache.shape))
+    lengths = torch.tensor([capacity, capacity + 300])  # the last sequence, last kv head, ends at the guard page
+    q = torch.randn(batch, 4, 1, head_dim)
+    out = t._host_decode(shim, q, cache, cache, lengths, t._decode_table(head_dim), {splits})
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_overlong_sequence_reads_nothing_past_the_capacity(shim, splits):
+    """The cache of the over-long sequence ends right before an inaccessible page: a key read at or past the capacity
+    is a segmentation fault (in a child process, so the test fails instead of the run)."""
+    script = _GUARD_SCRIPT.format(root=str(CSRC.parent), library=shim.lr2_library_path, splits=splits)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (result.returncode, result.stderr[-2000:])

@@ -126,7 +126,7 @@ def rope_decode(
             _dtype_code(q), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), _ptr(o_part),
             _ptr(lse_part), seqlens.data_ptr(), inv_freq.data_ptr(),
             q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], out.stride()[:3],
-            batch, num_kv_heads, group, n_new, inv_freq.shape[-1], head_dim, num_splits, original_max_position,
+            batch, num_kv_heads, group, n_new, inv_freq.shape[-1], head_dim, num_splits, max_len, original_max_position,
             softmax_scale * _LOG2E, attention_short, attention_long, _stream(q.device),
         )  # fmt: skip
     return out

@@ -1,0 +1,175 @@
+// Host emulation of the CUDA execution model for tests/cuda (g++ only, never part of the extension): the REAL kernel
+// bodies of csrc/ compiled as ordinary C++ and run block by block, each CUDA thread a fiber (ucontext) of one OS
+// thread, switched only where a CUDA thread would wait for others: __syncthreads, a warp shuffle, a cp.async wait.
+//
+// What it checks that plain host math cannot: the kernels' indexing, masking, block/warp cooperation and pipelines.
+// - __shared__ variables are function statics (one block runs at a time), so every fiber of a block sees them.
+// - __shfl_xor_sync exchanges a value through a per-warp buffer behind a barrier of the warp's 32 lanes.
+// - cp.async copies are queued per thread in commit groups and performed only when cp_async_wait lets them complete,
+//   so a read of a stage before its wait sees the stale stage (and fails the test), as it could on a GPU.
+// - 16-byte copies and loads must be 16-byte aligned (source and destination), as on a GPU; a violation, a deadlock
+//   (some threads at a barrier that others never reach) or a launch with threads not a multiple of 32 is recorded in
+//   lr2_host::error() and fails the test.
+#pragma once
+
+#include <ucontext.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace lr2_host {
+
+struct Copy {
+    void* dst;
+    const void* src;
+    bool valid;  // false: zero-fill (cp.async with src-size 0)
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    bool done = false;
+    unsigned shuffles = 0;                    // this lane's shuffle count (the parity of its exchange buffer)
+    std::vector<std::vector<Copy>> groups;    // committed cp.async groups, oldest first
+    std::vector<Copy> open;                   // copies issued since the last commit
+};
+
+struct Warp {
+    float vals[2][32];
+    unsigned arrived = 0, generation = 0;
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    std::vector<Warp> warps;
+    ucontext_t scheduler;
+    unsigned current = 0;
+    unsigned arrived = 0, generation = 0;
+    unsigned long long progress = 0;  // barrier arrivals and fiber exits: a pass without any is a deadlock
+};
+
+inline Block* g_block = nullptr;
+inline std::function<void()> g_body;
+inline std::string g_error;
+
+inline const std::string& error() { return g_error; }
+inline void clear_error() { g_error.clear(); }
+inline void fail(const std::string& message) {
+    if (g_error.empty()) g_error = message;
+}
+
+inline void yield() { swapcontext(&g_block->fibers[g_block->current].ctx, &g_block->scheduler); }
+
+inline void barrier(unsigned* arrived, unsigned* generation, unsigned count) {
+    ++g_block->progress;
+    const unsigned mine = *generation;
+    if (++*arrived == count) {
+        *arrived = 0;
+        ++*generation;
+        return;
+    }
+    while (*generation == mine && g_error.empty()) yield();
+}
+
+inline void entry() {
+    g_body();
+    g_block->fibers[g_block->current].done = true;
+    ++g_block->progress;
+}
+
+inline void sync_threads() { barrier(&g_block->arrived, &g_block->generation, blockDim.x * blockDim.y * blockDim.z); }
+
+inline float shuffle_xor(float value, int offset) {
+    const unsigned tid = threadIdx.x, lane = tid % 32;
+    Warp& warp = g_block->warps[tid / 32];
+    const unsigned parity = g_block->fibers[tid].shuffles++ & 1;
+    warp.vals[parity][lane] = value;
+    barrier(&warp.arrived, &warp.generation, 32);
+    return warp.vals[parity][(lane ^ static_cast<unsigned>(offset)) % 32];
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+    if (!aligned16(dst) || (valid && !aligned16(src))) fail("cp.async: a 16-byte copy with a misaligned address");
+    g_block->fibers[threadIdx.x].open.push_back({dst, src, valid});
+}
+
+inline void cp_async_commit() {
+    Fiber& f = g_block->fibers[threadIdx.x];
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+
+// Complete every committed group but the newest `pending` (copies issued after the last commit stay queued).
+inline void cp_async_wait(int pending) {
+    Fiber& f = g_block->fibers[threadIdx.x];
+    while (static_cast<int>(f.groups.size()) > pending) {
+        for (const Copy& c : f.groups.front()) {
+            if (c.valid) std::memcpy(c.dst, c.src, 16);
+            else std::memset(c.dst, 0, 16);
+        }
+        f.groups.erase(f.groups.begin());
+    }
+}
+
+// Run kernel(args) on every block of the grid, blocks one after another.
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, dim3 grid, dim3 block, Args... args) {
+    const unsigned threads = block.x * block.y * block.z;
+    if (block.y != 1 || block.z != 1 || threads % 32 != 0) {
+        fail("launch: the emulation runs 1-D blocks of a multiple of 32 threads");
+        return;
+    }
+    gridDim = grid;
+    blockDim = block;
+    g_body = [&] { kernel(args...); };
+    for (unsigned z = 0; z < grid.z && g_error.empty(); ++z) {
+        for (unsigned y = 0; y < grid.y && g_error.empty(); ++y) {
+            for (unsigned x = 0; x < grid.x && g_error.empty(); ++x) {
+                Block b;
+                b.fibers.resize(threads);
+                b.warps.resize(threads / 32);
+                g_block = &b;
+                blockIdx = dim3(x, y, z);
+                for (Fiber& f : b.fibers) {
+                    f.stack.resize(256 * 1024);
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = f.stack.data();
+                    f.ctx.uc_stack.ss_size = f.stack.size();
+                    f.ctx.uc_link = &b.scheduler;
+                    makecontext(&f.ctx, entry, 0);
+                }
+                for (bool alive = true; alive && g_error.empty();) {
+                    alive = false;
+                    const unsigned long long before = b.progress;
+                    for (unsigned t = 0; t < threads; ++t) {
+                        if (b.fibers[t].done) continue;
+                        alive = true;
+                        b.current = t;
+                        threadIdx = dim3(t);
+                        swapcontext(&b.scheduler, &b.fibers[t].ctx);
+                    }
+                    if (alive && b.progress == before) {
+                        fail("deadlock: threads wait at a barrier that the others never reach");
+                    }
+                }
+                // A deadlocked block's fibers are abandoned with their stacks (never resumed).
+                g_block = nullptr;
+            }
+        }
+    }
+}
+
+}  // namespace lr2_host

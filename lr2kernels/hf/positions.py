@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lr2kernels.hf import rotated_keys
+from lr2kernels.hf.serving import check_cache
 
 LEDGER = "_lr2_ledger"
 
@@ -194,6 +195,8 @@ class ForwardTracker:
     def begin_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the base model (``LlamaModel`` ...): this forward's :class:`ForwardFacts`."""
         arguments = self.arguments(module, args, kwargs)
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        check_cache(module, cache)  # e.g. continuous batching's paged cache: refused before any layer writes to it
         tokens = arguments.get("input_ids")
         if tokens is None:
             tokens = arguments.get("inputs_embeds")
@@ -202,7 +205,6 @@ class ForwardTracker:
             return
         batch, length = tokens.shape[0], tokens.shape[1]
         device = tokens.device
-        cache = arguments.get("cache", arguments.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         history, history_at_arange = _history(cache, past, batch, device)
         position_ids = arguments.get("position_ids")

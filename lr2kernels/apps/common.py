@@ -26,8 +26,45 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------------- options
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option that takes a value ends its help with its default, ``(default: ...)``, unless the text already
+    says it (a default computed at run time, e.g. ``(default: cuda if available)``); flags are off by default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.nargs == 0 or action.default is None:
+            return text
+        if action.default is argparse.SUPPRESS:
+            return text
+        default = action.default
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def make_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A command's parser: defaults shown (:class:`HelpFormatter`), no reST markup in the text (docstrings' double
+    backticks are for the API docs, not a terminal)."""
+    plain = lambda text: text.replace("``", "") if text else text  # noqa: E731
+    return argparse.ArgumentParser(
+        prog=prog, description=plain(description), epilog=plain(epilog), formatter_class=HelpFormatter
+    )
+
+
+def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """A usage error for the first option among ``names`` (attribute names) whose value, or one of whose values
+    (``nargs`` lists), is below 1; None (not given) passes."""
+    for name in names:
+        value = getattr(args, name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(v is not None and v < 1 for v in values):
+            shown = " ".join(map(str, values)) if isinstance(value, (list, tuple)) else value
+            plural = "positive integers" if isinstance(value, (list, tuple)) else "a positive integer"
+            parser.error(f"--{name.replace('_', '-')}: expected {plural}, got {shown}")
+
+
 def add_model_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="smollm2 (default), a local HF model folder or a .gguf")
+    parser.add_argument("--model", default="smollm2", help="smollm2 (embedded SmolLM2-135M), a local HF model folder "
+                        "or a .gguf file")  # fmt: skip
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +73,113 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_out_option(parser: argparse.ArgumentParser, default: str, what: str) -> None:
-    parser.add_argument("--out", default=default, help=f"output folder: {what} (default {default})")
+    parser.add_argument("--out", default=default, help=f"output folder: {what} (default: {default})")
+
+
+def model_config(name: str) -> dict:
+    """The model's config as a ``config.json`` dict, read cheaply (for usage errors before the weights load): a HF
+    folder's ``config.json``; for a GGUF file its header's metadata (:func:`gguf_config`), through transformers only
+    where that header holds RoPE scaling this reader does not map."""
+    import json
+
+    from lr2kernels.hf.models import DEFAULT_MODEL, SMOLLM2_GGUF, smollm2_dir
+
+    path = smollm2_dir() / SMOLLM2_GGUF if name == DEFAULT_MODEL else Path(name)
+    if path.is_dir() and (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise FileNotFoundError(f"model: expected a folder with config.json or one .gguf file, got {name}")
+        path = ggufs[0]
+    config = gguf_config(path)
+    if config is None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoConfig
+
+        loaded = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        config = loaded.to_dict()
+    return config
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file's header (arrays skipped, as None): a few ms, where gguf's own reader
+    decodes every array (a 49K-token vocabulary: seconds)."""
+    import struct
+
+    with open(path, "rb") as f:
+        data = f.read(1 << 22)  # the header; a vocabulary array larger than this is read on demand below
+
+        def need(end: int) -> None:
+            nonlocal data
+            while end > len(data):
+                more = f.read(max(1 << 22, end - len(data)))
+                if not more:
+                    raise ValueError(f"model: {path} ends inside its GGUF header")
+                data += more
+
+        def scalar(kind: int, at: int) -> tuple[Any, int]:
+            if kind == 8:  # string
+                need(at + 8)
+                (length,) = struct.unpack_from("<Q", data, at)
+                need(at + 8 + length)
+                return data[at + 8 : at + 8 + length].decode("utf-8", "replace"), at + 8 + length
+            fmt = _GGUF_SCALARS[kind]
+            need(at + struct.calcsize(fmt))
+            return struct.unpack_from(fmt, data, at)[0], at + struct.calcsize(fmt)
+
+        need(24)
+        if data[:4] != b"GGUF":
+            raise ValueError(f"model: expected a GGUF file, {path} does not start with GGUF")
+        _, _, count = struct.unpack_from("<IQQ", data, 4)
+        at, fields = 24, {}
+        for _ in range(count):
+            key, at = scalar(8, at)
+            need(at + 4)
+            (kind,) = struct.unpack_from("<I", data, at)
+            at += 4
+            if kind == 9:  # array: element kind, count, elements
+                need(at + 12)
+                element, length = struct.unpack_from("<IQ", data, at)
+                at += 12
+                if element == 8:
+                    for _ in range(length):
+                        _, at = scalar(8, at)
+                else:
+                    at += length * struct.calcsize(_GGUF_SCALARS[element])
+                fields[key] = None
+            else:
+                fields[key], at = scalar(kind, at)
+    return fields
+
+
+_GGUF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+
+
+def gguf_config(path: Path) -> dict | None:
+    """The RoPE-relevant part of a GGUF model's config, as transformers names it; None for an architecture or a
+    RoPE scaling this does not map (the caller then asks transformers)."""
+    fields = gguf_metadata(path)
+    arch = fields.get("general.architecture")
+    if arch not in _GGUF_MODEL_TYPES or fields.get(f"{arch}.rope.scaling.type", "none") != "none":
+        return None
+    get = lambda key: fields.get(f"{arch}.{key}")  # noqa: E731
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    if not (hidden and heads and get("context_length")):
+        return None
+    head_dim = get("attention.key_length") or hidden // heads
+    config = {
+        "model_type": _GGUF_MODEL_TYPES[arch], "max_position_embeddings": int(get("context_length")),
+        "hidden_size": int(hidden), "num_attention_heads": int(heads), "head_dim": int(head_dim),
+        "rope_theta": float(get("rope.freq_base") or 10000.0),
+    }  # fmt: skip
+    rotary = get("rope.dimension_count")
+    if rotary and int(rotary) != head_dim:
+        config["partial_rotary_factor"] = int(rotary) / head_dim
+    return config
 
 
 RESULTS_ROOT = "lr2kernels-results"

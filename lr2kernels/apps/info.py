@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import subprocess
@@ -73,7 +72,9 @@ def collect_info() -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lr2kernels info", description=__doc__.splitlines()[0].strip("`"))
+    from lr2kernels.apps.common import make_parser  # imports torch, as collect_info does
+
+    parser = make_parser("lr2kernels info", __doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     args = parser.parse_args(argv)
     info = collect_info()

@@ -25,6 +25,8 @@ from lr2kernels.apps.common import (
     check_writable_folder,
     default_dtype,
     load_model_quietly,
+    make_parser,
+    model_config,
     table_row,
 )
 from lr2kernels.hf.models import weights_sha256
@@ -42,12 +44,16 @@ LOG_NAME = "search_log.jsonl"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SearchConfig()
     add_model_option(parser)
-    parser.add_argument("--target-length", type=int, default=None, help="length to extend to (default 4 x L_train)")
+    parser.add_argument(
+        "--target-length", type=int, default=None, help="length to extend to, above L_train (default: 4 x L_train)"
+    )
     add_original_length_option(parser)
-    parser.add_argument("--eval-length", type=int, default=None, help="needle sample tokens (default: the target)")
+    parser.add_argument(
+        "--eval-length", type=int, default=None, help="needle sample tokens (default: the target length)"
+    )
     parser.add_argument("--samples", type=int, default=4, help="needle samples per evaluation")
-    parser.add_argument("--depth", type=float, default=0.1, help="needle depth as a fraction of the filler")
-    parser.add_argument("--digits", type=int, default=7, help="digits of the magic number")
+    parser.add_argument("--depth", type=float, default=0.1, help="needle depth as a fraction of the filler, in [0, 1]")
+    parser.add_argument("--digits", type=int, default=7, help="digits of the magic number, 1 to 30")
     parser.add_argument(
         "--text",
         action="append",
@@ -59,44 +65,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--critical-dim",
         type=int,
         default=None,
-        help="highest critical pair searched (default: the theoretical critical dimension)",
+        help="highest critical pair searched, 1 to (rotary pairs - 1) (default: the theoretical critical dimension)",
     )
     parser.add_argument("--critical-window", type=int, default=4, help="also search this many pairs below it")
     parser.add_argument(
         "--population",
         type=int,
         default=defaults.population,
-        help=f"candidate tables per generation (default {defaults.population})",
+        help="candidate tables per generation",
     )
     parser.add_argument(
         "--parents",
         type=int,
         default=defaults.parents,
-        help=f"best candidates kept to breed the next generation (default {defaults.parents})",
+        help="best candidates kept to breed the next generation",
     )
     parser.add_argument(
         "--mutations",
         type=int,
         default=defaults.mutations,
-        help=f"children by mutating a parent, per generation (default {defaults.mutations})",
+        help="children by mutating a parent, per generation",
     )
     parser.add_argument(
         "--crossovers",
         type=int,
         default=defaults.crossovers,
-        help=f"children by crossing two parents, per generation (default {defaults.crossovers})",
+        help="children by crossing two parents, per generation",
     )
     parser.add_argument(
         "--iterations",
         type=int,
         default=defaults.iterations,
-        help=f"generations after the initial population (default {defaults.iterations})",
+        help="generations after the initial population",
     )
     parser.add_argument(
         "--mutation-prob",
         type=float,
         default=defaults.mutation_prob,
-        help=f"chance that a mutation moves each factor (default {defaults.mutation_prob})",
+        help="chance that a mutation moves each factor, in (0, 1]",
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds the needle samples and the search")
     add_out_option(parser, "lr2_search", "table, HF config, plot, summary; its log makes a rerun resume")
@@ -112,7 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="model dtype (default: bfloat16 on cuda, float32 on cpu)",
     )
-    parser.add_argument("--backend", default=None, help="attention backend: torch, triton (default: best)")
+    parser.add_argument(
+        "--backend", default=None, help="attention backend: torch, triton or cuda (default: the best available)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -264,18 +272,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+OUTPUTS = ("table.json", "config.json", "factors.png", "summary.json")
+
+
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every argument, the device and the output folder, checked before anything is loaded: a bad one stops the
-    job in a second with a usage error naming it, not after the model has loaded or the first evaluation ran."""
+    job in a second with a usage error naming it, not after the model has loaded or the first evaluation ran. What
+    depends on the model (its L_train, its number of RoPE pairs) is checked against its config alone."""
     positive = ("target_length", "original_length", "eval_length", "samples", "digits")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
+    if args.digits > 30:
+        parser.error(f"--digits: expected 1 to 30 digits, got {args.digits}")
     if args.critical_window < 0:
         parser.error(f"--critical-window: expected a number of pairs >= 0, got {args.critical_window}")
-    if args.critical_dim is not None and args.critical_dim < 0:
-        parser.error(f"--critical-dim: expected a pair index >= 0, got {args.critical_dim}")
+    if args.critical_dim is not None and args.critical_dim < 1:
+        parser.error(f"--critical-dim: expected a pair index >= 1, got {args.critical_dim}")
     if not 0.0 <= args.depth <= 1.0:
         parser.error(f"--depth: expected a fraction of the filler in [0, 1], got {args.depth}")
     try:
@@ -288,13 +302,42 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         if not Path(path).is_file():
             parser.error(f"--text: expected a readable text file, got {path!r} (no such file)")
     check_model_device_backend(parser, args)
+    check_against_model(parser, args)
+    out = Path(args.out)
+    if out.is_dir() and not (out / LOG_NAME).exists():
+        foreign = [name for name in OUTPUTS if (out / name).exists()]
+        if foreign:
+            parser.error(f"--out: {args.out!r} holds {', '.join(foreign)} but no {LOG_NAME} (not a search's folder: "
+                         "the search would overwrite them); expected a new or empty folder, or a search's")  # fmt: skip
     check_writable_folder(parser, "--out", args.out, "the search can write its log and results to")
+
+
+def check_against_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--target-length above L_train and --critical-dim below the model's pairs, from the model's config alone
+    (a header read, not the weights)."""
+    try:
+        table = model_table_for(model_config(args.model), args.original_length)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        parser.error(f"--model: cannot read the config of {args.model!r}: {error}")
+    original = table.max_position
+    if args.target_length is not None and args.target_length <= original:
+        where = "--original-length" if args.original_length else "the model's original context"
+        parser.error(f"--target-length {args.target_length}: expected more than {where} {original}")
+    half = table.rotary_dim // 2
+    if args.critical_dim is not None and args.critical_dim > half - 1:
+        parser.error(f"--critical-dim {args.critical_dim}: expected a pair index in [1, {half - 1}] (the model "
+                     f"rotates {half} pairs)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("lr2kernels search", __doc__.splitlines()[0])
+    add_arguments(parser)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``lr2kernels search`` (also under ``torchrun -m lr2kernels search``)."""
-    parser = argparse.ArgumentParser(prog="lr2kernels search", description=__doc__.splitlines()[0])
-    add_arguments(parser)
+    parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
     return run(args)

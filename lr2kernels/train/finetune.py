@@ -21,6 +21,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +38,7 @@ from lr2kernels.tables import RopeTable
 from lr2kernels.train.packing import PackedRow, collate, pack_documents
 
 JOB_FILE = "finetune.json"
+FINISHED_FILE = "finished.json"  # written once the model is exported: a rerun of the job then trains nothing
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
 
@@ -52,7 +55,9 @@ class FinetuneSettings:
         batch_size: rows per device and step; ``gradient_accumulation_steps`` multiplies it.
         gradient_checkpointing: recompute activations in backward (long rows in less memory).
         bf16: bf16 autocast (GPUs).
-        save_steps: a checkpoint every this many steps (and at the end).
+        save_steps: a checkpoint every this many steps (and at the end), the newest two kept, for a killed job to
+            resume from; 0: none (a killed job starts over). Once the model is exported they are removed unless
+            :func:`finetune` is told ``keep_checkpoints=True``.
         seed: data order, packing and initialisation of everything random.
         backend: the lr2kernels backend (None: the best available).
     """
@@ -74,8 +79,10 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         for name in ("seq_len", "steps", "batch_size", "gradient_accumulation_steps", "save_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            low = 0 if name == "save_steps" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                what = "an integer >= 0" if low == 0 else "a positive integer"
+                raise ValueError(f"{name}: expected {what}, got {value!r}")
         if not 0.0 <= self.long_fraction <= 1.0:
             raise ValueError(f"long_fraction: expected a number in [0, 1], got {self.long_fraction!r}")
         if not self.learning_rate > 0:
@@ -193,6 +200,7 @@ def finetune(
     fresh: bool = False,
     progress: bool = True,
     fsdp: bool = False,
+    keep_checkpoints: bool = False,
 ) -> Path:
     """Finetune ``model`` on packed ``documents`` with ``table``; returns ``<out>/model`` (a HF model folder).
 
@@ -210,6 +218,12 @@ def finetune(
             The result is the same job (same global batch, same weights up to rounding), so it is not part of the
             job's fingerprint; a single process ignores it. accelerate runs FSDP on accelerators only: on the CPU
             it is refused (not silently replaced by DDP).
+        keep_checkpoints: keep ``<out>/checkpoints`` once the model is exported. By default they are removed then:
+            they exist to resume a killed job, and each holds the weights and twice their size in optimiser state
+            (2.1 GB for SmolLM2-135M). A rerun of a finished job trains nothing either way.
+
+    Prints a warning (stderr) before training when no packed row holds a document longer than L0: then only the
+    short table (the original RoPE) is trained on, and the long factors are never used.
     """
     from transformers import Trainer, TrainingArguments
 
@@ -235,6 +249,21 @@ def finetune(
     patch(model, backend=settings.backend, table=table)  # validates the table against the model, first
     fingerprint = job_fingerprint(model, table, documents, settings)
     claim_output_folder(out, fingerprint, fresh)
+    if (out / FINISHED_FILE).is_file() and (out / MODEL / "config.json").is_file():
+        unpatch(model)
+        if progress:
+            print(f"finetune: this job finished before; its model is in {out / MODEL} (nothing trained)", flush=True)
+        _load_checkpoint_weights(model, str(out / MODEL))
+        if not keep_checkpoints:
+            _remove_checkpoints(out)
+        return out / MODEL
+    if not any(row.long for row in rows):
+        longest = max((len(d) for d in documents), default=0)
+        print(f"finetune: WARNING: no row holds a long document (longest document {longest} tokens, L0 "
+              f"{table.original_max_position}, rows of {settings.seq_len} tokens, long_fraction "
+              f"{settings.long_fraction}): only the short table (the original RoPE) is trained on; the table's long "
+              "factors are never used. Add documents longer than L0, with rows long enough to hold them.",
+              file=sys.stderr, flush=True)  # fmt: skip
     resume = _last_checkpoint(out / CHECKPOINTS)
     model.train()
     sharded = fsdp and _distributed()
@@ -254,8 +283,8 @@ def finetune(
         fsdp=sharded or None,
         fsdp_config={"version": 2, "activation_checkpointing": recompute} if sharded else None,
         bf16=settings.bf16,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or None,
         # The newest two: a kill while the newest is written leaves the one before it to resume from, and a long
         # run does not fill the disk (each checkpoint holds the weights and twice their size in optimiser state).
         save_total_limit=2,
@@ -277,7 +306,7 @@ def finetune(
             print(f"finetune: all {settings.steps} steps done in {resume}; exporting its weights", flush=True)
         _load_checkpoint_weights(model, resume)
         unpatch(model)
-        return export(model, tokenizer, table, out / MODEL, trainer)
+        return _finish(model, tokenizer, table, out, trainer, settings.steps, keep_checkpoints)
     if progress:
         long_rows = sum(row.long for row in rows)
         print(f"finetune: {len(rows)} rows of {settings.seq_len} tokens ({long_rows} with a long document), "
@@ -292,7 +321,24 @@ def finetune(
             raise
         raise ValueError(f"checkpoint: resuming from {resume} failed ({error}); move it aside and rerun") from error
     unpatch(model)
-    return export(model, tokenizer, table, out / MODEL, trainer)
+    return _finish(model, tokenizer, table, out, trainer, settings.steps, keep_checkpoints)
+
+
+def _finish(model, tokenizer, table: RopeTable, out: Path, trainer, steps: int, keep_checkpoints: bool) -> Path:
+    """Export the model, mark the job finished, then (unless kept) remove its checkpoints: a kill at any point
+    leaves either the checkpoints to export again from or the finished model."""
+    folder = export(model, tokenizer, table, out / MODEL, trainer)
+    if trainer.is_world_process_zero():
+        (out / FINISHED_FILE).write_text(json.dumps({"steps": steps, "model": MODEL}) + "\n")
+        if not keep_checkpoints:
+            _remove_checkpoints(out)
+    return folder
+
+
+def _remove_checkpoints(out: Path) -> None:
+    """``<out>/checkpoints``, written by this job to resume it, once its model is exported."""
+    if (out / CHECKPOINTS).is_dir():
+        shutil.rmtree(out / CHECKPOINTS)
 
 
 def export(model, tokenizer, table: RopeTable, folder: Path, trainer=None) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import torch
 import transformers
 
 import lr2kernels as lr2
-from lr2kernels.train.finetune import FinetuneSettings, export, finetune
+from lr2kernels.train.finetune import FINISHED_FILE, FinetuneSettings, export, finetune
 from tests.hf.test_patch import L0, tiny_model
 
 SETTINGS = FinetuneSettings(seq_len=64, long_fraction=0.5, steps=6, learning_rate=1e-3, batch_size=2, save_steps=3)
@@ -36,10 +35,13 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-def test_finetune_trains_and_exports_a_folder_stock_transformers_loads(tmp_path):
+def test_finetune_trains_and_exports_a_folder_stock_transformers_loads(tmp_path, capsys):
     model, table = model_and_table()
     before = weights(model)
     folder = finetune(model, None, table, documents(), SETTINGS, tmp_path / "run", progress=False)
+    assert "no row holds a long document" not in capsys.readouterr().err
+    # Done: the model is exported, the job marked finished, and its checkpoints (kept to resume a kill) are gone.
+    assert (tmp_path / "run" / FINISHED_FILE).is_file() and not (tmp_path / "run" / "checkpoints").exists()
     assert not lr2.hf.is_patched(model)
     assert any(not torch.equal(before[name], tensor) for name, tensor in weights(model).items())  # it trained
     config = json.loads((folder / "config.json").read_text())
@@ -103,7 +105,8 @@ def test_a_folder_of_other_files_and_a_corrupt_checkpoint_are_named(tmp_path):
         finetune(model, None, table, documents(), SETTINGS, tmp_path / "mine", progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     out = tmp_path / "run"
-    finetune(model, None, table, documents(), SETTINGS, out, progress=False)
+    finetune(model, None, table, documents(), SETTINGS, out, progress=False, keep_checkpoints=True)
+    (out / FINISHED_FILE).unlink()  # as if killed after the last checkpoint, before the job was marked finished
     (out / "checkpoints" / "checkpoint-6" / "trainer_state.json").unlink()
     with pytest.raises(ValueError, match=r"checkpoint: .*checkpoint-6 is incomplete"):
         finetune(tiny_model("llama"), None, table, documents(), SETTINGS, out, progress=False)
@@ -181,28 +184,6 @@ def test_cli_finetunes_a_local_model_folder(tmp_path, capsys):
     assert (tmp_path / "out" / "model" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        (["--steps", "0"], "--steps: expected a positive integer, got 0"),
-        (["--long-fraction", "2"], r"--long-fraction: expected a fraction in \[0, 1\], got 2.0"),
-        (["--data", "missing.txt"], "--data: expected a readable file, got 'missing.txt'"),
-        (["--bf16", "--device", "cpu"], "--bf16: bf16 training is for GPUs"),
-        (["--table", "nowhere"], "--table: expected a table.json or a folder holding one, got 'nowhere'"),
-    ],
-)
-def test_cli_rejects_bad_arguments_before_loading(tmp_path, capsys, options, message):
-    from lr2kernels.apps.cli import main
-
-    table = tmp_path / "t.json"
-    model, table_object = model_and_table()
-    table_object.save(table)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["finetune", "--table", str(table), *options, "--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
-    assert re.search(message, capsys.readouterr().err)
-
-
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     # torchrun, 2 CPU processes (gloo, DDP), 1 row each per step == 1 process, 2 rows per step.
     tiny_model_folder(tmp_path / "tiny")
@@ -269,26 +250,25 @@ def test_a_quantized_model_is_refused_by_name(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-def test_fsdp_on_the_cpu_is_refused_not_replaced_by_ddp(tmp_path, capsys):
+def test_fsdp_on_the_cpu_is_refused_not_replaced_by_ddp(tmp_path):
     """accelerate shards with FSDP only on accelerators; asked for on the CPU it would quietly train with DDP."""
     model, table = model_and_table()
     with pytest.raises(ValueError, match="fsdp: accelerate shards models with FSDP on GPUs only"):
         finetune(model, None, table, documents(), SETTINGS, tmp_path / "run", progress=False, fsdp=True)
-    assert not (tmp_path / "run").exists()
-    from lr2kernels.apps.cli import main
-
-    table.save(tmp_path / "t.json")
-    with pytest.raises(SystemExit):
-        main(["finetune", "--table", str(tmp_path / "t.json"), "--fsdp", "--device", "cpu"])
-    assert "--fsdp: accelerate runs FSDP on GPUs only" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # the command line's --fsdp on the CPU: tests/test_cli.py
 
 
-def test_rerunning_a_finished_job_trains_no_further_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed", [False, True], ids=["finished", "killed-before-marked-finished"])
+def test_rerunning_a_finished_job_trains_no_further_step(tmp_path, monkeypatch, killed):
     """Trainer resumed from a job's final checkpoint runs one step past it (transformers 5.24); a finished job rerun
-    (killed during or after its export, say) must export the final checkpoint's weights unchanged."""
+    (killed during or after its export, say) must export the final checkpoint's weights unchanged; a job marked
+    finished (its checkpoints removed) loads its exported model and trains nothing."""
     model, table = model_and_table()
     settings = FinetuneSettings(**{**SETTINGS.__dict__, "steps": 3, "save_steps": 1})
-    finetune(model, None, table, documents(), settings, tmp_path / "run", progress=False)
+    finetune(model, None, table, documents(), settings, tmp_path / "run", progress=False, keep_checkpoints=killed)
+    if killed:
+        (tmp_path / "run" / FINISHED_FILE).unlink()
+        (tmp_path / "run" / "model" / "model.safetensors").unlink()  # killed while the export was written
     finished = weights(model)
     rerun, _ = model_and_table()
 
@@ -302,3 +282,24 @@ def test_rerunning_a_finished_job_trains_no_further_step(tmp_path, monkeypatch):
     exported = transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
     for name, tensor in exported.items():
         torch.testing.assert_close(tensor, finished[name], atol=0, rtol=0, msg=name)
+
+
+def test_documents_none_longer_than_l0_warn_once_before_training(tmp_path, capsys):
+    """Only short documents: every row holds short ones, the long factors are never used: said once, up front."""
+    model, table = model_and_table()
+    short = [document for document in documents() if len(document) <= L0]
+    settings = FinetuneSettings(**{**SETTINGS.__dict__, "steps": 1, "save_steps": 0})
+    finetune(model, None, table, short, settings, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    assert err.count("no row holds a long document") == 1
+    assert f"L0 {L0}" in err and "only the short table" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # save_steps 0: none written, not even at the end
+
+
+def test_keep_checkpoints_keeps_them(tmp_path):
+    model, table = model_and_table()
+    settings = FinetuneSettings(**{**SETTINGS.__dict__, "steps": 2, "save_steps": 1})
+    finetune(model, None, table, documents(), settings, tmp_path / "run", progress=False, keep_checkpoints=True)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    with pytest.raises(ValueError, match=r"save_steps: expected an integer >= 0, got -1"):
+        FinetuneSettings(seq_len=8, save_steps=-1)

@@ -27,9 +27,12 @@ from lr2kernels.apps.common import (
     Heartbeat,
     add_device_option,
     add_model_option,
+    check_model_device_backend,
     device_from,
     device_name,
     load_model_quietly,
+    make_parser,
+    model_config,
     table_row,
     timed,
 )
@@ -263,11 +266,34 @@ def check_boundary(model, tokenizer, device: torch.device) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_option(parser)
     parser.add_argument(
-        "--length", type=int, default=None, help="passkey prompt tokens (default: 4000 on CPU, 8000 on CUDA)"
+        "--length",
+        type=int,
+        default=None,
+        help=f"passkey prompt tokens, {MIN_PASSKEY_LENGTH} up to the model's context (default: 4000 on CPU, 8000 on "
+        "CUDA; --quick: 1000 and 2000)",
     )
     add_model_option(parser)
     parser.add_argument("--quick", action="store_true", help="shorter inputs and fewer rounds (a smoke test)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random passkey")
+
+
+MIN_PASSKEY_LENGTH = 128  # the needle, the question and the answer take ~50 tokens
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every argument, before the model loads (its context from its config alone)."""
+    check_model_device_backend(parser, args)
+    if args.length is not None:
+        if args.length < MIN_PASSKEY_LENGTH:
+            parser.error(f"--length {args.length}: expected at least {MIN_PASSKEY_LENGTH} tokens (the passkey, "
+                         "question and answer alone take ~50)")  # fmt: skip
+        try:
+            context = model_config(args.model).get("max_position_embeddings")
+        except (OSError, ValueError, KeyError) as error:
+            parser.error(f"--model: cannot read the config of {args.model!r}: {error}")
+        if context and args.length > context:
+            parser.error(f"--length {args.length}: expected at most the model's context {context} (the demo runs "
+                         "the model's own RoPE; past it, use a LongRoPE table: lr2kernels search)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -354,7 +380,14 @@ def run(args: argparse.Namespace) -> int:
     return 0 if everything else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lr2kernels demo", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("lr2kernels demo", __doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    return run(args)

@@ -18,12 +18,14 @@ pytestmark = pytest.mark.skipif(
     shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"), reason="nvcc is not installed"
 )
 
+# The extension's CUDA runtime must see the devices torch sees (none on a CPU-only machine, every one on a GPU's).
 BUILD = textwrap.dedent("""
+    import torch
     from lr2kernels.ops.cuda import jit
     path = jit.build(archs=["80"])
     module = jit.load_built(path)
     print("PATH", path)
-    print("HEAD_DIMS", tuple(module.DECODE_HEAD_DIMS), "DEVICES", module.device_count()[0])
+    print("HEAD_DIMS", tuple(module.DECODE_HEAD_DIMS), "DEVICES", module.device_count()[0], torch.cuda.device_count())
 """)
 
 # The installed extension hidden: load_extension must then find the cached build, compiling nothing.
@@ -57,7 +59,11 @@ def test_two_processes_build_once_and_later_ones_load_the_cache(tmp_path):
     assert len(paths) == 1  # the same build for both
     built = [err for _, err in results if "building the CUDA extension" in err]
     assert len(built) == 1  # one compiled, the other waited on the lock and loaded it
-    assert all("HEAD_DIMS (64, 96, 128, 256) DEVICES 0" in out for out, _ in results)  # no GPU here
+    for out, _ in results:
+        (line,) = [line for line in out.splitlines() if line.startswith("HEAD_DIMS")]
+        assert line.startswith("HEAD_DIMS (64, 96, 128, 256) DEVICES "), line
+        extension_sees, torch_sees = line.split()[-2:]
+        assert extension_sees == torch_sees, line
     (path,) = paths
     folder = os.path.dirname(path)
     assert sorted(os.listdir(folder)) == [os.path.basename(path)]  # no objects or half builds left

@@ -31,12 +31,27 @@ from lr2kernels.apps.common import (
     fresh_results_folder,
     time_ms,
 )
+from lr2kernels.ops import dispatch
 
 COLUMNS = ["provider", "batch", "cache", "ms", "gb_per_s", "of_copy_peak", "vs_post_rope"]
 
 
-def providers(device: torch.device) -> list[str]:
-    """The fused decode kernels available here, then the post-RoPE baseline."""
+FUSED = ("lr2-cuda", "lr2-triton", "lr2-torch")  # the decode kernels on a PRE-RoPE cache; "sdpa" is the baseline
+
+
+def providers(device: torch.device, wanted: list[str] | None = None) -> list[str]:
+    """The fused decode kernels available here (or those of ``wanted``, each of which must be), then the post-RoPE
+    baseline.
+
+    Raises:
+        ValueError: a provider of ``wanted`` that cannot run on ``device``, with the backend's reason.
+    """
+    if wanted:
+        for name in wanted:
+            ok, reason = dispatch.backend_status(name.removeprefix("lr2-"), device)
+            if not ok:
+                raise ValueError(f"--providers: {name} cannot run on {device} here: {reason}")
+        return [*wanted, "sdpa"]
     backends = lr2.available_backends()
     if device.type != "cuda":
         return ["lr2-torch", "sdpa"]
@@ -67,10 +82,11 @@ def _decoder(provider: str, q, k_cache, v_cache, table, lengths):
 
 def run(
     device: torch.device, batches: list[int], caches: list[int], heads: tuple[int, int], head_dim: int, reps: int,
-    max_gb: float, peak_mb: int,
+    max_gb: float, peak_mb: int, wanted: list[str] | None = None,
 ) -> list[dict]:  # fmt: skip
     dtype = default_dtype(device)
     table = make_table(head_dim)
+    names = providers(device, wanted)  # before anything is timed: an unavailable one stops here
     peak = copy_peak_gbps(device, peak_mb, reps)
     print(f"device copy bandwidth: {peak:.0f} GB/s (read + write of {peak_mb} MB)", flush=True)
     env = environment(device)
@@ -88,7 +104,7 @@ def run(
             v_cache = torch.randn(batch, hk, cache, head_dim, device=device, dtype=dtype)
             lengths = torch.full((batch,), cache, dtype=torch.int32, device=device)
             times = {}
-            for provider in providers(device):
+            for provider in names:
                 times[provider] = time_ms(_decoder(provider, q, k_cache, v_cache, table, lengths), device, reps)[0]
             for provider, ms in times.items():
                 gbps = cache_bytes / (ms * 1e-3) / 1e9
@@ -131,21 +147,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions, median (default 20)")
     parser.add_argument("--max-gb", type=float, default=40.0, help="skip shapes whose cache exceeds this (default 40)")
     parser.add_argument("--peak-mb", type=int, default=1024, help="copy buffer for the peak (default 1024 MB)")
+    parser.add_argument(
+        "--providers", nargs="+", choices=FUSED, default=None,
+        help="the decode kernels to time (default: every one available here); the baseline sdpa is always timed",
+    )  # fmt: skip
     add_out_option(parser, fresh_results_folder(), "rows are appended to decode.csv there, decode.png written")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked before anything is allocated or timed (a usage error exits with status 2); needs no
+    GPU: benchmarks/gpu_check.py's dry run checks its commands with it."""
     parser = argparse.ArgumentParser(prog="bench_decode", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    hq, _, hk = args.heads.partition(":")
+    if not (hq.isdigit() and hk.isdigit() and int(hk) > 0) or int(hq) % int(hk):
+        parser.error(f"--heads: expected q:kv with q a multiple of kv (e.g. 32:8), got {args.heads!r}")
+    for option in ("batches", "caches"):
+        if any(n < 1 for n in getattr(args, option) or []):
+            parser.error(f"--{option}: expected positive integers, got {getattr(args, option)}")
+    if args.reps < 1 or args.peak_mb < 1 or args.head_dim < 1:
+        parser.error(f"--reps, --peak-mb, --head-dim: expected positive integers, got {args.reps}, {args.peak_mb}, "
+                     f"{args.head_dim}")  # fmt: skip
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = device_from(args.device)
     gpu = device.type == "cuda"
     hq, _, hk = args.heads.partition(":")
-    if not (hq.isdigit() and hk.isdigit()) or int(hq) % int(hk):
-        parser.error(f"--heads: expected q:kv with q a multiple of kv (e.g. 32:8), got {args.heads!r}")
     batches = args.batches or ([1, 8, 64] if gpu else [1, 2])
     caches = args.caches or ([4096, 16384, 32768, 65536, 131072] if gpu else [256, 1024])
-    rows = run(device, batches, caches, (int(hq), int(hk)), args.head_dim, args.reps, args.max_gb, args.peak_mb)
+    rows = run(device, batches, caches, (int(hq), int(hk)), args.head_dim, args.reps, args.max_gb, args.peak_mb,
+               args.providers)  # fmt: skip
     out = Path(args.out)
     show_and_append(rows, COLUMNS, out / "decode.csv")
     if rows and plot(rows, out / "decode.png", f"decode bandwidth, {args.heads} heads, D {args.head_dim}"):

@@ -175,6 +175,7 @@ def _add_ratios(rows: list[dict]) -> None:
             row["ratio"] = round(row["ms"] / min(baselines), 3)
 
 
+MODES = ("fwd", "fwd_bwd", "decode", "rerotate")
 COLUMNS = ["mode", "provider", "seq", "batch", "head_dim", "hq", "hk", "ms", "tflops", "peak_mb", "ratio"]
 
 
@@ -191,7 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlens", type=int, nargs="*", default=None)
     parser.add_argument("--head-dims", type=int, nargs="*", default=None)
     parser.add_argument("--heads", type=str, nargs="*", default=None, help="HQ:HK pairs, e.g. 32:8 32:4")
-    parser.add_argument("--modes", nargs="*", default=["fwd", "fwd_bwd", "decode", "rerotate"])
+    parser.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
     parser.add_argument("--max-bwd-seqlen", type=int, default=32768, help="longest length timed for fwd_bwd")
 
 

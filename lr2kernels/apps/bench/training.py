@@ -173,10 +173,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_out_option(parser, fresh_results_folder(), "rows are appended to training.csv there")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked before any model is built (a usage error exits with status 2); needs no GPU:
+    benchmarks/gpu_check.py's dry run checks its commands with it."""
     parser = argparse.ArgumentParser(prog="bench_training", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.config is not None and not Path(args.config).is_file():
+        parser.error(f"--config: expected a config.json file, got {args.config!r} (not a file)")
+    for option in ("seq_len", "rows", "docs_per_batch", "reps"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')}: expected a positive integer, got {getattr(args, option)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = device_from(args.device)
     dtype = default_dtype(device)
     if args.config:

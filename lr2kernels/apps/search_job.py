@@ -7,10 +7,12 @@ the model and evaluates its share of each generation; the first process writes t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lr2kernels.apps.common import (
+    Heartbeat,
     add_device_option,
     add_model_option,
     add_out_option,
@@ -207,7 +210,11 @@ def objective_fingerprint(args, model, dtype, device, model_table, target, lengt
 _RUN_KEYS = {"dtype", "torch_dtype", "transformers_version", "use_cache"}  # how it was loaded, not what it computes
 
 
+HELD_OUT_SEED = 1_000_003  # added to --seed: the held-out needle samples the verdict is judged on
+
+
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     device, rank, world = _init_processes(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
@@ -238,36 +245,75 @@ def run(args: argparse.Namespace) -> int:
             say(f"--fresh: moved the earlier log {log_path} aside to {moved} (with its shards); starting over")
     if world > 1:
         torch.distributed.barrier()
-    result = evolutionary_search(evaluator.loss, space, config, log_path=log_path, objective_fingerprint=fingerprint,
-                                 progress=not args.no_progress)  # fmt: skip
+    # A line every 30 s while an evaluation runs (one of 32K tokens takes minutes on a CPU), besides the bar.
+    beat = Heartbeat("search", model, every=30.0, indent="  ") if rank == 0 and not args.no_progress else None
+    with beat or contextlib.nullcontext():
+        result = evolutionary_search(evaluator.loss, space, config, log_path=log_path,
+                                     objective_fingerprint=fingerprint, progress=not args.no_progress)  # fmt: skip
     if rank != 0:
         return 0
+    skipped = f"; {result.skipped} skipped (children equal to a candidate already scored)" if result.skipped else ""
+    say(f"\nsearch: {result.evaluations} of {config.budget} evaluations ({result.reused} from the log{skipped}) in "
+        f"{result.wall_s:.0f} s; critical dim {result.best.critical_dim}")  # fmt: skip
 
+    # The baselines and the result, on the search's samples and on held-out ones (another seed: what the verdict is
+    # judged on, since the search's own samples favour the table that was picked on them).
+    held_out_seed = args.seed + HELD_OUT_SEED
+    held_out = needle_samples(tokenizer, length, args.samples, args.depth, held_out_seed, text, args.digits)
+    held_out_evaluator = NeedleEvaluator(model, held_out, backend=args.backend)
     baselines = baseline_tables(model_table, target, critical=result.best.critical_dim)
-    scores = {name: evaluator(table) for name, table in baselines.items()}
-    scores["searched"] = evaluator(result.table)
+    tables = {**baselines, "searched": result.table}
+    say(f"scoring {len(tables)} tables on the {args.samples} search and {args.samples} held-out sample(s):")
+    scores, held_out_scores = {}, {}
+    baselines_start = time.perf_counter()
+    with Heartbeat("scoring", model, every=30.0, indent="  ") if beat else contextlib.nullcontext():
+        for name, table in tables.items():
+            table_start = time.perf_counter()
+            scores[name], held_out_scores[name] = evaluator(table), held_out_evaluator(table)
+            say(f"  {name}: loss {scores[name].loss:.4f}, held out {held_out_scores[name].loss:.4f} "
+                f"({time.perf_counter() - table_start:.0f} s)")  # fmt: skip
+    baselines_s = time.perf_counter() - baselines_start
+    best_baseline = min(baselines, key=lambda name: held_out_scores[name].loss)
+    searched_loss, baseline_loss = held_out_scores["searched"].loss, held_out_scores[best_baseline].loss
+    verdict = {
+        "searched_beats_best_baseline": bool(searched_loss < baseline_loss), "best_baseline": best_baseline,
+        "searched_loss": searched_loss, "best_baseline_loss": baseline_loss, "held_out_samples": args.samples,
+        "held_out_seed": held_out_seed, "eval_length": length,
+    }  # fmt: skip
+
     out.mkdir(parents=True, exist_ok=True)
     result.table.save(out / "table.json")
-    save_hf_config(out / "config.json", model.config, result.table)
-    plot_factors(out / "factors.png", {**baselines, "searched": result.table}, result.best.critical_dim,
+    save_hf_config(out / "config.json", model.config, result.table, architectures=[type(model).__name__])
+    plot_factors(out / "factors.png", tables, result.best.critical_dim,
                  f"{args.model}: L_train {original} -> {target}")  # fmt: skip
+    wall_s = time.perf_counter() - started
     summary = {
         "model": args.model, "original_length": original, "target_length": target, "eval_length": length,
         "samples": args.samples, "theoretical_critical_dim": theory, "critical_dim": result.best.critical_dim,
-        "evaluations": result.evaluations, "reused_from_log": result.reused, "wall_s": result.wall_s,
+        "budget": config.budget, "evaluations": result.evaluations, "skipped_duplicates": result.skipped,
+        "reused_from_log": result.reused, "wall_s": wall_s, "search_s": result.wall_s, "baselines_s": baselines_s,
+        "resumed_search_s": result.logged_s, "resumed_untimed_evaluations": result.logged_untimed,
+        "total_s": wall_s + result.logged_s,
         "processes": world, "device": str(device), "dtype": str(dtype), "config": dataclasses.asdict(config),
         "history": list(result.history), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "scores": {name: dataclasses.asdict(score) for name, score in scores.items()},
+        "held_out_scores": {name: dataclasses.asdict(score) for name, score in held_out_scores.items()},
+        "verdict": verdict,
     }  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
-    say(f"\n{result.evaluations} evaluations ({result.reused} from the log) in {result.wall_s:.0f} s; "
-        f"critical dim {result.best.critical_dim}")  # fmt: skip
-    say(f"needle loss at {length} tokens ({args.samples} samples):")
-    widths = (12, 10, 10, 10)
-    say(table_row(("  table", "loss", "ppl", "accuracy"), widths))
+    say(f"needle loss at {length} tokens ({args.samples} search samples; {args.samples} held out, seed "
+        f"{held_out_seed}):")  # fmt: skip
+    widths = (12, 10, 10, 10, 10)
+    say(table_row(("  table", "loss", "ppl", "accuracy", "held out"), widths))
     for name, score in scores.items():
-        say(table_row((f"  {name}", f"{score.loss:.4f}", f"{score.perplexity:.3f}", f"{score.accuracy:.2f}"), widths))
+        say(table_row((f"  {name}", f"{score.loss:.4f}", f"{score.perplexity:.3f}", f"{score.accuracy:.2f}",
+                       f"{held_out_scores[name].loss:.4f}"), widths))  # fmt: skip
+    resumed = f" + {result.logged_s:.0f} s of evaluations in earlier runs" if result.reused else ""
+    say(f"time: {wall_s:.0f} s this run (search {result.wall_s:.0f} s, scoring {baselines_s:.0f} s){resumed}")
+    beats = "BEATS" if verdict["searched_beats_best_baseline"] else "does NOT beat"
+    say(f"verdict: the searched table {beats} the best baseline, {best_baseline}, at {length} tokens on "
+        f"{args.samples} held-out sample(s): loss {searched_loss:.4f} vs {baseline_loss:.4f}")  # fmt: skip
     say(f"wrote {out / 'table.json'}, {out / 'config.json'}, {out / 'factors.png'}, {out / 'summary.json'}")
     return 0
 
@@ -340,4 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
-    return run(args)
+    try:
+        return run(args)
+    except ValueError as error:  # what only the model and the log tell (a log of another search in --out, ...)
+        print(f"lr2kernels search: error: {error}", file=sys.stderr, flush=True)
+        return 2

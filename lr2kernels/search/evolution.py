@@ -82,6 +82,11 @@ class SearchResult:
         evaluations: distinct candidates scored; ``reused`` of them came from the log of an earlier run.
         log: every scored candidate in the order the search made them, ``(candidate, score)``.
         wall_s: seconds this run took.
+        skipped: evaluations of the budget (:attr:`SearchConfig.budget`) not made: children that came out equal to a
+            candidate already scored in 20 tries (a narrow space, or a converged population), and crossovers of a
+            generation with fewer than two parents. ``evaluations + skipped == budget``.
+        logged_s: seconds the ``reused`` evaluations took in the earlier runs that logged them (evaluations logged
+            without their time, by an lr2kernels before 0.3, count 0; ``logged_untimed`` says how many).
     """
 
     best: Candidate
@@ -92,6 +97,9 @@ class SearchResult:
     reused: int
     log: tuple[tuple[Candidate, float], ...]
     wall_s: float
+    skipped: int = 0
+    logged_s: float = 0.0
+    logged_untimed: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -178,6 +186,7 @@ class SearchLog:
         self.header, self.objective = json.loads(json.dumps(header)), json.loads(json.dumps(objective))
         self.own = self.path if rank == 0 else self.path.with_name(f"{self.path.name}.rank{rank}")
         self._file = None
+        self.seconds: dict[str, float | None] = {}  # by key, as read(): how long each evaluation took (None: unknown)
 
     def shards(self) -> list[Path]:
         return [self.path, *sorted(self.path.parent.glob(f"{self.path.name}.rank*"))]
@@ -242,6 +251,7 @@ class SearchLog:
                     header_seen = True
                 elif record.get("kind") == "evaluation":
                     scores[record["key"]] = float(record["score"])
+                    self.seconds[record["key"]] = record.get("seconds")
         return scores
 
     def repair(self) -> list[Path]:
@@ -276,7 +286,7 @@ class SearchLog:
             repaired.append(shard)
         return repaired
 
-    def append(self, candidate: Candidate, score: float, generation: int) -> None:
+    def append(self, candidate: Candidate, score: float, generation: int, seconds: float | None = None) -> None:
         if self._file is None:
             fresh = not self.own.exists() or self.own.stat().st_size == 0
             self.own.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +295,7 @@ class SearchLog:
                 self._write({"kind": "header", "format": LOG_FORMAT, "version": LOG_VERSION, "search": self.header,
                              "objective": self.objective})  # fmt: skip
         record = {"kind": "evaluation", "key": candidate.key, "generation": generation, "score": score,
-                  **candidate.to_dict(), "time": time.time()}  # fmt: skip
+                  **candidate.to_dict(), "time": time.time(), "seconds": seconds}  # fmt: skip
         self._write(record)
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -327,6 +337,16 @@ class _Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.enabled, self.start = total, enabled, time.perf_counter()
         self.live = enabled and sys.stderr.isatty()
+        self.skipped = 0
+
+    def skip(self, count: int, generation: int) -> None:
+        """``count`` planned evaluations of ``generation`` not made (duplicates): the total shrinks, and says so."""
+        self.total -= count
+        self.skipped += count
+        if self.enabled and count:
+            line = (f"search: generation {generation}: {count} planned candidate(s) skipped (each came out equal "
+                    "to one already scored, 20 tries)")  # fmt: skip
+            print(("\n" if self.live else "") + line, file=sys.stderr, flush=True)
 
     def update(self, done: int, reused: int, best: float, generation: int) -> None:
         if not self.enabled:
@@ -334,8 +354,9 @@ class _Progress:
         elapsed = time.perf_counter() - self.start
         width = 24
         filled = int(width * done / max(self.total, 1))
+        skipped = f", {self.skipped} skipped" if self.skipped else ""
         line = (f"search [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} evaluations "
-                f"({reused} from log)  generation {generation}  best {best:.4f}  {elapsed:.0f}s")  # fmt: skip
+                f"({reused} from log{skipped})  generation {generation}  best {best:.4f}  {elapsed:.0f}s")  # fmt: skip
         print(("\r" + line) if self.live else line, end="" if self.live else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -354,6 +375,7 @@ class _Scores:
         self.order: list[Candidate] = []
         self.reused = 0
         self.best_seen = math.inf
+        self.logged_s, self.logged_untimed = 0.0, 0
 
     def best(self) -> tuple[Candidate, float]:
         return self.ranked()[0]
@@ -368,10 +390,11 @@ class _Scores:
         missing = [c for c in new if c.key not in self.logged]
         mine: dict[str, float] = {}
         for candidate in missing[self.rank :: self.world]:
+            start = time.perf_counter()
             score = float(self.objective(self.space.table(candidate)))
             mine[candidate.key] = score
             if self.log is not None:
-                self.log.append(candidate, score, generation)
+                self.log.append(candidate, score, generation, round(time.perf_counter() - start, 3))
             self._seen(score)
             self.progress.update(len(self.order) + len(mine), self.reused, self.best_seen, generation)
         merged: dict[str, float] = {}
@@ -383,6 +406,11 @@ class _Scores:
             else:
                 self.scores[candidate.key] = self.logged[candidate.key]
                 self.reused += 1
+                seconds = self.log.seconds.get(candidate.key) if self.log is not None else None
+                if seconds is None:
+                    self.logged_untimed += 1
+                else:
+                    self.logged_s += float(seconds)
             self._seen(self.scores[candidate.key])
             self.order.append(candidate)
         if len(new) != len(mine):  # scores from the log or from other processes: show the merged state
@@ -490,12 +518,18 @@ def evolutionary_search(
     rng = random.Random(config.seed)
     history = []
     try:
-        scores.evaluate(initial_population(space, config, rng), generation=0)
+        population = initial_population(space, config, rng)
+        bar.skip(config.population - len({c.key for c in population}), 0)
+        scores.evaluate(population, generation=0)
         history.append(scores.best()[1])
         for generation in range(1, config.iterations + 1):
             parents = [c for c, _ in scores.ranked()[: config.parents]]
-            scores.evaluate(_children(space, config, parents, rng, scores.scores), generation)
+            children = _children(space, config, parents, rng, scores.scores)
+            bar.skip(config.mutations + config.crossovers - len(children), generation)
+            scores.evaluate(children, generation)
             history.append(scores.best()[1])
+        if bar.skipped:  # the bar's last line: made / budget less what was skipped
+            bar.update(len(scores.order), scores.reused, scores.best_seen, config.iterations)
     finally:
         bar.close()
         if log is not None:
@@ -510,4 +544,7 @@ def evolutionary_search(
         reused=scores.reused,
         log=tuple((c, scores.scores[c.key]) for c in scores.order),
         wall_s=time.perf_counter() - start,
+        skipped=bar.skipped,
+        logged_s=scores.logged_s,
+        logged_untimed=scores.logged_untimed,
     )

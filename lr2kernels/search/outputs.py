@@ -6,24 +6,40 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lr2kernels.tables import RopeTable
 
 
-def hf_config_dict(model_config: Any, table: RopeTable) -> dict[str, Any]:
+def hf_config_dict(model_config: Any, table: RopeTable, architectures: Sequence[str] | None = None) -> dict[str, Any]:
     """The model's config as a ``config.json`` dict, extended with ``table`` as a ``longrope`` RoPE.
 
-    Written three ways so every loader finds it: ``rope_parameters`` (transformers >= 5), ``rope_scaling`` with
-    ``type`` and ``rope_type`` (older transformers, vLLM), and the top-level ``original_max_position_embeddings``
-    (which Phi3 and transformers' longrope read for L0). ``max_position_embeddings`` becomes the table's length.
+    A transformers config is written as its own ``save_pretrained`` writes it (``to_diff_dict``: the fields at
+    their class defaults, such as a classifier's labels, left out). The RoPE is written three ways so every loader
+    finds it: ``rope_parameters`` (transformers >= 5), ``rope_scaling`` with ``type`` and ``rope_type`` (older
+    transformers, vLLM), and the top-level ``original_max_position_embeddings`` (which Phi3 and transformers'
+    longrope read for L0). ``max_position_embeddings`` becomes the table's length.
+
+    Args:
+        model_config: a transformers config or a ``config.json`` dict.
+        table: a LongRoPE table.
+        architectures: the model classes (e.g. ``["LlamaForCausalLM"]``), as ``save_pretrained`` of the model
+            records them; None: the config's own (a config loaded from a GGUF file has none).
     """
-    if hasattr(model_config, "to_dict"):
-        data = model_config.to_dict()
+    if architectures is not None and (isinstance(architectures, str) or not all(
+            isinstance(name, str) for name in architectures)):  # fmt: skip
+        raise TypeError(f"architectures: expected a list of class names or None, got {architectures!r}")
+    if hasattr(model_config, "to_diff_dict"):
+        config = copy.deepcopy(model_config)
+        if architectures is not None:
+            config.architectures = list(architectures)
+        data = config.to_diff_dict()
     elif isinstance(model_config, Mapping):
         data = copy.deepcopy(dict(model_config))
+        if architectures is not None:
+            data["architectures"] = list(architectures)
     else:
         raise TypeError(f"model_config: expected a transformers config or a dict, got {type(model_config).__name__}")
     rope = table.to_hf_rope_parameters()
@@ -38,14 +54,16 @@ def hf_config_dict(model_config: Any, table: RopeTable) -> dict[str, Any]:
     return data
 
 
-def save_hf_config(path: str | os.PathLike, model_config: Any, table: RopeTable) -> Path:
+def save_hf_config(
+    path: str | os.PathLike, model_config: Any, table: RopeTable, architectures: Sequence[str] | None = None
+) -> Path:
     """Write :func:`hf_config_dict` to ``path`` (a folder gets ``config.json``). Returns the file."""
     path = Path(path)
     if path.is_dir() or path.suffix != ".json":
         path.mkdir(parents=True, exist_ok=True)
         path = path / "config.json"
     with open(path, "w") as f:
-        json.dump(hf_config_dict(model_config, table), f, indent=2)
+        json.dump(hf_config_dict(model_config, table, architectures), f, indent=2, sort_keys=True)
         f.write("\n")
     return path
 

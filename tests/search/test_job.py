@@ -28,11 +28,30 @@ def test_search_writes_a_table_a_config_transformers_loads_and_a_plot(model_dir,
     assert main(["search", "--model", str(model_dir), "--out", str(out), *ARGS]) == 0
     printed = capsys.readouterr().out
     assert "critical dim" in printed and "searched" in printed and "YaRN" in printed
+    for name in ("PI", "NTK", "YaRN", "NTK-rcd", "YaRN-rcd", "searched"):  # a line as each table is scored
+        assert re.search(rf"^  {re.escape(name)}: loss [0-9.]+, held out [0-9.]+ \(\d+ s\)$", printed, re.M), name
 
     table = lr2.RopeTable.load(out / "table.json")
     assert table.original_max_position == 256 and table.max_position == 512
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluations"] <= 4 + 2 * 4 and summary["reused_from_log"] == 0
+    # The budget is accounted for: every planned evaluation was made or is counted as skipped.
+    assert summary["budget"] == 4 + 2 * 4 == summary["evaluations"] + summary["skipped_duplicates"]
+    assert f"{summary['evaluations']} of 12 evaluations" in printed
+    # Wall time: the whole run (model, search, scoring), its parts inside it.
+    assert 0 < summary["search_s"] < summary["wall_s"] and 0 < summary["baselines_s"] < summary["wall_s"]
+    assert summary["resumed_search_s"] == 0 and summary["total_s"] == summary["wall_s"]
+    # The verdict: searched vs the best baseline on held-out samples (another seed), as a field and a line.
+    verdict, held_out = summary["verdict"], summary["held_out_scores"]
+    assert set(held_out) == set(summary["scores"]) and held_out != summary["scores"]
+    baselines = {name: score["loss"] for name, score in held_out.items() if name != "searched"}
+    assert verdict["best_baseline"] == min(baselines, key=baselines.get)
+    assert verdict["best_baseline_loss"] == min(baselines.values())
+    assert verdict["searched_loss"] == held_out["searched"]["loss"]
+    assert verdict["searched_beats_best_baseline"] == (verdict["searched_loss"] < verdict["best_baseline_loss"])
+    beats = "BEATS" if verdict["searched_beats_best_baseline"] else "does NOT beat"
+    line = f"verdict: the searched table {beats} the best baseline, {verdict['best_baseline']}, at 320 tokens"
+    assert line in printed
     assert set(summary["scores"]) == {"PI", "NTK", "YaRN", "NTK-rcd", "YaRN-rcd", "searched"}
     logged = [json.loads(line)["score"] for line in (out / "search_log.jsonl").read_text().splitlines()[1:]]
     assert summary["scores"]["searched"]["loss"] == min(logged)
@@ -56,15 +75,22 @@ def test_search_writes_a_table_a_config_transformers_loads_and_a_plot(model_dir,
     assert raw["rope_scaling"]["long_factor"] == list(table.long_factor)
     assert raw["rope_scaling"]["short_factor"] == list(table.short_factor)
     assert raw["original_max_position_embeddings"] == 256
+    # As transformers writes a config for this model: its class named, no classifier labels, keys sorted.
+    assert raw["architectures"] == ["LlamaForCausalLM"]
+    assert "id2label" not in raw and "label2id" not in raw and list(raw) == sorted(raw)
 
     # Running it again resumes from the folder's log: nothing is evaluated twice.
     assert main(["search", "--model", str(model_dir), "--out", str(out), *ARGS]) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["reused_from_log"] == again["evaluations"] == summary["evaluations"]
+    # The time the reused evaluations took in the first run is counted in the total.
+    assert again["resumed_search_s"] > 0 and again["total_s"] == again["wall_s"] + again["resumed_search_s"]
     assert lr2.RopeTable.load(out / "table.json") == table
-    # Another target cannot reuse that log.
-    with pytest.raises(ValueError, match="different search: search.space.target_length is 512 in the log and 1024"):
-        main(["search", "--model", str(model_dir), "--out", str(out), *ARGS, "--target-length", "1024"])
+    # Another target cannot reuse that log: one line, exit 2.
+    assert main(["search", "--model", str(model_dir), "--out", str(out), *ARGS, "--target-length", "1024"]) == 2
+    error = capsys.readouterr().err
+    assert "lr2kernels search: error: log: " in error and "Traceback" not in error
+    assert "different search: search.space.target_length is 512 in the log and 1024" in error
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +121,10 @@ def test_a_log_of_another_objective_is_refused_naming_the_option(logged_search, 
         (tmp_path / "other.txt").write_text("Another filler text, about nothing in particular at all. " * 60)
         option = ["--text", str(tmp_path / "other.txt")]
     args = ["search", "--model", _model_of(logged_search), "--out", str(out), *ARGS, *option]
-    with pytest.raises(ValueError, match=rf"different search: objective\.{field} is .* in the log") as error:
-        main(args)
-    assert "--fresh" in str(error.value) and str(out / "search_log.jsonl") in str(error.value)
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert re.search(rf"different search: objective\.{field} is .* in the log", error)
+    assert "--fresh" in error and str(out / "search_log.jsonl") in error
     assert (out / "search_log.jsonl").read_bytes() == before  # refused, untouched
     # --fresh starts over and keeps the old log, renamed next to it.
     assert main([*args, "--fresh"]) == 0
@@ -111,7 +138,7 @@ def _model_of(out: Path) -> str:
     return json.loads((out / "summary.json").read_text())["model"]
 
 
-def test_changed_weights_are_refused(tokenizer, tmp_path):
+def test_changed_weights_are_refused(tokenizer, tmp_path, capsys):
     from tests.search.conftest import tiny_llama
 
     folder, out = tmp_path / "model", tmp_path / "out"
@@ -122,8 +149,9 @@ def test_changed_weights_are_refused(tokenizer, tmp_path):
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3  # one parameter, same path, same config
     model.save_pretrained(folder)
-    with pytest.raises(ValueError, match=r"objective\.weights_sha256 is '[0-9a-f]{64}' in the log and '[0-9a-f]{64}'"):
-        main(["search", "--model", str(folder), "--out", str(out), *ARGS])
+    assert main(["search", "--model", str(folder), "--out", str(out), *ARGS]) == 2
+    refused = capsys.readouterr().err
+    assert re.search(r"objective\.weights_sha256 is '[0-9a-f]{64}' in the log and '[0-9a-f]{64}'", refused)
 
 
 def test_a_log_cut_by_a_kill_resumes_twice_through_the_cli(logged_search, tmp_path, capsys):
@@ -200,3 +228,32 @@ def test_an_unwritable_out_folder_stops_before_anything_loads(tmp_path, monkeypa
     with pytest.raises(SystemExit):
         search_job.main(["--out", str(blocker / "out")])
     assert "--out: expected a folder the search can write its log and results to" in capsys.readouterr().err
+
+
+def test_the_budget_is_accounted_for_when_the_space_runs_out_of_new_candidates(tmp_path, capsys):
+    """With every factor pinned (upper 1: [s, s]) only the critical dimension varies: 3 distinct candidates for a
+    budget of 12. The search says what it skipped, and evaluations + skipped is the budget; a resumed run counts the
+    time the logged evaluations took."""
+    import time
+
+    from lr2kernels.search import SearchConfig, evolutionary_search
+    from lr2kernels.search.space import SearchSpace
+
+    space = SearchSpace(lr2.RopeTable.default(head_dim=16, base=1e4, max_position=256), 1024, 3, 5, upper=1.0)
+    config = SearchConfig(population=4, parents=2, mutations=2, crossovers=2, iterations=2)
+    calls = []
+
+    def objective(table):
+        calls.append(table)
+        time.sleep(0.02)
+        return float(sum(table.long_factor))
+
+    log = tmp_path / "log.jsonl"
+    result = evolutionary_search(objective, space, config, log_path=log, progress=True)
+    assert result.evaluations == len(calls) == 3
+    assert result.evaluations + result.skipped == config.budget == 12
+    err = capsys.readouterr().err
+    assert "generation 0: 1 planned candidate(s) skipped" in err and "3/3 evaluations" in err
+    again = evolutionary_search(objective, space, config, log_path=log)
+    assert len(calls) == 3 and again.reused == 3 and again.skipped == result.skipped
+    assert again.logged_untimed == 0 and 3 * 0.02 <= again.logged_s < 3 * 0.02 + 5

@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     result.table.save(out / "table.json")
     save_hf_config(out / "config.json", model.config, result.table, architectures=[type(model).__name__])
     plot_factors(out / "factors.png", tables, result.best.critical_dim,
-                 f"{args.model}: L_train {original} -> {target}")  # fmt: skip
+                 f"{args.model}: L_train {original} -> {target}", theoretical_critical_dim=theory)  # fmt: skip
     wall_s = time.perf_counter() - started
     summary = {
         "model": args.model, "original_length": original, "target_length": target, "eval_length": length,

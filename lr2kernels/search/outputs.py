@@ -69,9 +69,14 @@ def save_hf_config(
 
 
 def plot_factors(
-    path: str | os.PathLike, tables: Mapping[str, RopeTable], critical_dim: int | None = None, title: str = ""
+    path: str | os.PathLike,
+    tables: Mapping[str, RopeTable],
+    critical_dim: int | None = None,
+    title: str = "",
+    theoretical_critical_dim: int | None = None,
 ) -> Path:
-    """PNG of long factor against frequency pair (log scale) for each named table, the critical pair marked."""
+    """PNG of long factor against frequency pair (log scale) for each named table, the critical pair found marked
+    (dashed) and the theoretical one (:func:`lr2kernels.search.critical_dimension`, dotted)."""
     import matplotlib
     import matplotlib.ticker
 
@@ -85,6 +90,10 @@ def plot_factors(
     if critical_dim is not None:
         ax.axvline(critical_dim, color="grey", linestyle="--", linewidth=1)
         ax.text(critical_dim, ax.get_ylim()[1], f" critical dim {critical_dim}", va="top", fontsize=8, color="grey")
+    if theoretical_critical_dim is not None:
+        ax.axvline(theoretical_critical_dim, color="tab:red", linestyle=":", linewidth=1)
+        ax.text(theoretical_critical_dim, ax.get_ylim()[0], f" theoretical {theoretical_critical_dim}", va="bottom",
+                fontsize=8, color="tab:red")  # fmt: skip
     ax.set_yscale("log", base=2)
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))

@@ -257,3 +257,23 @@ def test_the_budget_is_accounted_for_when_the_space_runs_out_of_new_candidates(t
     again = evolutionary_search(objective, space, config, log_path=log)
     assert len(calls) == 3 and again.reused == 3 and again.skipped == result.skipped
     assert again.logged_untimed == 0 and 3 * 0.02 <= again.logged_s < 3 * 0.02 + 5
+
+
+def test_the_factor_plot_marks_the_found_and_the_theoretical_critical_dimension(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from lr2kernels.search.outputs import plot_factors
+
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), original(fig, *a, **k))
+    )
+    table = lr2.RopeTable.yarn(head_dim=32, base=1e4, original_max_position=256, max_position=1024)
+    plot_factors(tmp_path / "f.png", {"YaRN": table}, critical_dim=9, theoretical_critical_dim=12)
+    (axes,) = saved[0].axes
+    texts = [text.get_text().strip() for text in axes.texts]
+    assert texts == ["critical dim 9", "theoretical 12"]
+    vertical = [line.get_xdata()[0] for line in axes.lines if len(set(line.get_xdata())) == 1]
+    assert vertical == [9, 12]
+    assert (tmp_path / "f.png").stat().st_size > 10_000

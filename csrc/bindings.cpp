@@ -33,8 +33,8 @@ void rope_decode(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v
                  std::uintptr_t o_part, std::uintptr_t lse_part, std::uintptr_t seqlens, std::uintptr_t inv_freq,
                  const Strides& q_strides, const Strides& k_strides, const Strides& v_strides,
                  const Strides& o_strides, int batch, int num_kv_heads, int group, int n_new, int half,
-                 int head_dim, int num_splits, int capacity, int original_max_position, float scale_log2, float attention_short,
-                 float attention_long, std::uintptr_t stream) {
+                 int head_dim, int num_splits, int split_min_keys, int capacity, int original_max_position,
+                 float scale_log2, float attention_short, float attention_long, std::uintptr_t stream) {
     lr2::DecodeParams p{};
     p.q = ptr<const void>(q);
     p.k = ptr<const void>(k);
@@ -55,6 +55,7 @@ void rope_decode(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v
     p.half = half;
     p.head_dim = head_dim;
     p.num_splits = num_splits;
+    p.split_min_keys = split_min_keys;
     p.capacity = capacity;
     p.original_max_position = original_max_position;
     p.scale_log2 = scale_log2;
@@ -62,6 +63,7 @@ void rope_decode(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v
     p.attention_long = attention_long;
     if (capacity < 0) throw std::invalid_argument("rope_decode: capacity must be >= 0");
     if (num_splits < 1) throw std::invalid_argument("rope_decode: num_splits must be >= 1");
+    if (split_min_keys < 1) throw std::invalid_argument("rope_decode: split_min_keys must be >= 1");
     if (half * 2 > head_dim) throw std::invalid_argument("rope_decode: rotary_dim is larger than head_dim");
     void* s = ptr<void>(stream);
     switch (dtype) {

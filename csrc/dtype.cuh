@@ -4,8 +4,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-// kernel<<<grid, block, 0, stream>>>(args) as LR2_LAUNCH(kernel, grid, block, stream)(args), kernel a function pointer
-// variable (a template-id's commas would split the macro's arguments): the host emulation of tests/cuda defines its own.
+// kernel<<<grid, block, 0, stream>>>(args) as LR2_LAUNCH(kernel, grid, block, stream)(args), kernel a function
+// pointer variable (a template-id's commas would split the macro's arguments); tests/cuda's host emulation defines its
+// own.
 #if !defined(LR2_HOST_EMULATION)
 #define LR2_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
 #endif

@@ -12,8 +12,9 @@ namespace lr2 {
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // rope_decode: q [B, Hq, n, D] against k/v caches [B, Hk, max_len, D] of PRE-RoPE keys and values.
-// Strides are (batch, head, token) in elements; the last dim is contiguous. A sequence whose seqlens[b] exceeds the
-// capacity gets NaN in every output element of its rows (a loud signal without a host sync); nothing past the
+// Strides are (batch, head, token) in elements; the last dim is contiguous. k and v are read in 16-byte copies: their
+// base pointers and strides must be 16-byte aligned (the Python launcher checks). A sequence whose seqlens[b] exceeds
+// the capacity gets NaN in every output element of its rows (a loud signal without a host sync); nothing past the
 // capacity is read.
 struct DecodeParams {
     const void* q;
@@ -34,7 +35,8 @@ struct DecodeParams {
     int n_new;
     int half;               // rotary_dim / 2
     int head_dim;
-    int num_splits;
+    int num_splits;             // the grid's splits (the most any sequence uses; see decode_split_plan)
+    int split_min_keys;         // a sequence uses min(num_splits, ceil(len / split_min_keys)) splits
     int capacity;               // max_len: positions per sequence in the caches; no key at or past it is read
     int original_max_position;  // L0: a sequence uses the long table iff seqlens[b] > L0
     float scale_log2;           // softmax_scale * log2(e)

@@ -1,27 +1,39 @@
 // rope_decode: split-KV (flash-decoding) attention of n new PRE-RoPE queries on a cache of PRE-RoPE keys.
 //
-// One kernel body, instantiated per (element type, head_dim) in rope_decode_{f32,f16,bf16}.cu.
+// One kernel body, instantiated per (element type, head_dim, rows per block) in rope_decode_{f32,f16,bf16}.cu.
 //
-// Grid (B * Hk, num_splits, row blocks). A block serves one (sequence, kv head) and one KV split for ROWS packed
-// rows of the GQA group: row g * n + t is q head kv_head * group + g, new token t (position seq_len - n + t). So each
-// cached key of the split is read, and rotated, once for the whole group. Each of the NWARPS warps takes every
-// NWARPS-th key of the split: its 32 lanes hold the head's channels as pair slots (slot s < half: the NeoX pair
-// (s, s + half), rotated in registers; slot s >= half: two pass-through channels),
-// score it against the ROWS rotated queries (held in registers, pre-scaled by softmax_scale * log2 e) with a warp
-// reduction, and update their online-softmax states. At the end the warps' states are merged through shared memory.
-// With one split the block writes the output; with more, its finished partial (o, lse), merged by the second kernel.
+// Grid (B * Hk, max splits, row blocks), 4 warps a block. A block serves one (sequence, kv head), one KV split, and
+// ROWS packed rows of the GQA group: row g * n + t is q head kv_head * group + g, new token t (position
+// seq_len - n + t). ROWS is group * n rounded up to a power of two (at most 8; 4 at head 256), so MHA decode (one row)
+// does no redundant softmax or shuffle work, and each cached key is read, and rotated, once for the whole group.
 //
-// The keys' angles: the loop walks tiles of key_tile<D>() positions (p0 a multiple of the tile; warp w takes offsets w,
-// w + NWARPS, ...). In fp16/bf16 each lane calls sincosf once per tile and slot, and gets every key's cos/sin by angle
-// addition with a per-block step table in shared memory (rope_cos_sin_step: 2.9e-7 from fp64, where HF rounds cos/sin
-// to the model's dtype); in fp32 it keeps one sincosf per key (1.4e-7, as HF's fp32 path).
+// Memory: the split's keys and values stream through shared memory in tiles of TILE keys, STAGES - 1 tiles ahead of
+// the one being computed (cp.async, 16 bytes per copy: 8 fp16/bf16 or 4 fp32 channels); a stage row is padded by 16
+// bytes. See csrc/README.md for the bytes in flight this gives per SM against the HBM latency-bandwidth product.
 //
-// The table is chosen per sequence from seqlens[b] on the device (no host sync). Slots past seqlens[b] are never read,
-// nor any at or past the capacity: a sequence whose seqlens[b] exceeds it gets NaN rows.
+// Compute: LPK lanes share a key (KPW = 32 / LPK keys per warp at once, KPB = 4 * KPW per block); each lane holds SPL
+// of the head's D / 2 pair slots (slot s < half: the NeoX pair (s, s + half), rotated in registers; slot s >= half: two
+// pass-through channels), scores its slots against the ROWS rotated queries (registers, pre-scaled by softmax_scale *
+// log2 e), reduces the dot over its LPK lanes (log2 LPK shuffles), and updates its own online-softmax states. LPK is
+// chosen per (D, ROWS) to keep SPL * ROWS <= 16 (registers) with as few shuffles as that allows. At the end the KPB
+// key groups' states are merged through shared memory. With one split the block writes the output; with more, its
+// finished partial (o, lse), combined by the merge kernel.
+//
+// The keys' angles: tiles start at multiples of TILE. In fp16/bf16 the block computes one sincosf per tile and slot
+// (a shared table) and every key's cos/sin by angle addition with a per-block step table (rope_cos_sin_step: 2.9e-7
+// from fp64, where HF rounds cos/sin to the model's dtype); in fp32 each key keeps its sincosf (1.4e-7, HF's fp32).
+//
+// Splits from the real lengths (no host sync): the grid has the launcher's max splits (from the capacity and the SM
+// count); each sequence uses min(max splits, ceil(len / split_min_keys)) of them, its length shared evenly in chunks of
+// a multiple of kSplitAlign keys (decode_split_plan); blocks past the sequence's own count exit at once, and the merge
+// combines the same count. The table is chosen per sequence from seqlens[b] on the device. Keys at or past seqlens[b]
+// are never read, nor any at or past the capacity: a sequence whose seqlens[b] exceeds the capacity reads nothing and
+// gets NaN in every element of its rows.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include "cp_async.cuh"
 #include "dtype.cuh"
 #include "lr2_cuda.h"
 #include "rope_math.cuh"
@@ -29,26 +41,77 @@
 namespace lr2 {
 
 constexpr int kDecodeWarps = 4;
+constexpr int kDecodeThreads = kDecodeWarps * 32;
+// Split chunks are multiples of this many keys (a multiple of every TILE, so tiles start at multiples of TILE).
+constexpr int kSplitAlign = 32;
+// Target bytes of one pipeline stage (keys and values of a tile).
+constexpr int kStageBytes = 8192;
 
-// Positions per angle-addition tile: one sincosf per tile and slot, then tile / kDecodeWarps keys per warp by angle
-// addition. The step table takes 2 * tile * D / 2 floats of static shared memory (48 KB in all), so half at D = 256.
+// The most rows a block packs: the rotated queries and their accumulators live in registers.
 template <int D>
-__host__ __device__ constexpr int key_tile() {
-    return D >= 256 ? 16 : 32;
-}
-
-// Angle addition for the keys where HF's own path rounds cos/sin to the model's dtype (fp16, bf16); fp32 keeps a
-// sincosf per key (see rope_cos_sin_step and tests/cuda/test_host_math.py).
-template <typename T>
-__host__ __device__ constexpr bool step_angles() {
-    return sizeof(T) == 2;
-}
-
-// Packed rows per block: the rotated queries and their accumulators live in registers (4 * D / 32 floats per row
-// and lane), so fewer rows for the largest head.
-template <int D>
-__host__ __device__ constexpr int decode_rows() {
+__host__ __device__ constexpr int decode_max_rows() {
     return D >= 256 ? 4 : 8;
+}
+
+// Lanes per key: the fewest (fewest shuffles per score) that keep a lane's slots SPL <= min(8, 16 / ROWS).
+template <int SLOTS, int ROWS>
+__host__ __device__ constexpr int decode_lanes_per_key() {
+    constexpr int target = 16 / ROWS < 8 ? (16 / ROWS < 1 ? 1 : 16 / ROWS) : 8;
+    for (int lanes = 1; lanes <= 32; lanes *= 2) {
+        if (SLOTS % lanes == 0 && SLOTS / lanes <= target) return lanes;
+    }
+    int best = 1;
+    for (int lanes = 1; lanes <= 32; lanes *= 2) {
+        if (SLOTS % lanes == 0) best = lanes;
+    }
+    return best;
+}
+
+__host__ __device__ constexpr int floor_pow2(int x) {
+    int p = 1;
+    while (2 * p <= x) p *= 2;
+    return p;
+}
+
+// The compile-time shape of one instantiation.
+template <typename T, int D, int ROWS>
+struct DecodeShape {
+    static constexpr int SLOTS = D / 2;
+    static constexpr int LPK = decode_lanes_per_key<SLOTS, ROWS>();
+    static constexpr int SPL = SLOTS / LPK;  // pair slots per lane
+    static constexpr int KPW = 32 / LPK;     // keys per warp at once
+    static constexpr int KPB = kDecodeWarps * KPW;
+    static constexpr int BY_BYTES = floor_pow2(kStageBytes / (2 * D * static_cast<int>(sizeof(T))));
+    static constexpr int TILE = KPB > BY_BYTES ? KPB : BY_BYTES;  // keys per stage (both powers of two)
+    static constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // channels per 16-byte copy
+    static constexpr int ROW_CHUNKS = D / VEC;
+    static constexpr int ROW = D + VEC;  // a stage row in elements: padded by 16 bytes (bank spread, 16-byte aligned)
+    static constexpr int STAGE_ELEMS = 2 * TILE * ROW;  // keys then values
+    static constexpr int STAGE_BYTES = STAGE_ELEMS * static_cast<int>(sizeof(T));
+    static constexpr int STAGES = STAGE_BYTES <= 10240 ? 3 : 2;
+    static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+    static constexpr int MERGE_BYTES = KPB * ROWS * D * 4;  // the key groups' accumulators, after the loop
+    static constexpr int SMEM_BYTES = PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES;
+    static constexpr bool STEP = sizeof(T) == 2;  // angle addition where HF rounds cos/sin to fp16/bf16
+    static_assert(SLOTS % LPK == 0 && TILE % KPB == 0 && kSplitAlign % TILE == 0, "decode tile shape");
+    static_assert(D % VEC == 0 && (ROW * sizeof(T)) % 16 == 0, "16-byte rows");
+};
+
+// The rows per block the launcher picks for group * n_new rows (the Python launcher mirrors it).
+template <int D>
+__host__ __device__ constexpr int decode_rows_for(int rows) {
+    return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : decode_max_rows<D>();
+}
+
+// A sequence's split plan: chunk (keys per split, a multiple of kSplitAlign) and used (its number of non-empty
+// splits, >= 1) from its key count and the grid's max splits. Shared by the decode and merge kernels.
+__host__ __device__ __forceinline__ void decode_split_plan(int kv_len, int max_splits, int min_keys, int* chunk,
+                                                           int* used) {
+    const int wanted = (kv_len + min_keys - 1) / (min_keys > 0 ? min_keys : 1);
+    const int splits = min(max_splits, max(1, wanted));
+    const int even = (kv_len + splits - 1) / splits;
+    *chunk = max(kSplitAlign, (even + kSplitAlign - 1) / kSplitAlign * kSplitAlign);
+    *used = max(1, (kv_len + *chunk - 1) / *chunk);
 }
 
 // Channels (d1, d2) of pair slot s, and whether the pair rotates.
@@ -64,28 +127,34 @@ __device__ __forceinline__ void slot_channels(int s, int half, int* d1, int* d2,
     }
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
+template <int LANES>
+__device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    for (int offset = LANES / 2; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
     return x;
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const DecodeParams p) {
-    constexpr int ROWS = decode_rows<D>();
-    constexpr int SLOTS = D / 2;
-    constexpr int SPL = (SLOTS + 31) / 32;  // pair slots per lane
-    constexpr bool STEP = step_angles<T>();
-    constexpr int TILE = key_tile<D>();
+template <typename T, int D, int ROWS>
+__global__ void __launch_bounds__(kDecodeThreads) rope_decode_kernel(const DecodeParams p) {
+    using S = DecodeShape<T, D, ROWS>;
+    constexpr int SLOTS = S::SLOTS, LPK = S::LPK, SPL = S::SPL, KPW = S::KPW, KPB = S::KPB, TILE = S::TILE;
+    constexpr int STAGES = S::STAGES, ROW = S::ROW, ROW_CHUNKS = S::ROW_CHUNKS, VEC = S::VEC;
+    constexpr bool STEP = S::STEP;
     constexpr int STEP_ROWS = STEP ? TILE : 1;
-    __shared__ float sm_acc[kDecodeWarps][ROWS][D];
+    alignas(16) __shared__ unsigned char sm_raw[S::SMEM_BYTES];  // the stages; after the loop, the merge
     __shared__ float sm_step_cos[STEP_ROWS][SLOTS];  // cos/sin of fl(t * inv_freq[s]), t < TILE (unscaled)
     __shared__ float sm_step_sin[STEP_ROWS][SLOTS];
-    __shared__ float sm_m[kDecodeWarps][ROWS];
-    __shared__ float sm_l[kDecodeWarps][ROWS];
+    __shared__ float sm_base_cos[SLOTS];  // the current tile's cos/sin of fl(p0 * inv_freq[s]), scaled
+    __shared__ float sm_base_sin[SLOTS];
+    __shared__ float sm_m[KPB][ROWS];
+    __shared__ float sm_l[KPB][ROWS];
+    T* stages = reinterpret_cast<T*>(sm_raw);        // [STAGES][2][TILE][ROW]
+    float* sm_acc = reinterpret_cast<float*>(sm_raw);  // [KPB][ROWS][D]
 
     const int lane = threadIdx.x % 32;
     const int warp = threadIdx.x / 32;
+    const int group_id = warp * KPW + lane / LPK;  // this lane's key within a step of KPB keys
+    const int slot_lane = lane % LPK;
     const int bh = blockIdx.x;
     const int seq = bh / p.num_kv_heads;
     const int kv_head = bh % p.num_kv_heads;
@@ -94,28 +163,57 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const De
     const int row0 = blockIdx.z * ROWS;
 
     const int seq_len = p.seqlens[seq];
-    const int kv_len = max(0, min(seq_len, p.capacity));  // no key at or past the capacity is read
+    const bool overlong = seq_len > p.capacity;
+    const int kv_len = overlong ? 0 : max(0, seq_len);  // no key at or past the capacity (or the length) is read
+    int chunk, used;
+    decode_split_plan(kv_len, p.num_splits, p.split_min_keys, &chunk, &used);
+    if (split >= used) return;  // the whole block: this sequence needs fewer splits
+    const int lo = split * chunk;
+    const int hi = min(lo + chunk, kv_len);
+    const int num_tiles = hi > lo ? (hi - lo + TILE - 1) / TILE : 0;
+
     const bool is_long = seq_len > p.original_max_position;
     const float* inv_freq = p.inv_freq + (is_long ? p.half : 0);
     const float attention = is_long ? p.attention_long : p.attention_short;
+    const T* k_base = static_cast<const T*>(p.k) + seq * p.k_strides[0] + kv_head * p.k_strides[1];
+    const T* v_base = static_cast<const T*>(p.v) + seq * p.v_strides[0] + kv_head * p.v_strides[1];
+
+    // Tile `tile` of the split into stage tile % STAGES: 16-byte copies, keys past hi zero-filled (never read).
+    auto issue = [&](int tile) {
+        T* stage = stages + (tile % STAGES) * S::STAGE_ELEMS;
+        const int p0 = lo + tile * TILE;
+        for (int c = threadIdx.x; c < 2 * TILE * ROW_CHUNKS; c += kDecodeThreads) {
+            const int is_v = c / (TILE * ROW_CHUNKS);
+            const int key = (c / ROW_CHUNKS) % TILE;
+            const int part = c % ROW_CHUNKS;
+            const int j = p0 + key;
+            const bool valid = j < hi;
+            const T* base = is_v ? v_base : k_base;
+            const int64_t stride = is_v ? p.v_strides[2] : p.k_strides[2];
+            const T* src = valid ? base + j * stride + part * VEC : base;
+            cp_async_16(stage + (is_v * TILE + key) * ROW + part * VEC, src, valid);
+        }
+    };
+#pragma unroll
+    for (int tile = 0; tile < STAGES - 1; ++tile) {
+        if (tile < num_tiles) issue(tile);
+        cp_async_commit();
+    }
 
     if (STEP) {
-        for (int idx = threadIdx.x; idx < TILE * p.half; idx += blockDim.x) {
+        for (int idx = threadIdx.x; idx < TILE * p.half; idx += kDecodeThreads) {
             const int t = idx / p.half, slot = idx % p.half;
             rope_cos_sin(rope_angle(t, inv_freq[slot]), 1.0f, &sm_step_cos[t][slot], &sm_step_sin[t][slot]);
         }
-        __syncthreads();
     }
 
-    // This lane's pair slots.
+    // This lane's pair slots: slot_lane, slot_lane + LPK, ...
     int d1[SPL], d2[SPL];
-    bool rotates[SPL], valid[SPL];
+    bool rotates[SPL];
     float slot_freq[SPL];
 #pragma unroll
     for (int i = 0; i < SPL; ++i) {
-        const int s = lane + 32 * i;
-        valid[i] = s < SLOTS;
-        slot_channels(valid[i] ? s : 0, p.half, &d1[i], &d2[i], &rotates[i]);
+        slot_channels(slot_lane + LPK * i, p.half, &d1[i], &d2[i], &rotates[i]);
         slot_freq[i] = rotates[i] ? inv_freq[d1[i]] : 0.0f;
     }
 
@@ -139,7 +237,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const De
             acc1[r][i] = 0.0f;
             acc2[r][i] = 0.0f;
             float x1 = 0.0f, x2 = 0.0f;
-            if (row_valid && valid[i]) {
+            if (row_valid) {
                 x1 = to_float(q_row[d1[i]]);
                 x2 = to_float(q_row[d2[i]]);
                 if (rotates[i]) {
@@ -153,46 +251,51 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const De
         }
     }
 
-    // This split's keys: the sequence's length shared evenly.
-    const int chunk = (kv_len + p.num_splits - 1) / p.num_splits;
-    const int lo = split * chunk;
-    const int hi = min(lo + chunk, kv_len);
-    const T* k_base = static_cast<const T*>(p.k) + seq * p.k_strides[0] + kv_head * p.k_strides[1];
-    const T* v_base = static_cast<const T*>(p.v) + seq * p.v_strides[0] + kv_head * p.v_strides[1];
+    for (int tile = 0; tile < num_tiles; ++tile) {
+        if (tile + STAGES - 1 < num_tiles) issue(tile + STAGES - 1);
+        cp_async_commit();  // (an empty group near the end keeps the wait count uniform)
+        const int p0 = lo + tile * TILE;
+        if (STEP) {
+            for (int slot = threadIdx.x; slot < p.half; slot += kDecodeThreads)
+                rope_cos_sin(rope_angle(p0, inv_freq[slot]), attention, &sm_base_cos[slot], &sm_base_sin[slot]);
+        }
+        cp_async_wait<STAGES - 1>();
+        __syncthreads();  // tile `tile` and the base angles are visible to every thread
 
-    for (int p0 = lo / TILE * TILE; p0 < hi; p0 += TILE) {
-        float cos_base[SPL], sin_base[SPL];  // the tile's base angle fl(p0 * f), scaled (fp16/bf16 only)
+        float cos_base[SPL], sin_base[SPL];
 #pragma unroll
         for (int i = 0; i < SPL; ++i) {
             cos_base[i] = sin_base[i] = 0.0f;
-            if (STEP && valid[i] && rotates[i])
-                rope_cos_sin(rope_angle(p0, slot_freq[i]), attention, &cos_base[i], &sin_base[i]);
+            if (STEP && rotates[i]) {
+                cos_base[i] = sm_base_cos[d1[i]];
+                sin_base[i] = sm_base_sin[d1[i]];
+            }
         }
-        for (int t = warp; t < TILE; t += kDecodeWarps) {
+        const T* k_tile = stages + (tile % STAGES) * S::STAGE_ELEMS;
+        const T* v_tile = k_tile + TILE * ROW;
+#pragma unroll 1
+        for (int k0 = 0; k0 < TILE; k0 += KPB) {
+            const int t = k0 + group_id;
             const int j = p0 + t;
-            if (j >= hi) break;
-            if (j < lo) continue;  // the first tile of a split that starts inside it
-            const T* k_row = k_base + j * p.k_strides[2];
-            const T* v_row = v_base + j * p.v_strides[2];
+            const bool key_valid = j < hi;  // past hi: zero-filled rows, score -inf
+            const T* k_row = k_tile + t * ROW;
+            const T* v_row = v_tile + t * ROW;
             float k1[SPL], k2[SPL], v1[SPL], v2[SPL];
 #pragma unroll
             for (int i = 0; i < SPL; ++i) {
-                k1[i] = k2[i] = v1[i] = v2[i] = 0.0f;
-                if (valid[i]) {
-                    k1[i] = to_float(k_row[d1[i]]);
-                    k2[i] = to_float(k_row[d2[i]]);
-                    v1[i] = to_float(v_row[d1[i]]);
-                    v2[i] = to_float(v_row[d2[i]]);
-                    if (rotates[i]) {
-                        float c, s;
-                        if (STEP) {
-                            rope_cos_sin_step(p0, t, slot_freq[i], cos_base[i], sin_base[i],
-                                              sm_step_cos[t][d1[i]], sm_step_sin[t][d1[i]], &c, &s);
-                        } else {
-                            rope_cos_sin(rope_angle(j, slot_freq[i]), attention, &c, &s);
-                        }
-                        rotate_pair(k1[i], k2[i], c, s, false, &k1[i], &k2[i]);
+                k1[i] = to_float(k_row[d1[i]]);
+                k2[i] = to_float(k_row[d2[i]]);
+                v1[i] = to_float(v_row[d1[i]]);
+                v2[i] = to_float(v_row[d2[i]]);
+                if (rotates[i]) {
+                    float c, s;
+                    if (STEP) {
+                        rope_cos_sin_step(p0, t, slot_freq[i], cos_base[i], sin_base[i], sm_step_cos[t][d1[i]],
+                                          sm_step_sin[t][d1[i]], &c, &s);
+                    } else {
+                        rope_cos_sin(rope_angle(j, slot_freq[i]), attention, &c, &s);
                     }
+                    rotate_pair(k1[i], k2[i], c, s, false, &k1[i], &k2[i]);
                 }
             }
 #pragma unroll
@@ -200,8 +303,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const De
                 float dot = 0.0f;
 #pragma unroll
                 for (int i = 0; i < SPL; ++i) dot += q1[r][i] * k1[i] + q2[r][i] * k2[i];
-                dot = warp_sum(dot);
-                const float score = j <= q_pos[r] ? dot : -INFINITY;  // causal among the new tokens
+                dot = group_sum<LPK>(dot);
+                const float score = key_valid && j <= q_pos[r] ? dot : -INFINITY;  // causal among the new tokens
                 float alpha, prob;
                 softmax_update(score, &m[r], &l[r], &alpha, &prob);
 #pragma unroll
@@ -211,70 +314,74 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) rope_decode_kernel(const De
                 }
             }
         }
+        __syncthreads();  // every thread is done with this stage before it is refilled
     }
+    cp_async_wait<0>();
+    __syncthreads();  // the stages become the merge buffer
 
-    // The warps' states into shared memory, then merged per (row, channel).
+    // The key groups' states into shared memory, then merged per (row, channel).
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
         for (int i = 0; i < SPL; ++i) {
-            if (valid[i]) {
-                sm_acc[warp][r][d1[i]] = acc1[r][i];
-                sm_acc[warp][r][d2[i]] = acc2[r][i];
-            }
+            sm_acc[(group_id * ROWS + r) * D + d1[i]] = acc1[r][i];
+            sm_acc[(group_id * ROWS + r) * D + d2[i]] = acc2[r][i];
         }
-        if (lane == 0) {
-            sm_m[warp][r] = m[r];
-            sm_l[warp][r] = l[r];
+        if (slot_lane == 0) {
+            sm_m[group_id][r] = m[r];
+            sm_l[group_id][r] = l[r];
         }
     }
     __syncthreads();
 
-    const bool overlong = p.seqlens[seq] > p.capacity;  // NaN rows (read again here: fewer live registers)
     const int64_t part_base = (static_cast<int64_t>(bh) * p.num_splits + split) * num_rows;
-    for (int idx = threadIdx.x; idx < ROWS * D; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < ROWS * D; idx += kDecodeThreads) {
         const int r = idx / D;
         const int d = idx % D;
         const int row = row0 + r;
-        if (row >= num_rows || d >= p.head_dim) continue;
+        if (row >= num_rows) continue;
         float mm = -INFINITY, ll = 0.0f, aa = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kDecodeWarps; ++w) {
+#pragma unroll 4
+        for (int g = 0; g < KPB; ++g) {
             float m_new, w_old, w_new;
-            softmax_merge_weights(mm, sm_m[w][r], &m_new, &w_old, &w_new);
-            ll = ll * w_old + sm_l[w][r] * w_new;
-            aa = aa * w_old + sm_acc[w][r][d] * w_new;
+            softmax_merge_weights(mm, sm_m[g][r], &m_new, &w_old, &w_new);
+            ll = ll * w_old + sm_l[g][r] * w_new;
+            aa = aa * w_old + sm_acc[(g * ROWS + r) * D + d] * w_new;
             mm = m_new;
         }
         float lse, inv_l;
         softmax_finish(mm, ll, &lse, &inv_l);
-        const float o = overlong ? NAN : aa * inv_l;  // a row that saw no key: 0
-        if (p.num_splits == 1) {
+        if (used == 1) {
             const int g = row / p.n_new, t = row % p.n_new;
             T* out = static_cast<T*>(p.out) + seq * p.o_strides[0] +
                      static_cast<int64_t>(kv_head * p.group + g) * p.o_strides[1] + t * p.o_strides[2];
-            out[d] = from_float<T>(o);
+            out[d] = from_float<T>(overlong ? NAN : aa * inv_l);  // a row that saw no key: 0
         } else {
-            p.o_part[(part_base + row) * p.head_dim + d] = o;
+            p.o_part[(part_base + row) * D + d] = aa * inv_l;
             if (d == 0) p.lse_part[part_base + row] = lse;
         }
     }
 }
 
-// Combine the splits: out = sum_s 2^lse_s o_s / sum_s 2^lse_s, one thread per (row, channel).
+// Combine a sequence's splits: out = sum_s 2^lse_s o_s / sum_s 2^lse_s, one thread per (row, channel). A sequence
+// that used one split (or is over the capacity) was written by the decode kernel.
 template <typename T>
 __global__ void __launch_bounds__(128) rope_decode_merge_kernel(const DecodeParams p) {
     const int bh = blockIdx.x;
     const int seq = bh / p.num_kv_heads;
     const int kv_head = bh % p.num_kv_heads;
     const int num_rows = p.group * p.n_new;
-    const bool overlong = p.seqlens[seq] > p.capacity;
+    const int seq_len = p.seqlens[seq];
+    const int kv_len = seq_len > p.capacity ? 0 : max(0, seq_len);
+    int chunk, used;
+    decode_split_plan(kv_len, p.num_splits, p.split_min_keys, &chunk, &used);
+    if (used == 1) return;
     const int64_t idx = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
     if (idx >= static_cast<int64_t>(num_rows) * p.head_dim) return;
     const int row = static_cast<int>(idx / p.head_dim);
     const int d = static_cast<int>(idx % p.head_dim);
     float m = -INFINITY, l = 0.0f, acc = 0.0f;
-    for (int split = 0; split < p.num_splits; ++split) {
+    for (int split = 0; split < used; ++split) {
         const int64_t part_row = (static_cast<int64_t>(bh) * p.num_splits + split) * num_rows + row;
         float alpha, weight;
         softmax_update(p.lse_part[part_row], &m, &l, &alpha, &weight);  // 0 weight for a split that saw no key
@@ -283,16 +390,15 @@ __global__ void __launch_bounds__(128) rope_decode_merge_kernel(const DecodePara
     const int g = row / p.n_new, t = row % p.n_new;
     T* out = static_cast<T*>(p.out) + seq * p.o_strides[0] +
              static_cast<int64_t>(kv_head * p.group + g) * p.o_strides[1] + t * p.o_strides[2];
-    out[d] = from_float<T>(overlong ? NAN : l > 0.0f ? acc / l : 0.0f);
+    out[d] = from_float<T>(l > 0.0f ? acc / l : 0.0f);
 }
 
-template <typename T, int D>
-cudaError_t launch_rope_decode_d(const DecodeParams& p, cudaStream_t stream) {
-    constexpr int ROWS = decode_rows<D>();
+template <typename T, int D, int ROWS>
+cudaError_t launch_rope_decode_rows(const DecodeParams& p, cudaStream_t stream) {
     const int num_rows = p.group * p.n_new;
     const dim3 grid(p.batch * p.num_kv_heads, p.num_splits, (num_rows + ROWS - 1) / ROWS);
-    const auto kernel = rope_decode_kernel<T, D>;
-    LR2_LAUNCH(kernel, grid, kDecodeWarps * 32, stream)(p);
+    const auto kernel = rope_decode_kernel<T, D, ROWS>;
+    LR2_LAUNCH(kernel, grid, kDecodeThreads, stream)(p);
     if (p.num_splits > 1) {
         const int64_t elements = static_cast<int64_t>(num_rows) * p.head_dim;
         const dim3 merge_grid(p.batch * p.num_kv_heads, static_cast<unsigned>((elements + 127) / 128));
@@ -300,6 +406,16 @@ cudaError_t launch_rope_decode_d(const DecodeParams& p, cudaStream_t stream) {
         LR2_LAUNCH(merge, merge_grid, 128, stream)(p);
     }
     return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t launch_rope_decode_d(const DecodeParams& p, cudaStream_t stream) {
+    switch (decode_rows_for<D>(p.group * p.n_new)) {
+        case 1: return launch_rope_decode_rows<T, D, 1>(p, stream);
+        case 2: return launch_rope_decode_rows<T, D, 2>(p, stream);
+        case 4: return launch_rope_decode_rows<T, D, 4>(p, stream);
+        default: return launch_rope_decode_rows<T, D, decode_max_rows<D>()>(p, stream);
+    }
 }
 
 // The instantiations for one element type; head_dim picks the kernel.

@@ -93,14 +93,17 @@ void lr2_combine(const float* o, const float* lse, int splits, int d, float* out
     for (int c = 0; c < d; ++c) out[c] = l > 0.0f ? out[c] / l : 0.0f;
 }
 
+// The emulation's schedule (tests/cuda/host_cuda/lr2_host.h): cp.async at issue or at its wait; greedy or round-robin.
+void lr2_host_mode(int eager, int greedy) { lr2_host::set_mode(eager != 0, greedy != 0); }
+
 // rope_decode through the kernels' own launch (csrc/rope_decode.cuh): dtype 0 fp32, 1 fp16, 2 bf16. Strides are
 // (batch, head, token) triples. Returns "" on success, else the launch's or the emulation's error.
 const char* lr2_rope_decode(int dtype, const void* q, const void* k, const void* v, void* out, float* o_part,
                             float* lse_part, const int32_t* seqlens, const float* inv_freq, const int64_t* q_strides,
                             const int64_t* k_strides, const int64_t* v_strides, const int64_t* o_strides, int batch,
                             int num_kv_heads, int group, int n_new, int half, int head_dim, int num_splits,
-                            int capacity, int original_max_position, float scale_log2, float attention_short,
-                            float attention_long) {
+                            int split_min_keys, int capacity, int original_max_position, float scale_log2,
+                            float attention_short, float attention_long) {
     static std::string message;
     lr2::DecodeParams p{};
     p.q = q;
@@ -124,6 +127,7 @@ const char* lr2_rope_decode(int dtype, const void* q, const void* k, const void*
     p.half = half;
     p.head_dim = head_dim;
     p.num_splits = num_splits;
+    p.split_min_keys = split_min_keys;
     p.capacity = capacity;
     p.original_max_position = original_max_position;
     p.scale_log2 = scale_log2;

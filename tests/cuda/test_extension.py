@@ -101,3 +101,33 @@ def test_backend_none_prefers_triton_until_the_cuda_kernels_are_validated_on_a_g
     assert dispatch._choose("cuda", "rope_decode", "cuda", 0, torch.float16, 128, False) == "cuda"
     with pytest.raises(ValueError, match="no CUDA kernel for rope_attention"):
         dispatch._choose("cuda", "rope_attention", "cuda", 0, torch.float16, 128, False)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "rows", "expected"), [(128, 1, 1), (128, 2, 2), (128, 3, 4), (64, 5, 8), (96, 24, 8), (256, 7, 4)]
+)
+def test_rows_per_block_mirror_the_kernel(head_dim, rows, expected):
+    # csrc/rope_decode.cuh: decode_rows_for<D>(group * n_new); tests/cuda/test_ptxas.py checks each is compiled.
+    assert launch._rows_per_block(head_dim, rows) == expected
+
+
+def test_num_splits_from_capacity_and_sms(monkeypatch):
+    monkeypatch.setattr(launch, "sm_count", lambda device: 132)
+    device = torch.device("cuda", 0)
+    assert launch._num_splits(8, 32768, device) == 50  # batch 1, 8 kv heads: 3 blocks per SM
+    assert launch._num_splits(8, 1024, device) == 4  # >= 256 keys per split
+    assert launch._num_splits(32, 131072, device) == 13
+    assert launch._num_splits(396, 131072, device) == 1  # the batch alone fills the GPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_misaligned_cache_is_rejected(dtype):
+    cache = torch.zeros(2, 2, 40, 64, dtype=dtype)
+    launch._check_aligned_cache("k_cache", cache)  # whole
+    launch._check_aligned_cache("k_cache", cache[1:, :, 3:])  # sliced along batch and token: still aligned
+    with pytest.raises(ValueError, match=r"k_cache: .* 16-byte copies.*data_ptr % 16 = \d+"):
+        launch._check_aligned_cache("k_cache", cache.flatten()[1 : 1 + 2 * 2 * 39 * 64].view(2, 2, 39, 64))
+    step = 16 // cache.element_size()
+    strided = torch.zeros(2, 2, 40, 64 + step // 2, dtype=dtype)[..., :64]  # token stride not a multiple of 16 bytes
+    with pytest.raises(ValueError, match=rf"v_cache: .*multiples of {step} elements"):
+        launch._check_aligned_cache("v_cache", strided)

@@ -210,6 +210,17 @@ DECODE_L0 = 40
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Error of the kernel's output against fp64 of the same inputs: the output's own rounding (and fp32 accumulation).
 _DECODE_ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# The emulation's two schedules (tests/cuda/host_cuda/lr2_host.h): cp.async performed at its wait with threads in
+# turn (a stage read before its wait fails), and at issue with warp 0 running ahead (a stage refilled while another
+# warp still reads it fails).
+SCHEDULES = {"late-copies": (0, 0), "eager-copies-greedy": (1, 1)}
+
+
+@pytest.fixture(params=list(SCHEDULES))
+def decode_shim(shim, request):
+    shim.lr2_host_mode(*SCHEDULES[request.param])
+    yield shim
+    shim.lr2_host_mode(0, 0)
 
 
 def _decode_table(head_dim: int, rotary_dim: int | None = None) -> RopeTable:
@@ -226,9 +237,10 @@ def _strides(x: torch.Tensor) -> ctypes.Array:
     return (ctypes.c_int64 * 3)(*x.stride()[:3])
 
 
-def _host_decode(shim, q, k_cache, v_cache, seqlens, table, num_splits, capacity=None):
+def _host_decode(shim, q, k_cache, v_cache, seqlens, table, num_splits, capacity=None, min_keys=16, parts=False):
     """The CUDA rope_decode (kernel bodies and launch) on the host; out filled with NaN first (an unwritten element
-    fails). k_cache/v_cache may be views into larger buffers (their strides are passed)."""
+    fails). k_cache/v_cache may be views into larger buffers (their strides are passed). num_splits is the grid's;
+    a sequence uses min(num_splits, ceil(len / min_keys)). parts: also the split partials (NaN where unwritten)."""
     batch, num_q_heads, n_new, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     capacity = k_cache.shape[2] if capacity is None else capacity
@@ -243,12 +255,12 @@ def _host_decode(shim, q, k_cache, v_cache, seqlens, table, num_splits, capacity
         _DTYPE_CODES[q.dtype], ctypes.c_void_p(q.data_ptr()), ctypes.c_void_p(k_cache.data_ptr()),
         ctypes.c_void_p(v_cache.data_ptr()), ctypes.c_void_p(out.data_ptr()), _p(o_part), _p(lse_part),
         _p(seqlens), _p(inv_freq), _strides(q), _strides(k_cache), _strides(v_cache), _strides(out),
-        batch, num_kv_heads, group, n_new, table.rotary_dim // 2, head_dim, num_splits, capacity,
+        batch, num_kv_heads, group, n_new, table.rotary_dim // 2, head_dim, num_splits, min_keys, capacity,
         table.original_max_position, _f(head_dim**-0.5 * 1.4426950408889634), _f(table.attention_factor_for(False)),
         _f(table.attention_factor_for(True)),
     )  # fmt: skip
     assert error == b"", error.decode()
-    return out
+    return (out, o_part, lse_part) if parts else out
 
 
 def _reference_rows(q, k_cache, v_cache, seqlens, table, b):
@@ -268,14 +280,33 @@ def _poisoned_cache(gen, batch, heads, capacity, head_dim, dtype, seqlens, pad=1
     return buf[:, :, :capacity]
 
 
+def _check_decode(shim, head_dim, rotary_dim, dtype, batch, hq, hk, n_new, capacity, seqlens, splits, min_keys=16):
+    gen = torch.Generator().manual_seed(hash((head_dim, hq, n_new, capacity)) % 2**31)
+    table = _decode_table(head_dim, rotary_dim)
+    lengths = torch.tensor(seqlens)
+    q = torch.randn(batch, hq, n_new, head_dim, generator=gen).to(dtype)
+    k = _poisoned_cache(gen, batch, hk, capacity, head_dim, dtype, lengths)
+    v = _poisoned_cache(gen, batch, hk, capacity, head_dim, dtype, lengths)
+    out, o_part, _ = _host_decode(shim, q, k, v, lengths, table, splits, min_keys=min_keys, parts=True)
+    for b in range(batch):
+        expected = _reference_rows(q, k, v, lengths, table, b)
+        torch.testing.assert_close(out[b].double(), expected, atol=_DECODE_ATOL[dtype], rtol=0)
+    return o_part
+
+
 DECODE_CASES = [
     # (head_dim, rotary_dim, dtype, batch, q heads, kv heads, n_new, capacity, seqlens, splits)
-    (128, None, torch.float32, 3, 6, 2, 2, 90, (37, 90, 5), 1),
+    (128, None, torch.float32, 3, 6, 2, 2, 90, (37, 90, 5), 1),  # rows 6 -> 8 per block, 6 tiles in one split
     (128, None, torch.float32, 3, 6, 2, 2, 90, (37, 90, 5), 3),
-    (64, None, torch.float16, 2, 8, 1, 1, 77, (77, 41), 4),
-    (96, None, torch.bfloat16, 2, 3, 3, 3, 70, (2, 70), 2),
-    (128, 96, torch.bfloat16, 1, 12, 4, 1, 66, (61,), 5),
-    (256, None, torch.float16, 2, 10, 2, 1, 50, (50, 39), 2),
+    (128, None, torch.bfloat16, 2, 4, 4, 1, 130, (130, 100), 1),  # MHA: one row per block, 9 tiles
+    (128, None, torch.float16, 1, 2, 1, 1, 75, (75,), 2),  # two rows
+    (64, None, torch.float16, 2, 8, 1, 1, 77, (77, 41), 4),  # 8 rows
+    (64, None, torch.float32, 1, 9, 3, 1, 100, (100,), 1),  # 3 rows -> 4
+    (96, None, torch.bfloat16, 2, 3, 3, 3, 70, (2, 70), 2),  # 3 rows -> 4, a sequence shorter than n_new
+    (96, None, torch.float32, 1, 10, 1, 1, 50, (50,), 1),  # 10 rows: two row blocks of 8
+    (128, 96, torch.bfloat16, 1, 12, 4, 1, 66, (61,), 5),  # partial rotary (Phi-4-mini's 96 of 128)
+    (256, None, torch.float16, 2, 10, 2, 1, 50, (50, 39), 2),  # 5 rows -> 4 per block at head 256, two row blocks
+    (256, None, torch.bfloat16, 1, 1, 1, 1, 45, (45,), 1),
 ]
 
 
@@ -285,25 +316,26 @@ DECODE_CASES = [
     ids=[f"D{c[0]}{'-r' + str(c[1]) if c[1] else ''}-{str(c[2])[6:]}-B{c[3]}-{c[4]}x{c[5]}-n{c[6]}-s{c[9]}"
          for c in DECODE_CASES],
 )  # fmt: skip
-def test_decode_kernel_equals_reference(shim, head_dim, rotary_dim, dtype, batch, hq, hk, n_new, capacity, seqlens,
-                                        splits):  # fmt: skip
-    """The kernel bodies against the fp64 reference: odd shapes, GQA and MHA, several new tokens, lengths on both
-    sides of L0 (short and long table per sequence), split-KV with its merge, positions past each length NaN."""
-    gen = torch.Generator().manual_seed(hash((head_dim, hq, n_new)) % 2**31)
-    table = _decode_table(head_dim, rotary_dim)
-    lengths = torch.tensor(seqlens)
-    q = torch.randn(batch, hq, n_new, head_dim, generator=gen).to(dtype)
-    k = _poisoned_cache(gen, batch, hk, capacity, head_dim, dtype, lengths)
-    v = _poisoned_cache(gen, batch, hk, capacity, head_dim, dtype, lengths)
-    out = _host_decode(shim, q, k, v, lengths, table, splits)
-    for b in range(batch):
-        expected = _reference_rows(q, k, v, lengths, table, b)
-        torch.testing.assert_close(out[b].double(), expected, atol=_DECODE_ATOL[dtype], rtol=0)
+def test_decode_kernel_equals_reference(decode_shim, head_dim, rotary_dim, dtype, batch, hq, hk, n_new, capacity,
+                                        seqlens, splits):  # fmt: skip
+    """The kernel bodies against the fp64 reference: odd shapes, GQA and MHA (rows per block 1, 2, 4, 8, and two row
+    blocks), several new tokens, lengths on both sides of L0 (short and long table per sequence), multi-tile
+    pipelines, split-KV with its merge, positions past each length NaN."""
+    _check_decode(decode_shim, head_dim, rotary_dim, dtype, batch, hq, hk, n_new, capacity, seqlens, splits)
+
+
+def test_decode_splits_follow_each_sequence_length(decode_shim):
+    """The grid has 6 splits and a split at least 32 keys (chunks are multiples of 32): a sequence of 200 keys uses 4
+    (6 would need chunks of 34), one of 192 all 6, one of 70 uses 3, one of 20 uses 1 (the decode kernel writes it,
+    no partial). The partials of the splits a sequence does not use stay unwritten (NaN); the outputs are exact."""
+    o_part = _check_decode(decode_shim, 64, None, torch.float16, 4, 2, 1, 1, 200, (200, 192, 70, 20), 6, min_keys=32)
+    written = ~torch.isnan(o_part).all(dim=(2, 3))  # [B * Hk, splits]
+    assert written.tolist() == [[True] * 4 + [False] * 2, [True] * 6, [True] * 3 + [False] * 3, [False] * 6]
 
 
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_overlong_sequence_gets_nan_rows(shim, dtype, splits):
+def test_decode_overlong_sequence_gets_nan_rows(decode_shim, dtype, splits):
     """A cache_seqlens past the capacity: NaN in every output element of that sequence's rows, the others exact; the
     memory past the capacity is NaN, so a read there would also show in the other sequences' rows."""
     gen = torch.Generator().manual_seed(7)
@@ -313,12 +345,23 @@ def test_decode_overlong_sequence_gets_nan_rows(shim, dtype, splits):
     q = torch.randn(4, 4, 2, head_dim, generator=gen).to(dtype)
     k = _poisoned_cache(gen, 4, 2, capacity, head_dim, dtype, lengths)
     v = _poisoned_cache(gen, 4, 2, capacity, head_dim, dtype, lengths)
-    out = _host_decode(shim, q, k, v, lengths, table, splits)
+    out = _host_decode(decode_shim, q, k, v, lengths, table, splits)
     for b in (1, 3):
         assert torch.isnan(out[b]).all(), f"sequence {b} is over the capacity: every element must be NaN"
     for b in (0, 2):
         torch.testing.assert_close(out[b].double(), _reference_rows(q, k, v, lengths, table, b),
                                    atol=_DECODE_ATOL[dtype], rtol=0)  # fmt: skip
+
+
+def test_decode_rejects_misaligned_16_byte_copies(shim):
+    """The kernel reads k and v in 16-byte copies: the emulation fails a misaligned one, as the GPU would fault (the
+    Python launcher rejects such a cache with a ValueError before any launch)."""
+    table = _decode_table(64)
+    buf = torch.randn(1, 1, 33 * 64 + 1)
+    k = buf[..., 1:].view(1, 1, 33, 64)  # data pointer 4 bytes past a 16-byte boundary
+    q = torch.randn(1, 1, 1, 64)
+    with pytest.raises(AssertionError, match="misaligned"):
+        _host_decode(shim, q, k, k, torch.tensor([33]), table, 1)
 
 
 _GUARD_SCRIPT = textwrap.dedent(
@@ -330,6 +373,7 @@ _GUARD_SCRIPT = textwrap.dedent(
 
     shim = ctypes.CDLL({library!r})
     shim.lr2_rope_decode.restype = ctypes.c_char_p
+    shim.lr2_host_mode({eager}, {eager})
     libc = ctypes.CDLL(None)
     page = mmap.PAGESIZE
     batch, heads, capacity, head_dim = 2, 2, 40, 64
@@ -350,10 +394,11 @@ _GUARD_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("eager", [0, 1], ids=["late-copies", "eager-copies"])
 @pytest.mark.parametrize("splits", [1, 4])
-def test_decode_overlong_sequence_reads_nothing_past_the_capacity(shim, splits):
+def test_decode_overlong_sequence_reads_nothing_past_the_capacity(shim, splits, eager):
     """The cache of the over-long sequence ends right before an inaccessible page: a key read at or past the capacity
     is a segmentation fault (in a child process, so the test fails instead of the run)."""
-    script = _GUARD_SCRIPT.format(root=str(CSRC.parent), library=shim.lr2_library_path, splits=splits)
+    script = _GUARD_SCRIPT.format(root=str(CSRC.parent), library=shim.lr2_library_path, splits=splits, eager=eager)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (result.returncode, result.stderr[-2000:])

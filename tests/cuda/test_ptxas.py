@@ -32,7 +32,8 @@ def test_every_instantiation_is_compiled(kernels):
     for arch in ("80", "90"):
         for dtype in ("float", "__half", "__nv_bfloat16"):
             for head_dim in (64, 96, 128, 256):
-                assert (f"rope_decode_kernel<{dtype}, {head_dim}>", arch) in names
+                for rows in (1, 2, 4, 8) if head_dim < 256 else (1, 2, 4):  # csrc/rope_decode.cuh: decode_rows_for
+                    assert (f"rope_decode_kernel<{dtype}, {head_dim}, {rows}>", arch) in names
             assert (f"rope_decode_merge_kernel<{dtype}>", arch) in names
             assert (f"rope_rotate_kernel<{dtype}>", arch) in names
 

@@ -24,7 +24,12 @@ __all__ = ["DECODE_HEAD_DIMS", "apply_rope", "device_count", "extension", "load_
 DECODE_HEAD_DIMS = (64, 96, 128, 256)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _LOG2E = 1.4426950408889634
-_MAX_SPLITS = 64
+# KV splits (csrc/rope_decode.cuh, csrc/README.md's model): the grid asks for about _BLOCKS_PER_SM resident blocks per
+# SM (the decode kernel's registers allow 3 at 4 warps), each split at least _SPLIT_MIN_KEYS keys; each sequence then
+# uses min(grid splits, ceil(its length / _SPLIT_MIN_KEYS)) of them on the device.
+_BLOCKS_PER_SM = 3
+_SPLIT_MIN_KEYS = 256
+_MAX_SPLITS = 128
 _BUILD_HINT = (
     "set LR2_CUDA_JIT=1 to build it on first use where nvcc is present, or reinstall there with LR2_BUILD_CUDA=1 "
     "(pip install --no-build-isolation -e .)"
@@ -87,22 +92,53 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _num_splits(programs: int, max_len: int, device: torch.device) -> int:
-    """KV splits per (sequence, kv head, row block): about two waves of blocks, >= 256 keys per split; decided from
-    the cache's capacity (no host read of cache_seqlens); the kernel shares each sequence's length evenly."""
-    sms = sm_count(device)
-    if programs >= sms:
+def _num_splits(programs: int, capacity: int, device: torch.device) -> int:
+    """The grid's KV splits per (sequence, kv head, row block): enough blocks for _BLOCKS_PER_SM per SM, from the
+    cache's capacity (no host read of cache_seqlens). The kernel gives each sequence its own number of splits, at most
+    this many, from its own length; the blocks beyond it exit at once."""
+    target = _BLOCKS_PER_SM * sm_count(device)
+    if programs >= target:
         return 1
-    return max(1, min(_cdiv(2 * sms, programs), max_len // 256, _MAX_SPLITS))
+    return max(1, min(_cdiv(target, programs), _cdiv(capacity, _SPLIT_MIN_KEYS), _MAX_SPLITS))
+
+
+def _rows_per_block(head_dim: int, rows: int) -> int:
+    """Query rows a decode block packs (csrc/rope_decode.cuh: decode_rows_for): rows rounded up to 1, 2, 4 or the
+    most the registers allow (8; 4 at head 256)."""
+    for size in (1, 2, 4):
+        if rows <= size:
+            return size
+    return 4 if head_dim >= 256 else 8
+
+
+def _check_aligned_cache(name: str, x: Tensor) -> None:
+    """The decode kernel reads k/v rows in 16-byte copies (cp.async): a misaligned cache is rejected, never copied."""
+    step = 16 // x.element_size()
+    offset = x.data_ptr() % 16
+    strides = tuple(x.stride())
+    if offset or any(stride % step for stride, size in zip(strides[:3], x.shape[:3]) if size > 1):
+        raise ValueError(
+            f"{name}: the CUDA rope_decode reads the cache in 16-byte copies, so it must start on a 16-byte boundary "
+            f"and its batch, head and token strides must be multiples of {step} elements ({x.dtype}); got "
+            f"data_ptr % 16 = {offset} and strides {strides}. A cache allocated whole (torch.empty/zeros) and sliced "
+            f"along batch, head or token is aligned: pass {name}.contiguous() or use backend='triton'"
+        )
 
 
 def rope_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, inv_freq: Tensor, original_max_position: int,
     attention_short: float, attention_long: float, softmax_scale: float, num_splits: int | None = None,
 ) -> Tensor:  # fmt: skip
-    """As :func:`lr2kernels.ops.triton.decode.rope_decode`: ``[B, Hq, n, D]`` in q's dtype, contiguous."""
+    """As :func:`lr2kernels.ops.triton.decode.rope_decode`: ``[B, Hq, n, D]`` in q's dtype, contiguous.
+
+    The capacity ``k_cache.shape[2]`` travels with the launch: no key at or past it is read, and a sequence whose
+    ``cache_seqlens`` exceeds it gets NaN in every element of its rows. ``k_cache``/``v_cache`` must be 16-byte
+    aligned (ValueError otherwise). ``num_splits`` is the grid's; each sequence uses at most that many.
+    """
     ext = extension()
     q, k_cache, v_cache = (contiguous_last(x) for x in (q, k_cache, v_cache))
+    _check_aligned_cache("k_cache", k_cache)
+    _check_aligned_cache("v_cache", v_cache)
     out = new_like(q)
     if q.numel() == 0:
         return out
@@ -110,7 +146,7 @@ def rope_decode(
     num_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     num_rows = group * n_new
-    rows_per_block = 4 if head_dim >= 256 else 8  # csrc/rope_decode.cuh: decode_rows<D>()
+    rows_per_block = _rows_per_block(head_dim, num_rows)
     if num_splits is None:
         num_splits = _num_splits(batch * num_kv_heads * _cdiv(num_rows, rows_per_block), max_len, q.device)
     if num_splits > 1:
@@ -126,7 +162,8 @@ def rope_decode(
             _dtype_code(q), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), _ptr(o_part),
             _ptr(lse_part), seqlens.data_ptr(), inv_freq.data_ptr(),
             q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], out.stride()[:3],
-            batch, num_kv_heads, group, n_new, inv_freq.shape[-1], head_dim, num_splits, max_len, original_max_position,
+            batch, num_kv_heads, group, n_new, inv_freq.shape[-1], head_dim, num_splits, _SPLIT_MIN_KEYS, max_len,
+            original_max_position,
             softmax_scale * _LOG2E, attention_short, attention_long, _stream(q.device),
         )  # fmt: skip
     return out

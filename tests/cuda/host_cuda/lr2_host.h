@@ -7,6 +7,10 @@
 // - __shfl_xor_sync exchanges a value through a per-warp buffer behind a barrier of the warp's 32 lanes.
 // - cp.async copies are queued per thread in commit groups and performed only when cp_async_wait lets them complete,
 //   so a read of a stage before its wait sees the stale stage (and fails the test), as it could on a GPU.
+// - Two schedules (set_mode): "late" copies with round-robin threads (every runnable thread in turn: warps in
+//   lockstep), and "eager" copies (performed at issue) with greedy threads (always the lowest-numbered runnable
+//   thread: warp 0 runs ahead until a __syncthreads stops it), which exposes a stage refilled while another warp
+//   still reads it (a missing barrier after the compute of a tile).
 // - 16-byte copies and loads must be 16-byte aligned (source and destination), as on a GPU; a violation, a deadlock
 //   (some threads at a barrier that others never reach) or a launch with threads not a multiple of 32 is recorded in
 //   lr2_host::error() and fails the test.
@@ -40,6 +44,8 @@ struct Fiber {
     ucontext_t ctx;
     std::vector<char> stack;
     bool done = false;
+    const unsigned* wait_generation = nullptr;  // blocked at a barrier until *wait_generation != wait_value
+    unsigned wait_value = 0;
     unsigned shuffles = 0;                    // this lane's shuffle count (the parity of its exchange buffer)
     std::vector<std::vector<Copy>> groups;    // committed cp.async groups, oldest first
     std::vector<Copy> open;                   // copies issued since the last commit
@@ -56,12 +62,18 @@ struct Block {
     ucontext_t scheduler;
     unsigned current = 0;
     unsigned arrived = 0, generation = 0;
-    unsigned long long progress = 0;  // barrier arrivals and fiber exits: a pass without any is a deadlock
 };
 
 inline Block* g_block = nullptr;
 inline std::function<void()> g_body;
 inline std::string g_error;
+inline bool g_eager = false;   // cp.async performed at issue (else at the wait that completes it)
+inline bool g_greedy = false;  // resume the lowest-numbered runnable thread (else each runnable thread in turn)
+
+inline void set_mode(bool eager, bool greedy) {
+    g_eager = eager;
+    g_greedy = greedy;
+}
 
 inline const std::string& error() { return g_error; }
 inline void clear_error() { g_error.clear(); }
@@ -72,20 +84,25 @@ inline void fail(const std::string& message) {
 inline void yield() { swapcontext(&g_block->fibers[g_block->current].ctx, &g_block->scheduler); }
 
 inline void barrier(unsigned* arrived, unsigned* generation, unsigned count) {
-    ++g_block->progress;
-    const unsigned mine = *generation;
     if (++*arrived == count) {
         *arrived = 0;
         ++*generation;
         return;
     }
-    while (*generation == mine && g_error.empty()) yield();
+    Fiber& f = g_block->fibers[g_block->current];
+    f.wait_generation = generation;
+    f.wait_value = *generation;
+    yield();  // resumed once the generation moved on (or never, in a deadlock)
+    f.wait_generation = nullptr;
+}
+
+inline bool runnable(const Fiber& f) {
+    return !f.done && (f.wait_generation == nullptr || *f.wait_generation != f.wait_value);
 }
 
 inline void entry() {
     g_body();
     g_block->fibers[g_block->current].done = true;
-    ++g_block->progress;
 }
 
 inline void sync_threads() { barrier(&g_block->arrived, &g_block->generation, blockDim.x * blockDim.y * blockDim.z); }
@@ -103,6 +120,11 @@ inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p
 
 inline void cp_async_16(void* dst, const void* src, bool valid) {
     if (!aligned16(dst) || (valid && !aligned16(src))) fail("cp.async: a 16-byte copy with a misaligned address");
+    if (g_eager) {
+        if (valid) std::memcpy(dst, src, 16);
+        else std::memset(dst, 0, 16);
+        return;
+    }
     g_block->fibers[threadIdx.x].open.push_back({dst, src, valid});
 }
 
@@ -151,18 +173,24 @@ void launch(Kernel kernel, dim3 grid, dim3 block, Args... args) {
                     f.ctx.uc_link = &b.scheduler;
                     makecontext(&f.ctx, entry, 0);
                 }
-                for (bool alive = true; alive && g_error.empty();) {
-                    alive = false;
-                    const unsigned long long before = b.progress;
-                    for (unsigned t = 0; t < threads; ++t) {
-                        if (b.fibers[t].done) continue;
-                        alive = true;
-                        b.current = t;
-                        threadIdx = dim3(t);
-                        swapcontext(&b.scheduler, &b.fibers[t].ctx);
+                auto resume = [&](unsigned t) {
+                    b.current = t;
+                    threadIdx = dim3(t);
+                    swapcontext(&b.scheduler, &b.fibers[t].ctx);
+                };
+                for (;;) {
+                    bool alive = false, ran = false;
+                    for (unsigned t = 0; t < threads && g_error.empty(); ++t) {
+                        alive = alive || !b.fibers[t].done;
+                        if (!runnable(b.fibers[t])) continue;
+                        ran = true;
+                        resume(t);
+                        if (g_greedy) break;  // start again from thread 0
                     }
-                    if (alive && b.progress == before) {
+                    if (!g_error.empty() || !alive) break;
+                    if (!ran) {
                         fail("deadlock: threads wait at a barrier that the others never reach");
+                        break;
                     }
                 }
                 // A deadlocked block's fibers are abandoned with their stacks (never resumed).

@@ -15,7 +15,7 @@ import torch
 import lr2kernels as lr2
 from lr2kernels.apps import cli
 
-COMMANDS = [name for name in cli.COMMANDS if name != "bench"]
+COMMANDS = list(cli.COMMANDS)
 
 SMOLLM2_CONTEXT = 8192  # the embedded model's max_position_embeddings (read from its GGUF header)
 
@@ -171,6 +171,21 @@ BAD = {
         (["--device", "tpu"], "--device", "got 'tpu'"),
         pytest.param(["--device", "cuda"], "--device", "sees no CUDA device", marks=CUDA_LESS),
         (["--seed", "x"], "--seed", "invalid int value: 'x'"),
+    ],
+    "bench": [
+        (["--suite", "nope"], "--suite", "invalid choice: 'nope'"),
+        (["--reps", "0"], "--reps", "0"),
+        (["--seqlens", "0"], "--seqlens", "0"),
+        (["--head-dims", "-64"], "--head-dims", "-64"),
+        (["--heads", "32:5"], "--heads", "'32:5'"),
+        (["--modes", "bwd"], "--modes", "invalid choice: 'bwd'"),
+        (["--e2e-modes", "train"], "--e2e-modes", "invalid choice: 'train'"),
+        (["--lengths", "-1"], "--lengths", "-1"),
+        (["--decode-steps", "0"], "--decode-steps", "0"),
+        (["--config", "{tmp}/missing.json"], "--config", "missing.json"),
+        (["--max-bwd-seqlen", "0"], "--max-bwd-seqlen", "0"),
+        (["--head-dims", "63"], "--head-dims", "expected even head dims"),
+        (["--model", "/no/such/model"], "--model", "expected 'smollm2'"),
     ],
 }
 

@@ -12,11 +12,13 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``lr2kernels bench`` (every suite's)."""
     from lr2kernels.apps.bench import e2e, kernels, report  # not at import: `bench.extension` needs none of them
+    from lr2kernels.apps.common import make_parser
 
-    parser = argparse.ArgumentParser(
-        prog="lr2kernels bench", description="Fused kernels vs stock attention + separate RoPE; stock vs patched model."
+    description = "Fused kernels vs stock attention + separate RoPE; stock vs patched model."
+    parser = make_parser("lr2kernels bench", description)
+    parser.add_argument(
+        "--suite", choices=["kernels", "e2e", "all"], default="all", help="kernels, e2e (a real model) or both"
     )
-    parser.add_argument("--suite", choices=["kernels", "e2e", "all"], default="all")
     report.add_options(parser)
     kernels.add_arguments(parser)
     e2e.add_arguments(parser)
@@ -32,13 +34,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         q_heads, _, kv_heads = pair.partition(":")
         if not (q_heads.isdigit() and kv_heads.isdigit() and int(kv_heads) > 0 and int(q_heads) % int(kv_heads) == 0):
             parser.error(f"--heads: expected q:kv pairs with q a multiple of kv (e.g. 32:8), got {pair!r}")
-    for option in ("seqlens", "head_dims", "lengths", "decode_steps", "reps"):
+    for option in ("seqlens", "head_dims", "lengths", "decode_steps", "reps", "max_bwd_seqlen"):
         value = getattr(args, option)
         values = value if isinstance(value, list) else [] if value is None else [value]
         if any(v < 1 for v in values):
             parser.error(f"--{option.replace('_', '-')}: expected positive integers, got {value}")
     if args.config is not None and not Path(args.config).is_file():
         parser.error(f"--config: expected a config.json file, got {args.config!r} (not a file)")
+    odd = [d for d in args.head_dims or [] if d % 2]
+    if odd:
+        parser.error(f"--head-dims: expected even head dims (RoPE rotates pairs), got {odd[0]}")
+    if args.model != "smollm2" and not Path(args.model).exists():  # the device is not checked: see gpu_check.py
+        parser.error(f"--model: expected 'smollm2', a local HF model folder or a .gguf file, got {args.model!r}")
     return args
 
 

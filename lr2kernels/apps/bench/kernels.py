@@ -189,11 +189,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This suite's own options (beside :func:`lr2kernels.apps.bench.report.add_options`)."""
-    parser.add_argument("--seqlens", type=int, nargs="*", default=None)
-    parser.add_argument("--head-dims", type=int, nargs="*", default=None)
-    parser.add_argument("--heads", type=str, nargs="*", default=None, help="HQ:HK pairs, e.g. 32:8 32:4")
-    parser.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
-    parser.add_argument("--max-bwd-seqlen", type=int, default=32768, help="longest length timed for fwd_bwd")
+    parser.add_argument(
+        "--seqlens",
+        type=int,
+        nargs="*",
+        default=None,
+        help="kernels: sequence lengths (default: 4K..128K on a GPU, 256..4096 on the CPU; --quick: two)",
+    )
+    parser.add_argument(
+        "--head-dims", type=int, nargs="*", default=None, help="kernels: head dims (default: 64 128; --quick: 128)"
+    )
+    parser.add_argument(
+        "--heads",
+        type=str,
+        nargs="*",
+        default=None,
+        help="kernels: HQ:HK pairs, e.g. 32:8 32:4 (default: 32:8 32:4 on a GPU, 8:2 8:1 on the CPU; --quick: the "
+        "first)",
+    )
+    parser.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES), help="kernels: what to time")
+    parser.add_argument("--max-bwd-seqlen", type=int, default=32768, help="kernels: longest length timed for fwd_bwd")
 
 
 def run_from_args(args: argparse.Namespace) -> list[dict]:

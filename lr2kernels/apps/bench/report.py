@@ -58,7 +58,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     add_device_option(parser)
     add_out_option(parser, fresh_results_folder(), "CSV rows are appended there, PNGs written")
     parser.add_argument("--quick", action="store_true", help="a few sizes, few repetitions")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: by suite and device)")
+    parser.add_argument(
+        "--reps", type=int, default=None, help="timed repetitions, median (default: by suite, device and --quick)"
+    )
 
 
 def environment(device: torch.device) -> dict[str, str]:

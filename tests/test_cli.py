@@ -22,6 +22,11 @@ SMOLLM2_CONTEXT = 8192  # the embedded model's max_position_embeddings (read fro
 
 def _parser_of(command: str, monkeypatch) -> argparse.ArgumentParser:
     """The parser ``lr2kernels COMMAND`` builds (caught as it parses, before the command runs)."""
+    return _parser_of_module(cli.COMMANDS[command][0], monkeypatch)
+
+
+def _parser_of_module(module: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser ``module.main`` builds (caught as it parses, before anything runs)."""
     seen = []
 
     class Parsed(Exception):
@@ -33,7 +38,7 @@ def _parser_of(command: str, monkeypatch) -> argparse.ArgumentParser:
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
     with pytest.raises(Parsed):
-        importlib.import_module(cli.COMMANDS[command][0]).main([])
+        importlib.import_module(module).main([])
     monkeypatch.undo()
     return seen[-1]
 
@@ -47,7 +52,23 @@ def test_every_option_has_help_that_shows_its_default_and_no_markup(command, mon
     assert page.startswith(f"usage: lr2kernels {command}")
     assert "``" not in page and ":func:" not in page and ":class:" not in page
 
-    parser = _parser_of(command, monkeypatch)
+    _check_option_help(_parser_of(command, monkeypatch), command)
+
+
+# The suites benchmarks/bench_*.py run (python -m lr2kernels.apps.bench.<suite> --help).
+SUITES = ["decode", "extension", "kernels", "quality", "training"]
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_every_benchmark_script_option_has_help_that_shows_its_default(suite, monkeypatch, capsys):
+    module = importlib.import_module(f"lr2kernels.apps.bench.{suite}")
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert "``" not in capsys.readouterr().out
+    _check_option_help(_parser_of_module(module.__name__, monkeypatch), suite)
+
+
+def _check_option_help(parser: argparse.ArgumentParser, command: str) -> None:
     formatter = parser._get_formatter()
     for action in parser._actions:
         if not action.option_strings or isinstance(action, argparse._HelpAction):

@@ -29,6 +29,7 @@ from lr2kernels.apps.common import (
     default_dtype,
     device_from,
     fresh_results_folder,
+    make_parser,
     time_ms,
 )
 from lr2kernels.ops import dispatch
@@ -157,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     """The options, checked before anything is allocated or timed (a usage error exits with status 2); needs no
     GPU: benchmarks/gpu_check.py's dry run checks its commands with it."""
-    parser = argparse.ArgumentParser(prog="bench_decode", description=__doc__.splitlines()[0])
+    parser = make_parser("bench_decode", __doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     hq, _, hk = args.heads.partition(":")

@@ -21,6 +21,7 @@ from lr2kernels.apps.common import (
     device_from,
     fresh_results_folder,
     load_model_quietly,
+    make_parser,
 )
 from lr2kernels.apps.search_job import add_original_length_option, model_table_for
 from lr2kernels.search.critical import baseline_tables, extension_table
@@ -188,6 +189,6 @@ def run_from_args(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_extension", description=__doc__.splitlines()[0])
+    parser = make_parser("bench_extension", __doc__.splitlines()[0])
     add_arguments(parser)
     return 0 if run_from_args(parser.parse_args(argv)) else 1

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import lr2kernels as lr2
 from lr2kernels.apps.bench.report import PeakMemory, add_options, environment, plot_vs_length, show_and_append
-from lr2kernels.apps.common import default_dtype, device_from, time_ms
+from lr2kernels.apps.common import default_dtype, device_from, make_parser, time_ms
 
 
 def make_table(head_dim: int) -> lr2.RopeTable:
@@ -181,7 +181,7 @@ COLUMNS = ["mode", "provider", "seq", "batch", "head_dim", "hq", "hk", "ms", "tf
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """This suite alone (``benchmarks/bench_kernels.py``): the rows measured."""
-    parser = argparse.ArgumentParser(prog="bench_kernels", description=__doc__.splitlines()[0])
+    parser = make_parser("bench_kernels", __doc__.splitlines()[0])
     add_options(parser)
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))

@@ -43,6 +43,7 @@ from lr2kernels.apps.common import (
     device_from,
     fresh_results_folder,
     load_model_quietly,
+    make_parser,
 )
 from lr2kernels.search.evaluate import NeedleEvaluator, PasskeyEvaluator
 from lr2kernels.search.needle import needle_samples, package_text, passkey_samples
@@ -216,7 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_quality", description=__doc__.splitlines()[0])
+    parser = make_parser("bench_quality", __doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     device = device_from(args.device)

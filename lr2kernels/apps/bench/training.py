@@ -36,6 +36,7 @@ from lr2kernels.apps.common import (
     device_from,
     fresh_results_folder,
     load_model_quietly,
+    make_parser,
     random_model,
     sync,
 )
@@ -163,7 +164,9 @@ def run(model, device: torch.device, seq_len: int, rows: int, docs_per_batch: in
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_option(parser)
-    parser.add_argument("--config", default=None, help="a config.json: that model at random weights instead")
+    parser.add_argument(
+        "--config", default=None, help="a config.json: that model at random weights instead (default: --model)"
+    )
     add_device_option(parser)
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row (default 2048)")
     parser.add_argument("--rows", type=int, default=2, help="packed rows: half long documents (default 2)")
@@ -176,7 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     """The options, checked before any model is built (a usage error exits with status 2); needs no GPU:
     benchmarks/gpu_check.py's dry run checks its commands with it."""
-    parser = argparse.ArgumentParser(prog="bench_training", description=__doc__.splitlines()[0])
+    parser = make_parser("bench_training", __doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.config is not None and not Path(args.config).is_file():

@@ -211,6 +211,7 @@ _RUN_KEYS = {"dtype", "torch_dtype", "transformers_version", "use_cache"}  # how
 
 
 HELD_OUT_SEED = 1_000_003  # added to --seed: the held-out needle samples the verdict is judged on
+HEARTBEAT_S = 30.0  # a line at least this often while the search or the scoring runs (unless --no-progress)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     if world > 1:
         torch.distributed.barrier()
     # A line every 30 s while an evaluation runs (one of 32K tokens takes minutes on a CPU), besides the bar.
-    beat = Heartbeat("search", model, every=30.0, indent="  ") if rank == 0 and not args.no_progress else None
+    beat = Heartbeat("search", model, every=HEARTBEAT_S, indent="  ") if rank == 0 and not args.no_progress else None
     with beat or contextlib.nullcontext():
         result = evolutionary_search(evaluator.loss, space, config, log_path=log_path,
                                      objective_fingerprint=fingerprint, progress=not args.no_progress)  # fmt: skip
@@ -266,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"scoring {len(tables)} tables on the {args.samples} search and {args.samples} held-out sample(s):")
     scores, held_out_scores = {}, {}
     baselines_start = time.perf_counter()
-    with Heartbeat("scoring", model, every=30.0, indent="  ") if beat else contextlib.nullcontext():
+    with Heartbeat("scoring", model, every=HEARTBEAT_S, indent="  ") if beat else contextlib.nullcontext():
         for name, table in tables.items():
             table_start = time.perf_counter()
             scores[name], held_out_scores[name] = evaluator(table), held_out_evaluator(table)

@@ -277,3 +277,18 @@ def test_the_factor_plot_marks_the_found_and_the_theoretical_critical_dimension(
     vertical = [line.get_xdata()[0] for line in axes.lines if len(set(line.get_xdata())) == 1]
     assert vertical == [9, 12]
     assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
+def test_the_search_and_the_scoring_are_never_silent(model_dir, tmp_path, monkeypatch, capsys):
+    """Without --no-progress: the bar after every evaluation and a heartbeat line (every 30 s; here 0.05 s) through
+    the search and through the scoring of the baselines."""
+    from lr2kernels.apps import search_job
+
+    monkeypatch.setattr(search_job, "HEARTBEAT_S", 0.05)
+    args = ["--target-length", "512", "--eval-length", "320", "--samples", "1", "--population", "2", "--parents",
+            "2", "--mutations", "1", "--crossovers", "0", "--iterations", "1", "--critical-window", "1"]  # fmt: skip
+    assert main(["search", "--model", str(model_dir), "--out", str(tmp_path / "out"), *args]) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"^  \.\.\. search: \d+ s, forward \d+, layer [12]/2$", captured.out, re.M)
+    assert re.search(r"^  \.\.\. scoring: \d+ s, forward \d+, layer [12]/2$", captured.out, re.M)
+    assert re.search(r"search \[#+\.*\] 3/3 evaluations", captured.err)

@@ -277,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random passkey")
 
 
-MIN_PASSKEY_LENGTH = 128  # the needle, the question and the answer take ~50 tokens
+MIN_PASSKEY_LENGTH = 128  # the needle, the question and the answer take 57 tokens (SmolLM2)
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -286,7 +286,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.length is not None:
         if args.length < MIN_PASSKEY_LENGTH:
             parser.error(f"--length {args.length}: expected at least {MIN_PASSKEY_LENGTH} tokens (the passkey, "
-                         "question and answer alone take ~50)")  # fmt: skip
+                         "question and answer alone take ~60)")  # fmt: skip
         try:
             context = model_config(args.model).get("max_position_embeddings")
         except (OSError, ValueError, KeyError) as error:

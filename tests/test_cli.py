@@ -50,7 +50,7 @@ def test_every_option_has_help_that_shows_its_default_and_no_markup(command, mon
     assert stop.value.code == 0
     page = capsys.readouterr().out
     assert page.startswith(f"usage: lr2kernels {command}")
-    assert "``" not in page and ":func:" not in page and ":class:" not in page
+    assert "`" not in page and ":func:" not in page and ":class:" not in page
 
     _check_option_help(_parser_of(command, monkeypatch), command)
 
@@ -64,7 +64,7 @@ def test_every_benchmark_script_option_has_help_that_shows_its_default(suite, mo
     module = importlib.import_module(f"lr2kernels.apps.bench.{suite}")
     with pytest.raises(SystemExit):
         module.main(["--help"])
-    assert "``" not in capsys.readouterr().out
+    assert "`" not in capsys.readouterr().out
     _check_option_help(_parser_of_module(module.__name__, monkeypatch), suite)
 
 
@@ -85,7 +85,7 @@ def test_top_level_help_has_no_markup(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     page = capsys.readouterr().out
-    assert "``" not in page and all(name in page for name in COMMANDS)
+    assert "`" not in page and all(name in page for name in COMMANDS)
 
 
 # ---- bad values: exit 2 before anything loads --------------------------------------------------------------------

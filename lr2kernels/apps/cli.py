@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lr2kernels",
         description="LongRoPE2-style RoPE kernels.",
-        epilog="`lr2kernels COMMAND --help` lists the options of a command.",
+        epilog="lr2kernels COMMAND --help lists the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"lr2kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

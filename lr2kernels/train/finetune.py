@@ -254,7 +254,7 @@ def finetune(
         if progress:
             print(f"finetune: this job finished before; its model is in {out / MODEL} (nothing trained)", flush=True)
         _load_checkpoint_weights(model, str(out / MODEL))
-        if not keep_checkpoints:
+        if not keep_checkpoints and int(os.environ.get("RANK", "0")) == 0:  # one process removes them
             _remove_checkpoints(out)
         return out / MODEL
     if not any(row.long for row in rows):

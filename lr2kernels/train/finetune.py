@@ -306,7 +306,7 @@ def finetune(
             print(f"finetune: all {settings.steps} steps done in {resume}; exporting its weights", flush=True)
         _load_checkpoint_weights(model, resume)
         unpatch(model)
-        return _finish(model, tokenizer, table, out, trainer, settings.steps, keep_checkpoints)
+        return _finish(model, tokenizer, table, out, trainer, settings.steps, keep_checkpoints, progress)
     if progress:
         long_rows = sum(row.long for row in rows)
         print(f"finetune: {len(rows)} rows of {settings.seq_len} tokens ({long_rows} with a long document), "
@@ -321,24 +321,33 @@ def finetune(
             raise
         raise ValueError(f"checkpoint: resuming from {resume} failed ({error}); move it aside and rerun") from error
     unpatch(model)
-    return _finish(model, tokenizer, table, out, trainer, settings.steps, keep_checkpoints)
+    return _finish(model, tokenizer, table, out, trainer, settings.steps, keep_checkpoints, progress)
 
 
-def _finish(model, tokenizer, table: RopeTable, out: Path, trainer, steps: int, keep_checkpoints: bool) -> Path:
+def _finish(
+    model, tokenizer, table: RopeTable, out: Path, trainer, steps: int, keep_checkpoints: bool, progress: bool
+) -> Path:
     """Export the model, mark the job finished, then (unless kept) remove its checkpoints: a kill at any point
     leaves either the checkpoints to export again from or the finished model."""
     folder = export(model, tokenizer, table, out / MODEL, trainer)
     if trainer.is_world_process_zero():
         (out / FINISHED_FILE).write_text(json.dumps({"steps": steps, "model": MODEL}) + "\n")
         if not keep_checkpoints:
-            _remove_checkpoints(out)
+            removed = _remove_checkpoints(out)
+            if removed and progress:
+                print(f"finetune: removed the job's checkpoints ({removed / 2**20:.0f} MB) now that the model is "
+                      "exported (keep_checkpoints / --keep-checkpoints keeps them)", flush=True)  # fmt: skip
     return folder
 
 
-def _remove_checkpoints(out: Path) -> None:
-    """``<out>/checkpoints``, written by this job to resume it, once its model is exported."""
-    if (out / CHECKPOINTS).is_dir():
-        shutil.rmtree(out / CHECKPOINTS)
+def _remove_checkpoints(out: Path) -> int:
+    """``<out>/checkpoints``, written by this job to resume it, once its model is exported. Returns the bytes freed."""
+    folder = out / CHECKPOINTS
+    if not folder.is_dir():
+        return 0
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    shutil.rmtree(folder)
+    return size
 
 
 def export(model, tokenizer, table: RopeTable, folder: Path, trainer=None) -> Path:

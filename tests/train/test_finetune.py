@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -179,6 +180,8 @@ def test_cli_finetunes_a_local_model_folder(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "with a long document" in out and "stock transformers" in out
+    assert re.search(r"removed the job's checkpoints \(\d+ MB\) now that the model is exported", out)
+    assert not (tmp_path / "out" / "checkpoints").exists()
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
     assert loaded.config.rope_parameters["rope_type"] == "longrope"
     assert (tmp_path / "out" / "model" / "tokenizer.json").is_file()

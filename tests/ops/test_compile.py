@@ -12,17 +12,18 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels.ops import dispatch
-from tests.ops.conftest import make_table
+from tests.ops.conftest import DEVICE, make_table
 
 TABLE = make_table(64, rotary_dim=48)  # partial rotary, L0 = 64
 SEQ = 80  # past L0: the long table
+CPU = torch.device("cpu")  # inductor compiles the torch backend here; the fused ops run on DEVICE
 
 
-def _inputs(requires_grad: bool = False):
+def _inputs(requires_grad: bool = False, device: torch.device = CPU):
     torch.manual_seed(0)
-    q = torch.randn(2, 4, SEQ, 64, requires_grad=requires_grad)
-    k = torch.randn(2, 2, SEQ, 64, requires_grad=requires_grad)
-    v = torch.randn(2, 2, SEQ, 64, requires_grad=requires_grad)
+    q = torch.randn(2, 4, SEQ, 64, device=device, requires_grad=requires_grad)
+    k = torch.randn(2, 2, SEQ, 64, device=device, requires_grad=requires_grad)
+    v = torch.randn(2, 2, SEQ, 64, device=device, requires_grad=requires_grad)
     return q, k, v
 
 
@@ -30,13 +31,14 @@ def _varlen(x: torch.Tensor) -> torch.Tensor:
     return x.detach()[0].transpose(0, 1).contiguous().requires_grad_(x.requires_grad)  # [T, H, D]
 
 
-CU_SEQLENS = torch.tensor([0, 30, 30, SEQ], dtype=torch.int32)  # an empty sequence; one of 30, one of 50
+CU_SEQLENS = [0, 30, 30, SEQ]  # an empty sequence; one of 30, one of 50
 
 
-def _ops(backend: str):
-    """name -> (function of tensors, its tensor inputs, differentiable?)."""
-    q, k, v = _inputs(requires_grad=True)
-    positions = torch.arange(SEQ)
+def _ops(backend: str, device: torch.device = CPU):
+    """name -> (function of tensors, its tensor inputs on ``device``, differentiable?)."""
+    q, k, v = _inputs(requires_grad=True, device=device)
+    positions = torch.arange(SEQ, device=device)
+    cu_seqlens = torch.tensor(CU_SEQLENS, dtype=torch.int32, device=device)
     return {
         "apply_rope": (
             lambda q, k, p: lr2.apply_rope(q, k, TABLE, position_ids=p, backend=backend),
@@ -55,12 +57,12 @@ def _ops(backend: str):
         ),
         "rope_attention_varlen": (
             lambda q, k, v, cu: lr2.rope_attention(q, k, v, TABLE, cu_seqlens=cu, max_seqlen=50, backend=backend),
-            (_varlen(q), _varlen(k), _varlen(v), CU_SEQLENS),
+            (_varlen(q), _varlen(k), _varlen(v), cu_seqlens),
             True,
         ),
         "rope_decode": (
             lambda q, kc, vc, n: lr2.rope_decode(q, kc, vc, TABLE, cache_seqlens=n, backend=backend),
-            (q.detach()[:, :, :1], k.detach(), v.detach(), torch.tensor([SEQ, 40])),
+            (q.detach()[:, :, :1], k.detach(), v.detach(), torch.tensor([SEQ, 40], device=device)),
             False,
         ),
         "rerotate": (
@@ -75,8 +77,8 @@ def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-def _check_compiled(backend: str, compiler: str, name: str):
-    fn, inputs, differentiable = _ops(backend)[name]
+def _check_compiled(backend: str, compiler: str, name: str, device: torch.device = CPU):
+    fn, inputs, differentiable = _ops(backend, device)[name]
     torch._dynamo.reset()
     dispatch._instances.clear()  # the backend choice (imports, probes) must stay out of the graph, even the first
     compiled = torch.compile(fn, fullgraph=True, backend=compiler)
@@ -103,8 +105,9 @@ def test_torch_backend_compiles_fullgraph(name):
 @pytest.mark.parametrize("name", list(_ops("torch")))
 def test_fused_custom_ops_trace_fullgraph(name):
     # The custom ops are opaque to the compiler: it traces the preparation around them and their fake and
-    # autograd registrations (aot_eager: no code generation, so the interpreter can run the kernels).
-    _check_compiled("triton", "aot_eager", name)
+    # autograd registrations (aot_eager: no code generation, so the interpreter can run the kernels). On DEVICE:
+    # where Triton runs here (a GPU when there is one: it takes no CPU tensors then).
+    _check_compiled("triton", "aot_eager", name, DEVICE)
 
 
 def test_backend_choice_is_marked_constant_as_torch_would():

@@ -15,7 +15,7 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels.ops import dispatch, validation
-from tests.ops.conftest import make_table, requires_triton
+from tests.ops.conftest import DEVICE, make_table, requires_triton
 
 TABLE = make_table(64)
 
@@ -121,14 +121,19 @@ def test_triton_declines_with_a_reason(call, reason):
 
 @requires_triton
 def test_triton_named_on_an_unsupported_call_raises_the_reason():
-    q = torch.randn(1, 2, 4, 64, dtype=torch.float64)
+    # On the device Triton runs on here (a GPU's; the CPU only in the interpreter), so the dtype is what it declines.
+    q = torch.randn(1, 2, 4, 64, dtype=torch.float64, device=DEVICE)
     with pytest.raises(
-        ValueError, match=r"backend: 'triton' cannot run this rope_attention on cpu tensors: .*not built for float64"
+        ValueError,
+        match=rf"backend: 'triton' cannot run this rope_attention on {DEVICE.type} tensors: .*not built for float64",
     ):
         lr2.rope_attention(q, q, q, TABLE, backend="triton")
-    k = torch.randn(1, 2, 4, 64, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"backend: 'triton' cannot run this rerotate on cpu tensors: .*float64"):
-        lr2.rerotate(k, TABLE, position_ids=torch.arange(4), from_long=False, to_long=True, backend="triton")
+    k = torch.randn(1, 2, 4, 64, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(
+        ValueError, match=rf"backend: 'triton' cannot run this rerotate on {DEVICE.type} tensors: .*float64"
+    ):
+        lr2.rerotate(k, TABLE, position_ids=torch.arange(4, device=DEVICE), from_long=False, to_long=True,
+                     backend="triton")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ backend=None on CUDA

@@ -14,6 +14,7 @@ import torch
 
 import lr2kernels as lr2
 from tests.hf.test_patch import L0, tiny_model
+from tests.ops.conftest import DEVICE  # where the triton backend runs here: a GPU's, else the interpreter's CPU
 
 LENGTHS = [20, 50, 10]
 
@@ -25,10 +26,10 @@ def _scaled(model):
     return model
 
 
-def _packed(lengths, batch: int = 1):
+def _packed(lengths, batch: int = 1, device: torch.device | None = None):
     tokens = torch.randint(3, 101, (batch, sum(lengths)), generator=torch.Generator().manual_seed(5))
     positions = torch.cat([torch.arange(n) for n in lengths])[None].expand(batch, -1)
-    return tokens, positions
+    return tokens.to(device), positions.to(device)
 
 
 def _summed_loss(logits: torch.Tensor, tokens: torch.Tensor, starts: list[int]) -> torch.Tensor:
@@ -43,9 +44,9 @@ def _summed_loss(logits: torch.Tensor, tokens: torch.Tensor, starts: list[int]) 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_each_packed_document_equals_it_alone_in_the_stock_model(arch, backend):
-    stock = _scaled(tiny_model(arch))
+    stock = _scaled(tiny_model(arch)).to(DEVICE)
     patched = lr2.patch(copy.deepcopy(stock), backend=backend)
-    tokens, positions = _packed(LENGTHS)
+    tokens, positions = _packed(LENGTHS, device=DEVICE)
     with torch.no_grad():
         packed = patched(tokens, position_ids=positions, use_cache=False).logits
         alone = [stock(part).logits for part in tokens.split(LENGTHS, dim=1)]
@@ -58,9 +59,9 @@ def test_each_packed_document_equals_it_alone_in_the_stock_model(arch, backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_packed_gradients_equal_the_sum_of_per_document_gradients(arch, backend):
-    stock = _scaled(tiny_model(arch)).train()
+    stock = _scaled(tiny_model(arch)).to(DEVICE).train()
     patched = lr2.patch(copy.deepcopy(stock), backend=backend).train()
-    tokens, positions = _packed(LENGTHS)
+    tokens, positions = _packed(LENGTHS, device=DEVICE)
     starts = [0, LENGTHS[0], LENGTHS[0] + LENGTHS[1]]
     _summed_loss(patched(tokens, position_ids=positions, use_cache=False).logits, tokens, starts).backward()
     for part in tokens.split(LENGTHS, dim=1):

@@ -369,17 +369,18 @@ def test_packed_rows_run_the_fused_varlen_kernel(backend, monkeypatch):
     # LongRoPE model with L0 = 32 and sequences of 20, 50 and 10 tokens equals each sequence run alone in stock.
     from lr2kernels.hf import attention
     from tests.hf.test_patch import tiny_model
+    from tests.ops.conftest import DEVICE  # where the triton backend runs here: a GPU's, else the interpreter's CPU
 
     if backend == "triton":
         pytest.importorskip("triton")
-    stock = tiny_model("llama")
+    stock = tiny_model("llama").to(DEVICE)
     patched = lr2.patch(copy.deepcopy(stock), backend=backend)
     calls = []
     original = attention.rope_attention
     monkeypatch.setattr(attention, "rope_attention", lambda *a, **k: calls.append(k) or original(*a, **k))
     lengths = [20, 50, 10]
-    tokens = ids(1, sum(lengths))
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    tokens = ids(1, sum(lengths)).to(DEVICE)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(DEVICE)
     with torch.no_grad():
         got = patched(tokens, position_ids=positions, use_cache=False).logits
         alone = torch.cat([stock(part).logits for part in tokens.split(lengths, dim=1)], dim=1)

@@ -22,8 +22,9 @@ Usage::
 
     python benchmarks/peer_report.py --tutorial /tmp/peer/06-fused-attention.py --ref triton-lang/triton@v3.6.0
 
-Each run replaces its own Triton version's rows in ``benchmarks/results/peer_tutorial_attention.json`` (run it with
-each Triton: ``.venv/bin/python`` and ``.ci/.triton36/bin/python``) and rewrites the ``.md`` beside it from all rows.
+Each run replaces its own (Triton version, arch, head, dtype) rows in
+``benchmarks/results/peer_tutorial_attention.json`` (run it with each Triton: ``.venv/bin/python`` and
+``.ci/.triton36/bin/python``) and rewrites the ``.md`` beside it from all rows.
 """
 
 from __future__ import annotations
@@ -136,25 +137,41 @@ def capture(module: types.ModuleType, arch: int, head: int, dtype: str) -> list[
 
 
 _DOT = re.compile(r"tt\.dot .*: tensor<(\d+)x(\d+)x\w+> \* tensor<\d+x(\d+)x\w+>")
+_FOR = re.compile(r"scf\.for \S+ = (\S+) to (\S+) step (\S+)")
+_CONSTANT = re.compile(r"%c-?\d+(_i\d+)?$")  # MLIR names an arith.constant after its value: %c8_i32
 
 
-def ttir_dot_loops(ttir: str) -> list[list[tuple[int, int, int]]]:
-    """The ``tt.dot`` shapes (M, K, N) of each innermost ``scf.for`` loop holding dots, in program order."""
-    loops: list[list] = []
-    stack: list[tuple[int, list]] = []  # (brace depth at the loop's start, its dots)
+def ttir_dot_loops(ttir: str) -> list[dict]:
+    """The innermost ``scf.for`` loops holding ``tt.dot`` ops, in program order: their dot shapes (M, K, N) and
+    whether their bounds are constants (a loop of a constant trip count may be unrolled away by the compiler)."""
+    loops: list[dict] = []
+    stack: list[tuple[int, dict]] = []  # (brace depth at the loop's start, the loop)
     depth = 0
     for line in ttir.splitlines():
         if "scf.for" in line and line.rstrip().endswith("{"):
-            stack.append((depth, []))
+            bounds = _FOR.search(line)
+            constant = bool(bounds) and all(_CONSTANT.match(b) for b in bounds.groups())
+            stack.append((depth, dict(dots=[], constant=constant)))
         dot = _DOT.search(line)
         if dot and stack:
-            stack[-1][1].append(tuple(map(int, dot.groups())))
+            stack[-1][1]["dots"].append(tuple(map(int, dot.groups())))
         depth += line.count("{") - line.count("}")
         while stack and depth <= stack[-1][0]:
-            _, dots = stack.pop()
-            if dots:  # a dot belongs to the innermost open loop, so a loop around others holds only its own
-                loops.append(dots)
+            _, loop = stack.pop()
+            if loop["dots"]:  # a dot belongs to the innermost open loop, so a loop around others holds only its own
+                loops.append(loop)
     return loops
+
+
+def match_loops(sass_loops: list[dict], dot_loops: list[dict]) -> list[tuple[dict, dict]] | None:
+    """Pairs (SASS loop, TTIR loop) in program order: all of them, or, where the SASS has fewer loops, the TTIR loops
+    of runtime trip counts (the constant ones were unrolled); None where neither count matches."""
+    if len(sass_loops) == len(dot_loops):
+        return list(zip(sass_loops, dot_loops))
+    runtime = [d for d in dot_loops if not d["constant"]]
+    if len(sass_loops) == len(runtime):
+        return list(zip(sass_loops, runtime))
+    return None
 
 
 @dataclass
@@ -241,10 +258,10 @@ def compile_peer(path: str, job: PeerJob) -> list[dict]:
     note = ""
     if job.kernel == "fwd":
         picked["fwd"] = sass_loops[0] if sass_loops else None  # the off-band stage comes first
-    elif len(sass_loops) == len(dot_loops):
+    elif (pairs := match_loops(sass_loops, dot_loops)) is not None:
         # Off the diagonal: the last loop of each phase (dk/dv loops hold four dots, dq loops three).
         for kernel, dots in (("bwd_dkdv", 4), ("bwd_dq", 3)):
-            same = [s for s, d in zip(sass_loops, dot_loops) if len(d) == dots]
+            same = [s for s, d in pairs if len(d["dots"]) == dots]
             picked[kernel] = same[-1] if same else None
     else:
         note = f"{len(sass_loops)} MMA loops in the SASS, {len(dot_loops)} in the TTIR: not matched"
@@ -324,37 +341,44 @@ def markdown(data: dict, ratios: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tutorial", type=Path, required=True, help="a copy of python/tutorials/06-fused-attention.py")
-    p.add_argument("--ref", required=True, help="where the copy comes from (repository@tag or commit)")
+    p.add_argument("--tutorial", type=Path, help="a copy of python/tutorials/06-fused-attention.py")
+    p.add_argument("--ref", help="where the copy comes from (repository@tag or commit)")
     p.add_argument("--heads", nargs="*", type=int, default=[64, 128])
     p.add_argument("--dtypes", nargs="*", default=["fp16"], choices=sorted(TORCH_DTYPES))
     p.add_argument("--archs", nargs="*", type=int, default=[80, 90], choices=[80, 90])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=OUT, help="writes OUT.json (merged by Triton version) and OUT.md")
-    p.add_argument("--ours", type=Path, help="compile_report.py --json of lr2kernels (for the ratio table)")
+    p.add_argument("--ours", type=Path, nargs="*", default=[],
+                   help="compile_report.py --json outputs of lr2kernels, one per Triton (the ratio table)")
+    p.add_argument("--markdown-only", action="store_true",
+                   help="compile nothing: rewrite the .md from the JSON (with --ours: the ratios)")
     args = p.parse_args(argv)
+    if not args.markdown_only and not (args.tutorial and args.ref):
+        p.error("--tutorial and --ref are required unless --markdown-only")
     import triton
 
     cr._worker_init()
     t0 = time.perf_counter()
-    todo = [j for arch in args.archs for head in args.heads for dtype in args.dtypes
-            for j in jobs(args.tutorial, arch, head, dtype)]  # fmt: skip
-    with ProcessPoolExecutor(max_workers=args.workers, initializer=cr._worker_init) as pool:
-        rows = [r for rs in pool.map(_compile_star, [(str(args.tutorial), j) for j in todo]) for r in rs]
     json_path = args.out.with_suffix(".json")
     data = json.loads(json_path.read_text()) if json_path.exists() else {"rows": []}
-    mine = cr._minor(triton.__version__)
-    data["rows"] = [r for r in data["rows"] if cr._minor(r["triton"]) != mine] + rows
-    data["tutorial"] = dict(ref=args.ref, sha256=hashlib.sha256(args.tutorial.read_bytes()).hexdigest(),
-                            shape=dict(batch=BATCH, heads=HEADS, seq_len=SEQ_LEN))  # fmt: skip
-    ratios = []
-    if args.ours:
-        ours = json.loads(args.ours.read_text())["rows"]
-        ratios = cr.peer_ratios(ours, data["rows"], "128", "bf16", 90)
+    rows = []
+    if not args.markdown_only:
+        todo = [j for arch in args.archs for head in args.heads for dtype in args.dtypes
+                for j in jobs(args.tutorial, arch, head, dtype)]  # fmt: skip
+        with ProcessPoolExecutor(max_workers=args.workers, initializer=cr._worker_init) as pool:
+            rows = [r for rs in pool.map(_compile_star, [(str(args.tutorial), j) for j in todo]) for r in rs]
+        # This run's rows replace those of the same Triton version, arch, head and dtype.
+        ran = {(cr._minor(r["triton"]), r["arch"], r["head"], r["dtype"]) for r in rows}
+        data["rows"] = [r for r in data["rows"]
+                        if (cr._minor(r["triton"]), r["arch"], r["head"], r["dtype"]) not in ran] + rows  # fmt: skip
+        data["tutorial"] = dict(ref=args.ref, sha256=hashlib.sha256(args.tutorial.read_bytes()).hexdigest(),
+                                shape=dict(batch=BATCH, heads=HEADS, seq_len=SEQ_LEN))  # fmt: skip
+    ratios = [r for path in args.ours for r in cr.peer_ratios(json.loads(path.read_text())["rows"], data["rows"],
+                                                               "128", "bf16", 90)]  # fmt: skip
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(data, indent=1, default=str))
     args.out.with_suffix(".md").write_text(markdown(data, ratios))
-    for kernel in cr.PEER_KERNELS:
+    for kernel in cr.PEER_KERNELS if rows else ():
         for arch in args.archs:
             best = cr.best_spill_free(rows, kernel, "128", args.dtypes[0], arch, triton.__version__)
             shown = "none spill-free" if best is None else f"{best['per_1k_scores']:,.0f} ({best['config']})"

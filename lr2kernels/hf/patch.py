@@ -12,10 +12,11 @@ Instance-level, all or nothing, and reversible. For the given model only:
 5. continuous batching (``generate_batch``, ``init_continuous_batching``, a paged cache) raises until it is
    supported (:mod:`lr2kernels.hf.serving`).
 
-``unpatch`` restores all of it exactly. One change outlives it, by design: the ``apply_rotary_pos_emb`` of each
-patched architecture's modeling module is wrapped (once per process) so that it skips the identity rotation of a
-patched model; for every other caller the wrapper calls the original unchanged. transformers is imported inside the
-functions, never at package import.
+``unpatch`` restores all of it exactly. Nothing outside the model is changed but one new name in transformers'
+attention registry (its modeling modules and functions are left as they are), so pickling and deep-copying work for
+patched and stock models alike. Where an attention layer owns a private ``apply_rotary_pos_emb`` wrapper
+(transformers with ``kernels``, see :func:`_rotation_wrapper`), that layer's wrapper skips the identity rotation.
+transformers is imported inside the functions, never at package import.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import sys
+import types
 import warnings
 from typing import Any
 
@@ -77,7 +80,7 @@ def _identity_rotary_forward(module, x: torch.Tensor, position_ids: torch.Tensor
             )
         return type(module).forward(module, x, position_ids, *args, **kwargs)
     # [B, L, rotary_dim] cos = 1, sin = 0: HF's apply_rotary_pos_emb becomes the identity (x * 1 + y * 0 == x),
-    # and is skipped altogether where _skip_identity_rotation wrapped it (the mark says which cos this is).
+    # and is skipped altogether by a layer's own wrapper (_skip_identity_forward; the mark says which cos this is).
     batch, seq = position_ids.shape[0], position_ids.shape[-1]
     width = module._lr2_rotary_width
     ones = torch.ones(1, 1, width, dtype=x.dtype, device=x.device).expand(batch, seq, width)
@@ -85,27 +88,34 @@ def _identity_rotary_forward(module, x: torch.Tensor, position_ids: torch.Tensor
     return ones, torch.zeros_like(ones)
 
 
-def _skip_identity_rotation(attention: torch.nn.Module) -> None:
-    """Let the ``apply_rotary_pos_emb`` that ``attention``'s forward calls return q and k as they are when it gets
-    a patched rotary module's identity cos, instead of computing ``q * 1 + rotate_half(q) * 0`` (ten passes over q
-    and k per layer that a decode step on the CPU pays for nothing).
+def _skip_identity_forward(wrapper: torch.nn.Module, q, k, cos, sin, *args, **kwargs):
+    """A patched attention layer's own ``apply_rotary_pos_emb`` (bound to its private kernel wrapper with
+    ``types.MethodType``, which the wrapper's pickle and deepcopy support): q and k as they are for a patched rotary
+    module's identity cos, instead of ``q * 1 + rotate_half(q) * 0`` (ten passes over q and k per layer that a decode
+    step on the CPU would pay for nothing); the stock rotation for any other cos."""
+    if getattr(cos, "_lr2_identity_rotation", False):
+        return q, k  # the identity rotation, exactly (x * 1 + y * 0 == x for every finite x)
+    return type(wrapper).forward(wrapper, q, k, cos, sin, *args, **kwargs)
 
-    The function is wrapped once per modeling module, in the namespace the forward reads it from, and stays wrapped:
-    for any other cos (stock models, unpatched ones) the wrapper calls the original with the same arguments.
+
+def _rotation_wrapper(attention: torch.nn.Module) -> torch.nn.Module | None:
+    """The attention layer's private ``apply_rotary_pos_emb`` wrapper, or None where it has none.
+
+    transformers builds the Llama, Mistral, Qwen2 and Qwen3 attention classes with
+    ``use_kernelized_func(apply_rotary_pos_emb)``; where the ``kernels`` package is installed (a dependency of
+    transformers since 5.25), each layer instance owns a wrapper module (``_kernel_funcs``) that the module-level
+    ``apply_rotary_pos_emb`` dispatches to while that layer's forward runs, and whose ``forward``
+    ``kernels.kernelize`` replaces per instance. lr2kernels replaces it the same way, on this layer only. A wrapper
+    that already has an instance forward (kernelized) is left to its kernel. Phi-3 (5.25) and installs without
+    ``kernels`` have no wrapper: the identity rotation is then computed, exactly (about 20 small ops per layer).
     """
-    namespace = getattr(inspect.unwrap(type(attention).forward), "__globals__", {})  # under its decorators
-    original = namespace.get("apply_rotary_pos_emb")
-    if original is None or getattr(original, "_lr2_skips_identity", False):
-        return
-
-    @functools.wraps(original)
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if getattr(cos, "_lr2_identity_rotation", False):
-            return q, k  # the identity rotation, exactly (x * 1 + y * 0 == x for every finite x)
-        return original(q, k, cos, sin, *args, **kwargs)
-
-    apply_rotary_pos_emb._lr2_skips_identity = True
-    namespace["apply_rotary_pos_emb"] = apply_rotary_pos_emb
+    function = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
+    # The key kernels files it under: the function's name, or (a function made a module) its kernel layer name.
+    name = getattr(function, "__name__", None) or getattr(function, "kernel_layer_name", None)
+    wrapper = getattr(attention, "_kernel_funcs", {}).get(name) if name else None
+    if type(wrapper) is not type(function) or not isinstance(wrapper, torch.nn.Module) or "forward" in vars(wrapper):
+        return None
+    return wrapper
 
 
 def _keep_cache_prepare(model: torch.nn.Module):
@@ -250,7 +260,7 @@ def _base_models(model: torch.nn.Module, rotary: list[torch.nn.Module]) -> list[
 def _apply(model, config, rotary, attention, table) -> None:
     """Every change :func:`patch` makes, each recorded in the state first so that :func:`unpatch` can undo a part."""
     name = _register_attention()
-    state = _PatchState(rotary=[], attention=[], hooks=[], config=config, refused=[])
+    state = _PatchState(rotary=[], attention=[], hooks=[], config=config, refused=[], rotation_wrappers=[])
     setattr(model, _STATE, state)
     # The attention layers read their implementation from their config. They get a private copy that names ours, so
     # the model's config (which other models may share, and which save_pretrained writes) is never changed.
@@ -259,7 +269,10 @@ def _apply(model, config, rotary, attention, table) -> None:
     tracker = ForwardTracker()  # one per model: the positions of the forward that runs
     for module in attention:
         state["attention"].append(module)
-        _skip_identity_rotation(module)
+        wrapper = _rotation_wrapper(module)
+        if wrapper is not None:
+            state["rotation_wrappers"].append(wrapper)
+            wrapper.forward = types.MethodType(_skip_identity_forward, wrapper)
         module.config, module._lr2_model_config, module._lr2_tracker = attention_config, config, tracker
     for module in rotary:
         state["rotary"].append(module)
@@ -292,6 +305,9 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         module.__dict__.pop("forward", None)  # the instance attribute hid the class's forward
         for attribute in ("_lr2_rotary_width", "_lr2_config", "_lr2_warned_switch"):
             module.__dict__.pop(attribute, None)
+    for wrapper in state.get("rotation_wrappers", []):
+        if getattr(vars(wrapper).get("forward"), "__func__", None) is _skip_identity_forward:  # not a later kernel's
+            del wrapper.forward
     for module in state.get("attention", []):
         module.config = state["config"]
         for attribute in (

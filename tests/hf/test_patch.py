@@ -155,7 +155,9 @@ def test_generation_across_l0_equals_full_forwards_by_default(arch):
             full_mask = torch.cat([mask, torch.ones(2, step, dtype=mask.dtype)], dim=1)
             positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
             full = stock(sequence, attention_mask=full_mask, position_ids=positions).logits[:, -1]
-            torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+            # A cached step rounds differently from a full forward (up to ~2e-4 in these x6 logits with torch 2.13);
+            # a key one position off moves them by > 0.1.
+            torch.testing.assert_close(logits, full, atol=5e-4, rtol=1e-4, msg=f"step {step}")
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])

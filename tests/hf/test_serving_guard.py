@@ -84,7 +84,7 @@ def test_a_paged_cache_given_to_a_patched_forward_is_refused():
 
 
 def test_the_refusal_survives_pickle_and_deepcopy_and_leaves_the_copy_unpatchable():
-    patched = lr2.patch(tiny_default_rope("phi3"), backend="torch")
+    patched = lr2.patch(tiny_default_rope("qwen2"), backend="torch")
     for copied in (copy.deepcopy(patched), pickle.loads(pickle.dumps(patched))):
         with pytest.raises(NotImplementedError, match=REFUSAL):
             copied.generate_batch(_prompts(), generation_config=_generation_config())

@@ -12,9 +12,10 @@ A plan of steps (:data:`PLAN`), each a command with a time limit and the files i
 5. ``e2e``: stock vs patched Llama-3-8B (LongRoPE2 table) at random bf16 weights, 8K and 32K, prefill and decode.
 6. ``cuda_tests`` and ``cuda_decode``: the CUDA extension's kernels (never run on a GPU before) against the
    reference, then their bandwidth. The extension is built by ``cuda_build``, which runs beside ``correctness``
-   from the start: it needs only the CPU (17 s for sm_90 on two shared cores, so seconds on the GPU machine's 16),
-   so it costs no time of the plan; its kernels are exercised last, in their own processes, because a kernel that
-   has never run may fault and take the CUDA context down with it.
+   from the start: it needs only the CPU (sm_90 alone: 17 s on two idle cores, 128 s on two cores shared with
+   other jobs; the GPU machine has 16 for its five translation units), so it costs no time of the plan; its
+   kernels are exercised last, in their own processes, because a kernel that has never run may fault and take the
+   CUDA context down with it.
 
 Each step writes its log (``<step>.log``) and results as it finishes, and ``summary.json`` / ``summary.md`` are
 rewritten after every step, so a cut-off run still leaves what it did. A step is interrupted (SIGINT: pytest then
@@ -86,7 +87,6 @@ DECODE_SHAPES = ("--device", "cuda", "--heads", "32:8", "--head-dim", "128", "--
                  "--caches", "8192", "32768", "131072", "--reps", "20")  # fmt: skip
 LLAMA3_LONGROPE2 = "tests/data/real_configs/llama3-8b-longrope2.json"
 PHI4_MINI = "tests/data/real_configs/phi4-mini-instruct.json"
-BUILD_CODE = "from lr2kernels.ops.cuda import jit; print('built', jit.build(), flush=True)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +125,8 @@ PLAN: tuple[Step, ...] = (
     Step("env", "versions, the GPU, missing tools named", ("benchmarks/gpu_check.py",), ("--env",), 20,
          ("env.log",)),
     Step("cuda_build", "the CUDA extension for this GPU's arch, into lr2kernels' build cache (CPU only)",
-         ("-c",), (BUILD_CODE,), 120, ("cuda_build.log",), requires=("pybind11", "nvcc"), background=True,
-         join_before="kernels"),
+         ("benchmarks/gpu_check.py",), ("--build-extension",), 120, ("cuda_build.log",),
+         requires=("pybind11", "nvcc"), background=True, join_before="kernels"),
     Step("correctness", "bf16 Triton fwd/bwd/decode/RoPE vs the fp64 reference on the GPU", ("-m", "pytest"),
          (*CORRECTNESS_TESTS, "-k", "bf16 and not cuda", *PYTEST_OPTIONS, "--junitxml={out}/correctness.xml"), 180,
          ("correctness.log", "correctness.xml"), requires=("pytest",), show_lines=6),
@@ -134,22 +134,22 @@ PLAN: tuple[Step, ...] = (
          ("-m", "lr2kernels", "bench"),
          ("--suite", "kernels", "--device", "cuda", "--seqlens", "8192", "32768", "--head-dims", "128", "--heads",
           "32:8", "--modes", "fwd", "fwd_bwd", "rerotate", "--reps", "5", "--out", "{out}/kernels"), 90,
-         ("kernels.log", "kernels/kernels.csv"), parser="lr2kernels.apps.bench", show_lines=16),
+         ("kernels.log", "kernels/kernels.csv"), parser="lr2kernels.apps.bench", show_lines=20),
     Step("decode", "Triton decode GB/s vs copy bandwidth and post-RoPE SDPA (batch 1, 8; 8K..128K)",
          ("benchmarks/bench_decode.py",), (*DECODE_SHAPES, "--providers", "lr2-triton", "--out", "{out}/decode"), 45,
-         ("decode.log", "decode/decode.csv"), parser="lr2kernels.apps.bench.decode", show_lines=15),
+         ("decode.log", "decode/decode.csv"), parser="lr2kernels.apps.bench.decode", show_lines=17),
     Step("e2e", "stock vs patched Llama-3-8B LongRoPE2 shapes, random bf16 weights, 8K and 32K",
          ("-m", "lr2kernels", "bench"),
          ("--suite", "e2e", "--device", "cuda", "--config", LLAMA3_LONGROPE2, "--lengths", "8192", "32768",
           "--decode-steps", "8", "--reps", "2", "--e2e-modes", "prefill", "decode", "--out", "{out}/e2e"), 100,
-         ("e2e.log", "e2e/e2e.csv"), parser="lr2kernels.apps.bench", show_lines=9),
+         ("e2e.log", "e2e/e2e.csv"), parser="lr2kernels.apps.bench", show_lines=12),
     Step("cuda_tests", "the CUDA extension's decode / RoPE / rerotate vs the reference, every dtype",
          ("-m", "pytest"), (*CUDA_TESTS, "-k", "cuda", *PYTEST_OPTIONS, "--junitxml={out}/cuda_tests.xml"), 60,
          ("cuda_tests.log", "cuda_tests.xml"), requires=("pytest",), after=("cuda_build",), show_lines=6),
     Step("cuda_decode", "CUDA decode GB/s vs copy bandwidth and post-RoPE SDPA (same shapes as decode)",
          ("benchmarks/bench_decode.py",), (*DECODE_SHAPES, "--providers", "lr2-cuda", "--out", "{out}/cuda_decode"),
          40, ("cuda_decode.log", "cuda_decode/decode.csv"), parser="lr2kernels.apps.bench.decode",
-         after=("cuda_build",), show_lines=15),
+         after=("cuda_build",), show_lines=17),
     # Outside the default plan (--steps): for a second lending, or a machine of your own.
     Step("training", "packed varlen (patched) vs padded (stock) training step, 1B-class llama, 32K rows",
          ("benchmarks/bench_training.py",),
@@ -161,7 +161,7 @@ PLAN: tuple[Step, ...] = (
          ("-m", "lr2kernels", "bench"),
          ("--suite", "e2e", "--device", "cuda", "--config", PHI4_MINI, "--lengths", "8192", "32768",
           "--decode-steps", "8", "--reps", "2", "--e2e-modes", "prefill", "decode", "--out", "{out}/e2e_phi4"),
-         120, ("e2e_phi4.log", "e2e_phi4/e2e.csv"), parser="lr2kernels.apps.bench", default=False, show_lines=9),
+         120, ("e2e_phi4.log", "e2e_phi4/e2e.csv"), parser="lr2kernels.apps.bench", default=False, show_lines=12),
     Step("ops_suite", "every op test on CUDA (fp32 / fp16 / bf16, every backend here)", ("-m", "pytest"),
          ("tests/ops", *PYTEST_OPTIONS, "--junitxml={out}/ops_suite.xml"), 540, ("ops_suite.log", "ops_suite.xml"),
          requires=("pytest",), default=False, show_lines=6),
@@ -512,10 +512,28 @@ def env_report() -> int:
         spec = importlib.util.find_spec(name)
         print(f"{name:<13} {'present' if spec else 'MISSING: ' + consequence}")
     installed = importlib.util.find_spec("lr2kernels._cuda")
-    print(f"lr2kernels._cuda installed in the tree: {installed.origin if installed else 'no (built by cuda_build)'}")
+    print(f"lr2kernels._cuda installed in the tree: {installed.origin if installed else 'no (cuda_build builds it)'}")
     print(f"LR2_CUDA_ARCHS={os.environ.get('LR2_CUDA_ARCHS')}")
     if not torch.cuda.is_available():
         print("torch sees no CUDA device: every GPU step will fail")
+        return 1
+    return 0
+
+
+def build_extension() -> int:
+    """The ``cuda_build`` step: the extension for ``$LR2_CUDA_ARCHS`` into lr2kernels' build cache (built once per
+    sources, arch and nvcc; a rerun on a warm machine finds it). 1, saying why, when the cuda backend would then
+    load another module (an extension installed in the tree takes precedence): the cuda steps would test that."""
+    sys.path.insert(0, str(ROOT))
+    from lr2kernels.ops.cuda import jit, launch
+
+    path = jit.build()
+    module, reason = launch.load_extension()
+    loaded = getattr(module, "__file__", None)
+    print(f"built {path}; the cuda backend loads {loaded or reason}", flush=True)
+    if loaded is None or Path(loaded).resolve() != path.resolve():
+        print(f"the cuda backend does not load this build but {loaded or reason}: remove that module (an in-place "
+              f"build, maybe of other sources) so that the cuda steps test these sources", flush=True)  # fmt: skip
         return 1
     return 0
 
@@ -531,9 +549,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=BUDGET_S, help=f"seconds for the whole plan (default {BUDGET_S})")
     parser.add_argument("--dry-run", action="store_true", help="print and check the plan; run nothing on a GPU")
     parser.add_argument("--env", action="store_true", help=argparse.SUPPRESS)  # the env step itself
+    parser.add_argument("--build-extension", action="store_true", help=argparse.SUPPRESS)  # the cuda_build step
     args = parser.parse_args(argv)
     if args.env:
         return env_report()
+    if args.build_extension:
+        return build_extension()
     if args.budget <= MIN_STEP_S:
         parser.error(f"--budget: expected more than {MIN_STEP_S} seconds, got {args.budget}")
     try:

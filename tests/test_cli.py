@@ -267,3 +267,43 @@ def test_a_good_search_reads_the_config_of_a_local_folder(tmp_path, no_model, ca
     with pytest.raises(SystemExit):
         cli.main(["search", "--model", str(folder), "--critical-dim", "8", "--out", str(tmp_path / "o")])
     assert r"--critical-dim 8: expected a pair index in [1, 7]" in capsys.readouterr().err
+
+
+def _write_gguf(path, **extra) -> None:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list(["a", "bb", "ccc"] * 1000)  # arrays before the fields: they must be stepped over
+    writer.add_token_scores([0.5] * 3000)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(256)
+    writer.add_head_count(4)
+    writer.add_rope_freq_base(5e5)
+    writer.add_rope_dimension_count(32)
+    for key, value in extra.items():
+        writer.add_string(key, value)
+    writer.add_tensor("x", np.zeros((2, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_the_gguf_header_reader_gives_the_config_transformers_would(tmp_path):
+    from lr2kernels.apps.common import gguf_config, gguf_metadata, model_config
+
+    _write_gguf(tmp_path / "m.gguf")
+    config = model_config(str(tmp_path / "m.gguf"))
+    expected = {"model_type": "llama", "max_position_embeddings": 4096, "hidden_size": 256, "num_attention_heads": 4,
+                "head_dim": 64, "rope_theta": 5e5, "partial_rotary_factor": 0.5}  # fmt: skip
+    assert config == expected
+    table = lr2.RopeTable.from_hf_config(config)
+    assert (table.head_dim, table.rotary_dim, table.max_position, table.base) == (64, 32, 4096, 5e5)
+    # RoPE scaling it does not map: None, so that the caller asks transformers instead of guessing.
+    _write_gguf(tmp_path / "scaled.gguf", **{"llama.rope.scaling.type": "yarn"})
+    assert gguf_metadata(tmp_path / "scaled.gguf")["llama.rope.scaling.type"] == "yarn"
+    assert gguf_config(tmp_path / "scaled.gguf") is None
+    (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04" + bytes(40))
+    with pytest.raises(ValueError, match="expected a GGUF file"):
+        gguf_metadata(tmp_path / "not.gguf")

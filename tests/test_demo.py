@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lr2kernels.apps import cli
+from lr2kernels.apps import cli, demo
 from lr2kernels.hf.models import SMOLLM2_INSTALL, SMOLLM2_PACKAGE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +62,13 @@ def test_quick_demo_logits_and_passkey(quick_demo):
 def test_quick_demo_speed_table(quick_demo):
     out = quick_demo.stdout
     for mode in ("prefill", "decode"):
-        match = re.search(rf"^\s+{mode}\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)x$", out, re.MULTILINE)
+        match = re.search(rf"^\s+{mode}\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)x\s+(\S.*)$", out, re.MULTILINE)
         assert match, out
-        stock, patched, ratio = map(float, match.groups())
+        stock, patched, ratio = map(float, match.groups()[:3])
+        busy = re.search(r"other processes used (\d+)% of the CPU time", out)
+        assert busy, out  # the machine's load is reported (Linux has /proc/stat)
+        expected = demo.speed_verdict(ratio, _Load(int(busy.group(1)) / 100))
+        assert match.group(4).strip() == expected, out
         assert stock > 0 and patched > 0
         # The rates are printed to 0.1 token/s and the ratio to 0.01: consistent within that rounding (a loaded
         # machine decodes at a few tokens/s, where 0.05 token/s is several percent).
@@ -86,6 +90,49 @@ def test_quick_demo_boundary(quick_demo):
     row = r"^\s+(stock, re-prefill|patched rule=position, cached step).*?\s(\d+)\s+[0-9.]+\s+[0-9.e+-]+$"
     rows = dict(re.findall(row, out, re.MULTILINE))  # tokens run through the model for the first token past L0
     assert rows == {"stock, re-prefill": "97", "patched rule=position, cached step": "1"}, out
+    # Every row of both boundary tables carries a verdict; the patched rows pass.
+    for name in ("stock HF longrope, cache kept", "patched rule=hf, your own cached loop",
+                 "patched rule=hf, generate (default path)", "patched rule=position ", "stock, cache kept",
+                 "stock, re-prefill", "patched rule=position, cached step"):  # fmt: skip
+        line = next(line for line in out.splitlines() if line.strip().startswith(name.strip()) and "e-" in line)
+        assert re.search(r"[0-9]\s{3,}[A-Za-z]", line), line  # a verdict after the last number
+    assert re.search(r"patched rule=hf, generate \(default path\).*PASS$", out, re.MULTILINE), out
+    assert re.search(r"patched rule=position, cached step.*PASS$", out, re.MULTILINE), out
+
+
+class _Load:
+    """A MachineLoad stand-in with a given share of the CPU used by others."""
+
+    def __init__(self, others: float | None) -> None:
+        self.others = others
+
+    busy = demo.MachineLoad.busy
+
+
+def test_speed_verdicts_judge_only_a_quiet_machine():
+    quiet, busy, unknown = _Load(0.0), _Load(0.6), _Load(None)
+    assert demo.speed_verdict(1.2, quiet) == "faster"
+    assert demo.speed_verdict(0.97, quiet).startswith("parity")
+    assert demo.speed_verdict(0.5, quiet) == "SLOWER"
+    assert demo.speed_verdict(0.25, busy) == "unreliable (machine busy)"  # the 0.25x of a loaded CI run
+    assert demo.speed_verdict(1.0, unknown) == "not judged (load unknown)"
+
+
+def test_machine_load_sees_another_process_burning_cpu():
+    import time
+
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        with demo.MachineLoad() as load:
+            time.sleep(1.5)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert load.others is not None
+    # One busy process out of os.cpu_count() CPUs (2 here): about 1 / cpu_count of the machine, never none of it.
+    assert load.others >= 0.5 / (os.cpu_count() or 1), load.others
+    assert "other processes used" in load.describe()
 
 
 def test_missing_model_prints_the_install_command(monkeypatch, capsys):

@@ -212,24 +212,28 @@ def test_checked_bad_length_is_an_error(backend):
 
 
 # ---------------------------------------------------------------- triton only: the launcher's num_splits knob
-def _launch(q, k_cache, v_cache, cache_seqlens, table, num_splits):
+def _launch(q, k_cache, v_cache, cache_seqlens, table, num_splits, min_split_keys=None):
     """The Triton launcher itself (the public op picks num_splits), with the table prepared as the backend does."""
     from lr2kernels.ops.triton import decode
 
     return decode.rope_decode(
         q, k_cache, v_cache, cache_seqlens, rotary.inv_freq_pair(table, q.device).contiguous(),
         table.original_max_position, table.attention_factor_for(False), table.attention_factor_for(True),
-        q.shape[-1] ** -0.5, num_splits=num_splits,
+        q.shape[-1] ** -0.5, num_splits=num_splits, min_split_keys=min_split_keys,
     )  # fmt: skip
 
 
 @requires_triton
+@pytest.mark.parametrize("min_split_keys", [None, 1], ids=["min_split_default", "min_split1"])
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7], ids=lambda s: f"splits{s}")
-def test_triton_num_splits_give_the_same_result(num_splits):
-    # 7 splits leave the short sequences with empty splits (lse -inf) that the merge must ignore.
+def test_triton_num_splits_give_the_same_result(num_splits, min_split_keys):
+    # Each sequence uses min(num_splits, ceil(length / min_split_keys)) splits: by default (4 key tiles a split) the
+    # short sequences use one and their other programs exit at once, and the merge must read only the splits used
+    # (the partials of the others are NaN: torch.empty is NaN-filled here). With 1-key splits, 7 splits leave the
+    # short sequences with empty splits (lse -inf) that the merge must ignore.
     table = make_table(64)
     q, k_cache, v_cache, cache_seqlens = _inputs([3, 64, 65, 130, 257], 6, 2, 3, 64)
-    out = _launch(q, k_cache, v_cache, cache_seqlens, table, num_splits)
+    out = _launch(q, k_cache, v_cache, cache_seqlens, table, num_splits, min_split_keys)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(
         out.double(), _expected(q, k_cache, v_cache, cache_seqlens, table), **TOLERANCES[torch.float32]
@@ -294,6 +298,8 @@ def test_triton_bad_num_splits():
     q, k_cache, v_cache, cache_seqlens = _inputs([3], 2, 1, 1, 64)
     with pytest.raises(ValueError, match=r"num_splits: expected an int >= 1 or None, got 0"):
         _launch(q, k_cache, v_cache, cache_seqlens, table, 0)
+    with pytest.raises(ValueError, match=r"min_split_keys: expected an int >= 1 or None, got 0"):
+        _launch(q, k_cache, v_cache, cache_seqlens, table, 2, 0)
 
 
 # ---------------------------------------------------------- triton only: the kernel's angle-addition cos/sin

@@ -40,13 +40,13 @@ from lr2kernels.ops.triton._jit import (
     _add,
     _attend_finish,
     _attend_tile,
+    _cast,
     _divide,
     _head_offset,
     _inv_freq,
     _load_rotated,
     _load_rows,
     _load_split,
-    _rotate_cast,
     _scale,
     _store_rows,
     _zeros_fp32,
@@ -77,7 +77,10 @@ def _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.con
     once, so ``float32(p w) != float32(p0 w) + float32(t w)``; the difference ``delta`` is computed exactly (the
     subtractions are of floats within a factor 2 of each other when start is a multiple of BLOCK_N: Sterbenz) and
     applied as a small rotation (|delta| <= ~1 ulp of the angle, < 0.01 rad at 131K positions: the cubic terms
-    suffice). The kernel must be compiled without FMA contraction so that the products are rounded as in HF.
+    suffice). The kernel must be compiled without FMA contraction so that the products are rounded as in HF; the
+    last angle addition is written in explicit FMAs (tl.fma is exempt): 4% fewer SASS per key tile at 128 channels on
+    sm_90, 11% at 96 on sm_80. (FMAs in the polynomials too lengthened the loop by 16% at 96 on sm_80, and in the
+    middle addition by ~35% at 128 on sm_90.)
     """
     base = start * inv_freq  # [*] float32(p0 w): the int promotes to fp32 exactly (< 2^24)
     cos_base = tl.cos(base) * attention
@@ -91,8 +94,8 @@ def _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.con
     sin_delta = delta - delta * delta_sq * (1.0 / 6.0)
     cos_off = cos_step * cos_delta - sin_step * sin_delta  # cos(angle - base)
     sin_off = sin_step * cos_delta + cos_step * sin_delta
-    cos = cos_base[None, :] * cos_off - sin_base[None, :] * sin_off
-    sin = sin_base[None, :] * cos_off + cos_base[None, :] * sin_off
+    cos = tl.fma(cos_base[None, :], cos_off, -(sin_base[None, :] * sin_off))
+    sin = tl.fma(sin_base[None, :], cos_off, cos_base[None, :] * sin_off)
     return cos, sin
 
 
@@ -107,6 +110,26 @@ def _key_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.cons
         cos = cos + (cos_i,)
         sin = sin + (sin_i,)
     return cos, sin
+
+
+@triton.jit
+def _rotate_keys(k1, k2, kp, cos, sin, dtype):
+    """The key tiles' RoPE in explicit FMAs (2 operations per output where the shared unfused rotation takes 3), cast
+    to ``dtype``: (k1 cos - k2 sin, k2 cos + k1 sin, kp)."""
+    y1 = ()
+    y2 = ()
+    for i in tl.static_range(len(k1)):
+        y1 = y1 + (tl.fma(k1[i], cos[i], -(k2[i] * sin[i])).to(dtype),)
+        y2 = y2 + (tl.fma(k2[i], cos[i], k1[i] * sin[i]).to(dtype),)
+    return y1, y2, _cast(kp, dtype)
+
+
+@triton.jit
+def _sequence_splits(seq_len, num_splits, min_split_keys):
+    """KV splits of a sequence of ``seq_len`` keys: as many as the grid has (``num_splits``), but none shorter than
+    ``min_split_keys``. From the loaded length, so the grid (sized from the capacity) needs no host sync: the
+    programs of the splits a sequence does not use exit at once, and the merge reads only the splits used."""
+    return tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_split_keys)), 1)
 
 
 @triton.jit
@@ -138,7 +161,7 @@ def _rope_decode_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    num_kv_heads, group, n_new, capacity, num_splits, original_max_position,
+    num_kv_heads, group, n_new, capacity, num_splits, min_split_keys, original_max_position,
     sm_scale_log2, attention_short, attention_long,
     HALF: tl.constexpr, HALF_A: tl.constexpr, HALF_B: tl.constexpr,
     PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
@@ -154,6 +177,9 @@ def _rope_decode_kernel(
     seq = pid_bh // num_kv_heads
     kv_head = pid_bh % num_kv_heads
     seq_len, invalid = _valid_length(SEQLENS, seq, n_new, capacity)
+    splits = _sequence_splits(seq_len, num_splits, min_split_keys)
+    if split >= splits:  # a split this sequence is too short to use
+        return
     is_long = (seq_len > original_max_position).to(tl.int32)  # the table of this sequence, decided here
     attention = tl.where(is_long != 0, attention_long, attention_short)
     dtype = Q.dtype.element_ty
@@ -169,8 +195,8 @@ def _rope_decode_kernel(
         q_base, q_rows, 1, m_mask, q_pos, INV_FREQ, is_long, attention, dtype, SPLIT
     )  # [BLOCK_M, *]
 
-    # This split's key range: the sequence's length shared evenly, in whole key tiles.
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    # This split's key range: the sequence's length shared evenly among its splits, in whole key tiles.
+    chunk = tl.cdiv(tl.cdiv(seq_len, splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
@@ -187,7 +213,7 @@ def _rope_decode_kernel(
         # The load -> angles -> rotate chain of _load_rotated, with the angle-addition table for the angles.
         k1, k2, kp = _load_split(k_base, offs_n, stride_kt, n_mask, SPLIT)  # [BLOCK_N, *]
         cos_k, sin_k = _key_angles(n_start, inv_freq, cos_step, sin_step, attention, BLOCK_N)
-        k1, k2, kp = _rotate_cast(k1, k2, kp, cos_k, sin_k, dtype, False)
+        k1, k2, kp = _rotate_keys(k1, k2, kp, cos_k, sin_k, dtype)
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])  # causal among the new tokens
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q1, q2, qp, k1, k2, kp, visible, sm_scale_log2, v_base, offs_n, stride_vt, n_mask,
@@ -211,10 +237,10 @@ def _rope_decode_kernel(
 def _rope_decode_merge_kernel(
     O, O_PART, LSE_PART, SEQLENS,
     stride_ob, stride_oh, stride_ot,
-    num_kv_heads, group, n_new, capacity, num_splits,
+    num_kv_heads, group, n_new, capacity, num_splits, min_split_keys,
     HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Combine the splits of one (sequence, kv head) row block: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(...)."""
+    """Combine the splits one (sequence, kv head) row block used: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(...)."""
     ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -223,11 +249,12 @@ def _rope_decode_merge_kernel(
     num_rows = group * n_new
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < num_rows
+    seq_len, invalid = _valid_length(SEQLENS, seq, n_new, capacity)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = _zeros_fp32(BLOCK_M, ROW)  # [BLOCK_M, *] row tiles
-    for split in range(0, num_splits):
+    for split in range(0, _sequence_splits(seq_len, num_splits, min_split_keys)):
         part_rows = _part_rows(pid_bh, split, num_splits, num_rows, offs_m)
         lse = tl.load(LSE_PART + part_rows, mask=m_mask, other=float("-inf"))  # [BLOCK_M], log2 units
         part = _load_rows(O_PART, part_rows, HEAD_DIM, m_mask, ROW)  # [BLOCK_M, *] row tiles
@@ -238,7 +265,6 @@ def _rope_decode_merge_kernel(
         acc = _add(_scale(acc, alpha[:, None]), _scale(part, weight[:, None]))
         l_i = l_i * alpha + weight
         m_i = m_new
-    _, invalid = _valid_length(SEQLENS, seq, n_new, capacity)
     out = _divide(acc, tl.where(l_i == 0.0, 1.0, l_i)[:, None])
     out = _scale(out, tl.where(invalid, float("nan"), 1.0))
     o_base = O + _head_offset(seq, kv_head * group, 0, stride_ob, stride_oh, 0)
@@ -246,7 +272,9 @@ def _rope_decode_merge_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ host side
-_MAX_SPLITS = 64
+_MAX_SPLITS = 256
+_MIN_SPLIT_TILES = 4  # a split's prologue (q, the step table's sincos) is worth about one key tile
+_NUM_STAGES = 3  # software pipeline: the k and v tiles of the next two trips load (cp.async) during this one
 _MERGE_BLOCK_M = 16  # 64-row merge tiles spill registers on sm_90 (1 KB at 128 channels); 16 never did
 
 
@@ -256,38 +284,43 @@ def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int,
     if triton_interpreting():
         return block_m, 32  # few, small tiles: the interpreter runs every lane in numpy
     if head_dim > 128:
-        # Large heads: 16-key tiles (with _num_warps' 8 warps) compile spill-free on sm_80/sm_90; fp32 also keeps
-        # BLOCK_M at 16 (64 x 256 fp32 tiles spill, and 32-key fp32 tiles need 180 KB of shared memory, over
-        # sm_80's 163 KB). See benchmarks/results/triton_compile.md.
-        return (16 if dtype == torch.float32 else block_m), 16
+        # Large heads: 16-key tiles (with _num_warps' 8 warps) compile spill-free on sm_80/sm_90; BLOCK_M at most 32
+        # (64 x 256 tiles spill as launched on sm_90: 52 B with Triton 3.9), 16 for fp32 (32-key fp32 tiles need
+        # 180 KB of shared memory, over sm_80's 163 KB). See docs/decode_bandwidth.md.
+        return (16 if dtype == torch.float32 else min(block_m, 32)), 16
     if dtype == torch.float32:
         return block_m, 32
     return block_m, 64
 
 
-def _num_warps(head_dim: int) -> int:
-    """Warps of the decode and merge kernels: 8 above 64 channels (4 warps spill registers on sm_80 at 128)."""
-    return 8 if head_dim > 64 and not triton_interpreting() else 4
+def _num_warps(head_dim: int, block_m: int = 16) -> int:
+    """Warps of the decode and merge kernels: 8 above 64 channels (4 warps spill registers on sm_80 at 128) or
+    above 16 rows (64 x 64 tiles spill 56 B in 4 warps on sm_80, as launched)."""
+    return 8 if (head_dim > 64 or block_m > 16) and not triton_interpreting() else 4
 
 
 def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device) -> int:
-    """Splits per (sequence, kv head): enough programs for about two waves on the GPU, >= 4 key tiles each.
+    """The grid's splits per (sequence, kv head): about two programs per SM when every sequence fills the cache
+    (rounded down, so that the programs spread evenly: 32 heads x 8 splits is two per SM on 124 of 132 SMs, where
+    x 9 would leave a third wave), each >= ``_MIN_SPLIT_TILES`` key tiles.
 
-    Decided from the cache's capacity, not from ``cache_seqlens`` (no host sync); the kernel then shares each
-    sequence's actual length evenly among the splits.
+    Decided from the cache's capacity (no host sync); each sequence then uses as many of them as its own length
+    fills (:func:`_sequence_splits`), so a short sequence in a long cache costs a few idle programs, not splits of
+    a tile each.
     """
     tiles = triton.cdiv(max_len, block_n)
     if triton_interpreting() or device.type != "cuda":
-        return 2 if tiles >= 4 else 1
+        return 2 if tiles >= 2 * _MIN_SPLIT_TILES else 1
     sms = sm_count(device)
     if programs >= sms:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), tiles // 4, _MAX_SPLITS))
+    return max(1, min(2 * sms // programs, tiles // _MIN_SPLIT_TILES, _MAX_SPLITS))
 
 
 def rope_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, inv_freq: Tensor, original_max_position: int,
     attention_short: float, attention_long: float, softmax_scale: float, num_splits: int | None = None,
+    min_split_keys: int | None = None,
 ) -> Tensor:  # fmt: skip
     """Decode attention of n new PRE-RoPE queries on a PRE-RoPE cache.
 
@@ -297,13 +330,20 @@ def rope_decode(
         inv_freq: ``[2, rotary_dim // 2]`` fp32, the short table's inverse frequencies then the long table's.
         original_max_position: L0; a sequence uses the long table iff its length is > L0.
         attention_short, attention_long: the tables' attention factors; softmax_scale: the resolved scale.
-        num_splits: KV splits per (sequence, kv head); None picks from the cache size and the GPU's SM count.
+        num_splits: the grid's KV splits per (sequence, kv head), the most any sequence uses; None picks from the
+            cache's capacity and the GPU's SM count.
+        min_split_keys: the fewest keys per split: a sequence of length L uses ``min(num_splits,
+            ceil(L / min_split_keys))`` splits; None: ``_MIN_SPLIT_TILES`` key tiles.
 
     Returns:
         ``[B, Hq, n, D]`` in q's dtype, contiguous.
     """
     if isinstance(num_splits, bool) or not (num_splits is None or (isinstance(num_splits, int) and num_splits >= 1)):
         raise ValueError(f"num_splits: expected an int >= 1 or None, got {num_splits!r}")
+    if isinstance(min_split_keys, bool) or not (
+        min_split_keys is None or (isinstance(min_split_keys, int) and min_split_keys >= 1)
+    ):
+        raise ValueError(f"min_split_keys: expected an int >= 1 or None, got {min_split_keys!r}")
     q, k_cache, v_cache = (contiguous_last(x) for x in (q, k_cache, v_cache))
     out = new_like(q)
     if q.numel() == 0:
@@ -316,6 +356,8 @@ def rope_decode(
     m_blocks = triton.cdiv(num_rows, block_m)
     if num_splits is None:
         num_splits = _num_splits(batch * num_kv_heads * m_blocks, max_len, block_n, q.device)
+    if min_split_keys is None:
+        min_split_keys = _MIN_SPLIT_TILES * block_n
 
     is_split = num_splits > 1
     if is_split:
@@ -332,17 +374,19 @@ def rope_decode(
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *out_strides, num_kv_heads, group, n_new, max_len, num_splits, original_max_position,
+        *out_strides, num_kv_heads, group, n_new, max_len, num_splits, min_split_keys, original_max_position,
         softmax_scale * LOG2E, attention_short, attention_long,
         **split_sizes(head_dim, rotary_dim_of(inv_freq)), **sizes,
         BLOCK_M=block_m, BLOCK_N=block_n, IS_SPLIT=is_split, PRECISION=dot_precision(q.dtype),
-        num_warps=_num_warps(head_dim),
+        num_warps=_num_warps(head_dim, block_m), num_stages=_NUM_STAGES,
+        maxnreg=255,  # else ptxas caps itself at 128 and spills as launched (16 B at 96 channels on sm_80)
         enable_fp_fusion=False,  # the angle products must round as HF's do (see _tile_angles)
     )  # fmt: skip
     if is_split:
         # Rows merge independently: the merge tiles its rows by _MERGE_BLOCK_M, whatever the decode's BLOCK_M.
         _rope_decode_merge_kernel[(batch * num_kv_heads, triton.cdiv(num_rows, _MERGE_BLOCK_M))](
-            out, o_part, lse_part, seqlens, *out_strides, num_kv_heads, group, n_new, max_len, num_splits, **sizes,
+            out, o_part, lse_part, seqlens, *out_strides, num_kv_heads, group, n_new, max_len, num_splits,
+            min_split_keys, **sizes,
             BLOCK_M=_MERGE_BLOCK_M,
             num_warps=_num_warps(head_dim),
         )  # fmt: skip

@@ -37,6 +37,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -164,14 +165,21 @@ def ttir_dot_loops(ttir: str) -> list[dict]:
 
 
 def match_loops(sass_loops: list[dict], dot_loops: list[dict]) -> list[tuple[dict, dict]] | None:
-    """Pairs (SASS loop, TTIR loop) in program order: all of them, or, where the SASS has fewer loops, the TTIR loops
-    of runtime trip counts (the constant ones were unrolled); None where neither count matches."""
+    """Pairs (SASS loop, TTIR loop) in program order. Where the SASS has fewer loops (the compiler unrolled some of
+    constant trip count), the TTIR loops kept are those whose MMA work (sum of M x K x N) is most nearly
+    proportional to the SASS loops' MMA instruction counts, every loop of a runtime trip count kept; None where no
+    such choice exists."""
     if len(sass_loops) == len(dot_loops):
         return list(zip(sass_loops, dot_loops))
-    runtime = [d for d in dot_loops if not d["constant"]]
-    if len(sass_loops) == len(runtime):
-        return list(zip(sass_loops, runtime))
-    return None
+    best, best_spread = None, None
+    for kept in itertools.combinations(dot_loops, len(sass_loops)):
+        if any(not d["constant"] and all(d is not k for k in kept) for d in dot_loops):
+            continue  # a loop of a runtime trip count cannot have been unrolled away
+        per_work = [s["mma"] / sum(m * k * n for m, k, n in d["dots"]) for s, d in zip(sass_loops, kept)]
+        spread = max(per_work) / min(per_work) if min(per_work) > 0 else float("inf")
+        if best_spread is None or spread < best_spread:
+            best, best_spread = list(zip(sass_loops, kept)), spread
+    return best
 
 
 @dataclass

@@ -152,6 +152,147 @@ def markdown(kernels: list[Kernel], nvcc_version: str, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------------ decode model
+# The static bandwidth model of csrc/README.md for rope_decode_kernel<T, D, ROWS> on sm_90 (H100, H200), from the
+# registers and shared memory ptxas reports. DecodeShape mirrors csrc/rope_decode.cuh's (tests/cuda/test_host_math.py
+# checks the two agree through the host shim).
+GPUS = {"H100 SXM": 3.35e12, "H200": 4.8e12}  # HBM bytes/s
+SMS = 132
+DRAM_LATENCY_S = 800e-9  # the pessimistic end of 600-800 ns (loaded latency grows with the queue)
+CLOCK_HZ = 1.755e9  # sustained SM clock under load (boost is 1.98 GHz)
+ISSUE_PER_CYCLE = 4  # warp-instructions an SM issues per cycle (4 schedulers)
+REGISTERS_PER_SM = 65536
+SMEM_PER_SM = {"80": 164 * 1024, "90": 228 * 1024}
+THREADS = 128
+_DECODE = re.compile(r"rope_decode_kernel<(float|__half|__nv_bfloat16), (\d+), (\d+)>")
+_ELEMENT_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2}
+
+
+def _floor_pow2(x: int) -> int:
+    p = 1
+    while 2 * p <= x:
+        p *= 2
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+    """csrc/rope_decode.cuh's DecodeShape<T, D, ROWS>."""
+
+    element_bytes: int
+    head_dim: int
+    rows: int
+
+    @property
+    def slots(self) -> int:
+        return self.head_dim // 2
+
+    @property
+    def lanes_per_key(self) -> int:
+        target = min(8, max(1, 16 // self.rows))
+        lanes = [n for n in (1, 2, 4, 8, 16, 32) if self.slots % n == 0]
+        return next((n for n in lanes if self.slots // n <= target), lanes[-1])
+
+    @property
+    def slots_per_lane(self) -> int:
+        return self.slots // self.lanes_per_key
+
+    @property
+    def keys_per_warp(self) -> int:
+        return 32 // self.lanes_per_key
+
+    @property
+    def tile(self) -> int:
+        by_bytes = _floor_pow2(8192 // (2 * self.head_dim * self.element_bytes))
+        return max(4 * self.keys_per_warp, by_bytes)
+
+    @property
+    def stage_bytes(self) -> int:  # padded rows, as allocated
+        return 2 * self.tile * (self.head_dim + 16 // self.element_bytes) * self.element_bytes
+
+    @property
+    def stages(self) -> int:
+        return 3 if self.stage_bytes <= 10240 else 2
+
+    @property
+    def tile_cache_bytes(self) -> int:  # the cache bytes a tile moves (keys and values)
+        return 2 * self.tile * self.head_dim * self.element_bytes
+
+    @property
+    def min_blocks(self) -> int:
+        return 3 if self.element_bytes == 2 and self.rows * self.slots_per_lane <= 16 else 2
+
+    def instructions_per_key(self) -> float:
+        """Estimated warp-instructions per cached key (the inner loop): per lane and key, each pair slot costs
+        ~34 (4 shared loads + 4 conversions of k/v, 2 step-table loads, ~20 for the angle-addition cos/sin, 4 for the
+        rotation; fp32: a sincosf instead), each row 4 * SPL FMAs (dot and accumulator), 2 log2(LPK) for the shuffle
+        reduction and ~6 for the softmax (compare, exp2, sums; the rescale is rare), plus ~12 of loop and masks;
+        the warp's 32 lanes serve 32 / LPK keys."""
+        spl, lpk = self.slots_per_lane, self.lanes_per_key
+        per_row = 4 * spl + 2 * (lpk.bit_length() - 1) + 6
+        return (34 * spl + self.rows * per_row + 12) / self.keys_per_warp
+
+
+def blocks_per_sm(kernel: Kernel) -> int:
+    registers = -(-max(kernel.registers, 1) // 8) * 8  # allocated per warp in units of 256 (8 a thread)
+    by_registers = REGISTERS_PER_SM // (registers * THREADS)
+    by_smem = SMEM_PER_SM.get(kernel.arch, 99 * 1024) // (kernel.smem + 1024)  # 1 KB reserved a block
+    return min(by_registers, by_smem, 2048 // THREADS, 32)
+
+
+def decode_model(kernels: list[Kernel]) -> list[dict]:
+    """One row per sm_90 rope_decode_kernel: blocks per SM, bytes in flight per SM, and the predicted fraction of each
+    GPU's HBM bandwidth at batch 1 and long contexts (enough splits to fill every SM), memory- and issue-bound."""
+    rows = []
+    for kernel in kernels:
+        match = _DECODE.fullmatch(kernel.name)
+        if kernel.arch != "90" or not match:
+            continue
+        shape = DecodeShape(_ELEMENT_BYTES[match.group(1)], int(match.group(2)), int(match.group(3)))
+        blocks = blocks_per_sm(kernel)
+        in_flight = blocks * (shape.stages - 1) * shape.tile_cache_bytes
+        key_bytes = 2 * shape.head_dim * shape.element_bytes
+        issue_bytes_per_s = SMS * ISSUE_PER_CYCLE * CLOCK_HZ * key_bytes / shape.instructions_per_key()
+        row = {"kernel": kernel.name, "registers": kernel.registers, "blocks_per_sm": blocks, "shape": shape,
+               "in_flight": in_flight, "instructions_per_key": shape.instructions_per_key()}  # fmt: skip
+        for gpu, peak in GPUS.items():
+            memory = min(1.0, SMS * in_flight / DRAM_LATENCY_S / peak)
+            issue = min(1.0, issue_bytes_per_s / peak)
+            row[gpu] = (memory, issue, min(memory, issue))
+        rows.append(row)
+    return rows
+
+
+def decode_model_markdown(kernels: list[Kernel]) -> str:
+    needed = {gpu: peak * DRAM_LATENCY_S / SMS for gpu, peak in GPUS.items()}
+    lines = [
+        "## rope_decode: static bandwidth model (sm_90)",
+        "",
+        "Bytes in flight per SM = resident blocks (from the registers and shared memory above) x (STAGES - 1) x the "
+        "cache bytes of a tile, against the latency-bandwidth product per SM: "
+        + ", ".join(f"{gpu} {needed[gpu] / 1024:.1f} KB ({peak / 1e12:.2f} TB/s x {DRAM_LATENCY_S * 1e9:.0f} ns / "
+                    f"{SMS} SMs)" for gpu, peak in GPUS.items())
+        + f". Issue bound: estimated warp-instructions per key (csrc/ptxas_report.py: DecodeShape."
+        f"instructions_per_key) at {ISSUE_PER_CYCLE} per cycle and {CLOCK_HZ / 1e9:.3f} GHz. Each cell: memory-bound /"
+        " "
+        "issue-bound / predicted (the smaller) fraction of HBM bandwidth at batch 1 once the splits fill every SM "
+        "(32K keys and up), before the fixed costs (launches, the merge, the first tile's latency); csrc/README.md.",
+        "",
+        "| kernel | regs | blocks/SM | LPK x SPL | tile x stages | KB in flight/SM | instr/key | "
+        + " | ".join(GPUS) + " |",
+        "|---|---:|---:|---|---|---:|---:|" + "---|" * len(GPUS),
+    ]  # fmt: skip
+    for row in decode_model(kernels):
+        shape = row["shape"]
+        cells = " | ".join("{:.0%} / {:.0%} / **{:.0%}**".format(*row[gpu]) for gpu in GPUS)
+        lines.append(
+            f"| `{row['kernel']}` | {row['registers']} | {row['blocks_per_sm']} | {shape.lanes_per_key} x "
+            f"{shape.slots_per_lane} | {shape.tile} x {shape.stages} | {row['in_flight'] / 1024:.0f} | "
+            f"{row['instructions_per_key']:.0f} | {cells} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def nvcc_version(nvcc: str) -> str:
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
     match = re.search(r"release ([\d.]+), (V[\d.]+)", out)
@@ -170,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     kernels = report(nvcc, tuple(args.archs), args.jobs)
-    text = markdown(kernels, nvcc_version(nvcc), time.perf_counter() - start)
+    text = markdown(kernels, nvcc_version(nvcc), time.perf_counter() - start) + "\n" + decode_model_markdown(kernels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -93,6 +93,10 @@ struct DecodeShape {
     static constexpr int MERGE_BYTES = KPB * ROWS * D * 4;  // the key groups' accumulators, after the loop
     static constexpr int SMEM_BYTES = PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES;
     static constexpr bool STEP = sizeof(T) == 2;  // angle addition where HF rounds cos/sin to fp16/bf16
+    // Resident blocks per SM the registers must allow, the bytes in flight of csrc/README.md's model: 3 (<= 168
+    // registers a thread) for fp16/bf16; 2 (<= 255) for fp32 (twice the bytes a stage, a sincosf per key) and where a
+    // lane holds more than 16 slot-rows (head 96 at 8 rows: 24).
+    static constexpr int MIN_BLOCKS = STEP && ROWS * SPL <= 16 ? 3 : 2;
     static_assert(SLOTS % LPK == 0 && TILE % KPB == 0 && kSplitAlign % TILE == 0, "decode tile shape");
     static_assert(D % VEC == 0 && (ROW * sizeof(T)) % 16 == 0, "16-byte rows");
 };
@@ -114,18 +118,10 @@ __host__ __device__ __forceinline__ void decode_split_plan(int kv_len, int max_s
     *used = max(1, (kv_len + *chunk - 1) / *chunk);
 }
 
-// Channels (d1, d2) of pair slot s, and whether the pair rotates.
-__device__ __forceinline__ void slot_channels(int s, int half, int* d1, int* d2, bool* rotates) {
-    if (s < half) {
-        *d1 = s;
-        *d2 = s + half;
-        *rotates = true;
-    } else {
-        *d1 = 2 * half + 2 * (s - half);
-        *d2 = *d1 + 1;
-        *rotates = false;
-    }
-}
+// The channels of pair slot s: s < half rotates the NeoX pair (s, s + half); s >= half passes (2s, 2s + 1) through
+// (the channels 2 * half + 2 * (s - half) and the next). Recomputed where used: cheaper than registers per slot.
+__device__ __forceinline__ int slot_d1(int s, int half) { return s < half ? s : 2 * s; }
+__device__ __forceinline__ int slot_d2(int s, int half) { return s < half ? s + half : 2 * s + 1; }
 
 template <int LANES>
 __device__ __forceinline__ float group_sum(float x) {
@@ -135,7 +131,8 @@ __device__ __forceinline__ float group_sum(float x) {
 }
 
 template <typename T, int D, int ROWS>
-__global__ void __launch_bounds__(kDecodeThreads) rope_decode_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_BLOCKS)
+    rope_decode_kernel(const DecodeParams p) {
     using S = DecodeShape<T, D, ROWS>;
     constexpr int SLOTS = S::SLOTS, LPK = S::LPK, SPL = S::SPL, KPW = S::KPW, KPB = S::KPB, TILE = S::TILE;
     constexpr int STAGES = S::STAGES, ROW = S::ROW, ROW_CHUNKS = S::ROW_CHUNKS, VEC = S::VEC;
@@ -207,15 +204,12 @@ __global__ void __launch_bounds__(kDecodeThreads) rope_decode_kernel(const Decod
         }
     }
 
-    // This lane's pair slots: slot_lane, slot_lane + LPK, ...
-    int d1[SPL], d2[SPL];
-    bool rotates[SPL];
+    // This lane's pair slots: slot_lane + LPK * i, i < SPL.
+    const int half = p.half;
+#define LR2_SLOT(i) (slot_lane + LPK * (i))
     float slot_freq[SPL];
 #pragma unroll
-    for (int i = 0; i < SPL; ++i) {
-        slot_channels(slot_lane + LPK * i, p.half, &d1[i], &d2[i], &rotates[i]);
-        slot_freq[i] = rotates[i] ? inv_freq[d1[i]] : 0.0f;
-    }
+    for (int i = 0; i < SPL; ++i) slot_freq[i] = LR2_SLOT(i) < half ? inv_freq[LR2_SLOT(i)] : 0.0f;
 
     // The block's rows: rotated, pre-scaled queries; their positions; empty softmax states.
     float q1[ROWS][SPL], q2[ROWS][SPL], acc1[ROWS][SPL], acc2[ROWS][SPL];
@@ -238,9 +232,9 @@ __global__ void __launch_bounds__(kDecodeThreads) rope_decode_kernel(const Decod
             acc2[r][i] = 0.0f;
             float x1 = 0.0f, x2 = 0.0f;
             if (row_valid) {
-                x1 = to_float(q_row[d1[i]]);
-                x2 = to_float(q_row[d2[i]]);
-                if (rotates[i]) {
+                x1 = to_float(q_row[slot_d1(LR2_SLOT(i), half)]);
+                x2 = to_float(q_row[slot_d2(LR2_SLOT(i), half)]);
+                if (LR2_SLOT(i) < half) {
                     float c, s;
                     rope_cos_sin(rope_angle(q_pos[r], slot_freq[i]), attention, &c, &s);
                     rotate_pair(x1, x2, c, s, false, &x1, &x2);
@@ -266,9 +260,9 @@ __global__ void __launch_bounds__(kDecodeThreads) rope_decode_kernel(const Decod
 #pragma unroll
         for (int i = 0; i < SPL; ++i) {
             cos_base[i] = sin_base[i] = 0.0f;
-            if (STEP && rotates[i]) {
-                cos_base[i] = sm_base_cos[d1[i]];
-                sin_base[i] = sm_base_sin[d1[i]];
+            if (STEP && LR2_SLOT(i) < half) {
+                cos_base[i] = sm_base_cos[LR2_SLOT(i)];
+                sin_base[i] = sm_base_sin[LR2_SLOT(i)];
             }
         }
         const T* k_tile = stages + (tile % STAGES) * S::STAGE_ELEMS;
@@ -283,15 +277,16 @@ __global__ void __launch_bounds__(kDecodeThreads) rope_decode_kernel(const Decod
             float k1[SPL], k2[SPL], v1[SPL], v2[SPL];
 #pragma unroll
             for (int i = 0; i < SPL; ++i) {
-                k1[i] = to_float(k_row[d1[i]]);
-                k2[i] = to_float(k_row[d2[i]]);
-                v1[i] = to_float(v_row[d1[i]]);
-                v2[i] = to_float(v_row[d2[i]]);
-                if (rotates[i]) {
+                const int d1 = slot_d1(LR2_SLOT(i), half), d2 = slot_d2(LR2_SLOT(i), half);
+                k1[i] = to_float(k_row[d1]);
+                k2[i] = to_float(k_row[d2]);
+                v1[i] = to_float(v_row[d1]);
+                v2[i] = to_float(v_row[d2]);
+                if (LR2_SLOT(i) < half) {
                     float c, s;
                     if (STEP) {
-                        rope_cos_sin_step(p0, t, slot_freq[i], cos_base[i], sin_base[i], sm_step_cos[t][d1[i]],
-                                          sm_step_sin[t][d1[i]], &c, &s);
+                        rope_cos_sin_step(p0, t, slot_freq[i], cos_base[i], sin_base[i], sm_step_cos[t][d1],
+                                          sm_step_sin[t][d1], &c, &s);
                     } else {
                         rope_cos_sin(rope_angle(j, slot_freq[i]), attention, &c, &s);
                     }
@@ -305,12 +300,24 @@ __global__ void __launch_bounds__(kDecodeThreads) rope_decode_kernel(const Decod
                 for (int i = 0; i < SPL; ++i) dot += q1[r][i] * k1[i] + q2[r][i] * k2[i];
                 dot = group_sum<LPK>(dot);
                 const float score = key_valid && j <= q_pos[r] ? dot : -INFINITY;  // causal among the new tokens
-                float alpha, prob;
-                softmax_update(score, &m[r], &l[r], &alpha, &prob);
+                // The online softmax with the rescale only where the max grows (rare after the first keys): the same
+                // state as softmax_update (whose alpha is exactly 1 otherwise), without its per-key multiplies.
+                if (score > m[r]) {
+                    const float alpha = exp2_shift(m[r], score);  // 0 from an empty state
+                    l[r] *= alpha;
+#pragma unroll
+                    for (int i = 0; i < SPL; ++i) {
+                        acc1[r][i] *= alpha;
+                        acc2[r][i] *= alpha;
+                    }
+                    m[r] = score;
+                }
+                const float prob = exp2_shift(score, m[r]);  // 0 for a masked key
+                l[r] += prob;
 #pragma unroll
                 for (int i = 0; i < SPL; ++i) {
-                    acc1[r][i] = acc1[r][i] * alpha + prob * v1[i];
-                    acc2[r][i] = acc2[r][i] * alpha + prob * v2[i];
+                    acc1[r][i] += prob * v1[i];
+                    acc2[r][i] += prob * v2[i];
                 }
             }
         }
@@ -324,8 +331,8 @@ __global__ void __launch_bounds__(kDecodeThreads) rope_decode_kernel(const Decod
     for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
         for (int i = 0; i < SPL; ++i) {
-            sm_acc[(group_id * ROWS + r) * D + d1[i]] = acc1[r][i];
-            sm_acc[(group_id * ROWS + r) * D + d2[i]] = acc2[r][i];
+            sm_acc[(group_id * ROWS + r) * D + slot_d1(LR2_SLOT(i), half)] = acc1[r][i];
+            sm_acc[(group_id * ROWS + r) * D + slot_d2(LR2_SLOT(i), half)] = acc2[r][i];
         }
         if (slot_lane == 0) {
             sm_m[group_id][r] = m[r];
@@ -333,6 +340,7 @@ __global__ void __launch_bounds__(kDecodeThreads) rope_decode_kernel(const Decod
         }
     }
     __syncthreads();
+#undef LR2_SLOT
 
     const int64_t part_base = (static_cast<int64_t>(bh) * p.num_splits + split) * num_rows;
     for (int idx = threadIdx.x; idx < ROWS * D; idx += kDecodeThreads) {

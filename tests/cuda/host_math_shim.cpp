@@ -8,6 +8,42 @@
 #include "rope_decode.cuh"
 #include "rope_math.cuh"
 
+namespace {
+
+// csrc/rope_decode.cuh's DecodeShape<T, D, ROWS> (for the Python mirror in csrc/ptxas_report.py): LPK, SPL, TILE,
+// STAGES, stage bytes, MIN_BLOCKS; returns 0, or -1 for a shape that is not instantiated.
+template <typename T, int D, int ROWS>
+int decode_shape(int* out) {
+    using S = lr2::DecodeShape<T, D, ROWS>;
+    const int values[] = {S::LPK, S::SPL, S::TILE, S::STAGES, S::STAGE_BYTES, S::MIN_BLOCKS};
+    for (int i = 0; i < 6; ++i) out[i] = values[i];
+    return 0;
+}
+
+template <typename T, int D>
+int decode_shape_rows(int rows, int* out) {
+    switch (rows) {
+        case 1: return decode_shape<T, D, 1>(out);
+        case 2: return decode_shape<T, D, 2>(out);
+        case 4: return decode_shape<T, D, 4>(out);
+        case 8: return D < 256 ? decode_shape<T, D, D < 256 ? 8 : 4>(out) : -1;
+        default: return -1;
+    }
+}
+
+template <typename T>
+int decode_shape_d(int head_dim, int rows, int* out) {
+    switch (head_dim) {
+        case 64: return decode_shape_rows<T, 64>(rows, out);
+        case 96: return decode_shape_rows<T, 96>(rows, out);
+        case 128: return decode_shape_rows<T, 128>(rows, out);
+        case 256: return decode_shape_rows<T, 256>(rows, out);
+        default: return -1;
+    }
+}
+
+}  // namespace
+
 extern "C" {
 
 // angles[i, j] = rope_angle(pos[i], inv_freq[j]); cos/sin of them times `attention`.
@@ -91,6 +127,11 @@ void lr2_combine(const float* o, const float* lse, int splits, int d, float* out
         for (int c = 0; c < d; ++c) out[c] = out[c] * alpha + w * o[s * d + c];
     }
     for (int c = 0; c < d; ++c) out[c] = l > 0.0f ? out[c] / l : 0.0f;
+}
+
+int lr2_decode_shape(int element_bytes, int head_dim, int rows, int* out) {
+    if (element_bytes == 4) return decode_shape_d<float>(head_dim, rows, out);
+    return decode_shape_d<__half>(head_dim, rows, out);
 }
 
 // The emulation's schedule (tests/cuda/host_cuda/lr2_host.h): cp.async at issue or at its wait; greedy or round-robin.

@@ -20,7 +20,7 @@ import torch
 
 from lr2kernels import reference
 from lr2kernels.tables import RopeTable
-from tests.cuda.conftest import CSRC, host_compiler
+from tests.cuda.conftest import CSRC, host_compiler, load_ptxas_report
 
 SHIM = CSRC.parent / "tests" / "cuda" / "host_math_shim.cpp"
 HOST_CUDA = SHIM.parent / "host_cuda"
@@ -37,7 +37,8 @@ def shim(tmp_path_factory):
     # -ffp-contract=off: every product rounded on its own, as the device code's angle (a single multiply) is.
     cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-DLR2_HOST_EMULATION",
            f"-I{HOST_CUDA}", f"-I{CSRC}", str(SHIM), "-o", str(library)]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}"
     lib = ctypes.CDLL(str(library))
     lib.lr2_rope_decode.restype = ctypes.c_char_p
     lib.lr2_library_path = str(library)
@@ -402,3 +403,17 @@ def test_decode_overlong_sequence_reads_nothing_past_the_capacity(shim, splits, 
     script = _GUARD_SCRIPT.format(root=str(CSRC.parent), library=shim.lr2_library_path, splits=splits, eager=eager)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (result.returncode, result.stderr[-2000:])
+
+
+@pytest.mark.parametrize("element_bytes", [2, 4])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+def test_decode_model_mirrors_the_kernel_shape(shim, element_bytes, head_dim):
+    """csrc/ptxas_report.py's bandwidth model uses a Python copy of DecodeShape: it must agree with the C++ one."""
+    model = load_ptxas_report()
+    for rows in (1, 2, 4, 8) if head_dim < 256 else (1, 2, 4):
+        out = (ctypes.c_int * 6)()
+        assert shim.lr2_decode_shape(element_bytes, head_dim, rows, out) == 0
+        shape = model.DecodeShape(element_bytes, head_dim, rows)
+        mirror = (shape.lanes_per_key, shape.slots_per_lane, shape.tile, shape.stages, shape.stage_bytes,
+                  shape.min_blocks)  # fmt: skip
+        assert tuple(out) == mirror, (head_dim, rows)

@@ -223,14 +223,20 @@ class DecodeShape:
         return 3 if self.element_bytes == 2 and self.rows * self.slots_per_lane <= 16 else 2
 
     def instructions_per_key(self) -> float:
-        """Estimated warp-instructions per cached key (the inner loop): per lane and key, each pair slot costs
-        ~34 (4 shared loads + 4 conversions of k/v, 2 step-table loads, ~20 for the angle-addition cos/sin, 4 for the
-        rotation; fp32: a sincosf instead), each row 4 * SPL FMAs (dot and accumulator), 2 log2(LPK) for the shuffle
-        reduction and ~6 for the softmax (compare, exp2, sums; the rescale is rare), plus ~12 of loop and masks;
-        the warp's 32 lanes serve 32 / LPK keys."""
-        spl, lpk = self.slots_per_lane, self.lanes_per_key
-        per_row = 4 * spl + 2 * (lpk.bit_length() - 1) + 6
-        return (34 * spl + self.rows * per_row + 12) / self.keys_per_warp
+        """Estimated warp-instructions per cached key (the inner loop). Per lane and key: each pair slot ~34 (4 shared
+        loads + 4 conversions of k/v, 2 step-table loads, ~20 for the angle-addition cos/sin, 4 for the rotation;
+        fp32: a sincosf instead); each row 2 * SPL FMAs for the dot and 2 * SPL for the accumulator; ~12 of loop and
+        masks. Up to 2 rows, each row also reduces its dot over the LPK lanes (2 log2(LPK): shuffle + add) and runs
+        its softmax (~6; the rescale is rare). From 4 rows, the transposed reduction: ROWS - 1 shuffles + adds + 2
+        selects to leave each lane one row, 2 log2(LPK / ROWS) for the rest, one softmax (~8), a vote (~2) and a
+        shuffle per row for its probability. The warp's 32 lanes serve 32 / LPK keys."""
+        spl, lpk, rows = self.slots_per_lane, self.lanes_per_key, self.rows
+        fma = 4 * spl * rows
+        if rows >= 4:
+            reduce = 4 * (rows - 1) + 2 * ((lpk // rows).bit_length() - 1) + 8 + 2 + rows
+        else:
+            reduce = rows * (2 * (lpk.bit_length() - 1) + 6)
+        return (34 * spl + fma + reduce + 12) / self.keys_per_warp
 
 
 def blocks_per_sm(kernel: Kernel) -> int:

@@ -15,9 +15,11 @@
 // of the head's D / 2 pair slots (slot s < half: the NeoX pair (s, s + half), rotated in registers; slot s >= half: two
 // pass-through channels), scores its slots against the ROWS rotated queries (registers, pre-scaled by softmax_scale *
 // log2 e), reduces the dot over its LPK lanes (log2 LPK shuffles), and updates its own online-softmax states. LPK is
-// chosen per (D, ROWS) to keep SPL * ROWS <= 16 (registers) with as few shuffles as that allows. At the end the KPB
-// key groups' states are merged through shared memory. With one split the block writes the output; with more, its
-// finished partial (o, lse), combined by the merge kernel.
+// chosen per (D, ROWS) to keep SPL * ROWS <= 16 (registers) with as few shuffles as that allows. From 4 rows the
+// reduction is transposed (row_owner_lane): each lane ends with one row's score, runs that row's softmax alone, and
+// the key group's lanes get each row's probability by a shuffle. The softmax rescales only where a max grows. At the
+// end the KPB key groups' states are merged through shared memory. With one split the block writes the output; with
+// more, its finished partial (o, lse), combined by the merge kernel.
 //
 // The keys' angles: tiles start at multiples of TILE. In fp16/bf16 the block computes one sincosf per tile and slot
 // (a shared table) and every key's cos/sin by angle addition with a per-block step table (rope_cos_sin_step: 2.9e-7
@@ -123,6 +125,18 @@ __host__ __device__ __forceinline__ void decode_split_plan(int kv_len, int max_s
 __device__ __forceinline__ int slot_d1(int s, int half) { return s < half ? s : 2 * s; }
 __device__ __forceinline__ int slot_d2(int s, int half) { return s < half ? s + half : 2 * s + 1; }
 
+// Rows of 4 and more: the transposed reduction. Its first log2(ROWS) shuffle stages halve the rows a lane carries (the
+// lanes with bit LPK >> (s + 1) set keep the upper half), so each lane ends with one row's full score, computes that
+// row's softmax once, and the others get its probability by one shuffle: the owner of row r within a key group.
+template <int ROWS, int LPK>
+__host__ __device__ constexpr int row_owner_lane(int r) {
+    int lane = 0;
+    for (int s = 0; (ROWS >> s) > 1; ++s) {
+        if (r & ((ROWS >> s) / 2)) lane += LPK >> (s + 1);
+    }
+    return lane;
+}
+
 template <int LANES>
 __device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
@@ -138,6 +152,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
     constexpr int STAGES = S::STAGES, ROW = S::ROW, ROW_CHUNKS = S::ROW_CHUNKS, VEC = S::VEC;
     constexpr bool STEP = S::STEP;
     constexpr int STEP_ROWS = STEP ? TILE : 1;
+    constexpr bool TRANSPOSED = ROWS >= 4;  // (ROWS <= LPK in every instantiation)
+    static_assert(!TRANSPOSED || ROWS <= LPK, "the transposed reduction needs a lane per row");
     alignas(16) __shared__ unsigned char sm_raw[S::SMEM_BYTES];  // the stages; after the loop, the merge
     __shared__ float sm_step_cos[STEP_ROWS][SLOTS];  // cos/sin of fl(t * inv_freq[s]), t < TILE (unscaled)
     __shared__ float sm_step_sin[STEP_ROWS][SLOTS];
@@ -245,6 +261,18 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
         }
     }
 
+    // TRANSPOSED: this lane's own row (its softmax state is m_own, l_own; the arrays m, l stay unused).
+    int r_own = 0;
+#pragma unroll
+    for (int s = 0; (ROWS >> s) > 1; ++s) {
+        if (lane & (LPK >> (s + 1))) r_own += (ROWS >> s) / 2;
+    }
+    int q_pos_own = -1;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) q_pos_own = r == r_own ? q_pos[r] : q_pos_own;
+    float m_own = -INFINITY, l_own = 0.0f;
+    const int key_lane0 = lane & ~(LPK - 1);
+
     for (int tile = 0; tile < num_tiles; ++tile) {
         if (tile + STAGES - 1 < num_tiles) issue(tile + STAGES - 1);
         cp_async_commit();  // (an empty group near the end keeps the wait count uniform)
@@ -293,31 +321,84 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
                     rotate_pair(k1[i], k2[i], c, s, false, &k1[i], &k2[i]);
                 }
             }
+            if constexpr (TRANSPOSED) {
+                float part[ROWS];
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                float dot = 0.0f;
+                for (int r = 0; r < ROWS; ++r) {
+                    part[r] = 0.0f;
 #pragma unroll
-                for (int i = 0; i < SPL; ++i) dot += q1[r][i] * k1[i] + q2[r][i] * k2[i];
-                dot = group_sum<LPK>(dot);
-                const float score = key_valid && j <= q_pos[r] ? dot : -INFINITY;  // causal among the new tokens
-                // The online softmax with the rescale only where the max grows (rare after the first keys): the same
-                // state as softmax_update (whose alpha is exactly 1 otherwise), without its per-key multiplies.
-                if (score > m[r]) {
-                    const float alpha = exp2_shift(m[r], score);  // 0 from an empty state
-                    l[r] *= alpha;
+                    for (int i = 0; i < SPL; ++i) part[r] += q1[r][i] * k1[i] + q2[r][i] * k2[i];
+                }
+#pragma unroll
+                for (int s = 0; (ROWS >> s) > 1; ++s) {
+                    const int n = ROWS >> s, offset = LPK >> (s + 1);
+                    const bool upper = (lane & offset) != 0;
+#pragma unroll
+                    for (int i = 0; i < n / 2; ++i) {
+                        const float send = upper ? part[i] : part[i + n / 2];
+                        const float keep = upper ? part[i + n / 2] : part[i];
+                        part[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+                    }
+                }
+                const float dot = group_sum<LPK / ROWS>(part[0]);
+                const float score = key_valid && j <= q_pos_own ? dot : -INFINITY;  // causal among the new tokens
+                // The own row's online softmax, rescaling only where its max grows (as the untransposed branch).
+                const bool grow = score > m_own;
+                float alpha = 1.0f;
+                if (grow) {
+                    alpha = exp2_shift(m_own, score);  // 0 from an empty state
+                    l_own *= alpha;
+                    m_own = score;
+                }
+                const float prob = exp2_shift(score, m_own);  // 0 for a masked key
+                l_own += prob;
+                if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) {
+                        const float a = __shfl_sync(0xffffffffu, alpha, key_lane0 + row_owner_lane<ROWS, LPK>(r));
+#pragma unroll
+                        for (int i = 0; i < SPL; ++i) {
+                            acc1[r][i] *= a;
+                            acc2[r][i] *= a;
+                        }
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    const float pr = __shfl_sync(0xffffffffu, prob, key_lane0 + row_owner_lane<ROWS, LPK>(r));
 #pragma unroll
                     for (int i = 0; i < SPL; ++i) {
-                        acc1[r][i] *= alpha;
-                        acc2[r][i] *= alpha;
+                        acc1[r][i] += pr * v1[i];
+                        acc2[r][i] += pr * v2[i];
                     }
-                    m[r] = score;
                 }
-                const float prob = exp2_shift(score, m[r]);  // 0 for a masked key
-                l[r] += prob;
+            } else {
 #pragma unroll
-                for (int i = 0; i < SPL; ++i) {
-                    acc1[r][i] += prob * v1[i];
-                    acc2[r][i] += prob * v2[i];
+                for (int r = 0; r < ROWS; ++r) {
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < SPL; ++i) dot += q1[r][i] * k1[i] + q2[r][i] * k2[i];
+                    dot = group_sum<LPK>(dot);
+                    const float score = key_valid && j <= q_pos[r] ? dot : -INFINITY;  // causal among the new tokens
+                    // The online softmax with the rescale only where the max grows (rare after the first keys):
+                    // the state of softmax_update (whose alpha is exactly 1 otherwise) without its per-key multiplies.
+                    if (score > m[r]) {
+                        const float alpha = exp2_shift(m[r], score);  // 0 from an empty state
+                        l[r] *= alpha;
+#pragma unroll
+                        for (int i = 0; i < SPL; ++i) {
+                            acc1[r][i] *= alpha;
+                            acc2[r][i] *= alpha;
+                        }
+                        m[r] = score;
+                    }
+                    const float prob = exp2_shift(score, m[r]);  // 0 for a masked key
+                    l[r] += prob;
+#pragma unroll
+                    for (int i = 0; i < SPL; ++i) {
+                        acc1[r][i] += prob * v1[i];
+                        acc2[r][i] += prob * v2[i];
+                    }
                 }
             }
         }
@@ -334,7 +415,12 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
             sm_acc[(group_id * ROWS + r) * D + slot_d1(LR2_SLOT(i), half)] = acc1[r][i];
             sm_acc[(group_id * ROWS + r) * D + slot_d2(LR2_SLOT(i), half)] = acc2[r][i];
         }
-        if (slot_lane == 0) {
+        if constexpr (TRANSPOSED) {
+            if (r == r_own && (lane & (LPK / ROWS - 1)) == 0) {  // the row's first owner lane
+                sm_m[group_id][r] = m_own;
+                sm_l[group_id][r] = l_own;
+            }
+        } else if (slot_lane == 0) {
             sm_m[group_id][r] = m[r];
             sm_l[group_id][r] = l[r];
         }

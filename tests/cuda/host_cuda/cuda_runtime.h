@@ -29,6 +29,8 @@ inline const char* cudaGetErrorString(cudaError_t) { return "host emulation erro
 
 inline void __syncthreads() { lr2_host::sync_threads(); }
 inline float __shfl_xor_sync(unsigned, float value, int offset) { return lr2_host::shuffle_xor(value, offset); }
+inline float __shfl_sync(unsigned, float value, int src_lane) { return lr2_host::shuffle_idx(value, src_lane); }
+inline int __any_sync(unsigned, int predicate) { return lr2_host::any(predicate != 0); }
 
 // kernel<<<grid, block, 0, stream>>>(args...) is written LR2_LAUNCH(kernel, grid, block, stream)(args...) in csrc/.
 #define LR2_LAUNCH(kernel, grid, block, stream) lr2_host::launch_with(kernel, grid, block)

@@ -107,13 +107,29 @@ inline void entry() {
 
 inline void sync_threads() { barrier(&g_block->arrived, &g_block->generation, blockDim.x * blockDim.y * blockDim.z); }
 
-inline float shuffle_xor(float value, int offset) {
+// Every lane of the warp posts a value; after the warp's barrier, the warp's 32 values (one buffer per parity of the
+// lane's exchange count, so a fast lane's next exchange never overwrites values a slow lane has yet to read).
+inline const float* warp_exchange(float value) {
     const unsigned tid = threadIdx.x, lane = tid % 32;
     Warp& warp = g_block->warps[tid / 32];
     const unsigned parity = g_block->fibers[tid].shuffles++ & 1;
     warp.vals[parity][lane] = value;
     barrier(&warp.arrived, &warp.generation, 32);
-    return warp.vals[parity][(lane ^ static_cast<unsigned>(offset)) % 32];
+    return warp.vals[parity];
+}
+
+inline float shuffle_xor(float value, int offset) {
+    return warp_exchange(value)[(threadIdx.x % 32 ^ static_cast<unsigned>(offset)) % 32];
+}
+
+inline float shuffle_idx(float value, int src_lane) { return warp_exchange(value)[static_cast<unsigned>(src_lane) % 32]; }
+
+inline int any(bool predicate) {
+    const float* all = warp_exchange(predicate ? 1.0f : 0.0f);
+    for (int lane = 0; lane < 32; ++lane) {
+        if (all[lane] != 0.0f) return 1;
+    }
+    return 0;
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }

@@ -269,10 +269,10 @@ def _apply(model, config, rotary, attention, table) -> None:
     tracker = ForwardTracker()  # one per model: the positions of the forward that runs
     for module in attention:
         state["attention"].append(module)
-        wrapper = _rotation_wrapper(module)
-        if wrapper is not None:
-            state["rotation_wrappers"].append(wrapper)
-            wrapper.forward = types.MethodType(_skip_identity_forward, wrapper)
+        rotation = _rotation_wrapper(module)
+        if rotation is not None:  # this layer's own apply_rotary_pos_emb skips the identity rotation
+            state["rotation_wrappers"].append(rotation)
+            rotation.forward = types.MethodType(_skip_identity_forward, rotation)
         module.config, module._lr2_model_config, module._lr2_tracker = attention_config, config, tracker
     for module in rotary:
         state["rotary"].append(module)

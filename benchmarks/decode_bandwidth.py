@@ -384,8 +384,9 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # per block
 
 
 def compile_check(args) -> tuple[str, bool]:
-    """Every head case x arch, compiled as launched for one new token of MHA (16-row tiles, one split) and for 64 rows
-    (GQA 8 x 8 new tokens: 64-row tiles, split, and the merge): registers, spills, shared memory, the loads."""
+    """Every head case x arch, compiled as launched for one new token of MHA (16-row tiles) and for 64 rows (GQA 8 x 8
+    new tokens: the launcher's largest row tile), each unsplit and split (and the merge): registers, spills, shared
+    memory, the loads."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     lines = [
         f"Triton {triton.__version__}, {args.dtype}: the decode compiled as launched (capacity 32K, batch 1).",
@@ -397,7 +398,7 @@ def compile_check(args) -> tuple[str, bool]:
     for head in args.heads:
         head_dim, rotary_dim = HEAD_CASES[head]
         for arch in args.archs:
-            for q_heads, kv_heads, n_new, splits in ((8, 8, 1, 1), (8, 1, 8, 2)):
+            for q_heads, kv_heads, n_new, splits in ((8, 8, 1, 1), (8, 8, 1, 2), (8, 1, 8, 1), (8, 1, 8, 2)):
                 q = torch.empty(1, q_heads, n_new, head_dim, device="meta", dtype=dtype)
                 cache = torch.empty(1, kv_heads, 32768, head_dim, device="meta", dtype=dtype)
                 inv_freq = torch.empty(2, rotary_dim // 2, device="meta")

@@ -279,15 +279,18 @@ _MERGE_BLOCK_M = 16  # 64-row merge tiles spill registers on sm_90 (1 KB at 128 
 
 
 def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N); BLOCK_M >= 16 keeps tl.dot legal for a single new token."""
-    block_m = max(16, min(64, triton.next_power_of_2(num_rows)))
+    """(BLOCK_M, BLOCK_N); BLOCK_M >= 16 keeps tl.dot legal for a single new token.
+
+    At most 32 rows (more rows take more programs): as launched, 64-row tiles spill in the unsplit store path (8 B
+    at head 64 on sm_80, Triton 3.9), and at 128 they sit at 255 registers. Above 128 channels 16 rows and 16-key
+    tiles (32 x 256 tiles spill 16-20 B unsplit; 32-key fp32 tiles need 180 KB of shared memory, over sm_80's
+    163 KB). See docs/decode_bandwidth.md.
+    """
+    block_m = max(16, min(32, triton.next_power_of_2(num_rows)))
     if triton_interpreting():
         return block_m, 32  # few, small tiles: the interpreter runs every lane in numpy
     if head_dim > 128:
-        # Large heads: 16-key tiles (with _num_warps' 8 warps) compile spill-free on sm_80/sm_90; BLOCK_M at most 32
-        # (64 x 256 tiles spill as launched on sm_90: 52 B with Triton 3.9), 16 for fp32 (32-key fp32 tiles need
-        # 180 KB of shared memory, over sm_80's 163 KB). See docs/decode_bandwidth.md.
-        return (16 if dtype == torch.float32 else min(block_m, 32)), 16
+        return 16, 16
     if dtype == torch.float32:
         return block_m, 32
     return block_m, 64
@@ -295,7 +298,7 @@ def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int,
 
 def _num_warps(head_dim: int, block_m: int = 16) -> int:
     """Warps of the decode and merge kernels: 8 above 64 channels (4 warps spill registers on sm_80 at 128) or
-    above 16 rows (64 x 64 tiles spill 56 B in 4 warps on sm_80, as launched)."""
+    above 16 rows (64-row tiles spilled 56 B in 4 warps at head 64 on sm_80, as launched)."""
     return 8 if (head_dim > 64 or block_m > 16) and not triton_interpreting() else 4
 
 

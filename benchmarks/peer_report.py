@@ -310,7 +310,7 @@ def markdown(data: dict, ratios: list[dict]) -> str:
                   "| Triton | kernel | lr2kernels | config | MMA | tutorial | config | ratio |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in ratios:
-            ours = "-" if r["ours"] is None else f"{r['ours']:,.0f}"
+            ours = "none spill-free" if r["ours"] is None else f"{r['ours']:,.0f}"
             theirs = "-" if r["peer"] is None else f"{r['peer']:,.0f}"
             ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
             lines.append(f"| {r['triton']} | {cr.PEER_KERNELS[r['kernel']]} | {ours} | {r['ours_config'] or '-'} | "

@@ -323,7 +323,8 @@ def test_triton_per_tile_rotation_matches_the_staged_default(monkeypatch, layout
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
 def test_triton_backward_delta_is_rowsum_in_fp32(varlen, dtype):
     """The backward's delta = rowsum(O * dO) comes from a kernel reading O and dO in their own dtype (no fp32 copies
-    of them in memory), in the lse's layout: dense [B, H, L], varlen [H, T]."""
+    of them in memory), in the lse's layout: dense [B, H, L], varlen [H, T]; the same kernel writes the lse in log2
+    units, -inf (a row that saw no key) as 0."""
     if "triton" not in lr2.available_backends():
         pytest.skip("the triton backend is not available here")
     from lr2kernels.ops.triton.attention import _delta
@@ -332,9 +333,13 @@ def test_triton_backward_delta_is_rowsum_in_fp32(varlen, dtype):
     out, grad_out = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
     expected = (out.double() * grad_out.double()).sum(-1)
     expected = expected.transpose(0, 1) if varlen else expected
-    got = _delta(out, grad_out, varlen)
+    lse = randn(*expected.shape)
+    lse.view(-1)[5] = float("-inf")
+    got, lse_log2 = _delta(out, grad_out, lse, varlen)
     assert got.dtype == torch.float32 and got.shape == expected.shape and got.is_contiguous()
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    expected_log2 = torch.where(lse.isinf(), 0.0, lse.double() * 1.4426950408889634)  # / ln(2)
+    torch.testing.assert_close(lse_log2.double(), expected_log2, atol=1e-6, rtol=1e-6)
 
 
 def test_autotune_length_buckets():

@@ -295,6 +295,24 @@ def _store_rows(ptr, rows, row_stride, row_mask, x, ROW: tl.constexpr):
     _store_segment(ptr + rows.to(tl.int64)[:, None] * row_stride, row_mask, x, 0, ROW)
 
 
+@triton.jit
+def _load_row_tiles(ptr, rows, row_stride, row_mask, ROW: tl.constexpr, MASKED: tl.constexpr):
+    """:func:`_load_rows`, with the row mask only where ``MASKED``: the forward's key tiles that lie inside the
+    sequence load unpredicated. Columns are masked only in a tile that holds padding."""
+    base = ptr + rows.to(tl.int64)[:, None] * row_stride  # [BLOCK, 1] int64 offsets
+    tiles = ()
+    for i in tl.static_range((ROW[0] > 0) + (ROW[0] > ROW[1])):  # as in _load_segment
+        cols = i * ROW[1] + tl.arange(0, ROW[1] + i * (ROW[2] - ROW[1]))
+        if MASKED:
+            tiles = tiles + (tl.load(base + cols[None, :], mask=row_mask[:, None] & (cols < ROW[0])[None, :],
+                                     other=0.0),)  # fmt: skip
+        elif (i + 1) * ROW[1] + i * (ROW[2] - ROW[1]) > ROW[0]:  # the tile holds padding channels
+            tiles = tiles + (tl.load(base + cols[None, :], mask=(cols < ROW[0])[None, :], other=0.0),)
+        else:
+            tiles = tiles + (tl.load(base + cols[None, :]),)
+    return tiles
+
+
 # ---------------------------------------------------------------------------------------------- attention tiles
 @triton.jit
 def _qk_scores(q1, q2, qp, k1, k2, kp, PRECISION: tl.constexpr):
@@ -346,3 +364,76 @@ def _attend_finish(acc, m_i, l_i):
     """(output, a row segment ``[BLOCK_M, *]`` fp32, log2-sum-exp ``[BLOCK_M]``); rows that saw no key: 0, -inf."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows give 0, not NaN
     return _divide(acc, l_safe[:, None]), tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+
+
+# ---------------------------------------------------------------------------------------------- pair order
+# The backward's scratch copies of q and k hold each row rotated and in PAIR ORDER: channel pair j at columns 2j and
+# 2j + 1, where pair j < HALF is the NeoX pair (j, j + HALF) and pair j >= HALF two neighbouring pass-through
+# channels (2j, 2j + 1), which rotate by the identity. A dot product is the same in any channel order, so the
+# attention tiles contract over whole-head tiles (``ROW``) instead of the split layout's three segments; and a
+# gradient accumulated in that order holds each pair in neighbouring columns, so the transposed rotation of the
+# store splits a whole-head tile into its pairs (a reshape) instead of keeping x1, x2, xp accumulators, whose
+# narrow tiles replicated MMA work across warps.
+@triton.jit
+def _pair_channels(pairs, HALF: tl.constexpr):
+    """The head channels (a, b) of pair indices ``pairs [W]``: (j, j + HALF) for rotary pairs, else (2j, 2j + 1)."""
+    rotary = pairs < HALF
+    first = tl.where(rotary, pairs, 2 * pairs)
+    return first, tl.where(rotary, pairs + HALF, first + 1)
+
+
+@triton.jit
+def _pair_angles(pos, inv_freq_ptr, is_long, attention, HALF: tl.constexpr, ROW: tl.constexpr):
+    """Scaled (cos, sin) of the pairs of each whole-head tile (tile i ``[BLOCK, width_i / 2]``) for positions
+    ``[BLOCK]``: :func:`_angles`'s values on rotary pairs (HF's fp32 ``pos * inv_freq``), (1, 0) on pass-through
+    pairs."""
+    cos = ()
+    sin = ()
+    for i in tl.static_range((ROW[0] > 0) + (ROW[0] > ROW[1])):  # the tiles of _load_segment
+        pairs = i * (ROW[1] // 2) + tl.arange(0, (ROW[1] + i * (ROW[2] - ROW[1])) // 2)
+        rotary = pairs < HALF
+        inv_freq = tl.load(inv_freq_ptr + is_long * HALF + pairs, mask=rotary, other=0.0)
+        angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]  # [BLOCK, width / 2]
+        cos = cos + (tl.where(rotary[None, :], tl.cos(angle) * attention, 1.0),)
+        sin = sin + (tl.where(rotary[None, :], tl.sin(angle) * attention, 0.0),)
+    return cos, sin
+
+
+@triton.jit
+def _load_pairs_rotated(ptr, rows, row_stride, row_mask, cos, sin, scale, out_dtype, HALF: tl.constexpr,
+                        ROW: tl.constexpr):  # fmt: skip
+    """Rows of a pre-RoPE head, rotated by (cos, sin) of :func:`_pair_angles`, times ``scale``, in pair order: whole-
+    head tiles ``[BLOCK, width]`` in ``out_dtype`` (zero outside the mask)."""
+    base = ptr + rows.to(tl.int64)[:, None] * row_stride  # [BLOCK, 1] int64 offsets
+    tiles = ()
+    for i in tl.static_range(len(cos)):
+        pairs = i * (ROW[1] // 2) + tl.arange(0, (ROW[1] + i * (ROW[2] - ROW[1])) // 2)
+        a_col, b_col = _pair_channels(pairs, HALF)
+        a = tl.load(base + a_col[None, :], mask=row_mask[:, None] & (a_col < ROW[0])[None, :], other=0.0)
+        b = tl.load(base + b_col[None, :], mask=row_mask[:, None] & (b_col < ROW[0])[None, :], other=0.0)
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        rotated_a = (a * cos[i] - b * sin[i]) * scale  # [BLOCK, width / 2]: _rotate's arithmetic
+        rotated_b = (b * cos[i] + a * sin[i]) * scale
+        tiles = tiles + (tl.reshape(tl.join(rotated_a, rotated_b), [rotated_a.shape[0], 2 * rotated_a.shape[1]]).to(
+            out_dtype),)
+    return tiles
+
+
+@triton.jit
+def _store_pairs_transposed(ptr, rows, row_stride, row_mask, g, cos, sin, scale, HALF: tl.constexpr,
+                            ROW: tl.constexpr):  # fmt: skip
+    """Store ``scale * g``, whole-head fp32 tiles of a gradient w.r.t. the rotated rows in pair order, as the
+    gradient w.r.t. the pre-RoPE rows in head order: the transposed rotation (by -angle, same attention factor) of
+    each pair; pass-through pairs unchanged."""
+    base = ptr + rows.to(tl.int64)[:, None] * row_stride  # [BLOCK, 1] int64 offsets
+    out_dtype = ptr.dtype.element_ty
+    for i in tl.static_range(len(g)):
+        pairs = i * (ROW[1] // 2) + tl.arange(0, (ROW[1] + i * (ROW[2] - ROW[1])) // 2)
+        ga, gb = tl.split(tl.reshape(g[i] * scale, [g[i].shape[0], g[i].shape[1] // 2, 2]))  # [BLOCK, width / 2]
+        a_col, b_col = _pair_channels(pairs, HALF)
+        tl.store(base + a_col[None, :], (ga * cos[i] + gb * sin[i]).to(out_dtype),
+                 mask=row_mask[:, None] & (a_col < ROW[0])[None, :])  # fmt: skip
+        tl.store(base + b_col[None, :], (gb * cos[i] - ga * sin[i]).to(out_dtype),
+                 mask=row_mask[:, None] & (b_col < ROW[0])[None, :])  # fmt: skip
+

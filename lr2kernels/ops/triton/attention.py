@@ -47,17 +47,17 @@ from lr2kernels.ops.triton._jit import (
     _attend_tile,
     _dot_acc,
     _head_offset,
+    _load_pairs_rotated,
     _load_rotated,
+    _load_row_tiles,
     _load_rows,
     _load_split_native,
+    _pair_angles,
     _positions,
-    _qk_scores,
-    _rotate_transposed,
     _row_dot,
-    _scale,
     _sequence_program,
+    _store_pairs_transposed,
     _store_rows,
-    _store_split,
     _zeros_fp32,
 )
 from lr2kernels.ops.triton.rope import apply_rope
@@ -82,6 +82,29 @@ def _configs(backward: bool) -> list[triton.Config]:
     return configs
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward kernels. The tile a program keeps sits on the MMA's row
+# side, 64 or 128 rows (dq's BLOCK_M queries, dk/dv's BLOCK_N keys): wgmma on sm_90 takes 64 rows per warp group, so
+# 128 rows take 8 warps and 64 rows 4 (64 rows over 8 warps repeat MMA work: 34 wgmma per trip where dq needs 18).
+# The loop's tile divides it, so the causal diagonal starts and ends on a loop tile. dk/dv's 64 x 64 over 8 warps
+# and the last, narrower tiles are for sm_80 and for 256 channels, whose fp32 dq or dk + dv alone take 128 registers
+# a thread at 128 rows over 8 warps (the keep lists say where each is spill-free).
+_BWD_TILES = {
+    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 32, 8, 3), (128, 16, 8, 2), (64, 64, 4, 2),
+           (64, 32, 4, 2), (64, 16, 4, 2), (64, 16, 8, 2), (32, 16, 8, 2)],
+    "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2),
+             (16, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 8, 2)],
+}  # fmt: skip
+
+
+def _bwd_configs(kind: str) -> list[triton.Config]:
+    """Autotune space of the backward kernel ``kind`` ("dq" or "dkdv"): :data:`_BWD_TILES`; in the interpreter, one
+    small config whose causal diagonal spans two loop tiles (numpy runs every lane)."""
+    if triton_interpreting():
+        m, n = (32, 16) if kind == "dq" else (16, 32)
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _BWD_TILES[kind]]
+
+
 def _device_arch() -> int:
     """The arch family the keep lists know: 90 (Hopper and newer) or 80 (Ampere, Ada)."""
     major, _ = torch.cuda.get_device_capability()
@@ -99,7 +122,8 @@ def _prune_configs(
     if triton_interpreting():
         return configs
     kind = "dkdv" if "DK" in named_args else "dq" if "DQ" in named_args else "fwd"
-    head_dim, partial = kwargs.get("HEAD_DIM", 128), kwargs.get("PASS", 0) > 0
+    head_dim = kwargs.get("HEAD_DIM", 128)
+    partial = 2 * kwargs.get("HALF", head_dim // 2) < head_dim  # a pass-through (the backward has no PASS)
     keep = _KEEP.get((kind, head_dim, partial))
     if isinstance(keep, dict):
         keep = keep[arch or _device_arch()]
@@ -124,19 +148,32 @@ _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]] | dict[int, se
     ("fwd", 128, False): _tiles([(128, 32, 8), (64, 32, 8), (64, 32, 4)]),  # 64 x 64: 12 B spilled (3.6, sm_90)
     ("fwd", 128, True): _tiles([(128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]),
     ("fwd", 256, False): {(64, 32, 8, 2)},
-    ("dq", 64, False): _tiles([(64, 64, 4), (64, 64, 8), (64, 32, 4), (64, 32, 8), (32, 64, 4), (32, 64, 8)]),
-    ("dq", 80, False): _tiles([(32, 64, 8), (32, 32, 8), (32, 16, 8)]),
-    ("dq", 96, False): _tiles([(32, 64, 8), (32, 32, 8), (32, 16, 8)]),
-    ("dq", 128, False): _tiles([(32, 64, 8)]),
-    ("dq", 128, True): _tiles([(16, 32, 8)]),
-    ("dq", 256, False): _tiles([(32, 32, 8)]),
-    # dk/dv: no tile is spill-free on both archs at 64 channels, nor the 64 x 32 one on sm_90 at 128: per arch.
-    ("dkdv", 64, False): {80: _tiles([(16, 32, 8)]), 90: _tiles([(32, 64, 8), (64, 64, 8)])},
-    ("dkdv", 80, False): _tiles([(64, 32, 8), (32, 32, 8), (32, 16, 8), (16, 32, 8)]),
-    ("dkdv", 96, False): _tiles([(64, 32, 8), (32, 32, 8), (32, 16, 8), (16, 32, 8)]),
-    ("dkdv", 128, False): {80: _tiles([(64, 32, 8), (32, 32, 8)]), 90: _tiles([(32, 32, 8), (32, 16, 8)])},
-    ("dkdv", 128, True): _tiles([(32, 16, 8)]),
-    ("dkdv", 256, False): _tiles([(32, 16, 8)]),
+    # The backward (benchmarks/compile_report.py as launched; _BWD_TILES), per arch: wgmma's 64+ row tiles on sm_90,
+    # and on sm_80 the tiles whose mma.sync accumulators fit (at 128 channels, 128 x 64 dq and 32+ x 128 dk/dv spill).
+    ("dq", 64, False): {90: {(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)},
+                        80: {(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)}},
+    ("dq", 80, False): {90: {(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)},
+                        80: {(128, 32, 8, 2), (64, 32, 4, 2)}},
+    ("dq", 96, False): {90: {(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)},
+                        80: {(128, 32, 8, 2), (64, 32, 4, 2)}},
+    ("dq", 128, False): {90: {(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2),
+                              (64, 32, 4, 2)},
+                         80: {(128, 32, 8, 2), (128, 32, 8, 3), (128, 16, 8, 2), (64, 32, 4, 2)}},
+    ("dq", 128, True): {90: {(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)},
+                        80: {(128, 32, 8, 2), (64, 32, 4, 2)}},
+    ("dq", 256, False): {(64, 16, 8, 2)},
+    ("dkdv", 64, False): {90: {(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)},
+                          80: {(64, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)}},
+    ("dkdv", 80, False): {90: {(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)},
+                          80: {(16, 128, 8, 2), (16, 64, 4, 2)}},  # 64 x 64: 24-56 B spilled on sm_80
+    ("dkdv", 96, False): {90: {(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)},
+                          80: {(16, 128, 8, 2), (16, 64, 4, 2)}},  # 64 x 64: 24-56 B spilled on sm_80
+    ("dkdv", 128, False): {90: {(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (16, 64, 4, 2)},
+                           80: {(64, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)}},
+    ("dkdv", 128, True): {90: {(32, 128, 8, 2), (16, 128, 8, 2)}, 80: {(64, 64, 8, 2), (16, 128, 8, 2)}},
+    # 256 channels: dk + dv alone take 128 registers a thread at 64 keys over 8 warps; on sm_90 only 32-key tiles
+    # (mma.sync) are spill-free, and dq's only spill-free tile is 64 x 16 over 8 warps.
+    ("dkdv", 256, False): {80: {(16, 64, 8, 2), (16, 32, 8, 2)}, 90: {(16, 32, 8, 2)}},
 }
 
 
@@ -187,63 +224,6 @@ def _load_loop_tile(
         x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK, HAS_POS, SPLIT,
     )  # fmt: skip
     return rows, row_mask, x1, x2, xp
-
-
-@triton.jit
-def _load_token_tile(
-    x_base, y_base, stride_xt, stride_yt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
-    BLOCK: tl.constexpr, HAS_POS: tl.constexpr, SPLIT: tl.constexpr, ROW: tl.constexpr,
-):  # fmt: skip
-    """:func:`_load_rotated_tile` of x (q, or k) and the same tokens' whole rows of y (dO, or v) ``[BLOCK, *]``,
-    loaded right after: (rows, row mask, x1, x2, xp, cos, sin, y)."""
-    rows, row_mask, x1, x2, xp, cos, sin = _load_rotated_tile(
-        x_base, stride_xt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK, HAS_POS, SPLIT,
-    )  # fmt: skip
-    y = _load_rows(y_base, rows, stride_yt, row_mask, ROW)
-    return rows, row_mask, x1, x2, xp, cos, sin, y
-
-
-@triton.jit
-def _probs(a1, a2, ap, b1, b2, bp, lse, visible, sm_scale, PRECISION: tl.constexpr):
-    """Softmax probabilities of one tile, in either orientation: ``exp(a b^T scale - lse)`` where visible, else 0
-    (lse broadcast by the caller). dq passes (q, k) and gets ``[BLOCK_M, BLOCK_N]``; dk/dv pass (k, q) and get the
-    transposed ``[BLOCK_N, BLOCK_M]``."""
-    scores = _qk_scores(a1, a2, ap, b1, b2, bp, PRECISION) * sm_scale
-    return tl.where(visible, tl.exp(scores - lse), 0.0)
-
-
-@triton.jit
-def _score_grads(p, x, y, delta, dtype, PRECISION: tl.constexpr):
-    """Gradients of the scores of a tile of probabilities p: ``p (x y^T - delta)`` in ``dtype`` (delta broadcast by
-    the caller; x, y row segments). dq passes (dO, v); dk/dv pass (v, dO) for the transposed tile."""
-    dp = tl.dot(x[0], tl.trans(y[0]), input_precision=PRECISION)
-    for i in tl.static_range(1, len(x)):
-        dp += tl.dot(x[i], tl.trans(y[i]), input_precision=PRECISION)
-    return (p * (dp - delta)).to(dtype)
-
-
-@triton.jit
-def _dot_split_acc(acc1, acc2, accp, ds, x1, x2, xp, PRECISION: tl.constexpr):
-    """(acc1, acc2, accp) += ds @ (x1, x2, xp): a gradient accumulated in the split layout."""
-    return _dot_acc(acc1, ds, x1, PRECISION), _dot_acc(acc2, ds, x2, PRECISION), _dot_acc(accp, ds, xp, PRECISION)
-
-
-@triton.jit
-def _store_pre_rope_grad(
-    ptr, rows, row_stride, row_mask, g1, g2, gp, cos, sin, scale, SPLIT: tl.constexpr,
-):  # fmt: skip
-    """Store ``scale * g``, a gradient w.r.t. the ROTATED input, as the gradient w.r.t. the pre-RoPE input: the
-    transposed rotation (by -angle, same attention factor); pass-through channels unchanged."""
-    g1, g2 = _rotate_transposed(_scale(g1, scale), _scale(g2, scale), cos, sin)
-    _store_split(ptr, rows, row_stride, row_mask, g1, g2, _scale(gp, scale), SPLIT)
-
-
-@triton.jit
-def _row_stats(lse_ptr, delta_ptr, rows, row_mask):
-    """The forward's lse (natural log; -inf of a row that saw nothing -> 0) and delta = rowsum(dO * O) of rows."""
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    return lse, tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
 
 
 @triton.autotune(
@@ -308,8 +288,96 @@ def _rope_attention_fwd_kernel(
     tl.store(lse_base + offs_m, lse_log2 / 1.4426950408889634, mask=m_mask)  # natural log
 
 
+_BWD_TUNE_KEY = [k for k in _TUNE_KEY if k != "PASS"]  # HEAD_DIM and HALF give the pass-through
+
+
+@triton.jit
+def _stage_rotated_kernel(
+    Q, K, QS, KS, INV_FREQ, CU_SEQLENS, POS, IS_LONG,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_qsb, stride_qsh, stride_qst,
+    stride_ksb, stride_ksh, stride_kst,
+    stride_pos_b, seq_len_dense, num_q_heads, num_kv_heads, sm_scale_log2, attention_short, attention_long,
+    HALF: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr,
+):  # fmt: skip
+    """The backward's scratch copies of q and k for BLOCK tokens of one sequence, every head: rotated with the
+    sequence's table, in pair order (_jit's pair-order section), and k times ``sm_scale * log2(e)`` so that the
+    tiles' scores come out in log2 units. The sin/cos of the tokens are computed once for all their heads."""
+    ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
+    first, seq, _, start, seq_len, is_long, attention, pos_base = _sequence_program(
+        1, CU_SEQLENS, IS_LONG, POS, stride_pos_b, seq_len_dense, attention_short, attention_long, BLOCK, IS_VARLEN,
+    )  # fmt: skip
+    if first >= seq_len:
+        return
+    rows = first + tl.arange(0, BLOCK)
+    row_mask = rows < seq_len
+    cos, sin = _pair_angles(_positions(pos_base, rows, row_mask, HAS_POS), INV_FREQ, is_long, attention, HALF, ROW)
+    for head in range(0, num_q_heads):
+        q = _load_pairs_rotated(Q + _head_offset(seq, head, start, stride_qb, stride_qh, stride_qt), rows, stride_qt,
+                                row_mask, cos, sin, 1.0, QS.dtype.element_ty, HALF, ROW)  # fmt: skip
+        _store_rows(QS + _head_offset(seq, head, start, stride_qsb, stride_qsh, stride_qst), rows, stride_qst, row_mask,
+                    q, ROW)  # fmt: skip
+    for head in range(0, num_kv_heads):
+        k = _load_pairs_rotated(K + _head_offset(seq, head, start, stride_kb, stride_kh, stride_kt), rows, stride_kt,
+                                row_mask, cos, sin, sm_scale_log2, KS.dtype.element_ty, HALF, ROW)  # fmt: skip
+        _store_rows(KS + _head_offset(seq, head, start, stride_ksb, stride_ksh, stride_kst), rows, stride_kst, row_mask,
+                    k, ROW)  # fmt: skip
+
+
+@triton.jit
+def _load_pair_tile(
+    x_base, stride_xt, rows, tokens, row_mask, pos_base, INV_FREQ, is_long, attention, scale, dtype,
+    HALF: tl.constexpr, ROW: tl.constexpr, HAS_POS: tl.constexpr, STAGED: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Rows ``rows`` of ``x_base`` (q or k; the sequence's tokens ``tokens``) rotated, times ``scale``, in pair order
+    (whole-head tiles ``[BLOCK, *]``): loaded as the launcher staged them (STAGED: ``scale`` is in the buffer
+    already), or rotated here with the angles of the tokens' positions."""
+    if STAGED:
+        return _load_row_tiles(x_base, rows, stride_xt, row_mask, ROW, MASKED)
+    cos, sin = _pair_angles(_positions(pos_base, tokens, row_mask, HAS_POS), INV_FREQ, is_long, attention, HALF, ROW)
+    return _load_pairs_rotated(x_base, rows, stride_xt, row_mask, cos, sin, scale, dtype, HALF, ROW)
+
+
+@triton.jit
+def _dots_t(a, b, PRECISION: tl.constexpr):
+    """``a b^T`` over whole-head tiles (a ``[M, *]``, b ``[N, *]``, same widths): ``[M, N]`` fp32."""
+    out = tl.dot(a[0], tl.trans(b[0]), input_precision=PRECISION)
+    for i in tl.static_range(1, len(a)):
+        out += tl.dot(a[i], tl.trans(b[i]), input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse, delta, offs_m, k_base, v_base, stride_kt, stride_vt, lo, hi, seq_len,
+    pos_base, INV_FREQ, is_long, attention, sm_scale_log2, dtype,
+    HALF: tl.constexpr, ROW: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
+    PRECISION: tl.constexpr, STAGED: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """dq (whole-head fp32 tiles ``[BLOCK_M, *]``, pair order, in units of the scaled k) += the key tiles from
+    ``lo`` to ``hi``. MASKED: the tiles on the causal diagonal or past the sequence's end; the others load and
+    compute without masks."""
+    for n_start in range(lo, hi, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < seq_len
+        k = _load_pair_tile(k_base, stride_kt, offs_n, offs_n, n_mask, pos_base, INV_FREQ, is_long, attention,
+                            sm_scale_log2, dtype, HALF, ROW, HAS_POS, STAGED, MASKED)  # fmt: skip
+        v = _load_row_tiles(v_base, offs_n, stride_vt, n_mask, ROW, MASKED)  # [BLOCK_N, *]
+        p = tl.exp2(_dots_t(q, k, PRECISION) - lse[:, None])  # [BLOCK_M, BLOCK_N]: scores in log2 units
+        if MASKED:
+            visible = n_mask[None, :]
+            if IS_CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(visible, p, 0.0)
+        ds = (p * (_dots_t(do, v, PRECISION) - delta[:, None])).to(dtype)
+        dq = _dot_acc(dq, ds, k, PRECISION)
+    return dq
+
+
 @triton.autotune(
-    configs=_configs(backward=True), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+    configs=_bwd_configs("dq"), key=_BWD_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
 )
 @triton.jit
 def _rope_attention_bwd_dq_kernel(
@@ -320,16 +388,17 @@ def _rope_attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
     stride_lse_b, stride_lse_h, stride_pos_b,  # lse and delta share a layout
-    seq_len_dense, num_q_heads, group, sm_scale, attention_short, attention_long,
+    seq_len_dense, num_q_heads, group, sm_scale_log2, attention_short, attention_long,
     len_bucket,  # the autotune key's length bucket; not read
-    HALF: tl.constexpr, HALF_A: tl.constexpr, HALF_B: tl.constexpr,
-    PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
     STAGED: tl.constexpr,
 ):  # fmt: skip
-    """dq for one block of queries: loop over key tiles; rotated with the same angles as the forward."""
-    SPLIT: tl.constexpr = (HALF, HALF_A, HALF_B, PASS, PASS_A, PASS_B)
+    """dq for one block of queries of one q head: loop over the key tiles of its kv head, the unmasked ones
+    first. Q and K are the staged copies (pair order, k scaled; STAGED) or the pre-RoPE inputs; LSE is in log2
+    units."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the diagonal starts on a key tile
     ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
     first, seq, head, start, seq_len, is_long, attention, pos_base = _sequence_program(  # dq rows of q head `head`
         num_q_heads, CU_SEQLENS, IS_LONG, POS, stride_pos_b, seq_len_dense, attention_short, attention_long,
@@ -337,42 +406,121 @@ def _rope_attention_bwd_dq_kernel(
     )  # fmt: skip
     if first >= seq_len:
         return
-    dtype = Q.dtype.element_ty
-    q_base = Q + _head_offset(seq, head, start, stride_qb, stride_qh, stride_qt)
-    do_base = DO + _head_offset(seq, head, start, stride_dob, stride_doh, stride_dot)
-    offs_m, m_mask, q1, q2, qp, cos, sin, do = _load_token_tile(  # q [BLOCK_M, *] rotated, dO [BLOCK_M, *]
-        q_base, do_base, stride_qt, stride_dot, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
-        BLOCK_M, HAS_POS, SPLIT, ROW,
-    )  # fmt: skip
+    dtype = DO.dtype.element_ty
+    offs_m = first + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seq_len
+    q = _load_pair_tile(Q + _head_offset(seq, head, start, stride_qb, stride_qh, stride_qt), stride_qt, offs_m,
+                        offs_m, m_mask, pos_base, INV_FREQ, is_long, attention, 1.0, dtype, HALF, ROW, HAS_POS, STAGED,
+                        True)  # fmt: skip
+    do = _load_rows(DO + _head_offset(seq, head, start, stride_dob, stride_doh, stride_dot), offs_m, stride_dot,
+                    m_mask, ROW)  # fmt: skip
     row_base = _head_offset(seq, head, start, stride_lse_b, stride_lse_h, 1)
-    lse, delta = _row_stats(LSE + row_base, DELTA + row_base, offs_m, m_mask)  # [BLOCK_M]
+    lse = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0)  # [BLOCK_M]
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_mask, other=0.0)
     k_base = K + _head_offset(seq, head // group, start, stride_kb, stride_kh, stride_kt)
     v_base = V + _head_offset(seq, head // group, start, stride_vb, stride_vh, stride_vt)
-
-    HALVES: tl.constexpr = (HALF, HALF_A, HALF_B)
-    dq1 = _zeros_fp32(BLOCK_M, HALVES)  # [BLOCK_M, *] each, the split layout
-    dq2 = _zeros_fp32(BLOCK_M, HALVES)
-    dqp = _zeros_fp32(BLOCK_M, (PASS, PASS_A, PASS_B))
+    dq = _zeros_fp32(BLOCK_M, ROW)  # [BLOCK_M, *] whole-head tiles, pair order
+    # Key tiles wholly visible to every row: before the diagonal (causal), or every whole tile.
+    full = first if IS_CAUSAL else (seq_len // BLOCK_N) * BLOCK_N
     hi = tl.minimum(seq_len, first + BLOCK_M) if IS_CAUSAL else seq_len
-    for n_start in range(0, hi, BLOCK_N):
-        offs_n, n_mask, k1, k2, kp = _load_loop_tile(  # k [BLOCK_N, *] rotated
-            k_base, stride_kt, n_start, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_N, HAS_POS,
-            SPLIT, STAGED,
-        )  # fmt: skip
-        v = _load_rows(v_base, offs_n, stride_vt, n_mask, ROW)  # [BLOCK_N, *]
-        visible = n_mask[None, :] & m_mask[:, None]
-        if IS_CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
-        p = _probs(q1, q2, qp, k1, k2, kp, lse[:, None], visible, sm_scale, PRECISION)  # [BLOCK_M, BLOCK_N]
-        ds = _score_grads(p, do, v, delta[:, None], dtype, PRECISION)
-        dq1, dq2, dqp = _dot_split_acc(dq1, dq2, dqp, ds, k1, k2, kp, PRECISION)
-    # dq of the rotated q -> dq of the pre-RoPE q: the transposed rotation (rotation by -angle, same scale).
-    dq_base = DQ + _head_offset(seq, head, start, stride_dqb, stride_dqh, stride_dqt)
-    _store_pre_rope_grad(dq_base, offs_m, stride_dqt, m_mask, dq1, dq2, dqp, cos, sin, sm_scale, SPLIT)  # fmt: skip
+    dq = _dq_tiles(dq, q, do, lse, delta, offs_m, k_base, v_base, stride_kt, stride_vt, 0, full, seq_len, pos_base,
+                   INV_FREQ, is_long, attention, sm_scale_log2, dtype, HALF, ROW, BLOCK_N, IS_CAUSAL, HAS_POS,
+                   PRECISION, STAGED, False)  # fmt: skip
+    dq = _dq_tiles(dq, q, do, lse, delta, offs_m, k_base, v_base, stride_kt, stride_vt, full, hi, seq_len, pos_base,
+                   INV_FREQ, is_long, attention, sm_scale_log2, dtype, HALF, ROW, BLOCK_N, IS_CAUSAL, HAS_POS,
+                   PRECISION, STAGED, True)  # fmt: skip
+    # k carried sm_scale * log2(e), dq needs sm_scale: ln(2). Then the transposed rotation, to the pre-RoPE q.
+    cos, sin = _pair_angles(_positions(pos_base, offs_m, m_mask, HAS_POS), INV_FREQ, is_long, attention, HALF, ROW)
+    _store_pairs_transposed(DQ + _head_offset(seq, head, start, stride_dqb, stride_dqh, stride_dqt), offs_m,
+                            stride_dqt, m_mask, dq, cos, sin, 0.6931471805599453, HALF, ROW)  # fmt: skip
+
+
+@triton.jit
+def _row_values(ptr, rows, row_mask, MASKED: tl.constexpr):
+    """Per-row fp32 values (lse, delta) ``[BLOCK]``: 0 outside the mask where MASKED, unpredicated elsewhere."""
+    if MASKED:
+        return tl.load(ptr + rows, mask=row_mask, other=0.0)
+    return tl.load(ptr + rows)
+
+
+@triton.jit
+def _query_tile_bases(Q, DO, seq, head, start, m_start, stride_qb, stride_qh, stride_qt, stride_dob, stride_doh,
+                      stride_dot, stride_lse_b, stride_lse_h):  # fmt: skip
+    """(q, dO row pointers, lse/delta element offset) of the query tile starting at token ``m_start`` of a head."""
+    return (Q + _head_offset(seq, head, start + m_start, stride_qb, stride_qh, stride_qt),
+            DO + _head_offset(seq, head, start + m_start, stride_dob, stride_doh, stride_dot),
+            _head_offset(seq, head, start + m_start, stride_lse_b, stride_lse_h, 1))  # fmt: skip
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, offs_n, Q, DO, LSE, DELTA, seq, start, first_head, heads,
+    stride_qb, stride_qh, stride_qt, stride_dob, stride_doh, stride_dot, stride_lse_b, stride_lse_h,
+    a_start, a_end, b_start, b_end, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
+    HALF: tl.constexpr, ROW: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
+    PRECISION: tl.constexpr, STAGED: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """(dk, dv) (whole-head fp32 tiles ``[BLOCK_N, *]``; dk in pair order) += the query tiles ``a_start ..
+    a_end`` then (MASKED) ``b_start .. b_end`` of each of ``heads`` q heads, in the transposed orientation (keys
+    are the rows). MASKED: the tiles on the causal diagonal or past the sequence's end. Query rows past the end load
+    as zeros (q, dO, lse, delta), so their p is finite and their dO and ds are 0: they add nothing.
+
+    One loop over (head, tile) pairs, not a loop over heads around a loop over tiles: the nest held its bounds and
+    the next loop's pipeline prologue in registers across heads, and 32 x 128 tiles spilled at 128 channels. The
+    tile's pointers advance by one tile per trip; they are recomputed only where the walk jumps (next range, next
+    head)."""
+    tiles_a = tl.cdiv(tl.maximum(a_end - a_start, 0), BLOCK_M)
+    per_head = tiles_a + (tl.cdiv(tl.maximum(b_end - b_start, 0), BLOCK_M) if MASKED else 0)  # b: past a short seq
+    strides = (stride_qb, stride_qh, stride_qt, stride_dob, stride_doh, stride_dot, stride_lse_b, stride_lse_h)
+    head = first_head
+    tile = 0  # within the head
+    m_start = a_start
+    if MASKED:
+        m_start = tl.where(tiles_a > 0, a_start, b_start)
+    q_ptr, do_ptr, row_off = _query_tile_bases(Q, DO, seq, head, start, m_start, *strides)
+    rows = tl.arange(0, BLOCK_M)  # [BLOCK_M] within the tile
+    # From past a head's last tile to its next head's first: one head on, the head's tiles back.
+    back = per_head * BLOCK_M
+    q_jump = tl.cast(stride_qh, tl.int64) - tl.cast(back, tl.int64) * stride_qt
+    do_jump = tl.cast(stride_doh, tl.int64) - tl.cast(back, tl.int64) * stride_dot
+    row_jump = tl.cast(stride_lse_h, tl.int64) - back
+    for _ in range(0, heads * per_head):
+        offs_m = m_start + rows
+        m_mask = offs_m < seq_len
+        q = _load_pair_tile(q_ptr, stride_qt, rows, offs_m, m_mask, pos_base, INV_FREQ, is_long, attention, 1.0, dtype,
+                            HALF, ROW, HAS_POS, STAGED, MASKED)  # fmt: skip
+        lse = _row_values(LSE + row_off, rows, m_mask, MASKED)  # [BLOCK_M]
+        p_t = tl.exp2(_dots_t(k, q, PRECISION) - lse[None, :])  # [BLOCK_N, BLOCK_M]: scores in log2 units
+        if MASKED and IS_CAUSAL:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
+        do = _load_row_tiles(do_ptr, rows, stride_dot, m_mask, ROW, MASKED)  # [BLOCK_M, *]
+        dv = _dot_acc(dv, p_t.to(dtype), do, PRECISION)
+        delta = _row_values(DELTA + row_off, rows, m_mask, MASKED)
+        ds_t = (p_t * (_dots_t(v, do, PRECISION) - delta[None, :])).to(dtype)
+        dk = _dot_acc(dk, ds_t, q, PRECISION)
+        tile += 1
+        m_start += BLOCK_M
+        if MASKED:  # few trips: jumps recompute the pointers
+            if tile == per_head:  # the next head's first tile
+                tile = 0
+                head += 1
+                m_start = a_start
+            if tile == tiles_a:  # this head's second range
+                m_start = b_start
+            q_ptr, do_ptr, row_off = _query_tile_bases(Q, DO, seq, head, start, m_start, *strides)
+        else:  # one tile on, or back to a_start in the next head: pointer arithmetic without a branch
+            wrap = tile == per_head
+            next_head = wrap.to(tl.int64)
+            tile = tl.where(wrap, 0, tile)
+            m_start = tl.where(wrap, a_start, m_start)  # read only by the per-tile rotation's positions
+            q_ptr += BLOCK_M * stride_qt + next_head * q_jump
+            do_ptr += BLOCK_M * stride_dot + next_head * do_jump
+            row_off += BLOCK_M + next_head * row_jump
+    return dk, dv
 
 
 @triton.autotune(
-    configs=_configs(backward=True), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+    configs=_bwd_configs("dkdv"), key=_BWD_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
 )
 @triton.jit
 def _rope_attention_bwd_dkdv_kernel(
@@ -384,18 +532,18 @@ def _rope_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
     stride_lse_b, stride_lse_h, stride_pos_b,  # lse and delta share a layout
-    seq_len_dense, num_kv_heads, group, group_splits, sm_scale, attention_short, attention_long,
+    seq_len_dense, num_kv_heads, group, group_splits, sm_scale, sm_scale_log2, attention_short, attention_long,
     len_bucket,  # the autotune key's length bucket; not read
-    HALF: tl.constexpr, HALF_A: tl.constexpr, HALF_B: tl.constexpr,
-    PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
     STAGED: tl.constexpr,
 ):  # fmt: skip
     """dk, dv for one key tile of one kv head, summed over the q heads of its GQA group, or over one of
     ``group_splits`` equal parts of it: programs per sequence are Hk x group_splits, and program ``slot`` writes the
-    partial sums of its part to head ``slot`` of DK/DV (the launcher adds the parts; with 1 part, DK/DV are dk/dv)."""
-    SPLIT: tl.constexpr = (HALF, HALF_A, HALF_B, PASS, PASS_A, PASS_B)
+    partial sums of its part to head ``slot`` of DK/DV (the launcher adds the parts; with 1 part, DK/DV are dk/dv).
+    Q, K as in the dq kernel."""
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)  # the diagonal ends on a query tile
     ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
     first, seq, slot, start, seq_len, is_long, attention, pos_base = _sequence_program(
         num_kv_heads * group_splits, CU_SEQLENS, IS_LONG, POS, stride_pos_b, seq_len_dense, attention_short,
@@ -406,76 +554,56 @@ def _rope_attention_bwd_dkdv_kernel(
     kv_head = slot // group_splits
     heads_per_program = group // group_splits
     first_head = kv_head * group + (slot % group_splits) * heads_per_program
-    HALVES: tl.constexpr = (HALF, HALF_A, HALF_B)
-    dk1 = _zeros_fp32(BLOCK_N, HALVES)  # [BLOCK_N, *] each, the split layout
-    dk2 = _zeros_fp32(BLOCK_N, HALVES)
-    dkp = _zeros_fp32(BLOCK_N, (PASS, PASS_A, PASS_B))
+    dtype = DO.dtype.element_ty
+    offs_n = first + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < seq_len
+    k = _load_pair_tile(K + _head_offset(seq, kv_head, start, stride_kb, stride_kh, stride_kt), stride_kt, offs_n,
+                        offs_n, n_mask, pos_base, INV_FREQ, is_long, attention, sm_scale_log2, dtype, HALF, ROW,
+                        HAS_POS, STAGED, True)  # fmt: skip
+    v = _load_rows(V + _head_offset(seq, kv_head, start, stride_vb, stride_vh, stride_vt), offs_n, stride_vt, n_mask,
+                   ROW)  # fmt: skip
+    dk = _zeros_fp32(BLOCK_N, ROW)  # [BLOCK_N, *] whole-head tiles, pair order
     dv = _zeros_fp32(BLOCK_N, ROW)
-    dtype = Q.dtype.element_ty
-    offs_n, n_mask, k1, k2, kp, cos_k, sin_k, v = _load_token_tile(  # k [BLOCK_N, *] rotated, v [BLOCK_N, *]
-        K + _head_offset(seq, kv_head, start, stride_kb, stride_kh, stride_kt),
-        V + _head_offset(seq, kv_head, start, stride_vb, stride_vh, stride_vt),
-        stride_kt, stride_vt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
-        BLOCK_N, HAS_POS, SPLIT, ROW,
-    )  # fmt: skip
-    lo = (first // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
-    for g in range(0, heads_per_program):
-        head = first_head + g
-        q_base = Q + _head_offset(seq, head, start, stride_qb, stride_qh, stride_qt)
-        do_base = DO + _head_offset(seq, head, start, stride_dob, stride_doh, stride_dot)
-        row_base = _head_offset(seq, head, start, stride_lse_b, stride_lse_h, 1)
-        for m_start in range(lo, seq_len, BLOCK_M):
-            # q [BLOCK_M, *] rotated, dO [BLOCK_M, *], lse and delta [BLOCK_M]
-            offs_m, m_mask, q1, q2, qp = _load_loop_tile(
-                q_base, stride_qt, m_start, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_M,
-                HAS_POS, SPLIT, STAGED,
-            )  # fmt: skip
-            do = _load_rows(do_base, offs_m, stride_dot, m_mask, ROW)
-            lse, delta = _row_stats(LSE + row_base, DELTA + row_base, offs_m, m_mask)
-            visible = n_mask[:, None] & m_mask[None, :]
-            if IS_CAUSAL:
-                visible = visible & (offs_n[:, None] <= offs_m[None, :])
-            p_t = _probs(k1, k2, kp, q1, q2, qp, lse[None, :], visible, sm_scale, PRECISION)  # [BLOCK_N, BLOCK_M]
-            dv = _dot_acc(dv, p_t.to(dtype), do, PRECISION)
-            ds_t = _score_grads(p_t, v, do, delta[None, :], dtype, PRECISION)
-            dk1, dk2, dkp = _dot_split_acc(dk1, dk2, dkp, ds_t, q1, q2, qp, PRECISION)
-    dk_base = DK + _head_offset(seq, slot, start, stride_dkb, stride_dkh, stride_dkt)
-    _store_pre_rope_grad(dk_base, offs_n, stride_dkt, n_mask, dk1, dk2, dkp, cos_k, sin_k, sm_scale, SPLIT)  # fmt: skip
-    dv_base = DV + _head_offset(seq, slot, start, stride_dvb, stride_dvh, stride_dvt)
-    _store_rows(dv_base, offs_n, stride_dvt, n_mask, dv, ROW)
+    # Query tiles: the diagonal (causal) and the sequence's partial last tile, masked; the whole tiles between.
+    lo = first + BLOCK_N if IS_CAUSAL else 0
+    diagonal = first if IS_CAUSAL else 0
+    diagonal_end = tl.minimum(lo, seq_len) if IS_CAUSAL else 0
+    full = lo + (tl.maximum(seq_len - lo, 0) // BLOCK_M) * BLOCK_M
+    strides = (stride_qb, stride_qh, stride_qt, stride_dob, stride_doh, stride_dot, stride_lse_b, stride_lse_h)
+    table_args = (pos_base, INV_FREQ, is_long, attention)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, Q, DO, LSE, DELTA, seq, start, first_head, heads_per_program, *strides,
+                         diagonal, diagonal_end, full, seq_len, seq_len, *table_args, dtype, HALF, ROW, BLOCK_M,
+                         IS_CAUSAL, HAS_POS, PRECISION, STAGED, True)  # fmt: skip
+    dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, Q, DO, LSE, DELTA, seq, start, first_head, heads_per_program, *strides,
+                         lo, full, full, full, seq_len, *table_args, dtype, HALF, ROW, BLOCK_M, IS_CAUSAL, HAS_POS,
+                         PRECISION, STAGED, False)  # fmt: skip
+    # dv first: its registers are then free for the sin/cos of dk's rotation.
+    _store_rows(DV + _head_offset(seq, slot, start, stride_dvb, stride_dvh, stride_dvt), offs_n, stride_dvt, n_mask,
+                dv, ROW)  # fmt: skip
+    # dk of the rotated k (q carried no scale): times sm_scale, then the transposed rotation, to the pre-RoPE k.
+    cos, sin = _pair_angles(_positions(pos_base, offs_n, n_mask, HAS_POS), INV_FREQ, is_long, attention, HALF, ROW)
+    _store_pairs_transposed(DK + _head_offset(seq, slot, start, stride_dkb, stride_dkh, stride_dkt), offs_n,
+                            stride_dkt, n_mask, dk, cos, sin, sm_scale, HALF, ROW)  # fmt: skip
 
 
 @triton.jit
 def _delta_kernel(
-    O, DO, DELTA, num_rows, stride_o, stride_do,
+    O, DO, LSE, DELTA, LSE_LOG2, num_rows, stride_o, stride_do, heads, stride_lse_h,
     HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """delta = rowsum(O * dO) in fp32 for BLOCK rows: the backward's preprocessing, read straight from the inputs'
-    dtype (no fp32 copies of O and dO in memory)."""
+    """The backward's per-row inputs for BLOCK rows of O and dO: delta = rowsum(O * dO) in fp32, read straight from
+    the inputs' dtype (no fp32 copies in memory), and the forward's lse in log2 units (a row that saw nothing: -inf
+    -> 0), both written in the lse's layout. Row r of O is head ``r % heads`` of token ``r // heads`` (varlen
+    ``[T, H, D]``; dense rows pass heads = 1): its lse is at ``(r % heads) * stride_lse_h + r // heads``."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < num_rows
     ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
     o = _load_rows(O, rows, stride_o, row_mask, ROW)  # [BLOCK, *] row tiles
     do = _load_rows(DO, rows, stride_do, row_mask, ROW)
-    tl.store(DELTA + rows, _row_dot(o, do), mask=row_mask)
-
-
-def delta_block(head_dim: int) -> int:
-    """Rows per program of :func:`_delta_kernel`: about 4K elements per tile (16 in the interpreter)."""
-    return 16 if triton_interpreting() else max(16, 4096 // triton.next_power_of_2(head_dim))
-
-
-def _delta(out: Tensor, grad_out: Tensor, varlen: bool) -> Tensor:
-    """rowsum(out * grad_out) fp32 in the lse's layout: dense ``[B, H, L]``, varlen ``[H, T]``."""
-    head_dim = out.shape[-1]
-    o_rows, do_rows = out.reshape(-1, head_dim), grad_out.reshape(-1, head_dim)  # views where rows are dense
-    delta = torch.empty(out.shape[:-1], dtype=torch.float32, device=out.device)  # [B, H, L] or [T, H]
-    num_rows = o_rows.shape[0]
-    block = delta_block(head_dim)
-    _delta_kernel[(triton.cdiv(num_rows, block),)](
-        o_rows, do_rows, delta, num_rows, o_rows.stride(0), do_rows.stride(0), **head_sizes(head_dim), BLOCK=block,
-    )  # fmt: skip
-    return delta.transpose(0, 1).contiguous() if varlen else delta
+    at = (rows % heads).to(tl.int64) * stride_lse_h + rows // heads
+    tl.store(DELTA + at, _row_dot(o, do), mask=row_mask)
+    lse = tl.load(LSE + at, mask=row_mask, other=0.0)
+    tl.store(LSE_LOG2 + at, tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634), mask=row_mask)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -542,6 +670,63 @@ def rope_attention_fwd(
     return out, lse
 
 
+def delta_block(head_dim: int) -> int:
+    """Rows per program of :func:`_delta_kernel`: about 4K elements per tile (16 in the interpreter)."""
+    return 16 if triton_interpreting() else max(16, 4096 // triton.next_power_of_2(head_dim))
+
+
+def _delta(out: Tensor, grad_out: Tensor, lse: Tensor, varlen: bool) -> tuple[Tensor, Tensor]:
+    """(rowsum(out * grad_out), lse in log2 units with -inf -> 0), fp32 in the lse's layout: dense ``[B, H, L]``,
+    varlen ``[H, T]`` (``lse`` contiguous)."""
+    head_dim = out.shape[-1]
+    o_rows, do_rows = out.reshape(-1, head_dim), grad_out.reshape(-1, head_dim)  # views where rows are dense
+    delta, lse_log2 = torch.empty_like(lse), torch.empty_like(lse)
+    num_rows = o_rows.shape[0]
+    block = delta_block(head_dim)
+    heads, stride_lse_h = (out.shape[1], lse.stride(0)) if varlen else (1, 0)  # varlen rows: token-major [T, H]
+    _delta_kernel[(triton.cdiv(num_rows, block),)](
+        o_rows, do_rows, lse, delta, lse_log2, num_rows, o_rows.stride(0), do_rows.stride(0), heads, stride_lse_h,
+        **head_sizes(head_dim), BLOCK=block,
+    )  # fmt: skip
+    return delta, lse_log2
+
+
+def stage_block(head_dim: int) -> int:
+    """Tokens per program of :func:`_stage_rotated_kernel` (16 in the interpreter): 64 up to 96 channels, else 32
+    (the sin/cos of 64 tokens x 64 pairs, live across the heads, spilled at 96-of-128 on both archs)."""
+    return 16 if triton_interpreting() else 64 if head_dim <= 96 else 32
+
+
+def _stage_rotated(
+    q: Tensor, k: Tensor, inv_freq: Tensor, sequence: tuple, seq_len: int, batch: int, varlen: bool, has_pos: bool,
+    sm_scale_log2: float, attention_short: float, attention_long: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The backward's scratch copies of q and k (their shapes, contiguous): rotated, in pair order, k scaled."""
+    q_staged, k_staged = new_like(q), new_like(k)
+    is_long, cu_ptr, pos_ptr, stride_pos_b = sequence
+    block = stage_block(q.shape[-1])
+    _stage_rotated_kernel[sequence_grid(triton.cdiv(seq_len, block), 1, batch)](
+        q, k, q_staged, k_staged, inv_freq, cu_ptr, pos_ptr, is_long,
+        *bht_strides(q, varlen), *bht_strides(k, varlen), *bht_strides(q_staged, varlen),
+        *bht_strides(k_staged, varlen), stride_pos_b, seq_len, q.shape[1], k.shape[1], sm_scale_log2,
+        attention_short, attention_long, HALF=rotary_dim_of(inv_freq) // 2, **head_sizes(q.shape[-1]), BLOCK=block,
+        IS_VARLEN=varlen, HAS_POS=has_pos,
+    )  # fmt: skip
+    return q_staged, k_staged
+
+
+def _bwd_constexprs(q: Tensor, inv_freq: Tensor, causal: bool, varlen: bool, has_pos: bool, staged: bool) -> dict:
+    return dict(
+        HALF=rotary_dim_of(inv_freq) // 2,
+        **head_sizes(q.shape[-1]),
+        IS_CAUSAL=causal,
+        IS_VARLEN=varlen,
+        HAS_POS=has_pos,
+        PRECISION=dot_precision(q.dtype),
+        STAGED=staged,
+    )
+
+
 def rope_attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     inv_freq: Tensor, is_long: Tensor, position_ids: Tensor | None, cu_seqlens: Tensor | None, max_seqlen: int,
@@ -550,8 +735,9 @@ def rope_attention_bwd(
     """Gradients (dq, dk, dv) w.r.t. the PRE-RoPE q, k and v, shaped like them (contiguous).
 
     ``out`` and ``lse`` are :func:`rope_attention_fwd`'s; the other arguments are the forward's. ``staged``: rotate
-    q and k once (one launch, scratch buffers of their sizes) for the loops of the dq (keys) and dk/dv (queries)
-    kernels.
+    q and k once (one launch, scratch buffers of their sizes, in pair order, k times ``softmax_scale * log2(e)``)
+    for both kernels; else every tile is rotated where it is loaded. Either way the kernels are a flash backward on
+    the rotated q and k, with the transposed rotation applied to dq and dk as they are stored.
     """
     grad_out, q, k, v = (contiguous_last(x) for x in (grad_out, q, k, v))
     varlen = cu_seqlens is not None
@@ -560,38 +746,39 @@ def rope_attention_bwd(
     dq, dk, dv = new_like(q), new_like(k), new_like(v)
     if q.numel() == 0 or batch == 0 or seq_len == 0:
         return dq, dk, dv
-    lse = lse.contiguous()
-    delta = _delta(contiguous_last(out), grad_out, varlen)  # lse's layout: [B, H, L] or [H, T]
-    # The loops' operands: dq loops over keys, dk/dv over queries; each rotated once when staged.
-    q_loop, k_loop = q, k
+    delta, lse_log2 = _delta(contiguous_last(out), grad_out, lse.contiguous(), varlen)  # lse's layout
+    sequence = sequence_args(is_long, position_ids, cu_seqlens)
+    is_long, cu_ptr, pos_ptr, stride_pos_b = sequence
+    has_pos = position_ids is not None
+    sm_scale_log2 = softmax_scale * LOG2E
+    q_in, k_in = q, k
     if staged:
-        q_loop, k_loop = apply_rope(q, k, inv_freq, is_long, position_ids, cu_seqlens, max_seqlen, attention_short,
-                                    attention_long, transposed=False)  # fmt: skip
-    is_long, cu_ptr, pos_ptr, stride_pos_b = sequence_args(is_long, position_ids, cu_seqlens)
-    constexprs = _constexprs(q, inv_freq, causal, varlen, position_ids is not None, staged, backward=True)
+        q_in, k_in = _stage_rotated(q, k, inv_freq, sequence, seq_len, batch, varlen, has_pos, sm_scale_log2,
+                                    attention_short, attention_long)  # fmt: skip
+    constexprs = _bwd_constexprs(q, inv_freq, causal, varlen, has_pos, staged)
     table_args = (inv_freq, cu_ptr, pos_ptr, is_long)
     v_do_strides = (*bht_strides(v, varlen), *bht_strides(grad_out, varlen))
+    lse_strides = _lse_strides(lse_log2, varlen)
     grid_q = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_M"]), num_q_heads, batch)
     _rope_attention_bwd_dq_kernel[grid_q](
-        q, k_loop, v, grad_out, dq, lse, delta, *table_args,
-        *bht_strides(q, varlen), *bht_strides(k_loop, varlen), *v_do_strides, *bht_strides(dq, varlen),
-        *_lse_strides(lse, varlen), stride_pos_b, seq_len, num_q_heads, num_q_heads // num_kv_heads,
-        softmax_scale, attention_short, attention_long, length_bucket(seq_len), **constexprs,
+        q_in, k_in, v, grad_out, dq, lse_log2, delta, *table_args,
+        *bht_strides(q_in, varlen), *bht_strides(k_in, varlen), *v_do_strides, *bht_strides(dq, varlen),
+        *lse_strides, stride_pos_b, seq_len, num_q_heads, num_q_heads // num_kv_heads,
+        sm_scale_log2, attention_short, attention_long, length_bucket(seq_len), **constexprs,
     )  # fmt: skip
-    del k_loop  # the scratch buffer goes before the dk/dv kernel runs
     group = num_q_heads // num_kv_heads
-    largest_block_n = max(c.kwargs["BLOCK_N"] for c in _configs(backward=True))  # the fewest programs any config has
+    largest_block_n = max(c.kwargs["BLOCK_N"] for c in _bwd_configs("dkdv"))  # the fewest programs any config has
     splits = dkdv_group_splits(batch * num_kv_heads * triton.cdiv(seq_len, largest_block_n), group, q.device)
     dk_out, dv_out = dk, dv
     if splits > 1:  # fp32 partial sums, heads kv_head * splits + part: [B, Hk * splits, L, D] or [T, Hk * splits, D]
         dk_out, dv_out = (_partials(x, splits) for x in (k, v))
     grid_kv = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_N"]), num_kv_heads * splits, batch)
     _rope_attention_bwd_dkdv_kernel[grid_kv](
-        q_loop, k, v, grad_out, dk_out, dv_out, lse, delta, *table_args,
-        *bht_strides(q_loop, varlen), *bht_strides(k, varlen), *v_do_strides,
+        q_in, k_in, v, grad_out, dk_out, dv_out, lse_log2, delta, *table_args,
+        *bht_strides(q_in, varlen), *bht_strides(k_in, varlen), *v_do_strides,
         *bht_strides(dk_out, varlen), *bht_strides(dv_out, varlen),
-        *_lse_strides(lse, varlen), stride_pos_b, seq_len, num_kv_heads, group, splits,
-        softmax_scale, attention_short, attention_long, length_bucket(seq_len), **constexprs,
+        *lse_strides, stride_pos_b, seq_len, num_kv_heads, group, splits,
+        softmax_scale, sm_scale_log2, attention_short, attention_long, length_bucket(seq_len), **constexprs,
     )  # fmt: skip
     if splits > 1:
         for out, parts in ((dk, dk_out), (dv, dv_out)):

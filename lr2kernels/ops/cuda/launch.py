@@ -132,8 +132,8 @@ def rope_decode(
     """As :func:`lr2kernels.ops.triton.decode.rope_decode`: ``[B, Hq, n, D]`` in q's dtype, contiguous.
 
     The capacity ``k_cache.shape[2]`` travels with the launch: no key at or past it is read, and a sequence whose
-    ``cache_seqlens`` exceeds it gets NaN in every element of its rows. ``k_cache``/``v_cache`` must be 16-byte
-    aligned (ValueError otherwise). ``num_splits`` is the grid's; each sequence uses at most that many.
+    ``cache_seqlens`` lies outside ``[n, capacity]`` gets NaN in every element of its rows. ``k_cache``/``v_cache``
+    must be 16-byte aligned (ValueError otherwise). ``num_splits`` is the grid's; each sequence uses at most that many.
     """
     ext = extension()
     q, k_cache, v_cache = (contiguous_last(x) for x in (q, k_cache, v_cache))
@@ -155,7 +155,10 @@ def rope_decode(
         lse_part = torch.empty((batch * num_kv_heads, num_splits, num_rows), dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = None
-    seqlens = int32(cache_seqlens)
+    # A length below the n_new tokens the call holds is as invalid as one past the capacity (the Triton and torch
+    # backends' rule: NaN rows): mapped here, on the device, onto the kernel's past-the-capacity path. Testing it in
+    # the kernel costs registers its 2-row tiles do not have on sm_80 (they spill 12 B).
+    seqlens = torch.where(cache_seqlens >= n_new, int32(cache_seqlens), max_len + 1).to(torch.int32)
     inv_freq = inv_freq.to(torch.float32).contiguous()
     with torch.cuda.device(q.device):
         ext.rope_decode(

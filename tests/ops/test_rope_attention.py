@@ -397,3 +397,75 @@ def test_dkdv_group_splits_fill_the_gpu_only_when_needed(monkeypatch):
     monkeypatch.setattr(attention, "FORCE_DKDV_GROUP_SPLITS", 3)
     with pytest.raises(ValueError, match="a divisor of the GQA group 4"):
         attention.dkdv_group_splits(10, 4, cuda)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_triton_forward_without_tma_matches_the_reference(monkeypatch, causal):
+    """The forward loads its key tiles through TMA descriptors bounded by each sequence where the device has TMA
+    (the interpreter emulates it) and k and v allow it; v rows 33 elements apart (132 bytes, not a multiple of 16)
+    take the pointer loads instead. Both give the reference's output, dense and varlen, in the diagonal and the
+    sequence's last partial tile."""
+    if "triton" not in lr2.available_backends():
+        pytest.skip("the triton backend is not available here")
+    from lr2kernels.ops.triton import attention
+
+    chosen = []
+    real = attention._use_tma
+    monkeypatch.setattr(attention, "_use_tma", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    table = make_table(32)
+    for layout in ("dense", "varlen"):
+        if layout == "varlen":
+            lengths = [20, 70, 9]
+            kwargs = {"cu_seqlens": cu_seqlens_of(lengths), "max_seqlen": 70}
+            shape_q, shape_kv = (sum(lengths), 6, 32), (sum(lengths), 2, 32)
+        else:
+            kwargs = {"position_ids": torch.arange(40, 110, device=DEVICE)[None].expand(2, -1)}  # crosses L0
+            shape_q, shape_kv = (2, 6, 70, 32), (2, 2, 70, 32)
+        q, k = randn(*shape_q), randn(*shape_kv)
+        v_padded = randn(*shape_kv[:-1], 33)
+        for v in (v_padded[..., :32].contiguous(), v_padded[..., :32]):
+            chosen.clear()
+            with torch.no_grad():
+                out, lse = run("triton", lr2.rope_attention, q, k, v, table, causal=causal, return_lse=True, **kwargs)
+            expected, expected_lse = reference.rope_attention(*_f64(q, k, v), table, causal=causal, return_lse=True,
+                                                              **kwargs)  # fmt: skip
+            assert chosen == [v.is_contiguous()], (layout, chosen)
+            torch.testing.assert_close(out.double(), expected, **tolerance("triton", torch.float32))
+            torch.testing.assert_close(lse.double(), expected_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_tma_alignment_rule():
+    """TMA takes a 16-byte aligned base and row strides that are multiples of 16 bytes (the descriptors' rule)."""
+    pytest.importorskip("triton")
+    from lr2kernels.ops.triton._host import tma_aligned
+
+    x = torch.zeros(2, 3, 8, 32)
+    assert tma_aligned(x) and tma_aligned(x.transpose(1, 2))  # any order of the leading axes
+    assert not tma_aligned(torch.zeros(2, 3, 8, 33)[..., :32])  # rows 132 bytes apart
+    assert not tma_aligned(torch.zeros(64)[1:33].view(2, 16))  # a base 4 bytes past an aligned one
+    assert tma_aligned(torch.zeros(8, 8, dtype=torch.float16))  # 16-byte rows
+    assert not tma_aligned(torch.zeros(8, 12, dtype=torch.float16))  # 24-byte rows
+
+
+def test_triton_forward_rotates_large_query_blocks_in_chunks(monkeypatch):
+    """A query block of more than 8K elements (128 x 128 and up on a GPU) is rotated in row chunks before it is
+    staged in the output rows; forced here with 64-row blocks at 256 channels (two chunks), keys in 32-row tiles
+    (the block's diagonal spans two)."""
+    if "triton" not in lr2.available_backends():
+        pytest.skip("the triton backend is not available here")
+    import triton
+
+    from lr2kernels.ops.triton import attention
+
+    config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(attention._rope_attention_fwd_kernel, "configs", [config])
+    table = make_table(256)
+    q, k, v = _qkv((1, 2, 100, 256), (1, 1, 100, 256))
+    kwargs = {"position_ids": torch.arange(30, 130, device=DEVICE)[None]}  # crosses L0 = 64
+    for causal in (True, False):
+        with torch.no_grad():
+            out, lse = run("triton", lr2.rope_attention, q, k, v, table, causal=causal, return_lse=True, **kwargs)
+        expected, expected_lse = reference.rope_attention(*_f64(q, k, v), table, causal=causal, return_lse=True,
+                                                          **kwargs)  # fmt: skip
+        torch.testing.assert_close(out.double(), expected, **tolerance("triton", torch.float32))
+        torch.testing.assert_close(lse.double(), expected_lse, atol=1e-5, rtol=1e-5)

@@ -129,3 +129,34 @@ def sequence_args(
     position_ids = int32(position_ids)
     pos_ptr = position_ids if position_ids is not None else is_long
     return is_long, cu_ptr, pos_ptr, position_batch_stride(position_ids)
+
+
+def tma_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether TMA descriptors can address these tensors' rows: a 16-byte aligned base and every stride but the
+    last (contiguous) one a multiple of 16 bytes, so the base of every (sequence, head) is aligned too."""
+    return all(
+        x.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1]) for x in tensors
+    )
+
+
+def tma_capable(device: torch.device) -> bool:
+    """Whether kernels on ``device`` load through TMA descriptors: Hopper and newer GPUs; the CPU interpreter, which
+    emulates them (so the tests run that path). On Ampere, Triton would lower them to plain loads, which the
+    kernels' own pointer path does better."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_scratch_allocator() -> None:
+    """Kernels that build TMA descriptors on the device take 128 bytes of global scratch per descriptor and program
+    from Triton's allocator: give Triton a torch-backed one (the caching allocator, stream-ordered) unless the
+    caller set their own."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)

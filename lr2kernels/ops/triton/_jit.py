@@ -313,6 +313,64 @@ def _load_row_tiles(ptr, rows, row_stride, row_mask, ROW: tl.constexpr, MASKED: 
     return tiles
 
 
+@triton.jit
+def _rotate_rows(ptr, rows, row_stride, row_mask, pos, inv_freq_ptr, is_long, attention, out_dtype,
+                 HALF: tl.constexpr, ROW: tl.constexpr):  # fmt: skip
+    """Rows ``[BLOCK, D]`` RoPE'd at full width, in ``out_dtype``, as a row segment (the tiles of v and outputs),
+    so q k^T is one dot per row tile rather than one per half and pass-through tile.
+
+    Each tile loads its channels and their NeoX partners (channel c < HALF pairs with c + HALF, and back): channel c
+    of the first half becomes ``x cos - x' sin``, of the second ``x cos + x' sin`` (:func:`_rotate`'s y1 and y2,
+    same fp32 angles as :func:`_angles`); pass-through channels (c >= 2 HALF) come through unscaled.
+    """
+    base = ptr + rows.to(tl.int64)[:, None] * row_stride  # [BLOCK, 1] int64 offsets
+    tiles = ()
+    for i in tl.static_range((ROW[0] > 0) + (ROW[0] > ROW[1])):  # as in _load_segment
+        cols = i * ROW[1] + tl.arange(0, ROW[1] + i * (ROW[2] - ROW[1]))  # [W] channels
+        first_half = cols < HALF
+        rotary = cols < 2 * HALF
+        mask = row_mask[:, None] & (cols < ROW[0])[None, :]
+        x = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # [BLOCK, W]
+        partner = tl.where(first_half, cols + HALF, cols - HALF)
+        x_partner = tl.load(base + partner[None, :], mask=mask & rotary[None, :], other=0.0).to(tl.float32)
+        freq = tl.load(inv_freq_ptr + is_long * HALF + tl.where(first_half, cols, cols - HALF), mask=rotary,
+                       other=0.0)  # [W] fmt: skip
+        angle = pos.to(tl.float32)[:, None] * freq[None, :]  # [BLOCK, W]
+        cos = tl.where(rotary[None, :], tl.cos(angle) * attention, 1.0)
+        sin = tl.sin(angle) * attention  # 0 on pass-through channels, whose partner is 0 too
+        sin = tl.where(first_half[None, :], -sin, sin)
+        tiles = tiles + ((x * cos + x_partner * sin).to(out_dtype),)
+    return tiles
+
+
+@triton.jit
+def _row_descriptor(base, rows, cols, row_stride, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+    """A TMA descriptor of ``[rows, cols]`` from ``base`` (rows ``row_stride`` apart), loading ``[BLOCK, WIDTH]``."""
+    return tl.make_tensor_descriptor(base, shape=[rows, cols], strides=[row_stride, 1], block_shape=[BLOCK, WIDTH])
+
+
+@triton.jit
+def _row_descriptors(base, rows, row_stride, BLOCK: tl.constexpr, ROW: tl.constexpr):
+    """TMA descriptors of ``rows`` rows from ``base`` (``row_stride`` apart), one per row tile of ROW, each loading
+    ``[BLOCK, A]`` (, ``[BLOCK, B]``) blocks: rows and channels past the bounds arrive as zeros, so a tile at the end
+    of a sequence needs no mask. The caller guarantees TMA's alignment (16-byte base and row stride:
+    :func:`lr2kernels.ops.triton._host.tma_aligned`)."""
+    descs = ()
+    for i in tl.static_range((ROW[0] > 0) + (ROW[0] > ROW[1])):  # as in _load_segment
+        descs = descs + (_row_descriptor(base + i * ROW[1], rows, ROW[0] - i * ROW[1], row_stride, BLOCK,
+                                         ROW[1] + i * (ROW[2] - ROW[1])),)  # fmt: skip
+    return descs
+
+
+@triton.jit
+def _load_row_descriptors(descs, first):
+    """Rows ``first ..`` through :func:`_row_descriptors`: a row segment of tiles ``[BLOCK, *]``."""
+    tiles = ()
+    for i in tl.static_range(len(descs)):
+        tiles = tiles + (descs[i].load([first, 0]),)
+    return tiles
+
+
 # ---------------------------------------------------------------------------------------------- attention tiles
 @triton.jit
 def _qk_scores(q1, q2, qp, k1, k2, kp, PRECISION: tl.constexpr):

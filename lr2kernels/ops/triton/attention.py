@@ -22,6 +22,8 @@ read device data on the host. Every output is allocated contiguous and written w
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,7 @@ from lr2kernels.ops.triton._host import (
     bht_strides,
     contiguous_last,
     dot_precision,
+    ensure_scratch_allocator,
     head_sizes,
     new_like,
     rotary_dim_of,
@@ -40,24 +43,29 @@ from lr2kernels.ops.triton._host import (
     sequences,
     sm_count,
     split_sizes,
+    tma_aligned,
+    tma_capable,
     triton_interpreting,
 )
 from lr2kernels.ops.triton._jit import (
     _attend_finish,
-    _attend_tile,
     _dot_acc,
     _head_offset,
     _load_pairs_rotated,
     _load_rotated,
+    _load_row_descriptors,
     _load_row_tiles,
     _load_rows,
     _load_split_native,
     _pair_angles,
     _positions,
+    _rotate_rows,
+    _row_descriptors,
     _row_dot,
     _sequence_program,
     _store_pairs_transposed,
     _store_rows,
+    _store_split,
     _zeros_fp32,
 )
 from lr2kernels.ops.triton.rope import apply_rope
@@ -69,7 +77,7 @@ def _configs(backward: bool) -> list[triton.Config]:
     """Autotune space: Ampere/Hopper tiles on a GPU; one small tile in the interpreter (numpy runs every lane)."""
     if triton_interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    tiles = [(64, 64), (64, 32), (32, 64)] if backward else [(128, 64), (128, 32), (64, 64), (64, 32)]
+    tiles = [(64, 64), (64, 32), (32, 64)] if backward else [(128, 128), (128, 64), (128, 32), (64, 64), (64, 32)]
     configs = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
         for m, n in tiles
@@ -139,15 +147,20 @@ def _tiles(tiles: list[tuple[int, int, int]], stages: tuple[int, ...] = (2, 3)) 
 
 # (kernel, HEAD_DIM, partial rotary) -> the spill-free (BLOCK_M, BLOCK_N, num_warps, num_stages) on both archs.
 _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]] | dict[int, set[tuple[int, int, int, int]]]] = {
-    # With the loop operand staged (rotated once, loaded as stored), Triton pipelines those loads through shared
-    # memory, and 128 x 64 tiles then spill on sm_80: they are out (checked with Triton 3.9 and 3.6).
-    ("fwd", 64, False): _tiles([(128, 64, 8), (128, 32, 4), (128, 32, 8), (64, 64, 8), (64, 32, 4), (64, 32, 8)]),
-    # 80 and 96 channels: the halves in 32 + 16 channel tiles in the forward, in one 64-channel tile in the backward.
-    ("fwd", 80, False): _tiles([(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]),
-    ("fwd", 96, False): _tiles([(128, 32, 8), (64, 32, 8), (64, 32, 4)]),
-    ("fwd", 128, False): _tiles([(128, 32, 8), (64, 32, 8), (64, 32, 4)]),  # 64 x 64: 12 B spilled (3.6, sm_90)
-    ("fwd", 128, True): _tiles([(128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]),
-    ("fwd", 256, False): {(64, 32, 8, 2)},
+    # The forward holds its k/v tiles and its rotated q in shared memory; spill-free as launched (ptxas -v, Triton
+    # 3.9 and 3.6): sm_90 with its k/v loaded by TMA, sm_80 by pointers (what the launcher picks on each). At 256
+    # channels no tile is spill-free on sm_80 but 64 x 32 with 8 warps.
+    ("fwd", 64, False): {80: _tiles([(64, 64, 4), (64, 32, 4)], (2,)),
+                         90: _tiles([(128, 128, 4), (128, 128, 8), (128, 64, 8), (64, 64, 4)], (2,))},
+    ("fwd", 80, False): {80: _tiles([(64, 32, 4)], (2,)), 90: _tiles([(128, 128, 8), (128, 64, 8)], (2,))},
+    # 96 and 128 channels, and 128 with partial rotary (whole rows in the loop): the same tiles.
+    **{
+        ("fwd", d, partial): {
+            80: _tiles([(64, 32, 4)], (2,)), 90: _tiles([(128, 128, 8), (128, 64, 8), (64, 64, 4)], (2,))
+        }
+        for d, partial in ((96, False), (128, False), (128, True))
+    },
+    ("fwd", 256, False): {80: _tiles([(64, 32, 8)], (2,)), 90: _tiles([(64, 64, 4)], (2,))},
     # The backward (benchmarks/compile_report.py as launched; _BWD_TILES), per arch: wgmma's 64+ row tiles on sm_90,
     # and on sm_80 the tiles whose mma.sync accumulators fit (at 128 channels, 128 x 64 dq and 32+ x 128 dk/dv spill).
     ("dq", 64, False): {90: {(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)},
@@ -180,6 +193,7 @@ _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]] | dict[int, se
 # tile at 128K is not the best at 1K, but varlen batches change their longest length every step, and a retune per
 # length would dominate.
 _TUNE_KEY = ["HEAD_DIM", "HALF", "PASS", "IS_CAUSAL", "IS_VARLEN", "PRECISION", "STAGED", "len_bucket"]
+_FWD_TUNE_KEY = [*_TUNE_KEY, "USE_TMA"]  # the forward's k/v loads: TMA or pointers
 
 
 def length_bucket(seq_len: int) -> int:
@@ -225,8 +239,77 @@ def _load_loop_tile(
     return rows, row_mask, x1, x2, xp
 
 
+@triton.jit
+def _key_sources(base, seq_len, row_stride, BLOCK_N: tl.constexpr, ROW: tl.constexpr, USE_TMA: tl.constexpr):
+    """What the forward's loop reads the ``[seq_len, D]`` rows of one kv head (rotated keys, values) through: TMA
+    descriptors bounded by the sequence (USE_TMA; a tile past its end arrives zero-filled, as masked loads give it),
+    else the rows' base pointer."""
+    src = base
+    if USE_TMA:
+        src = _row_descriptors(base, seq_len, row_stride, BLOCK_N, ROW)
+    return src
+
+
+@triton.jit
+def _key_rows(
+    src, n_start, row_stride, seq_len, ROW: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):  # fmt: skip
+    """Rows ``n_start .. n_start + BLOCK_N - 1`` of a :func:`_key_sources` source as row tiles ``[BLOCK_N, *]``, zero
+    past the sequence (a pointer source predicates its loads only in a MASKED tile)."""
+    if USE_TMA:
+        tiles = _load_row_descriptors(src, n_start)
+    else:
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        tiles = _load_row_tiles(src, offs_n, row_stride, offs_n < seq_len, ROW, MASKED)
+    return tiles
+
+
+@triton.jit
+def _fwd_key_tile(
+    acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, n_start, offs_m, seq_len, pos_base, INV_FREQ, is_long,
+    attention, qk_scale, HALF: tl.constexpr, ROW: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, STAGED: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):  # fmt: skip
+    """Fold keys ``n_start .. n_start + BLOCK_N - 1`` into the running output ``acc`` (a row segment
+    ``[BLOCK_M, *]`` fp32), max ``m_i`` and sum ``l_i`` (log2 units, scaled by ``qk_scale``).
+
+    Only a MASKED tile (the causal diagonal, the sequence's last partial tile) masks its scores; the others lie
+    inside the sequence and left of the diagonal. No row's max is -inf after its first tile (key 0 is visible to
+    every row and comes first), so the max needs no guard; the scale is folded into exp2's argument (one FMA per
+    score), and the row sum is taken in fp32 before p is cast for the p v dot.
+    """
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    if STAGED:  # k [BLOCK_N, *] row tiles, rotated by the launcher
+        k = _key_rows(k_src, n_start, stride_kt, seq_len, ROW, BLOCK_N, MASKED, USE_TMA)
+    else:
+        n_mask = offs_n < seq_len
+        pos = _positions(pos_base, offs_n, n_mask, HAS_POS)
+        k = _rotate_rows(k_src, offs_n, stride_kt, n_mask, pos, INV_FREQ, is_long, attention, q[0].dtype, HALF, ROW)
+    # One dot per row tile, chained through the accumulator (no wait between them).
+    scores = tl.dot(q[0], tl.trans(k[0]), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N] fp32, unscaled
+    for i in tl.static_range(1, len(q)):
+        scores = tl.dot(q[i], tl.trans(k[i]), scores, input_precision=PRECISION)
+    if MASKED:
+        visible = (offs_n < seq_len)[None, :]
+        if IS_CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)  # qk_scale > 0: the max of the scaled scores
+    p = tl.exp2(scores * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _key_rows(v_src, n_start, stride_vt, seq_len, ROW, BLOCK_N, MASKED, USE_TMA)  # [BLOCK_N, *]
+    p = p.to(q[0].dtype)
+    rescaled = ()
+    for i in tl.static_range(len(v)):
+        rescaled = rescaled + (tl.dot(p, v[i], acc[i] * alpha[:, None], input_precision=PRECISION),)
+    return rescaled, m_new, l_i
+
+
 @triton.autotune(
-    configs=_configs(backward=False), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+    configs=_configs(backward=False), key=_FWD_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
 )
 @triton.jit
 def _rope_attention_fwd_kernel(
@@ -242,9 +325,21 @@ def _rope_attention_fwd_kernel(
     PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
-    STAGED: tl.constexpr,
+    STAGED: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    """Output and lse of one block of queries of one q head: loop over the key tiles of its kv head."""
+    """Output and lse of one block of queries of one q head: loop over the key tiles of its kv head.
+
+    The loop works on whole rows: the keys come rotated at full width (by the launcher where STAGED, else
+    :func:`_rotate_rows` per tile) and so does q, so q k^T is one dot per row tile (one at 64, 128, 256 channels
+    and at Phi-4-mini's 96-of-128) rather than one per half and pass-through tile. q is rotated once, in the split
+    layout, and staged in this block's own output rows, which only this program writes: loaded back as stored, it
+    feeds the dots from shared memory, where a rotated register tile would be re-read into registers every trip.
+
+    The key tiles of a causal block are walked in two loops, as in FlashAttention: those left of the block's
+    diagonal, which every query sees (no mask), then the diagonal ones; without causality, the whole tiles, then
+    the sequence's last partial tile. With USE_TMA, k and v tiles arrive by TMA (:func:`_key_sources`).
+    """
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the diagonal starts on a key tile
     SPLIT: tl.constexpr = (HALF, HALF_A, HALF_B, PASS, PASS_A, PASS_B)
     ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
     first, seq, head, start, seq_len, is_long, attention, pos_base = _sequence_program(  # queries of q head `head`
@@ -256,32 +351,52 @@ def _rope_attention_fwd_kernel(
     q_base = Q + _head_offset(seq, head, start, stride_qb, stride_qh, stride_qt)
     k_base = K + _head_offset(seq, head // group, start, stride_kb, stride_kh, stride_kt)
     v_base = V + _head_offset(seq, head // group, start, stride_vb, stride_vh, stride_vt)
+    o_base = O + _head_offset(seq, head, start, stride_ob, stride_oh, stride_ot)
     dtype = Q.dtype.element_ty
 
-    offs_m, m_mask, q1, q2, qp, cos_q, sin_q = _load_rotated_tile(  # q [BLOCK_M, *] rotated
-        q_base, stride_qt, first, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_M, HAS_POS,
-        SPLIT,
-    )  # fmt: skip
+    # q rotated in chunks of at most 8K elements (fp32 x, its pair, cos, sin: at 128 x 256 they spill), staged in
+    # the block's output rows, then loaded back whole.
+    CHUNKS: tl.constexpr = 1 if BLOCK_M * HEAD_DIM <= 8192 else (2 if BLOCK_M * HEAD_DIM <= 16384 else 4)
+    for c in tl.static_range(CHUNKS):
+        rows = first + c * (BLOCK_M // CHUNKS) + tl.arange(0, BLOCK_M // CHUNKS)
+        rows_mask = rows < seq_len
+        pos = _positions(pos_base, rows, rows_mask, HAS_POS)
+        q1, q2, qp, _, _ = _load_rotated(q_base, rows, stride_qt, rows_mask, pos, INV_FREQ, is_long, attention,
+                                         dtype, SPLIT)  # fmt: skip
+        _store_split(o_base, rows, stride_ot, rows_mask, q1, q2, qp, SPLIT)
+    tl.debug_barrier()  # the block's stores are visible to all its threads
+    offs_m = first + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seq_len
+    q = _load_rows(o_base, offs_m, stride_ot, m_mask, ROW)  # [BLOCK_M, *] row tiles, rotated
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = _zeros_fp32(BLOCK_M, ROW)  # [BLOCK_M, *] row tiles
-    hi = tl.minimum(seq_len, first + BLOCK_M) if IS_CAUSAL else seq_len
-    for n_start in range(0, hi, BLOCK_N):
-        offs_n, n_mask, k1, k2, kp = _load_loop_tile(  # k [BLOCK_N, *] rotated
-            k_base, stride_kt, n_start, seq_len, pos_base, INV_FREQ, is_long, attention, dtype, BLOCK_N, HAS_POS,
-            SPLIT, STAGED,
-        )  # fmt: skip
-        visible = n_mask[None, :]
-        if IS_CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q1, q2, qp, k1, k2, kp, visible, sm_scale_log2, v_base, offs_n, stride_vt, n_mask,
-            ROW, PRECISION,
-        )  # fmt: skip
+    k_src = _key_sources(k_base, seq_len, stride_kt, BLOCK_N, ROW, USE_TMA and STAGED)
+    v_src = _key_sources(v_base, seq_len, stride_vt, BLOCK_N, ROW, USE_TMA)
+    tile_args = (k_src, v_src, stride_kt, stride_vt)
+    table_args = (pos_base, INV_FREQ, is_long, attention, sm_scale_log2)
+    if IS_CAUSAL:
+        for n_start in range(0, first, BLOCK_N):  # left of the diagonal: every query of the block sees every key
+            acc, m_i, l_i = _fwd_key_tile(acc, m_i, l_i, q, *tile_args, n_start, offs_m, seq_len, *table_args,
+                                          HALF, ROW, BLOCK_N, False, IS_CAUSAL, HAS_POS, STAGED, PRECISION,
+                                          USE_TMA)  # fmt: skip
+        for n_start in range(first, tl.minimum(first + BLOCK_M, seq_len), BLOCK_N):
+            acc, m_i, l_i = _fwd_key_tile(acc, m_i, l_i, q, *tile_args, n_start, offs_m, seq_len, *table_args,
+                                          HALF, ROW, BLOCK_N, True, IS_CAUSAL, HAS_POS, STAGED, PRECISION,
+                                          USE_TMA)  # fmt: skip
+    else:
+        whole = seq_len - seq_len % BLOCK_N
+        for n_start in range(0, whole, BLOCK_N):
+            acc, m_i, l_i = _fwd_key_tile(acc, m_i, l_i, q, *tile_args, n_start, offs_m, seq_len, *table_args,
+                                          HALF, ROW, BLOCK_N, False, IS_CAUSAL, HAS_POS, STAGED, PRECISION,
+                                          USE_TMA)  # fmt: skip
+        if whole < seq_len:
+            acc, m_i, l_i = _fwd_key_tile(acc, m_i, l_i, q, *tile_args, whole, offs_m, seq_len, *table_args,
+                                          HALF, ROW, BLOCK_N, True, IS_CAUSAL, HAS_POS, STAGED, PRECISION,
+                                          USE_TMA)  # fmt: skip
 
     out, lse_log2 = _attend_finish(acc, m_i, l_i)  # [BLOCK_M, *] row tiles, [BLOCK_M]
-    o_base = O + _head_offset(seq, head, start, stride_ob, stride_oh, stride_ot)
     _store_rows(o_base, offs_m, stride_ot, m_mask, out, ROW)
     lse_base = LSE + _head_offset(seq, head, start, stride_lse_b, stride_lse_h, 1)
     tl.store(lse_base + offs_m, lse_log2 / 1.4426950408889634, mask=m_mask)  # natural log
@@ -657,6 +772,7 @@ def rope_attention_fwd(
     if staged:  # [B, Hk, L, D] / [T, Hk, D]: the keys rotated once, with each sequence's table
         k = apply_rope(None, k, inv_freq, is_long, position_ids, cu_seqlens, max_seqlen, attention_short,
                        attention_long, transposed=False)[1]  # fmt: skip
+    use_tma = _use_tma(q.device, [k, v] if staged else [v])
     is_long, cu_ptr, pos_ptr, stride_pos_b = sequence_args(is_long, position_ids, cu_seqlens)
     grid = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_M"]), num_q_heads, batch)
     _rope_attention_fwd_kernel[grid](
@@ -665,8 +781,31 @@ def rope_attention_fwd(
         *_lse_strides(lse, varlen), stride_pos_b,
         seq_len, num_q_heads, num_q_heads // k.shape[1], softmax_scale * LOG2E, attention_short, attention_long,
         length_bucket(seq_len), **_constexprs(q, inv_freq, causal, varlen, position_ids is not None, staged, False),
+        USE_TMA=use_tma,
     )  # fmt: skip
     return out, lse
+
+
+_TMA_WARNED: set[str] = set()
+
+
+def _use_tma(device: torch.device, tensors: list[Tensor]) -> bool:
+    """Whether the forward loads its key tiles by TMA: where the device has it (:func:`tma_capable`) and the tensors
+    allow it (:func:`tma_aligned`); on such a GPU, strides TMA cannot take are said once (the pointer loads cost
+    more instructions per tile)."""
+    if not tma_capable(device):
+        return False
+    if not tma_aligned(*tensors):
+        if device.type == "cuda" and "fwd" not in _TMA_WARNED:
+            _TMA_WARNED.add("fwd")
+            warnings.warn(
+                "lr2kernels: v's strides (or k's) are not multiples of 16 bytes; the Triton forward loads its key "
+                "tiles without TMA (make v contiguous to avoid it)", UserWarning, stacklevel=3,
+            )  # fmt: skip
+        return False
+    if device.type == "cuda":
+        ensure_scratch_allocator()
+    return True
 
 
 def delta_block(head_dim: int) -> int:

@@ -71,7 +71,8 @@ MATRICES = {
     "gate": (list(HEAD_CASES), ["bf16"]),
     "half": (list(HEAD_CASES), ["bf16", "fp16"]),
 }
-KERNELS = ["fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "decode", "decode_merge", "apply_rope", "rerotate"]
+KERNELS = ["fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "bwd_stage", "decode", "decode_merge", "apply_rope",
+           "rerotate"]
 LOOP_KERNELS = ["fwd", "bwd_dq", "bwd_dkdv"]  # the attention kernels (loops staged vs rotated per tile)
 TILE_LOOP_KERNELS = {"fwd", "bwd_dq", "bwd_dkdv", "decode"}  # kernels whose tile loop is found in the SASS
 PEER_JSON = ROOT / "benchmarks/results/peer_tutorial_attention.json"
@@ -163,6 +164,7 @@ _KERNEL_OBJECTS = {
     "bwd_dq": (0, "_rope_attention_bwd_dq_kernel"),
     "bwd_dkdv": (0, "_rope_attention_bwd_dkdv_kernel"),
     "bwd_delta": (0, "_delta_kernel"),
+    "bwd_stage": (0, "_stage_rotated_kernel"),  # the backward's rotated copies of q and k
     "decode": (1, "_rope_decode_kernel"),
     "decode_merge": (1, "_rope_decode_merge_kernel"),
     "apply_rope": (2, "_apply_rope_kernel"),
@@ -291,6 +293,7 @@ KERNEL_CALLS = {
     "bwd_dq": ["backward"],
     "bwd_dkdv": ["backward"],
     "bwd_delta": ["backward"],
+    "bwd_stage": ["backward"],
     "decode": list(DECODE_CASES),
     "decode_merge": [c for c, spec in DECODE_CASES.items() if spec[-1] > 1],
     "apply_rope": ["apply_rope"],

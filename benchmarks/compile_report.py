@@ -396,6 +396,8 @@ def jobs_for(
                 variants = [dict(launch.kwargs, **c.all_kwargs()) for c in configs]
             else:
                 variants = [launch.kwargs]
+            if kernel == "fwd" and arch < 90:  # the launcher loads k/v by TMA only on a GPU that has it (sm_90+)
+                variants = [dict(kw, USE_TMA=False) for kw in variants]
             for kwargs in variants:
                 signature, constexprs, attrs, options = specialize(fn, launch.args, kwargs, arch)
                 named = _named(fn, constexprs)
@@ -455,7 +457,11 @@ def sass_loops(sass: str) -> tuple[list[str], list[tuple[int, int]]]:
     for i, insn in enumerate(instructions):
         branch = _SASS_BRANCH.search(insn)
         if branch and labels.get(branch.group(1), i + 1) <= i:
-            loops.append((labels[branch.group(1)], i))
+            first = labels[branch.group(1)]
+            # Not a loop: a block placed after the kernel's exit (e.g. an mbarrier wait's retry path) that jumps
+            # back into the code it was branched from.
+            if not any(x.startswith("EXIT") or " EXIT" in x for x in instructions[first:i]):
+                loops.append((first, i))
     return instructions, loops
 
 
@@ -574,8 +580,9 @@ def compile_job(job: Job) -> Row:
         extra.update(trig_in_loop=loop_trig_ops(ttir), mma_channels=loop_mma_channels(ttir, job.block_m, job.block_n))
     if job.sass:
         loops = mma_loops(disassemble(compiled.asm["cubin"]))
-        # One tile loop per kernel; were the compiler to split it, the loop doing the most MMA is the tile loop.
-        main = max(loops, key=lambda x: (x["mma"], x["sass"]), default=None)
+        # The loop doing the most MMA is the tile loop; where a kernel walks its tiles in two loops of equal MMA
+        # (unmasked tiles, then the masked diagonal / last tile), the leaner one, which runs all but O(1) trips.
+        main = max(loops, key=lambda x: (x["mma"], -x["sass"]), default=None)
         extra.update(tile_loop(main, job.num_warps, job.scores_per_trip), mma_loops=[[x["sass"], x["mma"]]
                                                                                       for x in loops])  # fmt: skip
     return Row(**base, **measure(compiled, log, job.arch), **extra, seconds=time.perf_counter() - t0)

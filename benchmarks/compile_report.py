@@ -502,21 +502,23 @@ _TT_DOT = re.compile(r"tt\.dot .*: tensor<(\d+)x(\d+)x\w+> \* tensor<\d+x(\d+)x\
 
 
 def loop_mma_channels(ttir: str, block_m: int, block_n: int) -> int:
-    """The MMA work of one trip of the tile loops, in channels: the sum of M x K x N over the ``tt.dot`` ops inside
-    ``scf.for`` loops of the TTIR, divided by BLOCK_M x BLOCK_N. The forward's q k^T and p v give twice its head
-    size when no channel is padding (D96: 2 x 96, not 2 x 128)."""
-    depth, loop_depths, work = 0, [], 0
+    """The MMA work of one trip of a tile loop, in channels: M x K x N summed over the ``tt.dot`` ops of each
+    ``scf.for`` loop of the TTIR (a dot counts for the innermost loop holding it), the largest over the loops,
+    divided by BLOCK_M x BLOCK_N. A kernel that walks its tiles in two loops (unmasked tiles, then the diagonal)
+    does the same work per trip in each. The forward's q k^T and p v give twice its head size when no channel is
+    padding (D96: 2 x 96, not 2 x 128)."""
+    depth, stack, works = 0, [], []  # stack: (brace depth at the loop's start, its work)
     for line in ttir.splitlines():
         if "scf.for" in line and line.rstrip().endswith("{"):
-            loop_depths.append(depth)
-        dot = _TT_DOT.search(line) if loop_depths else None
+            stack.append([depth, 0])
+        dot = _TT_DOT.search(line) if stack else None
         if dot:
             m, k, n = map(int, dot.groups())
-            work += m * k * n
+            stack[-1][1] += m * k * n
         depth += line.count("{") - line.count("}")
-        while loop_depths and depth <= loop_depths[-1]:
-            loop_depths.pop()
-    return work // (block_m * block_n) if block_m and block_n else 0
+        while stack and depth <= stack[-1][0]:
+            works.append(stack.pop()[1])
+    return max(works, default=0) // (block_m * block_n) if block_m and block_n else 0
 
 
 def per_1k_scores(loop_sass: int, num_warps: int, scores_per_trip: int) -> float:

@@ -19,11 +19,33 @@ from lr2kernels.tables import RopeTable
 __all__ = ["apply_rope", "available_backends", "rerotate", "rope_attention", "rope_decode", "set_value_checks"]
 
 
+# 0.1 took options positionally; 0.2 takes the tensors and the table positionally and everything else by keyword
+# (and rope_decode's table moved before the lengths). A call in the old order must say so, not fail with Python's
+# bare "takes 4 positional arguments".
+_CALLS = {
+    "apply_rope": "apply_rope(q, k, table, *, position_ids=None, long=None, cu_seqlens=None, backend=None)",
+    "rope_attention": "rope_attention(q, k, v, table, *, position_ids=None, long=None, cu_seqlens=None, ...)",
+    "rope_decode": "rope_decode(q, k_cache, v_cache, table, *, cache_seqlens, softmax_scale=None, backend=None)",
+    "rerotate": "rerotate(k, table, *, position_ids, from_long, to_long, backend=None)",
+}
+
+
+def _reject_extra_positional(op: str, tensors_and_table: int, extra: tuple) -> None:
+    """Raise the TypeError a call with options passed positionally (0.1's calling convention) gets."""
+    if not extra:
+        return
+    old = " (0.1's order: rope_decode(q, k, v, cache_seqlens, table))" if op == "rope_decode" else ""
+    raise TypeError(
+        f"{op}() takes {tensors_and_table} positional arguments but {tensors_and_table + len(extra)} were given: "
+        f"since 0.2 every option is keyword-only{old}; call {_CALLS[op]}"
+    )
+
+
 def apply_rope(
     q: torch.Tensor,
     k: torch.Tensor,
     table: RopeTable,
-    *,
+    *options_passed_positionally: object,
     position_ids: torch.Tensor | None = None,
     long: bool | None = None,
     cu_seqlens: torch.Tensor | None = None,
@@ -44,6 +66,7 @@ def apply_rope(
     Returns:
         ``(q_rot, k_rot)``, same shapes and dtypes as q and k.
     """
+    _reject_extra_positional("apply_rope", 3, options_passed_positionally)
     call = validation.check_rope_call(q, k, table, position_ids, long, cu_seqlens)
     return resolve(backend, call).apply_rope(call)
 
@@ -53,7 +76,7 @@ def rope_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     table: RopeTable,
-    *,
+    *options_passed_positionally: object,
     position_ids: torch.Tensor | None = None,
     long: bool | None = None,
     cu_seqlens: torch.Tensor | None = None,
@@ -80,6 +103,7 @@ def rope_attention(
     Returns:
         The output, shaped and typed like q (and the lse).
     """
+    _reject_extra_positional("rope_attention", 4, options_passed_positionally)
     call = validation.check_attention_call(
         q, k, v, table, position_ids, long, cu_seqlens, max_seqlen, causal, softmax_scale, return_lse
     )
@@ -91,8 +115,8 @@ def rope_decode(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     table: RopeTable,
-    *,
-    cache_seqlens: torch.Tensor,
+    *options_passed_positionally: object,
+    cache_seqlens: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -116,6 +140,9 @@ def rope_decode(
     Returns:
         ``[B, Hq, n, D]`` in q's dtype.
     """
+    _reject_extra_positional("rope_decode", 4, options_passed_positionally)
+    if cache_seqlens is None:  # required; a default only so that 0.1's positional order reaches the message above
+        raise TypeError(f"rope_decode() missing the keyword argument cache_seqlens: call {_CALLS['rope_decode']}")
     call = validation.check_decode_call(q, k_cache, v_cache, table, cache_seqlens, softmax_scale)
     return resolve(backend, call).rope_decode(call)
 
@@ -123,10 +150,10 @@ def rope_decode(
 def rerotate(
     k: torch.Tensor,
     table: RopeTable,
-    *,
-    position_ids: torch.Tensor,
-    from_long: bool,
-    to_long: bool,
+    *options_passed_positionally: object,
+    position_ids: torch.Tensor | None = None,
+    from_long: bool | None = None,
+    to_long: bool | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Move POST-RoPE keys from one table to the other in one O(L * D) pass (no re-prefill). Differentiable.
@@ -142,5 +169,10 @@ def rerotate(
     Returns:
         The keys as if rotated with the ``to_long`` table, same shape and dtype as k.
     """
+    _reject_extra_positional("rerotate", 2, options_passed_positionally)
+    # Required (defaults only so that 0.1's positional order reaches the message above); named when missing.
+    for name, value in (("from_long", from_long), ("to_long", to_long)):
+        if value is None:
+            raise TypeError(f"rerotate() missing the keyword argument {name}: call {_CALLS['rerotate']}")
     call = validation.check_rerotate_call(k, table, position_ids, from_long, to_long)
     return resolve(backend, call).rerotate(call)

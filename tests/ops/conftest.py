@@ -66,6 +66,7 @@ def build_call(op, *args, **kwargs) -> OpCall:
     bound = inspect.signature(op).bind(*args, **kwargs)
     bound.apply_defaults()
     del bound.arguments["backend"]
+    bound.arguments.pop("options_passed_positionally", None)  # () here: the ops reject 0.1's positional options
     return _CHECKS[op.__name__](**bound.arguments)
 
 

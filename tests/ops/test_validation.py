@@ -147,6 +147,31 @@ def test_decode_in_the_old_argument_order_says_how_to_call_it():
         lr2.rope_decode(q, k_cache, v_cache, torch.tensor([3]), cache_seqlens=TABLE)
 
 
+def test_calls_in_the_0_1_order_fail_with_a_message_that_says_so():
+    # The README promises this: 0.1's positional calls name the change and the call to make instead.
+    q, k_cache, v_cache = torch.randn(1, 4, 1, 64), torch.zeros(1, 2, 16, 64), torch.zeros(1, 2, 16, 64)
+    seqlens = torch.tensor([3])
+    with pytest.raises(TypeError, match=r"rope_decode\(\) takes 4 positional arguments but 5 were given: since 0.2 "
+                                        r"every option is keyword-only \(0.1's order: rope_decode\(q, k, v, "
+                                        r"cache_seqlens, table\)\); call rope_decode\(q, k_cache, v_cache, table, \*, "
+                                        r"cache_seqlens"):  # fmt: skip
+        lr2.rope_decode(q, k_cache, v_cache, seqlens, TABLE)
+    k = torch.randn(1, 2, 8, 64)
+    with pytest.raises(TypeError, match=r"rerotate\(\) takes 2 positional arguments but 5 were given: .*call "
+                                        r"rerotate\(k, table, \*, position_ids, from_long, to_long"):  # fmt: skip
+        lr2.rerotate(k, TABLE, torch.arange(8), False, True)
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"rope_attention\(\) takes 4 positional arguments but 5 were given"):
+        lr2.rope_attention(q, k, v, TABLE, torch.arange(8))
+    with pytest.raises(TypeError, match=r"apply_rope\(\) takes 3 positional arguments but 4 were given"):
+        lr2.apply_rope(q, k, TABLE, torch.arange(8))
+    # The options that have no default are still required, and named when missing.
+    with pytest.raises(TypeError, match="missing the keyword argument cache_seqlens"):
+        lr2.rope_decode(q[:, :, :1], k, v, TABLE)
+    with pytest.raises(TypeError, match="missing the keyword argument to_long"):
+        lr2.rerotate(k, TABLE, position_ids=torch.arange(8), from_long=False)
+
+
 def test_value_checks_modes():
     # "auto" checks host tensors; "never" skips the value checks (shape checks still run); bad modes are named.
     q, k, v = torch.randn(10, 4, 64), torch.randn(10, 2, 64), torch.randn(10, 2, 64)

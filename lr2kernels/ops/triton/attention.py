@@ -175,7 +175,7 @@ _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]] | dict[int, se
     ("dq", 128, True): {90: {(128, 64, 8, 2), (128, 32, 8, 2)}, 80: {(128, 32, 8, 2)}},  # 64 x 32: 12 B (3.9)
     ("dq", 256, False): {(64, 16, 8, 2)},
     ("dkdv", 64, False): {90: {(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)},
-                          80: {(64, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)}},
+                          80: {(16, 128, 8, 2)}},  # as launched: 64 x 64 w8 spills 4 B, 16 x 64 w4 20-28 B
     ("dkdv", 80, False): {90: {(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)},
                           80: {(16, 128, 8, 2), (16, 64, 4, 2)}},  # 64 x 64: 24-56 B spilled on sm_80
     ("dkdv", 96, False): {90: {(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)},
@@ -831,8 +831,9 @@ def _delta(out: Tensor, grad_out: Tensor, lse: Tensor, varlen: bool) -> tuple[Te
 
 def stage_block(head_dim: int) -> int:
     """Tokens per program of :func:`_stage_rotated_kernel` (16 in the interpreter): 64 up to 96 channels, else 32
-    (the sin/cos of 64 tokens x 64 pairs, live across the heads, spilled at 96-of-128 on both archs)."""
-    return 16 if triton_interpreting() else 64 if head_dim <= 96 else 32
+    (the sin/cos of 64 tokens x 64 pairs, live across the heads, spilled at 96-of-128 on both archs), 16 above 128
+    (32 tokens spilled 64 B at 256 channels on sm_90, Triton 3.6, as launched)."""
+    return 16 if triton_interpreting() else 64 if head_dim <= 96 else 32 if head_dim <= 128 else 16
 
 
 def _stage_rotated(
@@ -848,7 +849,7 @@ def _stage_rotated(
         *bht_strides(q, varlen), *bht_strides(k, varlen), *bht_strides(q_staged, varlen),
         *bht_strides(k_staged, varlen), stride_pos_b, seq_len, q.shape[1], k.shape[1], sm_scale_log2,
         attention_short, attention_long, HALF=rotary_dim_of(inv_freq) // 2, **head_sizes(q.shape[-1]), BLOCK=block,
-        IS_VARLEN=varlen, HAS_POS=has_pos,
+        IS_VARLEN=varlen, HAS_POS=has_pos, maxnreg=255,  # ptxas' own cap spilled 4 B at 256 channels (3.9, sm_80)
     )  # fmt: skip
     return q_staged, k_staged
 

@@ -144,6 +144,12 @@ def _rerotate_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ host side
+# Launch options of the rotation kernels. Compiled as launched (to_long == 1 specialised to a constant), ptxas capped
+# itself below what they need and spilled: rerotate 4-16 B at heads 64-128 (Triton 3.6), apply_rope 4 B at 256 (3.9,
+# sm_90) and 8 B at 96 (3.6, sm_80). Allowing it every register (255) removes every spill; 8 warps instead made the
+# cap lower still (64-80 registers, 4-16 B spilled).
+ROPE_WARPS = 4
+ROPE_MAX_REGISTERS = 255
 def _grid(
     seq_len: int, batch: int, total_heads: int, head_dim: int, device: torch.device, small_block: bool = False
 ) -> tuple[int, int, int]:
@@ -207,7 +213,7 @@ def apply_rope(
         *bht_strides(k_dst, varlen),
         stride_pos_b, seq_len, num_q_heads, num_k_heads, per_program, num_chunks, attention_short, attention_long,
         BLOCK=block, IS_VARLEN=varlen, HAS_POS=position_ids is not None, TRANSPOSED=transposed,
-        **split_sizes(head_dim, rotary_dim_of(inv_freq)),
+        **split_sizes(head_dim, rotary_dim_of(inv_freq)), num_warps=ROPE_WARPS, maxnreg=ROPE_MAX_REGISTERS,
     )  # fmt: skip
     return q_out, k_out
 
@@ -241,5 +247,6 @@ def rerotate(
         position_batch_stride(position_ids), seq_len, num_heads, per_program, num_chunks,
         int(from_long), int(to_long), scale,
         BLOCK=block, TRANSPOSED=transposed, **split_sizes(k.shape[-1], rotary_dim_of(inv_freq)),
+        num_warps=ROPE_WARPS, maxnreg=ROPE_MAX_REGISTERS,
     )  # fmt: skip
     return out

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -282,9 +283,20 @@ def test_the_factor_plot_marks_the_found_and_the_theoretical_critical_dimension(
 def test_the_search_and_the_scoring_are_never_silent(model_dir, tmp_path, monkeypatch, capsys):
     """Without --no-progress: the bar after every evaluation and a heartbeat line (every 30 s; here 0.05 s) through
     the search and through the scoring of the baselines."""
+    from transformers.models.llama import modeling_llama
+
     from lr2kernels.apps import search_job
 
     monkeypatch.setattr(search_job, "HEARTBEAT_S", 0.05)
+    # The tiny model's forwards take milliseconds: on an idle machine a whole search fits between two beats. Each
+    # decoder layer is made to last longer than two beats, so the beat always lands inside a forward, whatever the load.
+    original_layer_forward = modeling_llama.LlamaDecoderLayer.forward
+
+    def slow_layer_forward(self, *args, **kwargs):
+        time.sleep(0.12)
+        return original_layer_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", slow_layer_forward)
     args = ["--target-length", "512", "--eval-length", "320", "--samples", "1", "--population", "2", "--parents",
             "2", "--mutations", "1", "--crossovers", "0", "--iterations", "1", "--critical-window", "1"]  # fmt: skip
     assert main(["search", "--model", str(model_dir), "--out", str(tmp_path / "out"), *args]) == 0

@@ -7,6 +7,10 @@ Two kinds of check:
   only when asked for (``set_value_checks("always")`` or ``LR2KERNELS_CHECK_VALUES=always``), because a read there
   stalls the GPU and breaks CUDA graph capture. ``"never"`` skips them everywhere.
 
+:func:`set_host_reads` ``("never")`` makes the package treat every tensor as a GPU one (no value checks unless
+``"always"``, no host fast paths of the torch backend): a CPU run then takes the paths, and makes the host reads, that
+a GPU run would.
+
 The ``check_*_call`` functions return the typed call description (:mod:`lr2kernels.ops.calls`) a backend runs.
 """
 
@@ -36,13 +40,25 @@ def set_value_checks(mode: str) -> str:
     return previous
 
 
-def reads_values(x: torch.Tensor) -> bool:
-    """Whether the package may read ``x``'s values on the host: free for CPU tensors outside ``torch.compile``.
+HOST_READ_MODES = ("auto", "never")
+_host_reads = "auto"
 
-    Also gates the torch backend's host fast paths. Tests replace this function to see the package as it runs on
-    a GPU (every read would then be a device sync).
-    """
-    if torch.compiler.is_compiling():
+
+def set_host_reads(mode: str) -> str:
+    """Choose where the package may read tensor values on the host: ``"auto"`` (default: CPU tensors outside
+    ``torch.compile``, where a read costs no device sync) or ``"never"`` (no tensor: a CPU run takes the GPU's code
+    paths, to test or debug them without a GPU). Returns the previous mode."""
+    global _host_reads
+    if mode not in HOST_READ_MODES:
+        raise ValueError(f"mode: expected one of {list(HOST_READ_MODES)}, got {mode!r}")
+    previous, _host_reads = _host_reads, mode
+    return previous
+
+
+def reads_values(x: torch.Tensor) -> bool:
+    """Whether the package may read ``x``'s values on the host: free for CPU tensors outside ``torch.compile``
+    (never under ``set_host_reads("never")``). Also gates the torch backend's host fast paths."""
+    if _host_reads == "never" or torch.compiler.is_compiling():
         return False
     return x.device.type == "cpu"
 

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from lr2kernels.hf import rotated_keys
+from lr2kernels.hf import rotated_keys, serving
 from lr2kernels.hf.positions import ForwardFacts
 from lr2kernels.ops import dispatch, rope_attention, rope_decode, rotary
 from lr2kernels.ops.torch_backend import one_query_attention
@@ -196,6 +196,8 @@ def rope_attention_forward(
             )
         return _unpatched(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     kwargs.pop("position_ids", None)
+    if facts.paged is not None:  # continuous batching: a flattened batch on a PRE-RoPE paged cache
+        return serving.paged_attention(module, query, key, value, scaling, facts, kwargs)
     args = (module, query, key, value, attention_mask, scaling, dropout, sliding_window, facts)
     if facts.segments is not None and module._lr2_rule == "hf":
         is_long = facts.segment_length_of_token() > table.original_max_position  # [B, L]: each sequence its own

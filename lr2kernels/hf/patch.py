@@ -9,8 +9,9 @@ Instance-level, all or nothing, and reversible. For the given model only:
 3. hooks on the base model record each forward's positions (:mod:`lr2kernels.hf.positions`), on the KV cache too;
 4. ``generate`` re-runs the sequence at the L0 crossing under ``rule="hf"`` (every architecture, decided by
    position), and keeps its cache under ``rule="position"``;
-5. continuous batching (``generate_batch``, ``init_continuous_batching``, a paged cache) raises until it is
-   supported (:mod:`lr2kernels.hf.serving`).
+5. continuous batching (``generate_batch``, ``init_continuous_batching``, ``transformers serve
+   --continuous-batching``) runs on the same attention: the paged cache stores PRE-RoPE keys and each flattened
+   batch is routed per request to the fused varlen prefill and decode kernels (:mod:`lr2kernels.hf.serving`).
 
 ``unpatch`` restores all of it exactly. Nothing outside the model is changed but one new name in transformers'
 attention registry (its modeling modules and functions are left as they are), so pickling and deep-copying work for
@@ -33,7 +34,6 @@ import torch
 
 from lr2kernels.hf.attention import ATTENTION_NAME
 from lr2kernels.hf.positions import ForwardTracker, newest_cached_position
-from lr2kernels.hf.serving import CONTINUOUS_BATCHING_ENTRIES, refuse_continuous_batching
 from lr2kernels.tables import RopeTable, resolve_cpu_trig
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -260,7 +260,7 @@ def _base_models(model: torch.nn.Module, rotary: list[torch.nn.Module]) -> list[
 def _apply(model, config, rotary, attention, table) -> None:
     """Every change :func:`patch` makes, each recorded in the state first so that :func:`unpatch` can undo a part."""
     name = _register_attention()
-    state = _PatchState(rotary=[], attention=[], hooks=[], config=config, refused=[], rotation_wrappers=[])
+    state = _PatchState(rotary=[], attention=[], hooks=[], config=config, rotation_wrappers=[])
     setattr(model, _STATE, state)
     # The attention layers read their implementation from their config. They get a private copy that names ours, so
     # the model's config (which other models may share, and which save_pretrained writes) is never changed.
@@ -288,10 +288,6 @@ def _apply(model, config, rotary, attention, table) -> None:
         # generate() reads this signature to decide what it may pass (e.g. ``inputs_embeds``): keep the original's.
         wrapper.__signature__ = inspect.signature(functools.partial(prepare, model))
         model.prepare_inputs_for_generation = wrapper
-    for entry in CONTINUOUS_BATCHING_ENTRIES:  # refused until the paged cache is supported (lr2kernels.hf.serving)
-        if callable(getattr(type(model), entry, None)):
-            state["refused"].append(entry)
-            setattr(model, entry, functools.partial(refuse_continuous_batching, model, entry))
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
@@ -315,8 +311,6 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         ):  # fmt: skip
             module.__dict__.pop(attribute, None)
     model.__dict__.pop("prepare_inputs_for_generation", None)
-    for entry in state.get("refused", []):
-        model.__dict__.pop(entry, None)
     delattr(model, _STATE)
     return model
 

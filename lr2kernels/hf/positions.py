@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lr2kernels.hf import rotated_keys
-from lr2kernels.hf.serving import check_cache
+from lr2kernels.hf.serving import check_cache, is_paged_cache, paged_plan
 
 LEDGER = "_lr2_ledger"
 
@@ -124,6 +124,8 @@ class ForwardFacts:
             ``max_segment`` their longest length. None otherwise.
         user_mask: the caller passed an attention mask (padding, holes): the 4D mask is more than causal.
         cache: the KV cache object this forward reads and writes (a weak reference; None without one).
+        paged: continuous batching (a ``PagedAttentionCache``): where each request sits in the flattened row
+            (:class:`lr2kernels.hf.serving.PagedPlan`); None otherwise.
     """
 
     def __init__(self, queries, positions, total, max_position, min_position, keys_at_arange):
@@ -136,6 +138,7 @@ class ForwardFacts:
         self.max_segment = 0
         self._segment_length_of_token: torch.Tensor | None = None
         self.user_mask = False
+        self.paged = None  # continuous batching: the lr2kernels.hf.serving.PagedPlan of the flattened batch
         self._cache: weakref.ref | None = None
         self.memo: dict = {}  # what every attention layer of this forward would compute alike (cos/sin rows)
 
@@ -196,7 +199,7 @@ class ForwardTracker:
         """Forward pre-hook of the base model (``LlamaModel`` ...): this forward's :class:`ForwardFacts`."""
         arguments = self.arguments(module, args, kwargs)
         cache = arguments.get("cache", arguments.get("past_key_values"))
-        check_cache(module, cache)  # e.g. continuous batching's paged cache: refused before any layer writes to it
+        check_cache(module, cache)  # a cache whose key positions are unknown: refused before any layer writes to it
         tokens = arguments.get("input_ids")
         if tokens is None:
             tokens = arguments.get("inputs_embeds")
@@ -205,6 +208,11 @@ class ForwardTracker:
             return
         batch, length = tokens.shape[0], tokens.shape[1]
         device = tokens.device
+        if is_paged_cache(cache):  # continuous batching: every request flattened into one row
+            plan, queries, max_position, min_position = paged_plan(cache, arguments, length, device)
+            self.facts = ForwardFacts(queries, None, length, max_position, min_position, False)
+            self.facts.paged = plan
+            return
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         history, history_at_arange = _history(cache, past, batch, device)
         position_ids = arguments.get("position_ids")
@@ -258,7 +266,7 @@ class ForwardTracker:
 
     def end_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Forward hook of the base model: record this forward's positions on the cache it wrote to."""
-        if self.facts is None:
+        if self.facts is None or self.facts.paged is not None:  # the paged cache keeps its own positions
             return
         cache = None
         for name in ("cache", "past_key_values"):

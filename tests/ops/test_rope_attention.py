@@ -45,20 +45,47 @@ def _f64(*tensors):
     return [x.detach().double() for x in tensors]
 
 
+def _reference(q, k, v, table, grad_out, **kwargs) -> tuple[torch.Tensor, ...]:
+    """(out, dq, dk, dv) of the fp64 reference, by autograd."""
+    q64, k64, v64 = (x.requires_grad_() for x in _f64(q, k, v))
+    expected = reference.rope_attention(q64, k64, v64, table, **kwargs)
+    return expected, *torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
+
+
+def _assert_like_reference(backend, dtype, got, want) -> None:
+    """(out, dq, dk, dv) of ``backend`` against the reference's, each to its tolerance."""
+    torch.testing.assert_close(got[0].double(), want[0], **tolerance(backend, dtype))
+    grad_tol = tolerance(backend, dtype, "attention_grad")
+    for name, got_grad, want_grad in zip("qkv", got[1:], want[1:], strict=True):
+        torch.testing.assert_close(got_grad.double(), want_grad, **grad_tol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 def _check(backend, q, k, v, table, **kwargs):
     """Forward and gradients of ``backend``'s rope_attention vs autograd through the fp64 reference."""
     out = run(backend, lr2.rope_attention, q, k, v, table, **kwargs)
-    assert out.shape == q.shape and out.dtype == q.dtype
+    assert out.dtype == q.dtype
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    q64, k64, v64 = (x.requires_grad_() for x in _f64(q, k, v))
-    expected = reference.rope_attention(q64, k64, v64, table, **kwargs)
-    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
-    torch.testing.assert_close(out.double(), expected, **tolerance(backend, q.dtype))
-    grad_tol = tolerance(backend, q.dtype, "attention_grad")
-    for name, got, want in zip("qkv", grads, expected_grads):
-        torch.testing.assert_close(got.double(), want, **grad_tol, msg=lambda m, n=name: f"d{n}: {m}")
+    _assert_like_reference(backend, q.dtype, (out, *grads), _reference(q, k, v, table, grad_out, **kwargs))
     return out
+
+
+def _triton_launchers(q, k, v, table, grad_out, *, staged=True, group_splits=None, position_ids=None,
+                      cu_seqlens=None, max_seqlen=None, causal=True):  # fmt: skip
+    """(out, dq, dk, dv) from the Triton launchers called directly with their options (the triton backend calls
+    them with the defaults), from the arguments the backend prepares for them (lr2kernels.ops.fused)."""
+    from lr2kernels.ops import rotary
+    from lr2kernels.ops.triton import attention
+
+    batch, max_seqlen = (len(cu_seqlens) - 1, max_seqlen) if cu_seqlens is not None else (q.shape[0], q.shape[2])
+    is_long = rotary.sequence_is_long(table, batch, max_seqlen, position_ids, cu_seqlens, None, DEVICE)
+    args = (rotary.inv_freq_pair(table, DEVICE).contiguous(), is_long, position_ids, cu_seqlens, max_seqlen, causal,
+            q.shape[-1] ** -0.5, table.attention_factor_for(False), table.attention_factor_for(True))  # fmt: skip
+    q, k, v = (x.detach() for x in (q, k, v))
+    out, lse = attention.rope_attention_fwd(q, k, v, *args, staged=staged)
+    return out, *attention.rope_attention_bwd(
+        grad_out, q, k, v, out, lse, *args, staged=staged, group_splits=group_splits
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -290,14 +317,12 @@ def test_positions_past_l0_rotate_differently_under_the_two_tables():
 
 
 @pytest.mark.parametrize("layout", ["dense_positions", "varlen", "partial_rotary"])
-def test_triton_per_tile_rotation_matches_the_staged_default(monkeypatch, layout):
+def test_triton_per_tile_rotation_matches_the_staged_default(layout):
     """The Triton launchers rotate the loop operands once (``staged=True``, the default); ``staged=False`` rotates
     every tile in the loop instead. Both paths compile from one kernel body: both must give the reference's result,
     and the same result as each other."""
     if "triton" not in lr2.available_backends():
         pytest.skip("the triton backend is not available here")
-    from lr2kernels.ops.triton import attention
-
     if layout == "varlen":
         lengths = [20, 70, 9]  # short, long (> L0 = 64), short
         table, kwargs = make_table(32), {"cu_seqlens": cu_seqlens_of(lengths), "max_seqlen": 70}
@@ -307,14 +332,12 @@ def test_triton_per_tile_rotation_matches_the_staged_default(monkeypatch, layout
         positions = torch.arange(40, 110, device=DEVICE)[None].expand(2, -1)  # crosses L0
         kwargs = {"position_ids": positions} if layout == "dense_positions" else {}
         q, k, v = _qkv((2, 6, 70, 32), (2, 2, 70, 32), requires_grad=True)
+    grad_out = randn(*q.shape)
+    expected = _reference(q, k, v, table, grad_out, **kwargs)
     results = {}
     for staged in (True, False):
-        # The launchers' keyword default, switched for this test only (dispatch calls them without it).
-        monkeypatch.setattr(attention.rope_attention_fwd, "__defaults__", (staged,))
-        monkeypatch.setattr(attention.rope_attention_bwd, "__defaults__", (staged,))
-        _check("triton", q, k, v, table, **kwargs)
-        out = run("triton", lr2.rope_attention, q, k, v, table, **kwargs)
-        results[staged] = (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+        results[staged] = _triton_launchers(q, k, v, table, grad_out, staged=staged, **kwargs)
+        _assert_like_reference("triton", torch.float32, results[staged], expected)
     for got, want in zip(results[False], results[True]):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
 
@@ -356,14 +379,12 @@ def test_autotune_length_buckets():
 
 @pytest.mark.parametrize("splits", [2, 4], ids=lambda s: f"parts{s}")
 @pytest.mark.parametrize("layout", ["dense_positions", "varlen"])
-def test_triton_dkdv_split_gqa_group_matches_one_program_per_kv_head(monkeypatch, layout, splits):
+def test_triton_dkdv_split_gqa_group_matches_one_program_per_kv_head(layout, splits):
     """Where one dk/dv program per kv head and key tile would under-fill the GPU, each GQA group is split into parts
-    whose fp32 partial sums the launcher adds. Forced here (the interpreter has no SMs to count): the gradients must
-    equal the unsplit kernel's and the reference's."""
+    whose fp32 partial sums the launcher adds. Asked for here (``group_splits``; the interpreter has no SMs to
+    count): the gradients must equal the unsplit kernel's and the reference's."""
     if "triton" not in lr2.available_backends():
         pytest.skip("the triton backend is not available here")
-    from lr2kernels.ops.triton import attention
-
     if layout == "varlen":
         lengths = [20, 70, 9]
         table, kwargs = make_table(32), {"cu_seqlens": cu_seqlens_of(lengths), "max_seqlen": 70}
@@ -372,15 +393,13 @@ def test_triton_dkdv_split_gqa_group_matches_one_program_per_kv_head(monkeypatch
         table = make_table(32)
         kwargs = {"position_ids": torch.arange(40, 110, device=DEVICE)[None].expand(2, -1)}  # crosses L0
         q, k, v = _qkv((2, 8, 70, 32), (2, 2, 70, 32), requires_grad=True)
-    results = {}
-    for parts in (1, splits):
-        monkeypatch.setattr(attention, "FORCE_DKDV_GROUP_SPLITS", parts)
-        out = run("triton", lr2.rope_attention, q, k, v, table, **kwargs)
-        results[parts] = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-    for name, got, want in zip("qkv", results[splits], results[1]):
+    grad_out = randn(*q.shape)
+    results = {
+        parts: _triton_launchers(q, k, v, table, grad_out, group_splits=parts, **kwargs) for parts in (1, splits)
+    }
+    for name, got, want in zip("qkv", results[splits][1:], results[1][1:]):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6, msg=lambda m, n=name: f"d{n}: {m}")
-    monkeypatch.setattr(attention, "FORCE_DKDV_GROUP_SPLITS", splits)
-    _check("triton", q, k, v, table, **kwargs)  # forward and gradients against the reference
+    _assert_like_reference("triton", torch.float32, results[splits], _reference(q, k, v, table, grad_out, **kwargs))
 
 
 def test_dkdv_group_splits_fill_the_gpu_only_when_needed(monkeypatch):
@@ -394,9 +413,10 @@ def test_dkdv_group_splits_fill_the_gpu_only_when_needed(monkeypatch):
     assert attention.dkdv_group_splits(10, 4, cuda) == 4  # never more parts than q heads per kv head
     assert attention.dkdv_group_splits(10, 1, cuda) == 1  # no GQA: nothing to split
     assert attention.dkdv_group_splits(10, 4, torch.device("cpu")) == 1  # the interpreter: by default, never
-    monkeypatch.setattr(attention, "FORCE_DKDV_GROUP_SPLITS", 3)
-    with pytest.raises(ValueError, match="a divisor of the GQA group 4"):
-        attention.dkdv_group_splits(10, 4, cuda)
+    q, k = torch.zeros(1, 4, 8, 16), torch.zeros(1, 1, 8, 16)
+    args = (q, q, k, k, q, torch.zeros(1, 4, 8), torch.ones(2, 8), torch.zeros(1, dtype=torch.int32), None, None, 8)
+    with pytest.raises(ValueError, match="group_splits: expected None or a divisor of the GQA group 4, got 3"):
+        attention.rope_attention_bwd(*args, True, 0.25, 1.0, 1.0, group_splits=3)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])

@@ -743,7 +743,7 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
 def rope_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     inv_freq: Tensor, is_long: Tensor, position_ids: Tensor | None, cu_seqlens: Tensor | None, max_seqlen: int,
-    causal: bool, softmax_scale: float, attention_short: float, attention_long: float, staged: bool = True,
+    causal: bool, softmax_scale: float, attention_short: float, attention_long: float, *, staged: bool = True,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Fused RoPE + attention forward on PRE-RoPE q, k.
 
@@ -869,19 +869,25 @@ def _bwd_constexprs(q: Tensor, inv_freq: Tensor, causal: bool, varlen: bool, has
 def rope_attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     inv_freq: Tensor, is_long: Tensor, position_ids: Tensor | None, cu_seqlens: Tensor | None, max_seqlen: int,
-    causal: bool, softmax_scale: float, attention_short: float, attention_long: float, staged: bool = True,
+    causal: bool, softmax_scale: float, attention_short: float, attention_long: float, *, staged: bool = True,
+    group_splits: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients (dq, dk, dv) w.r.t. the PRE-RoPE q, k and v, shaped like them (contiguous).
 
     ``out`` and ``lse`` are :func:`rope_attention_fwd`'s; the other arguments are the forward's. ``staged``: rotate
     q and k once (one launch, scratch buffers of their sizes, in pair order, k times ``softmax_scale * log2(e)``)
     for both kernels; else every tile is rotated where it is loaded. Either way the kernels are a flash backward on
-    the rotated q and k, with the transposed rotation applied to dq and dk as they are stored.
+    the rotated q and k, with the transposed rotation applied to dq and dk as they are stored. ``group_splits``:
+    into how many parts the dk/dv kernel splits each GQA group (a divisor of ``Hq // Hk``); None chooses by the
+    device (:func:`dkdv_group_splits`: 1 off a GPU).
     """
     grad_out, q, k, v = (contiguous_last(x) for x in (grad_out, q, k, v))
     varlen = cu_seqlens is not None
     batch, seq_len = sequences(q, cu_seqlens, max_seqlen)
     num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    group = num_q_heads // num_kv_heads
+    if group_splits is not None and not (type(group_splits) is int and group_splits > 0 and group % group_splits == 0):
+        raise ValueError(f"group_splits: expected None or a divisor of the GQA group {group}, got {group_splits!r}")
     dq, dk, dv = new_like(q), new_like(k), new_like(v)
     if q.numel() == 0 or batch == 0 or seq_len == 0:
         return dq, dk, dv
@@ -905,9 +911,11 @@ def rope_attention_bwd(
         *lse_strides, stride_pos_b, seq_len, num_q_heads, num_q_heads // num_kv_heads,
         sm_scale_log2, attention_short, attention_long, length_bucket(seq_len), **constexprs,
     )  # fmt: skip
-    group = num_q_heads // num_kv_heads
-    largest_block_n = max(c.kwargs["BLOCK_N"] for c in _bwd_configs("dkdv"))  # the fewest programs any config has
-    splits = dkdv_group_splits(batch * num_kv_heads * triton.cdiv(seq_len, largest_block_n), group, q.device)
+    if group_splits is None:
+        largest_block_n = max(c.kwargs["BLOCK_N"] for c in _bwd_configs("dkdv"))  # the fewest programs any config has
+        splits = dkdv_group_splits(batch * num_kv_heads * triton.cdiv(seq_len, largest_block_n), group, q.device)
+    else:
+        splits = group_splits
     dk_out, dv_out = dk, dv
     if splits > 1:  # fp32 partial sums, heads kv_head * splits + part: [B, Hk * splits, L, D] or [T, Hk * splits, D]
         dk_out, dv_out = (_partials(x, splits) for x in (k, v))
@@ -925,10 +933,6 @@ def rope_attention_bwd(
     return dq, dk, dv
 
 
-# Tests set this to split the GQA group of the dk/dv kernel where no GPU decides it (None: by the device).
-FORCE_DKDV_GROUP_SPLITS: int | None = None
-
-
 def dkdv_group_splits(programs: int, group: int, device: torch.device) -> int:
     """Into how many parts the dk/dv kernel splits each GQA group: 1 when its ``programs`` (one per kv head and key
     tile) already give every SM two, else the smallest divisor of ``group`` that does (at most ``group``).
@@ -938,10 +942,6 @@ def dkdv_group_splits(programs: int, group: int, device: torch.device) -> int:
     part writes fp32 partial sums that the launcher adds: memory of ``parts`` x dk and dv in fp32, small exactly
     when the grid is small.
     """
-    if FORCE_DKDV_GROUP_SPLITS is not None:
-        if group % FORCE_DKDV_GROUP_SPLITS:
-            raise ValueError(f"FORCE_DKDV_GROUP_SPLITS: expected a divisor of the GQA group {group}")
-        return FORCE_DKDV_GROUP_SPLITS
     if device.type != "cuda" or group == 1:
         return 1
     target = 2 * sm_count(device)

@@ -23,6 +23,7 @@ __all__ = [
     "broadcast_dense",
     "default_position_ids",
     "inverse_rotate",
+    "paged_sequence",
     "repeat_kv",
     "rerotate",
     "rope_attention",
@@ -204,6 +205,17 @@ def rope_attention(
     return (out.to(v.dtype), lse) if return_lse else out.to(v.dtype)
 
 
+def paged_sequence(cache: torch.Tensor, block_table: torch.Tensor, seq: int, length: int) -> torch.Tensor:
+    """The first ``length`` slots of sequence ``seq`` of a paged cache as a dense ``[Hk, length, D]`` tensor.
+
+    ``cache``: ``[num_blocks, block_size, Hk, D]``; token j of the sequence is
+    ``cache[block_table[seq, j // block_size], j % block_size]``. Only the blocks the length reaches are read.
+    """
+    block_size = cache.shape[1]
+    blocks = block_table[seq, : -(-length // block_size)].long()  # ceil(length / block_size) ids
+    return cache[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [n_blocks * bs, Hk, D] -> [Hk, length, D]
+
+
 def rope_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -212,15 +224,19 @@ def rope_decode(
     table: RopeTable,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of n new PRE-RoPE queries against a cache of PRE-RoPE keys.
 
     Args:
         q: ``[B, Hq, n, D]``: the n newest tokens of each sequence.
-        k_cache, v_cache: ``[B, Hk, max_len, D]``; they already hold the new tokens' keys/values.
+        k_cache, v_cache: ``[B, Hk, max_len, D]``, or paged ``[num_blocks, block_size, Hk, D]`` with
+            ``block_table``; they already hold the new tokens' keys/values.
         cache_seqlens: ``[B]`` valid positions per sequence, the new tokens included. Queries sit at positions
             ``cache_seqlens[b] - n .. cache_seqlens[b] - 1`` and are causal among themselves; keys at 0..len-1.
             Each sequence uses the long table iff ``cache_seqlens[b] > L0``.
+        block_table: ``[B, max_blocks]``: the paged caches' blocks of each sequence (see :func:`paged_sequence`);
+            the sequence is gathered, then attended as a dense one.
 
     Returns:
         ``[B, Hq, n, D]`` in v's dtype (and lse ``[B, Hq, n]`` when ``return_lse``).
@@ -231,12 +247,17 @@ def rope_decode(
     out = torch.zeros(q.shape, dtype=dtype, device=q.device)
     lse = torch.full((batch, num_q_heads, n_new), float("-inf"), dtype=dtype, device=q.device)
     for b, seq_len in enumerate(cache_seqlens.tolist()):
+        if block_table is None:
+            k_seq, v_seq = k_cache[b, :, :seq_len], v_cache[b, :, :seq_len]  # [Hk, len, D]
+        else:
+            k_seq = paged_sequence(k_cache, block_table, b, seq_len)
+            v_seq = paged_sequence(v_cache, block_table, b, seq_len)
         cos, sin = table.cos_sin(torch.arange(seq_len, device=q.device), long=table.use_long(seq_len))
         cos, sin = cos.to(dtype), sin.to(dtype)  # [len, rotary_dim], broadcast over heads
         q_b = rotate(q[b].to(dtype), cos[seq_len - n_new :], sin[seq_len - n_new :])  # [Hq, n, D]
-        k_b = rotate(k_cache[b, :, :seq_len].to(dtype), cos, sin)  # [Hk, len, D]
+        k_b = rotate(k_seq.to(dtype), cos, sin)  # [Hk, len, D]
         k_b = repeat_kv(k_b, num_q_heads, 0)
-        v_b = repeat_kv(v_cache[b, :, :seq_len].to(dtype), num_q_heads, 0)
+        v_b = repeat_kv(v_seq.to(dtype), num_q_heads, 0)
         o, l_ = _attend(q_b[None], k_b[None], v_b[None], True, softmax_scale, query_offset=seq_len - n_new)
         out[b], lse[b] = o[0], l_[0]
     return (out.to(v_cache.dtype), lse) if return_lse else out.to(v_cache.dtype)

@@ -25,7 +25,9 @@ __all__ = ["apply_rope", "available_backends", "rerotate", "rope_attention", "ro
 _CALLS = {
     "apply_rope": "apply_rope(q, k, table, *, position_ids=None, long=None, cu_seqlens=None, backend=None)",
     "rope_attention": "rope_attention(q, k, v, table, *, position_ids=None, long=None, cu_seqlens=None, ...)",
-    "rope_decode": "rope_decode(q, k_cache, v_cache, table, *, cache_seqlens, softmax_scale=None, backend=None)",
+    "rope_decode": (
+        "rope_decode(q, k_cache, v_cache, table, *, cache_seqlens, block_table=None, softmax_scale=None, backend=None)"
+    ),
     "rerotate": "rerotate(k, table, *, position_ids, from_long, to_long, backend=None)",
 }
 
@@ -117,23 +119,34 @@ def rope_decode(
     table: RopeTable,
     *options_passed_positionally: object,
     cache_seqlens: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Attention of the n newest PRE-RoPE queries against a cache of PRE-RoPE keys.
+    """Attention of the n newest PRE-RoPE queries against a cache of PRE-RoPE keys, dense or paged.
 
     Because the cache holds keys before RoPE, moving a sequence from the short to the long table costs nothing:
     each call rotates with the table that sequence needs now.
 
     Args:
         q: ``[B, Hq, n, D]``, the n newest tokens of each sequence (n >= 1).
-        k_cache, v_cache: ``[B, Hk, max_len, D]``, already holding the new tokens' keys and values.
+        k_cache, v_cache: already holding the new tokens' keys and values. Dense: ``[B, Hk, max_len, D]``. Paged
+            (with ``block_table``): ``[num_blocks, block_size, Hk, D]``, FlashAttention's / vLLM's layout
+            (transformers' ``PagedAttentionCache`` stores ``[num_blocks * block_size, Hk, D]``: pass
+            ``.view(num_blocks, block_size, Hk, D)``).
         table: the RoPE factor table.
         cache_seqlens: ``[B]`` int32/int64: valid positions per sequence, new tokens included. The queries sit at
             positions ``cache_seqlens[b] - n .. cache_seqlens[b] - 1`` and are causal among themselves; sequence b
-            uses the long table iff ``cache_seqlens[b] > L0``. Each must lie in ``[n, max_len]``: a ValueError
-            where values are checked (CPU tensors; GPU ones under ``set_value_checks("always")``); unchecked, an
-            out-of-range length never reads past the cache and makes that sequence's output rows NaN.
+            uses the long table iff ``cache_seqlens[b] > L0``. Each must lie in ``[n, capacity]`` (capacity:
+            ``max_len``, or ``max_blocks * block_size`` paged): a ValueError where values are checked (CPU tensors;
+            GPU ones under ``set_value_checks("always")``); unchecked, an out-of-range length never reads past the
+            cache and makes that sequence's output rows NaN.
+        block_table: ``[B, max_blocks]`` int32 (int64 accepted; the fused kernels take a converted copy): the cache
+            blocks of each sequence, in order: token j of sequence b sits at ``k_cache[block_table[b, j //
+            block_size], j % block_size]``. Only the first ``ceil(cache_seqlens[b] / block_size)`` entries of a row
+            are read (the rest may hold anything, e.g. -1); blocks may be shared between sequences. Each id read must
+            lie in ``[0, num_blocks)``: a ValueError where values are checked; unchecked, an id outside it is never
+            read through and makes that sequence's output rows NaN.
         softmax_scale: default ``D ** -0.5``.
         backend: "torch", "triton", "cuda" or None for the best available.
 
@@ -143,7 +156,7 @@ def rope_decode(
     _reject_extra_positional("rope_decode", 4, options_passed_positionally)
     if cache_seqlens is None:  # required; a default only so that 0.1's positional order reaches the message above
         raise TypeError(f"rope_decode() missing the keyword argument cache_seqlens: call {_CALLS['rope_decode']}")
-    call = validation.check_decode_call(q, k_cache, v_cache, table, cache_seqlens, softmax_scale)
+    call = validation.check_decode_call(q, k_cache, v_cache, table, cache_seqlens, softmax_scale, block_table)
     return resolve(backend, call).rope_decode(call)
 
 

@@ -77,7 +77,12 @@ class AttentionCall(OpCall):
 
 @dataclasses.dataclass(frozen=True)
 class DecodeCall(OpCall):
-    """``rope_decode``: q ``[B, Hq, n, D]`` against caches ``[B, Hk, max_len, D]`` of PRE-RoPE keys and values."""
+    """``rope_decode``: q ``[B, Hq, n, D]`` against caches of PRE-RoPE keys and values.
+
+    Dense (``block_table`` None): caches ``[B, Hk, max_len, D]``. Paged: caches ``[num_blocks, block_size, Hk, D]``
+    (FlashAttention's / vLLM's layout) and ``block_table [B, max_blocks]`` int32/int64: token j of sequence b sits at
+    ``k_cache[block_table[b, j // block_size], j % block_size]``.
+    """
 
     op: ClassVar[str] = "rope_decode"
     q: torch.Tensor
@@ -85,14 +90,33 @@ class DecodeCall(OpCall):
     v_cache: torch.Tensor
     cache_seqlens: torch.Tensor
     softmax_scale: float
+    block_table: torch.Tensor | None = None  # [B, max_blocks] (paged caches), None: dense caches
 
     @property
     def num_new(self) -> int:
         return self.q.shape[2]
 
     @property
+    def paged(self) -> bool:
+        """Whether the caches are paged (read through ``block_table``)."""
+        return self.block_table is not None
+
+    @property
+    def block_size(self) -> int | None:
+        """Tokens per cache block (``k_cache.shape[1]``) of a paged call; None for dense caches."""
+        return self.k_cache.shape[1] if self.block_table is not None else None
+
+    @property
+    def num_blocks(self) -> int | None:
+        """Blocks in the paged caches (``k_cache.shape[0]``): valid block ids are ``[0, num_blocks)``; None: dense."""
+        return self.k_cache.shape[0] if self.block_table is not None else None
+
+    @property
     def capacity(self) -> int:
-        """Slots per sequence in the caches (``k_cache.shape[2]``): every launch bounds its key reads by it."""
+        """Slots per sequence, which every launch bounds its key reads by: ``k_cache.shape[2]`` (dense), or
+        ``block_table.shape[1] * block_size`` (paged)."""
+        if self.block_table is not None:
+            return self.block_table.shape[1] * self.k_cache.shape[1]
         return self.k_cache.shape[2]
 
 

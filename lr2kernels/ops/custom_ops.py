@@ -36,8 +36,11 @@ class Launchers(Protocol):
 
     def rerotate(self, k, inv_freq, position_ids, from_long, to_long, scale, transposed) -> Tensor: ...
 
+    # block_table: paged caches [num_blocks, block_size, Hk, D] read through block_table [B, max_blocks]; passed
+    # (by keyword) only for a paged call, and only to a launcher that has the parameter (fused.py checks), so a
+    # launcher without paging keeps working for dense calls.
     def rope_decode(self, q, k_cache, v_cache, cache_seqlens, inv_freq, original_max_position, attention_short,
-                    attention_long, softmax_scale) -> Tensor: ...  # fmt: skip
+                    attention_long, softmax_scale, *, block_table=None) -> Tensor: ...  # fmt: skip
 
 
 def _launchers(backend: str) -> Launchers:
@@ -187,15 +190,18 @@ rerotate.register_autograd(_rerotate_backward, setup_context=_rerotate_setup_con
 def rope_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, inv_freq: Tensor, original_max_position: int,
     attention_short: float, attention_long: float, softmax_scale: float, backend: str,
+    block_table: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """Decode attention on a PRE-RoPE cache (inference only: no autograd)."""
+    """Decode attention on a PRE-RoPE cache (inference only: no autograd); dense caches ``[B, Hk, max_len, D]``, or
+    paged ``[num_blocks, block_size, Hk, D]`` read through ``block_table [B, max_blocks]``."""
+    paged = {} if block_table is None else {"block_table": block_table}
     return _launchers(backend).rope_decode(
         q, k_cache, v_cache, cache_seqlens, inv_freq, original_max_position, attention_short, attention_long,
-        softmax_scale,
+        softmax_scale, **paged,
     )  # fmt: skip
 
 
 @rope_decode.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, inv_freq, original_max_position, attention_short, attention_long,
-      softmax_scale, backend):  # fmt: skip
+      softmax_scale, backend, block_table=None):  # fmt: skip
     return q.new_empty(q.shape)

@@ -9,6 +9,8 @@ from it, so the backend is CUDA-graph safe on a GPU and ``torch.compile(fullgrap
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -120,6 +122,36 @@ def _attention_with_lse(
     return torch.cat(outputs, dim=2).to(q.dtype), torch.cat(lses, dim=2).float()
 
 
+def _gather_pages(call: DecodeCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A paged call's caches as dense ``[B, Hk, blocks * block_size, D]`` ones, and the sequences (``[B]`` bool, None
+    when none) that read a block id outside ``[0, num_blocks)`` (possible only where values go unchecked): such an id
+    is never read through (block 0 is read instead) and its sequence's output rows are made NaN.
+
+    The blocks a sequence reads are its first ``ceil(length / block_size)``, length clamped into ``[n, capacity]``
+    as the dense path clamps it; where values are on the host only the table's columns some sequence reads are
+    gathered.
+    """
+    block_table, seqlens = call.block_table, call.cache_seqlens
+    block_size, num_blocks = call.block_size, call.num_blocks
+    lengths = seqlens.clamp(call.num_new, call.capacity)
+    if validation.reads_values(seqlens) and validation.reads_values(block_table):
+        used = -(-int(lengths.max()) // block_size) if call.batch else 0
+        block_table = block_table[:, :used]
+    ids = block_table.long()
+    reads = torch.arange(ids.shape[1], device=ids.device)[None, :] < (lengths[:, None] + block_size - 1) // block_size
+    outside = (ids < 0) | (ids >= num_blocks)
+    bad = (outside & reads).any(dim=1)  # [B]
+    ids = ids.masked_fill(outside, 0)
+    if validation.reads_values(bad):
+        bad = bad if bool(bad.any()) else None
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        # [num_blocks, bs, Hk, D] -> [B, blocks, bs, Hk, D] -> [B, blocks * bs, Hk, D] -> [B, Hk, blocks * bs, D]
+        return cache[ids].flatten(1, 2).transpose(1, 2)
+
+    return gather(call.k_cache), gather(call.v_cache), bad
+
+
 class TorchBackend:
     NAME = "torch"
 
@@ -160,6 +192,13 @@ class TorchBackend:
         return out[0].transpose(0, 1)
 
     def rope_decode(self, call: DecodeCall) -> torch.Tensor:
+        if call.paged:
+            # Paged caches: gather each sequence's blocks into a dense cache, then the dense path.
+            k_cache, v_cache, bad_blocks = _gather_pages(call)
+            out = self.rope_decode(dataclasses.replace(call, k_cache=k_cache, v_cache=v_cache, block_table=None))
+            if bad_blocks is None:
+                return out
+            return out.masked_fill(bad_blocks[:, None, None, None], float("nan"))
         table, q, seqlens = call.table, call.q, call.cache_seqlens
         k_cache, v_cache, n_new, capacity = call.k_cache, call.v_cache, call.num_new, call.capacity
         if call.batch == 0:

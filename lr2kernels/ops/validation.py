@@ -255,8 +255,45 @@ def check_attention_call(
     )  # fmt: skip
 
 
+def check_block_table(block_table: object, batch: int, device: torch.device) -> torch.Tensor:
+    """Metadata of a paged decode's ``block_table``: an int32/int64 ``[batch, max_blocks]`` tensor on q's device."""
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(
+            f"block_table: expected an int32/int64 torch.Tensor [batch, max_blocks] or None, got "
+            f"{type(block_table).__name__}"
+        )
+    if block_table.dtype not in (torch.int32, torch.int64) or block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(
+            f"block_table: expected an int32/int64 tensor of shape [{batch} (batch, as q), max_blocks], got dtype "
+            f"{block_table.dtype} shape {list(block_table.shape)}"
+        )
+    if block_table.device != device:
+        raise ValueError(f"block_table: expected device {device} (as q), got {block_table.device}")
+    return block_table
+
+
+def _check_block_ids(block_table: torch.Tensor, lengths: list[int], block_size: int, num_blocks: int) -> None:
+    """Value check of a paged decode: every block a sequence reads (its first ``ceil(length / block_size)``
+    entries; the rest of its row is never read and may hold anything, e.g. -1 padding) lies in [0, num_blocks)."""
+    rows = block_table.tolist()
+    for seq, (row, length) in enumerate(zip(rows, lengths)):
+        for index, block in enumerate(row[: -(-length // block_size)]):
+            if not 0 <= block < num_blocks:
+                raise ValueError(
+                    f"block_table: expected block ids in [0, {num_blocks}) (num_blocks, k_cache.shape[0]) for the "
+                    f"{-(-length // block_size)} block(s) sequence {seq} reads (cache_seqlens {length}, block_size "
+                    f"{block_size}), got {block} at block_table[{seq}, {index}]"
+                )
+
+
 def check_decode_call(
-    q: object, k_cache: object, v_cache: object, table: object, cache_seqlens: object, softmax_scale: object
+    q: object,
+    k_cache: object,
+    v_cache: object,
+    table: object,
+    cache_seqlens: object,
+    softmax_scale: object,
+    block_table: object = None,
 ) -> DecodeCall:
     if isinstance(table, torch.Tensor) and isinstance(cache_seqlens, RopeTable):
         raise TypeError(
@@ -268,15 +305,28 @@ def check_decode_call(
     k_cache, v_cache = check_tensor("k_cache", k_cache), check_tensor("v_cache", v_cache)
     check_same("k_cache", k_cache, "q", q)
     check_same("v_cache", v_cache, "q", q)
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+    paged = block_table is not None
+    cache_layout = "[num_blocks, block_size, heads, head_dim] (paged)" if paged else "[batch, heads, seq, head_dim]"
+    for name, x, layout in (("q", q, "[batch, heads, seq, head_dim]"), ("k_cache", k_cache, cache_layout),
+                            ("v_cache", v_cache, cache_layout)):  # fmt: skip
         if x.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor [batch, heads, seq, head_dim], got shape {tuple(x.shape)}")
+            raise ValueError(f"{name}: expected a 4-D tensor {layout}, got shape {tuple(x.shape)}")
         check_head_dim(name, x, table)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache: expected the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    if k_cache.shape[0] != q.shape[0]:
-        raise ValueError(f"k_cache: expected batch {q.shape[0]} (as q), got {k_cache.shape[0]}")
-    check_gqa("k_cache", q.shape[1], k_cache.shape[1])
+    if paged:
+        block_table = check_block_table(block_table, q.shape[0], q.device)
+        num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
+        if block_size == 0:
+            raise ValueError(f"k_cache: expected a block size >= 1 (paged: shape[1]), got shape {tuple(k_cache.shape)}")
+        capacity = block_table.shape[1] * block_size
+        capacity_is = f"block_table.shape[1] * block_size = {block_table.shape[1]} * {block_size}"
+    else:
+        if k_cache.shape[0] != q.shape[0]:
+            raise ValueError(f"k_cache: expected batch {q.shape[0]} (as q), got {k_cache.shape[0]}")
+        num_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+        capacity_is = "k_cache.shape[2]"
+    check_gqa("k_cache", q.shape[1], num_kv_heads)
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens: expected an integer torch.Tensor [batch], got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (q.shape[0],):
@@ -286,10 +336,10 @@ def check_decode_call(
         )
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens: expected device {q.device} (as q), got {cache_seqlens.device}")
-    n_new, capacity = q.shape[2], k_cache.shape[2]
+    n_new = q.shape[2]
     if n_new > capacity:
         raise ValueError(
-            f"q: expected at most k_cache's capacity of {capacity} new tokens (k_cache.shape[2]), got {n_new}"
+            f"q: expected at most k_cache's capacity of {capacity} new tokens ({capacity_is}), got {n_new}"
         )
     if _run_value_checks(cache_seqlens):
         # Unchecked (GPU tensors under "auto"), an out-of-range length is still never read past the cache: the
@@ -299,12 +349,17 @@ def check_decode_call(
             if not n_new <= length <= capacity:
                 raise ValueError(
                     f"cache_seqlens: expected values in [{n_new} (new tokens), {capacity} (the cache's capacity, "
-                    f"k_cache.shape[2])], got {length} for sequence {seq}"
+                    f"{capacity_is})], got {length} for sequence {seq}"
                 )
+        if paged and _run_value_checks(block_table):
+            # Unchecked, a block id outside [0, num_blocks) is never read through either: the kernels skip it and
+            # write NaN to that sequence's output rows.
+            _check_block_ids(block_table, lengths, block_size, num_blocks)
     return DecodeCall(
         table=table, varlen=False, batch=q.shape[0], seq_len=capacity, num_q_heads=q.shape[1],
-        num_kv_heads=k_cache.shape[1], head_dim=q.shape[-1], dtype=q.dtype, device=q.device, q=q, k_cache=k_cache,
+        num_kv_heads=num_kv_heads, head_dim=q.shape[-1], dtype=q.dtype, device=q.device, q=q, k_cache=k_cache,
         v_cache=v_cache, cache_seqlens=cache_seqlens, softmax_scale=check_softmax_scale(softmax_scale, q.shape[-1]),
+        block_table=block_table,
     )  # fmt: skip
 
 

@@ -61,3 +61,10 @@ def __getattr__(name: str) -> object:
 def __dir__() -> list[str]:
     """The public API and the subpackages; loaded submodules and private helpers are not listed."""
     return sorted({*__all__, *_SUBPACKAGES})
+
+
+# attn_implementation="lr2kernels" in transformers (from_pretrained, from_config, set_attn_implementation): installed
+# when transformers loads its models (now, if it already has); imports neither transformers nor torch before that.
+from lr2kernels import _transformers_hook as _transformers_hook  # noqa: E402 - after __getattr__, which it may use
+
+_transformers_hook.install()

@@ -1,11 +1,19 @@
-"""Test-session setup: without a GPU, the Triton kernels run in Triton's CPU interpreter.
+"""Test-session setup: without a GPU, the Triton kernels run in Triton's CPU interpreter; the hub is never reached.
 
 TRITON_INTERPRET must be set before any @triton.jit function is created, so it is set here, at collection start.
+
+Where things are: the models the tests run (the one tiny-model factory ``tiny_model``, token ids, the real SmolLM2)
+in tests/models.py; each folder's shared helpers in a plain module (tests/ops/helpers.py, tests/hf/compare.py,
+tests/search/helpers.py) and its fixtures in its conftest.py. Test modules import helper modules only, never another
+test module or a conftest.
 """
 
 from __future__ import annotations
 
 import os
+
+# Before anything imports huggingface_hub (it reads this once): tiny random models or the installed SmolLM2 only.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch

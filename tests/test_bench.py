@@ -57,7 +57,7 @@ def test_results_go_to_a_fresh_folder_by_default(tmp_path, monkeypatch):
 
 def test_training_suite_compares_packed_and_padded_on_the_same_tokens():
     from lr2kernels.apps.bench.training import COLUMNS, run
-    from tests.hf.test_patch import tiny_model
+    from tests.models import tiny_model
 
     rows = run(tiny_model("llama").train(), torch.device("cpu"), seq_len=96, rows=2, docs_per_batch=3, reps=1, seed=0)
     assert [row["provider"] for row in rows] == ["stock, padded", "stock, packed", "patched, packed"]

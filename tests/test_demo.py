@@ -26,7 +26,7 @@ def _number(pattern: str, text: str) -> float:
 @pytest.fixture(scope="module")
 def quick_demo() -> subprocess.CompletedProcess:
     """One `lr2kernels demo --quick --device cpu` run (about 50 s on 2 CPU cores, 20 s of it loading the model)."""
-    from tests.hf.conftest import smollm2_dir
+    from tests.models import smollm2_dir
 
     smollm2_dir()  # fails with the install command if the model is missing
     env = dict(os.environ, HF_HUB_OFFLINE="1")

@@ -8,11 +8,11 @@ import time
 import torch
 
 from lr2kernels.apps.common import Heartbeat
-from tests.hf.test_patch import tiny_model
+from tests.models import tiny_model
 
 
 def test_heartbeat_prints_forwards_and_layers_then_removes_its_hooks(capsys):
-    model = tiny_model("llama", num_layers=3)
+    model = tiny_model("llama", layers=3)
     with Heartbeat("a long step", model, every=0.05), torch.no_grad():
         deadline = time.perf_counter() + 0.4
         while time.perf_counter() < deadline:

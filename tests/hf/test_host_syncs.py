@@ -2,8 +2,8 @@
 
 On a GPU every ``.item()``, ``.tolist()``, ``bool(t)``, ``int(t)`` of a device tensor stalls the host until the
 device catches up. The package may read values freely only where they already live on the host
-(``lr2kernels.ops.validation.reads_values``); these tests turn that off, so the CPU run behaves as a GPU run would,
-and count every such read made from the package's own code during a forward.
+(``lr2kernels.ops.validation.reads_values``); these tests turn that off (``set_host_reads("never")``), so the CPU
+run behaves as a GPU run would, and count every such read made from the package's own code during a forward.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels.ops import validation
-from tests.hf.test_patch import L0, tiny_model
+from tests.models import L0, tiny_model
 
 PACKAGE_DIR = str(Path(lr2.__file__).parent)
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
@@ -54,14 +54,16 @@ class HostReads:
 
 
 @pytest.fixture
-def as_on_a_gpu(monkeypatch):
+def as_on_a_gpu():
     """No host fast paths and no value checks: every read left is one a GPU run would pay as a sync."""
-    monkeypatch.setattr(validation, "reads_values", lambda tensor: False)
+    previous = validation.set_host_reads("never")
+    yield
+    validation.set_host_reads(previous)
 
 
 @pytest.mark.parametrize("rule", ["hf", "position"])
 def test_one_host_read_per_forward(as_on_a_gpu, monkeypatch, rule):
-    model = lr2.patch(tiny_model("llama", num_layers=3), backend="torch", rule=rule)
+    model = lr2.patch(tiny_model("llama", layers=3), backend="torch", rule=rule)
     ids = torch.randint(1, 101, (2, L0 + 4), generator=torch.Generator().manual_seed(0))
     reads = HostReads(monkeypatch)
     with torch.no_grad():

@@ -13,17 +13,9 @@ import pytest
 import torch
 
 import lr2kernels as lr2
-from tests.hf.test_patch import L0, tiny_model
-from tests.ops.conftest import DEVICE  # where the triton backend runs here: a GPU's, else the interpreter's CPU
+from tests.models import DEVICE, L0, tiny_model
 
 LENGTHS = [20, 50, 10]
-
-
-def _scaled(model):
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(4.0)  # positions and tables must matter
-    return model
 
 
 def _packed(lengths, batch: int = 1, device: torch.device | None = None):
@@ -44,7 +36,7 @@ def _summed_loss(logits: torch.Tensor, tokens: torch.Tensor, starts: list[int]) 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_each_packed_document_equals_it_alone_in_the_stock_model(arch, backend):
-    stock = _scaled(tiny_model(arch)).to(DEVICE)
+    stock = tiny_model(arch, scale=4.0).to(DEVICE)
     patched = lr2.patch(copy.deepcopy(stock), backend=backend)
     tokens, positions = _packed(LENGTHS, device=DEVICE)
     with torch.no_grad():
@@ -59,7 +51,7 @@ def test_each_packed_document_equals_it_alone_in_the_stock_model(arch, backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_packed_gradients_equal_the_sum_of_per_document_gradients(arch, backend):
-    stock = _scaled(tiny_model(arch)).to(DEVICE).train()
+    stock = tiny_model(arch, scale=4.0).to(DEVICE).train()
     patched = lr2.patch(copy.deepcopy(stock), backend=backend).train()
     tokens, positions = _packed(LENGTHS, device=DEVICE)
     starts = [0, LENGTHS[0], LENGTHS[0] + LENGTHS[1]]
@@ -75,7 +67,7 @@ def test_packed_gradients_equal_the_sum_of_per_document_gradients(arch, backend)
 def test_a_short_document_next_to_a_long_one_keeps_the_short_table():
     # Under HF's rule for the whole row (max position 49 + 1 > L0) the short documents would use the long table;
     # per document, they keep the short one: their logits equal the short-table stock run, not the long-table one.
-    stock = _scaled(tiny_model("llama"))
+    stock = tiny_model("llama", scale=4.0)
     patched = lr2.patch(copy.deepcopy(stock))
     tokens, positions = _packed(LENGTHS)
     with torch.no_grad():

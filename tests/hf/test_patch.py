@@ -13,49 +13,14 @@ import transformers
 
 import lr2kernels as lr2
 from lr2kernels.hf import is_patched
-from tests.hf.conftest import incremental_errors
-
-L0 = 32
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
-
-
-def tiny_model(model_type: str, num_layers: int = 2, partial_rotary: float = 1.0) -> torch.nn.Module:
-    """2-layer model with GQA 2:1 and a LongRoPE table whose L0 = 32 the tests cross."""
-    head_dim = 16
-    rotary_dim = int(head_dim * partial_rotary)
-    half = rotary_dim // 2
-    rope = {
-        "rope_type": "longrope",
-        "rope_theta": 10000.0,
-        "short_factor": [1.0 + 0.05 * i for i in range(half)],
-        "long_factor": [1.0 + 1.5 * i for i in range(half)],
-        "original_max_position_embeddings": L0,
-    }
-    if partial_rotary != 1.0:
-        rope["partial_rotary_factor"] = partial_rotary
-    kwargs = dict(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=num_layers,
-        intermediate_size=96, vocab_size=101, max_position_embeddings=8 * L0, pad_token_id=0, rope_parameters=rope,
-        head_dim=head_dim,
-    )  # fmt: skip
-    if model_type == "phi3":
-        kwargs["original_max_position_embeddings"] = L0
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = transformers.CONFIG_MAPPING[model_type](**kwargs)
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    return model.eval()
-
-
-def _ids(batch: int, length: int) -> torch.Tensor:
-    return torch.randint(1, 101, (batch, length), generator=torch.Generator().manual_seed(1))
+from tests.models import ARCHS, L0, incremental_errors, model_from_config, tiny_model, token_ids
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_patched_logits_equal_stock(arch):
     model = tiny_model(arch)
-    short, long = _ids(2, L0 - 2), _ids(2, 3 * L0)  # below L0 (short table) and past it (long table)
+    # below L0 (short table) and past it (long table)
+    short, long = token_ids(2, L0 - 2, low=1), token_ids(2, 3 * L0, low=1)
     with torch.no_grad():
         stock = [model(x).logits for x in (short, long)]
         lr2.patch(model)
@@ -72,8 +37,8 @@ def test_patched_logits_equal_stock(arch):
 def test_incremental_across_l0_equals_full_forward_one_layer(arch):
     # One layer: the PRE-RoPE cache makes every step past L0 exactly a full forward over the prefix;
     # stock transformers keeps short-table keys in its cache and drifts.
-    model = tiny_model(arch, num_layers=1)
-    ids = _ids(2, L0 + 8)
+    model = tiny_model(arch, layers=1)
+    ids = token_ids(2, L0 + 8, low=1)
     with torch.no_grad():
         stock_error = incremental_errors(model, ids, prefill=L0 - 4)
         lr2.patch(model)
@@ -87,8 +52,8 @@ def test_incremental_across_l0_deeper_models(arch):
     # With more layers, the hidden states of tokens decoded before the switch were computed with the short table,
     # while a full forward recomputes them with the long one: no cache layout can remove that part. The patched
     # model still removes the stale-key error (the larger part).
-    model = tiny_model(arch, num_layers=2)
-    ids = _ids(2, L0 + 8)
+    model = tiny_model(arch, layers=2)
+    ids = token_ids(2, L0 + 8, low=1)
     with torch.no_grad():
         stock_error = incremental_errors(model, ids, prefill=L0 - 4)
         lr2.patch(model)
@@ -103,8 +68,8 @@ def test_incremental_across_l0_deeper_models(arch):
 def test_position_rule_decodes_exactly_like_a_full_forward(arch):
     # rule="position": every token uses the table of its own position, so each cached step past L0 is exactly the
     # full forward over the prefix, for any depth, and nothing is ever re-computed.
-    model = tiny_model(arch, num_layers=3)
-    ids = _ids(2, L0 + 12)
+    model = tiny_model(arch, layers=3)
+    ids = token_ids(2, L0 + 12, low=1)
     with torch.no_grad():
         stock_short = model(ids[:, : L0 - 2]).logits
         lr2.patch(model, rule="position")
@@ -124,7 +89,7 @@ def test_bad_rule():
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_generate_greedy_and_sampling_match_stock_below_l0(arch):
     model = tiny_model(arch)
-    prompt = _ids(2, 10)
+    prompt = token_ids(2, 10, low=1)
     stock = model.generate(prompt, max_new_tokens=12, do_sample=False)
     torch.manual_seed(3)
     stock_sampled = model.generate(prompt, max_new_tokens=12, do_sample=True, top_k=5)
@@ -138,12 +103,9 @@ def test_generate_greedy_and_sampling_match_stock_below_l0(arch):
 def test_generation_across_l0_equals_full_forwards_by_default(arch):
     # rule="hf" (the default): every generated token's logits equal a full forward over the sequence so far, across
     # L0 too, in a left-padded batch (positions from the mask, as generate computes them).
-    model = tiny_model(arch)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(6.0)  # positions and tables must matter
+    model = tiny_model(arch, scale=6.0)  # positions and tables must matter
     stock = copy.deepcopy(model)
-    prompt = _ids(2, L0 - 3)
+    prompt = token_ids(2, L0 - 3, low=1)
     mask = torch.ones_like(prompt)
     mask[1, :3] = 0
     lr2.patch(model, backend="torch")
@@ -165,7 +127,7 @@ def test_generation_re_runs_the_sequence_at_l0_under_rule_hf_only(arch):
     model = tiny_model(arch)
     lengths: list[int] = []
     hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[1]))
-    prompt = _ids(1, L0 - 3)
+    prompt = token_ids(1, L0 - 3, low=1)
     lr2.patch(model)  # rule="hf": one full run at the step whose sequence first exceeds L0
     model.generate(prompt, max_new_tokens=8, do_sample=False)
     assert lengths == [L0 - 3, 1, 1, 1, L0 + 1, 1, 1, 1]  # the 5th forward adds position L0
@@ -179,7 +141,7 @@ def test_generation_re_runs_the_sequence_at_l0_under_rule_hf_only(arch):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_left_padding_with_attention_mask_matches_stock(arch):
     model = tiny_model(arch)
-    ids = _ids(2, 40)
+    ids = token_ids(2, 40, low=1)
     mask = torch.ones_like(ids)
     mask[0, :7] = 0  # row 0 is left-padded
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -193,7 +155,7 @@ def test_left_padding_with_attention_mask_matches_stock(arch):
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_training_loss_and_gradients_match_stock(arch):
     model = tiny_model(arch).train()
-    ids = _ids(2, 48)  # past L0: the long table
+    ids = token_ids(2, 48, low=1)  # past L0: the long table
     stock_loss = model(ids, labels=ids).loss
     stock_grads = torch.autograd.grad(stock_loss, list(model.parameters()), allow_unused=True)
     lr2.patch(model)
@@ -207,7 +169,7 @@ def test_training_loss_and_gradients_match_stock(arch):
 
 def test_partial_rotary_phi3():
     model = tiny_model("phi3", partial_rotary=0.5)
-    ids = _ids(1, 3 * L0)
+    ids = token_ids(1, 3 * L0, low=1)
     with torch.no_grad():
         stock = model(ids).logits
         lr2.patch(model)
@@ -217,7 +179,7 @@ def test_partial_rotary_phi3():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_low_precision_close_to_stock(dtype):
     model = tiny_model("llama").to(dtype)
-    ids = _ids(2, 40)
+    ids = token_ids(2, 40, low=1)
     with torch.no_grad():
         stock = model(ids).logits.float()
         lr2.patch(model)
@@ -227,7 +189,7 @@ def test_low_precision_close_to_stock(dtype):
 
 def test_patch_twice_is_a_no_op_and_use_cache_false():
     model = tiny_model("llama")
-    ids = _ids(1, 40)
+    ids = token_ids(1, 40, low=1)
     lr2.patch(model)
     with torch.no_grad():
         once = model(ids, use_cache=False).logits
@@ -258,7 +220,7 @@ def test_static_cache_generation(rule):
     # StaticCache hands attention the whole preallocated buffer plus a mask: the masked path must ignore the slots
     # past the sequence, and crossing L0 must give the same tokens as the dynamic cache.
     model = tiny_model("llama")
-    prompt = _ids(1, L0 - 4)
+    prompt = token_ids(1, L0 - 4, low=1)
     lr2.patch(model, rule=rule)
     dynamic = model.generate(prompt, max_new_tokens=10, do_sample=False)
     static = model.generate(prompt, max_new_tokens=10, do_sample=False, cache_implementation="static")
@@ -284,17 +246,16 @@ def shrunk_real_model(path: Path) -> torch.nn.Module:
     if "original_max_position_embeddings" in rope:
         rope["original_max_position_embeddings"] = L0
         rope["factor"] = 16.0
-    torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = transformers.CONFIG_MAPPING[data["model_type"]](**data)
-        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    return model_from_config(config)
 
 
 @pytest.mark.parametrize("path", REAL_CONFIGS, ids=lambda p: p.stem)
 def test_real_configs_shrunk(path):
     model = shrunk_real_model(path)
-    ids = _ids(1, 3 * L0)
+    ids = token_ids(1, 3 * L0, low=1)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the LongRoPE2 llama config's one-time L0 notice
         stock = model(ids).logits
@@ -304,23 +265,15 @@ def test_real_configs_shrunk(path):
         assert incremental_errors(model, ids[:, : L0 + 6], prefill=L0 - 3) <= 1e-4
 
 
-def _scaled_tiny(arch: str, num_layers: int = 2):
-    model = tiny_model(arch, num_layers=num_layers)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(6.0)  # tables and positions must matter
-    return model
-
-
 def test_assisted_and_beam_generation_across_l0_equal_stock_phi3():
     # Stock Phi-3 re-runs the sequence when a step first passes L0, also when that step verifies several candidate
     # tokens (assisted decoding, which then crops the cache) or runs beams (which expand and reorder it): the
     # patched model (rule="hf") gives the same tokens. (Under HF's rule a verification step that straddles L0 uses
     # the long table for all its tokens, so assisted decoding need not equal plain greedy; stock's does not either.)
-    stock = _scaled_tiny("phi3")
+    stock = tiny_model("phi3", scale=6.0)
     patched = lr2.patch(copy.deepcopy(stock), backend="torch")
-    assistant = tiny_model("phi3", num_layers=1)
-    prompt = _ids(1, L0 - 5)
+    assistant = tiny_model("phi3", layers=1)
+    prompt = token_ids(1, L0 - 5, low=1)
     runs = dict(assisted=dict(assistant_model=assistant, max_new_tokens=12), beams=dict(num_beams=3, max_new_tokens=10))
     for name, kwargs in runs.items():
         with torch.no_grad():
@@ -332,9 +285,11 @@ def test_assisted_and_beam_generation_across_l0_equal_stock_phi3():
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_assisted_generation_across_l0_equals_greedy_under_the_position_rule(arch):
     # rule="position": every token by its own position, so verifying candidates in one step changes nothing.
-    model = lr2.patch(_scaled_tiny(arch), backend="torch", rule="position")
-    prompt = _ids(1, L0 - 5)
+    model = lr2.patch(tiny_model(arch, scale=6.0), backend="torch", rule="position")
+    prompt = token_ids(1, L0 - 5, low=1)
     with torch.no_grad():
         greedy = model.generate(prompt, max_new_tokens=12, do_sample=False)
-        assisted = model.generate(prompt, max_new_tokens=12, do_sample=False, assistant_model=tiny_model(arch, 1))
+        assisted = model.generate(
+            prompt, max_new_tokens=12, do_sample=False, assistant_model=tiny_model(arch, layers=1)
+        )
     assert torch.equal(assisted, greedy)

@@ -14,27 +14,21 @@ import transformers
 
 import lr2kernels as lr2
 from lr2kernels.hf import is_patched
-from tests.hf.test_patch import L0, _ids, tiny_model
-
-
-def _scaled(model: torch.nn.Module) -> torch.nn.Module:
-    # With transformers' 0.02 init the logits are nearly flat and hide a position error: scale the weights up.
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(6.0)
-    return model
+from tests.models import L0, tiny_config, tiny_model, token_ids
 
 
 @pytest.mark.parametrize(
     "class_name", ["Phi3Model", "Phi3ForCausalLM", "Phi3ForSequenceClassification", "Phi3ForTokenClassification"]
 )
 def test_every_phi3_class_patches_and_matches_stock(class_name):
-    causal = tiny_model("phi3")
+    torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = getattr(transformers, class_name)(causal.config).eval()
-    _scaled(model)
-    ids = _ids(2, L0 + 8)  # past L0: the long table
+        model = getattr(transformers, class_name)(tiny_config("phi3")).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(6.0)  # as tiny_model(scale=6.0): a position error must show
+    ids = token_ids(2, L0 + 8, low=1)  # past L0: the long table
     with torch.no_grad():
         stock = model(ids)[0]
         lr2.patch(model, backend="torch")
@@ -45,8 +39,8 @@ def test_every_phi3_class_patches_and_matches_stock(class_name):
 
 
 def test_pickled_patched_model_loads_patched_in_a_new_process(tmp_path):
-    model = _scaled(tiny_model("phi3"))
-    ids = _ids(1, L0 + 8)
+    model = tiny_model("phi3", scale=6.0)
+    ids = token_ids(1, L0 + 8, low=1)
     with torch.no_grad():
         stock = model(ids).logits
     lr2.patch(model)
@@ -76,8 +70,8 @@ with torch.no_grad():
 def test_switching_attention_implementation_after_patch_keeps_the_patch():
     # set_attn_implementation changes model.config; the patched layers keep their private config, so the patch keeps
     # working (never a model without RoPE), and an eager model's attention maps come back when asked for.
-    model = _scaled(tiny_model("llama"))
-    ids = _ids(1, 40)
+    model = tiny_model("llama", scale=6.0)
+    ids = token_ids(1, 40, low=1)
     with torch.no_grad():
         stock = model(ids).logits
         model.set_attn_implementation("eager")
@@ -96,8 +90,8 @@ def test_switching_attention_implementation_after_patch_keeps_the_patch():
 def test_a_layer_config_switched_behind_the_patch_falls_back_to_stock_rope():
     # Someone sets the attention layers' own config to another implementation: that attention expects rotated q/k,
     # so the rotary module gives the stock rotation, with a warning, rather than run the model without RoPE.
-    model = _scaled(tiny_model("llama"))
-    ids = _ids(1, 40)
+    model = tiny_model("llama", scale=6.0)
+    ids = token_ids(1, 40, low=1)
     with torch.no_grad():
         stock = model(ids).logits
         lr2.patch(model)
@@ -130,7 +124,7 @@ def test_the_cache_goes_under_the_name_this_transformers_reads():
     assert cache_kwargs(Older(), "kv") == {"past_key_values": "kv"}
     model = tiny_model("llama")
     assert cache_kwargs(model, "kv") == {"cache": "kv"}
-    ids = _ids(1, 12)
+    ids = token_ids(1, 12, low=1)
     with torch.no_grad():
         out = model(ids[:, :10], use_cache=True)
         step = model(ids[:, 10:], use_cache=True, **cache_kwargs(model, output_cache(out))).logits[:, -1]
@@ -144,7 +138,7 @@ def test_patch_never_changes_a_shared_config():
     first = tiny_model("llama")
     second = transformers.AutoModelForCausalLM.from_config(first.config).eval()
     second.load_state_dict(first.state_dict())
-    ids = _ids(1, 20)
+    ids = token_ids(1, 20, low=1)
     shared = first.config
     with torch.no_grad():
         stock = first(ids).logits
@@ -163,7 +157,7 @@ def test_a_failing_patch_leaves_the_model_untouched(monkeypatch):
     patch_module = importlib.import_module("lr2kernels.hf.patch")  # the module (lr2kernels.hf.patch is the function)
 
     model = tiny_model("phi3")
-    ids = _ids(1, 20)
+    ids = token_ids(1, 20, low=1)
     with torch.no_grad():
         stock = model(ids).logits
     before = {name: dict(vars(module)) for name, module in model.named_modules()}

@@ -20,7 +20,8 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels.hf import is_patched
-from tests.hf.test_stock_differential import ARCHS, generate_both, ids, tiny_default_rope
+from tests.hf.compare import generate_both
+from tests.models import ARCHS, tiny_default_rope, token_ids
 
 
 def _torch_round_trip(model):
@@ -54,7 +55,7 @@ def test_stock_and_patched_models_round_trip_before_during_and_after_the_patch(a
     round_trip = ROUND_TRIPS[how]
     stock = tiny_default_rope(arch)
     functions = _module_functions(stock)
-    tokens = ids(2, 40)
+    tokens = token_ids(2, 40)
     expected = _logits(stock, tokens)
     lr2.patch(tiny_default_rope(arch), backend="torch")  # another model of the architecture, patched in this process
 
@@ -81,7 +82,7 @@ def test_a_round_tripped_patched_model_generates_as_stock(arch):
     stock = tiny_default_rope(arch)
     patched = lr2.patch(copy.deepcopy(stock), backend="torch")
     for round_trip in ROUND_TRIPS.values():
-        generate_both(stock, round_trip(patched), ids(2, 9), max_new_tokens=6)  # equal tokens and step logits
+        generate_both(stock, round_trip(patched), token_ids(2, 9), max_new_tokens=6)  # equal tokens and step logits
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -105,7 +106,7 @@ def test_the_layers_own_rotation_wrapper_is_patched_per_instance(arch):
 def test_a_pickled_patched_llama_loads_patched_in_a_new_process(tmp_path):
     # A new process: transformers' registry has never heard of lr2kernels, and the layers' wrappers are rebuilt.
     stock = tiny_default_rope("llama")
-    tokens = ids(1, 40)
+    tokens = token_ids(1, 40)
     torch.save(lr2.patch(copy.deepcopy(stock), backend="torch"), tmp_path / "model.pt")
     torch.save({"ids": tokens, "stock": _logits(stock, tokens)}, tmp_path / "data.pt")
     code = f"""

@@ -3,7 +3,7 @@ step, bit for bit, through everything that changes a cache between steps.
 
 Each test runs the same script on two patched copies of one model, ``rotated_key_cache=True`` (the default: a step
 rotates only its new keys) and ``False`` (the whole PRE-RoPE cache is rotated again at every step), and demands
-``torch.equal`` logits. The model is the LongRoPE one of test_patch (L0 = 32), so scripts can cross L0.
+``torch.equal`` logits. The model is the LongRoPE tiny_model of tests/models.py (L0 = 32), so scripts can cross L0.
 """
 
 from __future__ import annotations
@@ -17,18 +17,14 @@ import transformers
 
 import lr2kernels as lr2
 from lr2kernels.hf import rotated_keys
-from tests.hf.test_patch import L0, tiny_model
+from tests.models import L0, tiny_model
 
 ARCHS = ["llama", "qwen3", "phi3"]
 
 
 def scaled_model(arch: str, partial_rotary: float = 1.0):
     """The tiny model with weights x6, as the stock-vs-patched suite: a key one position off moves logits > 0.1."""
-    model = tiny_model(arch, partial_rotary=partial_rotary)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(6.0)
-    return model
+    return tiny_model(arch, partial_rotary=partial_rotary, scale=6.0)
 
 
 def both_ways(arch: str, rule: str = "hf", partial_rotary: float = 1.0, with_stock: bool = False):

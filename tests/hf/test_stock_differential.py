@@ -20,74 +20,26 @@ import transformers
 
 import lr2kernels as lr2
 from lr2kernels.hf.models import cache_kwargs, output_cache
-
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
-RULES = ["hf", "position"]
-TOL = dict(atol=5e-4, rtol=1e-4)
-PAD = 0
-
-
-def tiny_default_rope(arch: str, *, sliding_window: int | None = None, attn: str = "sdpa", layers: int = 2):
-    """A 2-layer GQA model of ``arch`` with default RoPE and weights scaled x6 (positions matter)."""
-    kwargs = dict(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=layers, head_dim=16,
-        intermediate_size=96, vocab_size=101, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
-        eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
-    )  # fmt: skip
-    if sliding_window is not None:
-        kwargs.update(sliding_window=sliding_window, use_sliding_window=True, max_window_layers=0)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = transformers.CONFIG_MAPPING[arch](**kwargs)
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(6.0)
-    model.generation_config.pad_token_id = PAD
-    return model
-
-
-def stock_and_patched(arch: str, rule: str = "hf", **kwargs):
-    stock = tiny_default_rope(arch, **kwargs)
-    return stock, lr2.patch(copy.deepcopy(stock), backend="torch", rule=rule)
-
-
-def ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, 101, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def generate_both(stock, patched, prompt, seed: int = 0, max_new_tokens: int = 8, **kwargs):
-    """Generate with both models from the same seed; assert equal tokens and per-step logits, return them."""
-    results = []
-    for model in (stock, patched):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            results.append(
-                model.generate(
-                    prompt, max_new_tokens=max_new_tokens, return_dict_in_generate=True, output_logits=True, **kwargs
-                )
-            )
-    want, got = results
-    assert torch.equal(got.sequences, want.sequences)
-    for step_got, step_want in zip(got.logits, want.logits, strict=True):
-        torch.testing.assert_close(step_got, step_want, **TOL)
-    return want, got
-
+from tests.hf.compare import RULES, TOL, generate_both, stock_and_patched
+from tests.models import ARCHS, DEVICE, PAD, tiny_default_rope, tiny_model, token_ids
 
 # ---- forwards -------------------------------------------------------------------------------------------------
 
 
-def test_scaled_weights_make_a_position_error_show():
-    # The suite's premise: with scaled weights, moving the later tokens one position away from the earlier ones
-    # (a relative error, what a wrong key position is) moves the logits by > 0.1.
-    model = tiny_default_rope("llama")
-    tokens = ids(1, 24)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_position_shifts_equal_stock_and_show_far_above_the_tolerance(arch):
+    # The suite's premise, on the patched model: with scaled weights, moving the later tokens one position away from
+    # the earlier ones (a relative error, what a wrong key position is) moves the logits by > 0.1, while patched and
+    # stock agree to TOL with and without the shift.
+    stock, patched = stock_and_patched(arch)
+    tokens = token_ids(1, 24)
     gap = torch.arange(24)
     gap[12:] += 1
     with torch.no_grad():
-        right = model(tokens).logits
-        shifted = model(tokens, position_ids=gap[None]).logits
+        right = patched(tokens).logits
+        shifted = patched(tokens, position_ids=gap[None]).logits
+        torch.testing.assert_close(right, stock(tokens).logits, **TOL)
+        torch.testing.assert_close(shifted, stock(tokens, position_ids=gap[None]).logits, **TOL)
     assert (right - shifted).abs().max() > 0.1
 
 
@@ -95,7 +47,7 @@ def test_scaled_weights_make_a_position_error_show():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_right_padding_with_mask_derived_positions(arch, rule):
     stock, patched = stock_and_patched(arch, rule)
-    tokens = ids(2, 20)
+    tokens = token_ids(2, 20)
     mask = torch.ones_like(tokens)
     mask[1, 13:] = 0
     tokens[1, 13:] = PAD
@@ -114,7 +66,7 @@ def test_packed_rows_restarting_positions(arch, rule):
     # out as it does alone (and as the stock model computes the packed row).
     stock, patched = stock_and_patched(arch, rule)
     lengths = [7, 12, 5]
-    tokens = ids(1, sum(lengths))
+    tokens = token_ids(1, sum(lengths))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     with torch.no_grad():
         want = stock(tokens, position_ids=positions, use_cache=False).logits
@@ -128,7 +80,7 @@ def test_packed_rows_restarting_positions(arch, rule):
 def test_packed_batch_from_transformers_flattening_collator(arch):
     # DataCollatorWithFlattening with return_flash_attn_kwargs: cu_seq_lens_q / max_length_q ride along.
     stock, patched = stock_and_patched(arch)
-    documents = [ids(1, n, seed=n)[0].tolist() for n in (9, 4, 14)]
+    documents = [token_ids(1, n, seed=n)[0].tolist() for n in (9, 4, 14)]
     collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")
     batch = collator([{"input_ids": d} for d in documents])
     batch.pop("labels")
@@ -144,7 +96,7 @@ def test_packed_rows_train_like_stock(arch):
     stock, patched = stock_and_patched(arch)
     stock.train(), patched.train()
     lengths = [6, 11, 8]
-    tokens = ids(1, sum(lengths))
+    tokens = token_ids(1, sum(lengths))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     for model in (stock, patched):
         model.zero_grad()
@@ -157,7 +109,7 @@ def test_packed_rows_train_like_stock(arch):
 def test_mask_with_a_hole_in_the_prompt(arch):
     # A pad token inside the prompt and no attention mask: generate infers a mask with a hole.
     stock, patched = stock_and_patched(arch)
-    prompt = ids(1, 14)
+    prompt = token_ids(1, 14)
     prompt[0, 5] = PAD
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -167,7 +119,7 @@ def test_mask_with_a_hole_in_the_prompt(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_with_gradient_checkpointing(arch):
     stock, patched = stock_and_patched(arch)
-    tokens = ids(2, 18)
+    tokens = token_ids(2, 18)
     mask = torch.ones_like(tokens)
     mask[0, :4] = 0  # left padding: the masked path, recomputed in backward
     for model in (stock, patched):
@@ -182,7 +134,7 @@ def test_training_with_gradient_checkpointing(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_eager_attention_maps(arch):
     stock, patched = stock_and_patched(arch, attn="eager")
-    tokens = ids(2, 16)
+    tokens = token_ids(2, 16)
     mask = torch.ones_like(tokens)
     mask[1, :3] = 0
     with torch.no_grad():
@@ -201,7 +153,7 @@ def test_eager_attention_maps(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_sampling_and_beams(arch, rule):
     stock, patched = stock_and_patched(arch, rule)
-    prompt = ids(1, 12)
+    prompt = token_ids(1, 12)
     generate_both(stock, patched, prompt, do_sample=False)
     generate_both(stock, patched, prompt, do_sample=True, top_k=8, seed=3)
     generate_both(stock, patched, prompt, do_sample=False, num_beams=3, num_return_sequences=2)
@@ -212,13 +164,13 @@ def test_greedy_sampling_and_beams(arch, rule):
 def test_static_cache(arch, rule):
     # StaticCache hands attention its whole preallocated buffer: the newest token is not in the last slot.
     stock, patched = stock_and_patched(arch, rule)
-    generate_both(stock, patched, ids(2, 11), do_sample=False, cache_implementation="static")
+    generate_both(stock, patched, token_ids(2, 11), do_sample=False, cache_implementation="static")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_batch(arch):
     stock, patched = stock_and_patched(arch)
-    prompt = ids(3, 12)
+    prompt = token_ids(3, 12)
     mask = torch.ones_like(prompt)
     mask[1, :4] = mask[2, :7] = 0
     prompt[mask == 0] = PAD
@@ -230,7 +182,7 @@ def test_left_padded_batch(arch):
 def test_generation_from_inputs_embeds(arch):
     # generate() allows inputs_embeds only where prepare_inputs_for_generation's signature names it.
     stock, patched = stock_and_patched(arch)
-    prompt = ids(2, 10)
+    prompt = token_ids(2, 10)
     embeds = stock.get_input_embeddings()(prompt).detach()
     generate_both(stock, patched, None, inputs_embeds=embeds, do_sample=False)
     generate_both(stock, patched, prompt, inputs_embeds=embeds, do_sample=False, cache_implementation="static")
@@ -240,7 +192,7 @@ def test_generation_from_inputs_embeds(arch):
 def test_assisted_and_prompt_lookup_decoding(arch):
     stock, patched = stock_and_patched(arch)
     assistant = tiny_default_rope(arch, layers=1)
-    prompt = torch.cat([ids(1, 6), ids(1, 6)], dim=1)  # repeats: prompt lookup finds candidates
+    prompt = torch.cat([token_ids(1, 6), token_ids(1, 6)], dim=1)  # repeats: prompt lookup finds candidates
     generate_both(stock, patched, prompt, do_sample=False, assistant_model=assistant, max_new_tokens=10)
     generate_both(stock, patched, prompt, do_sample=False, prompt_lookup_num_tokens=3, max_new_tokens=10)
     lr2.patch(assistant, backend="torch")  # a patched assistant (its own cache, its own positions)
@@ -250,10 +202,10 @@ def test_assisted_and_prompt_lookup_decoding(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_continuing_from_a_returned_cache(arch):
     stock, patched = stock_and_patched(arch)
-    prompt = ids(1, 10)
+    prompt = token_ids(1, 10)
     first = generate_both(stock, patched, prompt, do_sample=False, max_new_tokens=4)
     caches = [output_cache(out) for out in first]
-    follow = torch.cat([first[0].sequences, ids(1, 3, seed=9)], dim=1)
+    follow = torch.cat([first[0].sequences, token_ids(1, 3, seed=9)], dim=1)
     results = []
     for model, cache in zip((stock, patched), caches):
         with torch.no_grad():
@@ -277,7 +229,7 @@ def test_continuing_from_a_returned_cache(arch):
 def test_sliding_window_caches(arch, cache):
     # A window shorter than the generation: sliding cache layers hand attention only the newest keys.
     stock, patched = stock_and_patched(arch, sliding_window=8)
-    generate_both(stock, patched, ids(1, 12), do_sample=False, max_new_tokens=10, cache_implementation=cache)
+    generate_both(stock, patched, token_ids(1, 12), do_sample=False, max_new_tokens=10, cache_implementation=cache)
 
 
 def quantized_caches(model, backend: str, **layer_kwargs):
@@ -302,7 +254,7 @@ class LosslessQuantizedLayer(transformers.cache_utils.QuantizedLayer):
 def test_quantized_cache_bookkeeping(arch):
     # Keys leave and re-enter the quantized store (residual window of 3): their positions must survive it.
     stock, patched = stock_and_patched(arch)
-    prompt = ids(2, 9)
+    prompt = token_ids(2, 9)
     for kwargs in (dict(do_sample=False), dict(do_sample=False, num_beams=2)):
         results = []
         for model in (stock, patched):
@@ -311,8 +263,12 @@ def test_quantized_cache_bookkeeping(arch):
             with torch.no_grad():
                 results.append(
                     model.generate(
-                        prompt, max_new_tokens=8, **cache_kwargs(model, cache), return_dict_in_generate=True,
-                        output_logits=True, **kwargs,
+                        prompt,
+                        max_new_tokens=8,
+                        **cache_kwargs(model, cache),
+                        return_dict_in_generate=True,
+                        output_logits=True,
+                        **kwargs,
                     )  # fmt: skip
                 )
             # generate used this cache (not one of its own): the store was flushed into at least once
@@ -330,7 +286,7 @@ def test_fp8_quantized_cache_errs_like_stock(arch):
     stock, patched = stock_and_patched(arch)
     stock_errors, patched_errors, shift_errors = [], [], []
     for seed in range(4):
-        prompt = ids(1, 16, seed=seed)
+        prompt = token_ids(1, 16, seed=seed)
         shifted_positions = torch.arange(16)
         shifted_positions[12:] += 1
         with torch.no_grad():
@@ -358,9 +314,12 @@ def test_eager_maps_through_assisted_generation(arch):
     stock, patched = stock_and_patched(arch, attn="eager")
     assistant = tiny_default_rope(arch, layers=1, attn="eager")
     want, got = generate_both(
-        stock, patched, ids(1, 10), do_sample=False, assistant_model=assistant, output_attentions=True
+        stock, patched, token_ids(1, 10), do_sample=False, assistant_model=assistant, output_attentions=True
     )
     assert len(got.attentions) == len(want.attentions) > 0
+    for step, (got_step, want_step) in enumerate(zip(got.attentions, want.attentions)):
+        for got_maps, want_maps in zip(got_step, want_step, strict=True):  # one per layer
+            torch.testing.assert_close(got_maps, want_maps, **TOL, msg=lambda m, step=step: f"step {step}: {m}")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -368,8 +327,6 @@ def test_packed_rows_run_the_fused_varlen_kernel(backend, monkeypatch):
     # Packed rows go through one varlen rope_attention per layer (no mask), each sequence with its own table: a
     # LongRoPE model with L0 = 32 and sequences of 20, 50 and 10 tokens equals each sequence run alone in stock.
     from lr2kernels.hf import attention
-    from tests.hf.test_patch import tiny_model
-    from tests.ops.conftest import DEVICE  # where the triton backend runs here: a GPU's, else the interpreter's CPU
 
     if backend == "triton":
         pytest.importorskip("triton")
@@ -379,7 +336,7 @@ def test_packed_rows_run_the_fused_varlen_kernel(backend, monkeypatch):
     original = attention.rope_attention
     monkeypatch.setattr(attention, "rope_attention", lambda *a, **k: calls.append(k) or original(*a, **k))
     lengths = [20, 50, 10]
-    tokens = ids(1, sum(lengths)).to(DEVICE)
+    tokens = token_ids(1, sum(lengths)).to(DEVICE)
     positions = torch.cat([torch.arange(n) for n in lengths])[None].to(DEVICE)
     with torch.no_grad():
         got = patched(tokens, position_ids=positions, use_cache=False).logits
@@ -394,7 +351,7 @@ def test_a_cache_the_patched_model_did_not_write_is_named(monkeypatch):
 
     monkeypatch.setattr(positions, "_WARNED", set())
     stock, patched = stock_and_patched("llama")
-    tokens = ids(1, 12)
+    tokens = token_ids(1, 12)
     with torch.no_grad():
         cache = output_cache(stock(tokens[:, :10], use_cache=True))
         with pytest.warns(UserWarning, match="a KV cache holds tokens that this patched model did not write"):
@@ -410,4 +367,6 @@ def test_compiled_generation_with_a_static_cache():
     config = CompileConfig(fullgraph=False, dynamic=False)
     config._compile_all_devices = True  # transformers compiles on the CPU only when asked
     torch.compiler.reset()
-    generate_both(stock, patched, ids(2, 10), do_sample=False, cache_implementation="static", compile_config=config)
+    generate_both(
+        stock, patched, token_ids(2, 10), do_sample=False, cache_implementation="static", compile_config=config
+    )

@@ -11,6 +11,7 @@ import pytest
 import transformers
 
 from lr2kernels.hf.patch import is_patched
+from tests.models import tiny_config
 
 PLUGIN = Path(__file__).resolve().parents[2] / "tools" / "transformers_suites" / "lr2_patch_plugin.py"
 
@@ -29,18 +30,11 @@ def plugin():
     assert transformers.PreTrainedModel.post_init is module._stock_post_init
 
 
-def tiny_config(model_type: str):
-    return transformers.CONFIG_MAPPING[model_type](
-        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1, intermediate_size=64,
-        vocab_size=64, max_position_embeddings=64, pad_token_id=0,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("model_type", ["llama", "phi3"])
 def test_every_built_model_is_patched_once_as_a_whole(plugin, model_type, tmp_path):
-    causal = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type))
+    causal = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, layers=1))
     assert is_patched(causal) and not is_patched(causal.model)  # the base model is the owner's to patch
-    base = transformers.AutoModel.from_config(tiny_config(model_type))
+    base = transformers.AutoModel.from_config(tiny_config(model_type, layers=1))
     assert is_patched(base)
     causal.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -15,7 +15,7 @@ import transformers
 
 import lr2kernels as lr2
 from lr2kernels.train.finetune import FINISHED_FILE, FinetuneSettings, export, finetune
-from tests.hf.test_patch import L0, tiny_model
+from tests.models import L0, tiny_model
 
 SETTINGS = FinetuneSettings(seq_len=64, long_fraction=0.5, steps=6, learning_rate=1e-3, batch_size=2, save_steps=3)
 

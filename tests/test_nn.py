@@ -7,7 +7,8 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels import reference
-from tests.ops.conftest import make_table
+from tests.models import tiny_config
+from tests.ops.helpers import make_table
 
 
 def _expected(module: lr2.LongRopeAttention, x: torch.Tensor) -> torch.Tensor:
@@ -24,10 +25,13 @@ def test_dense_matches_reference_and_trains(seq):
     torch.manual_seed(0)
     module = lr2.LongRopeAttention(96, num_heads=6, num_kv_heads=2, table=make_table(16))
     x = torch.randn(2, seq, 96, requires_grad=True)
-    out = module(x)
-    torch.testing.assert_close(out, _expected(module, x), atol=1e-5, rtol=1e-5)
-    out.square().mean().backward()
-    assert x.grad is not None and module.q_proj.weight.grad.abs().sum() > 0
+    out, expected = module(x), _expected(module, x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    leaves = [x, *module.parameters()]
+    grads = torch.autograd.grad(out.square().mean(), leaves)
+    expected_grads = torch.autograd.grad(expected.square().mean(), leaves)  # through the fp64 reference
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
 def test_packed_sequences_use_their_own_tables():
@@ -40,15 +44,12 @@ def test_packed_sequences_use_their_own_tables():
 
 
 def test_matches_hf_llama_attention_with_the_same_weights():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
             "short_factor": [1.0] * 8, "long_factor": [1.0 + i for i in range(8)]}  # fmt: skip
-    config = transformers.LlamaConfig(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        rope_parameters=rope, attn_implementation="sdpa",
-    )  # fmt: skip
+    config = tiny_config("llama", rope=rope, max_position=128, attn_implementation="sdpa")  # hidden 64, 4:2 heads of 16
     torch.manual_seed(0)
     hf = LlamaAttention(config, layer_idx=0).eval()
     ours = lr2.LongRopeAttention(64, 4, lr2.RopeTable.from_hf_config(config), num_kv_heads=2)

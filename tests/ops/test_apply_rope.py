@@ -12,7 +12,7 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels import reference
-from tests.ops.conftest import DEVICE, cu_seqlens_of, dtype_id, hf_rotate, make_table, randn, run, tolerance
+from tests.ops.helpers import DEVICE, cu_seqlens_of, dtype_id, hf_rotate, make_table, randn, run, tolerance
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
 DIMS = [(64, 64), (80, 80), (96, 96), (128, 96), (96, 64), (80, 32)]

@@ -17,7 +17,7 @@ import lr2kernels as lr2
 from lr2kernels import reference
 from lr2kernels.ops import dispatch
 from lr2kernels.ops.calls import CallSpec
-from tests.ops.conftest import (
+from tests.ops.helpers import (
     BACKENDS,
     DEVICE,
     cu_seqlens_of,

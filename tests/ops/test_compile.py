@@ -12,7 +12,7 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels.ops import dispatch
-from tests.ops.conftest import DEVICE, make_table
+from tests.ops.helpers import DEVICE, make_table
 
 TABLE = make_table(64, rotary_dim=48)  # partial rotary, L0 = 64
 SEQ = 80  # past L0: the long table

@@ -12,7 +12,7 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels.ops import custom_ops, rotary  # noqa: F401  (registers torch.ops.lr2kernels)
-from tests.ops.conftest import DEVICE, make_table
+from tests.ops.helpers import DEVICE, make_table
 
 pytestmark = pytest.mark.skipif("triton" not in lr2.available_backends(), reason="needs a GPU or TRITON_INTERPRET=1")
 # Every tensor on DEVICE: where Triton runs here (a GPU when there is one: it takes no CPU tensors then).

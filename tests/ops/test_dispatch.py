@@ -15,7 +15,7 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels.ops import dispatch, validation
-from tests.ops.conftest import DEVICE, make_table, requires_triton
+from tests.ops.helpers import DEVICE, make_table, requires_triton
 
 TABLE = make_table(64)
 

@@ -11,7 +11,7 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels import reference
-from tests.ops.conftest import DEVICE, cu_seqlens_of, dtype_id, make_table, requires_triton, run, tolerance
+from tests.ops.helpers import DEVICE, cu_seqlens_of, dtype_id, make_table, requires_triton, run, tolerance
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
 DIRECTIONS = [(False, True), (True, False), (True, True)]

@@ -11,7 +11,7 @@ import torch
 
 import lr2kernels as lr2
 from lr2kernels import reference
-from tests.ops.conftest import (
+from tests.ops.helpers import (
     DEVICE,
     L0,
     TOLERANCES,

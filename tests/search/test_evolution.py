@@ -11,7 +11,7 @@ import pytest
 
 from lr2kernels.search import SearchConfig, SearchLog, evolutionary_search, move_log_aside
 from tests.search import search_worker, synthetic
-from tests.search.conftest import free_port
+from tests.search.helpers import free_port
 
 WORKER = Path(search_worker.__file__)
 CONFIG = SearchConfig(**search_worker.CONFIG)

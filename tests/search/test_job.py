@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import lr2kernels as lr2
 from lr2kernels.apps.cli import main
 from lr2kernels.search.outputs import hf_config_dict
-from tests.search.conftest import free_port
+from tests.search.helpers import free_port, tiny_llama
 
 ARGS = ["--target-length", "512", "--eval-length", "320", "--samples", "2", "--population", "4",
         "--parents", "2", "--mutations", "2", "--crossovers", "2", "--iterations", "2", "--critical-window", "2",
@@ -140,8 +140,6 @@ def _model_of(out: Path) -> str:
 
 
 def test_changed_weights_are_refused(tokenizer, tmp_path, capsys):
-    from tests.search.conftest import tiny_llama
-
     folder, out = tmp_path / "model", tmp_path / "out"
     model = tiny_llama(len(tokenizer), max_position=256, seed=2)
     model.save_pretrained(folder)

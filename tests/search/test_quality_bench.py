@@ -7,7 +7,7 @@ import pydoc_data.topics
 import lr2kernels as lr2
 from lr2kernels.apps.bench.quality import COLUMNS, manual_documents, run
 from lr2kernels.train.finetune import FinetuneSettings
-from tests.search.conftest import tiny_llama
+from tests.search.helpers import tiny_llama
 
 
 def test_manual_documents_hold_out_their_texts_and_mix_short_with_long(tokenizer):

@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import lr2kernels as lr2
+from lr2kernels import reference
 from lr2kernels.tables import RopeTable
 
 TABLE = RopeTable.longrope(
@@ -90,6 +91,6 @@ def test_max_seqlen_types_and_bounds():
 
 
 def test_decode_with_an_empty_batch():
-    empty = torch.randn(0, 2, 8, 16)
-    out = lr2.rope_decode(torch.randn(0, 4, 1, 16), empty, empty, TABLE, cache_seqlens=torch.zeros(0, dtype=torch.long))
-    assert out.shape == (0, 4, 1, 16)
+    q, empty, lengths = torch.randn(0, 4, 1, 16), torch.randn(0, 2, 8, 16), torch.zeros(0, dtype=torch.long)
+    out = lr2.rope_decode(q, empty, empty, TABLE, cache_seqlens=lengths)
+    torch.testing.assert_close(out, reference.rope_decode(q, empty, empty, lengths, TABLE), atol=0, rtol=0)

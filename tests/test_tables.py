@@ -937,9 +937,12 @@ def test_cached_tensors_made_under_inference_mode_still_serve_autograd():
         cos, _ = table._cos_sin_prefix(True, 40)
         table._inv_freq(False)
     assert not cos.is_inference() and not table._inv_freq(False).is_inference()
+    # The cached values are the table's, and autograd takes them: the gradient of sum(x * cos * s) is cos * s.
+    torch.testing.assert_close(cos, table.cos_sin(torch.arange(40), long=True)[0], atol=0, rtol=0)
     x = torch.randn(40, 16, requires_grad=True)
-    (x * table._cos_sin_prefix(True, 40)[0] * table._inv_freq(False).sum()).sum().backward()
-    assert x.grad is not None
+    factor = table._inv_freq(False).sum()
+    (x * table._cos_sin_prefix(True, 40)[0] * factor).sum().backward()
+    torch.testing.assert_close(x.grad, cos * factor, atol=0, rtol=0)
 
 
 _FRESH_PROCESS_COS = """

@@ -31,6 +31,17 @@ resolve_cpu_trig()
 REAL_MODEL_FIXTURES = {"smollm2", "fresh_smollm2", "quick_demo"}
 
 
+@pytest.fixture
+def as_on_a_gpu():
+    """The package reads no tensor's values on the host (``set_host_reads("never")``), as for GPU tensors: no host
+    fast paths and no value checks, so a CPU run takes the code paths, and makes the device reads, a GPU run would."""
+    from lr2kernels.ops import validation
+
+    previous = validation.set_host_reads("never")
+    yield
+    validation.set_host_reads(previous)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):

@@ -2,7 +2,7 @@
 
 On a GPU every ``.item()``, ``.tolist()``, ``bool(t)``, ``int(t)`` of a device tensor stalls the host until the
 device catches up. The package may read values freely only where they already live on the host
-(``lr2kernels.ops.validation.reads_values``); these tests turn that off (``set_host_reads("never")``), so the CPU
+(``lr2kernels.ops.validation.reads_values``); these tests turn that off (the ``as_on_a_gpu`` fixture), so the CPU
 run behaves as a GPU run would, and count every such read made from the package's own code during a forward.
 """
 
@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import lr2kernels as lr2
-from lr2kernels.ops import validation
 from tests.models import L0, tiny_model
 
 PACKAGE_DIR = str(Path(lr2.__file__).parent)
@@ -51,14 +50,6 @@ class HostReads:
         count, self.count = self.count, 0
         self.where.clear()
         return count
-
-
-@pytest.fixture
-def as_on_a_gpu():
-    """No host fast paths and no value checks: every read left is one a GPU run would pay as a sync."""
-    previous = validation.set_host_reads("never")
-    yield
-    validation.set_host_reads(previous)
 
 
 @pytest.mark.parametrize("rule", ["hf", "position"])

@@ -14,7 +14,7 @@ import lr2kernels as lr2
 from lr2kernels import reference
 from lr2kernels.ops import rotary
 from lr2kernels.tables import RopeTable
-from tests.ops.conftest import (
+from tests.ops.helpers import (
     DEVICE,
     INTERPRETED,
     TOLERANCES,
@@ -175,13 +175,11 @@ def _capacity_inputs(lengths, capacity, hq, hk, n_new, head_dim):
 
 
 @pytest.mark.parametrize("gpu_like", [False, True], ids=["host_lengths", "device_lengths"])
-def test_unchecked_bad_length_gives_nan_rows_and_reads_nothing_past_the_cache(backend, gpu_like, monkeypatch):
+def test_unchecked_bad_length_gives_nan_rows_and_reads_nothing_past_the_cache(backend, gpu_like, request):
     # With value checks off (as for GPU tensors by default), a length past the capacity or under n must not read past
     # the cache (NaN there) and must not look right: that sequence's rows are NaN, the others exact.
     if gpu_like:
-        from lr2kernels.ops import validation
-
-        monkeypatch.setattr(validation, "reads_values", lambda tensor: False)  # as on a GPU: no host reads
+        request.getfixturevalue("as_on_a_gpu")  # no host reads
     capacity, n_new = 70, 2
     lengths = [5, capacity + 9, 1, capacity, 66]
     q, k_cache, v_cache, cache_seqlens = _capacity_inputs(lengths, capacity, 6, 2, n_new, 64)

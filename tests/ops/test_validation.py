@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lr2kernels as lr2
-from tests.ops.conftest import make_table
+from tests.ops.helpers import make_table
 
 TABLE = make_table(64)
 

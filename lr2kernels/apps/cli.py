@@ -1,4 +1,4 @@
-"""The ``lr2kernels`` command: ``info``, ``bench``, ``demo``, ``search``, ``finetune``.
+"""The ``lr2kernels`` command: ``info``, ``bench``, ``demo``, ``search``, ``finetune``, ``serve``.
 
 Each command lives in its own module with a ``main(argv) -> exit code`` that parses the command's options; this
 module imports it only when the command runs (``lr2kernels --help`` and ``--version`` import no torch, no
@@ -19,6 +19,7 @@ COMMANDS = {  # name: (module, help)
     "demo": ("lr2kernels.apps.demo", "the main job: stock vs patched real model, passkey, the L0 boundary"),
     "search": ("lr2kernels.apps.search_job", "LongRoPE2 factor search: needle-driven evolutionary search of factors"),
     "finetune": ("lr2kernels.apps.finetune_job", "LongRoPE2 mixed context window finetuning with a searched table"),
+    "serve": ("lr2kernels.apps.serve", "transformers serve (OpenAI-compatible server) on the lr2kernels attention"),
 }
 
 

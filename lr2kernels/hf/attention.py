@@ -15,7 +15,9 @@ steps; where that would run on the torch backend, i.e. on the CPU, the layer's r
 :mod:`lr2kernels.hf.rotated_keys` instead, so a step rotates only its new keys); packed rows -> the fused varlen
 ``rope_attention``; attention maps requested from a model whose implementation is eager -> rotate, then
 transformers' eager attention (which returns the maps); anything else (padding, masks with holes, static and
-sliding caches, dropout) -> rotate, then transformers' SDPA with its mask.
+sliding caches, dropout) -> rotate, then transformers' SDPA with its mask. Continuous batching (a flattened batch on
+a PRE-RoPE ``PagedAttentionCache``) -> :func:`lr2kernels.hf.serving.paged_attention`, which routes each request to
+the fused varlen ``rope_attention`` (no past) or ``rope_decode`` (a past).
 """
 
 from __future__ import annotations

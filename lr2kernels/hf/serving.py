@@ -34,6 +34,7 @@ other cache that is not a transformers ``Cache`` (:func:`check_cache`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import weakref
 from typing import Any
 
@@ -42,12 +43,6 @@ import torch
 from lr2kernels.ops import rope_attention, rope_decode, rotary
 from lr2kernels.tables import RopeTable
 
-# The entry points of transformers' ContinuousMixin (generate(cache_implementation="paged") calls generate_batch).
-CONTINUOUS_BATCHING_ENTRIES: tuple[str, ...] = (
-    "generate_batch",
-    "init_continuous_batching",
-    "continuous_batching_context_manager",
-)
 _PAGED_CACHE = ("transformers.generation.continuous_batching.cache", "PagedAttentionCache")
 
 
@@ -194,7 +189,7 @@ def _routes(plan: PagedPlan, layer_type: str, window: int | None, table: RopeTab
     if found is not None:
         return found
     key_lengths = plan.key_lengths[layer_type]
-    key_starts = [sum(key_lengths[:i]) for i in range(plan.num_requests)]
+    key_starts = [0, *itertools.accumulate(key_lengths)]
     prefill, decode, rest = [], {}, []
     for i in requests:
         q, k, past = plan.q_length(i), key_lengths[i], plan.past[i]
@@ -208,7 +203,7 @@ def _routes(plan: PagedPlan, layer_type: str, window: int | None, table: RopeTab
     routes = _Routes(None, [], None)
     if prefill:
         lengths = [plan.q_length(i) for i in prefill]
-        cu = torch.tensor([0] + [sum(lengths[: j + 1]) for j in range(len(lengths))], dtype=torch.int32, device=device)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
         routes.prefill = (
             _ranges([plan.q_starts[i] for i in prefill], lengths, device),
             _ranges([key_starts[i] for i in prefill], lengths, device),

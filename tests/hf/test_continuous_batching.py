@@ -175,3 +175,12 @@ def test_pickled_and_copied_patched_models_batch_like_stock():
         assert lr2.hf.is_patched(copied)
         assert generate_batch(copied, MIXED) == want
     assert generate_batch(lr2.unpatch(patched), MIXED) == want
+
+
+def test_generate_with_the_paged_cache_equals_stock():
+    # generate(cache_implementation="paged") hands the batch to continuous batching.
+    stock = tiny_default_rope("qwen3")
+    prompt = token_ids(2, 12)
+    kwargs = dict(cache_implementation="paged", max_new_tokens=6, do_sample=False, eos_token_id=-1,
+                  continuous_batching_config=cb_config(64))  # fmt: skip
+    assert torch.equal(patched_copy(stock).generate(prompt, **kwargs), stock.generate(prompt, **kwargs))

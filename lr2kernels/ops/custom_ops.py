@@ -12,6 +12,8 @@ length or the longest varlen sequence.
 """
 
 # No `from __future__ import annotations`: torch.library reads the annotations to infer each op's schema.
+import functools
+import inspect
 from typing import Protocol
 
 import torch
@@ -45,6 +47,12 @@ class Launchers(Protocol):
 
 def _launchers(backend: str) -> Launchers:
     return dispatch.get_backend(backend).launchers()
+
+
+@functools.cache
+def _takes_block_table(launcher) -> bool:
+    """Whether a backend's ``rope_decode`` launcher reads paged caches (has a ``block_table`` parameter)."""
+    return "block_table" in inspect.signature(launcher).parameters
 
 
 def _lse_shape(q: Tensor, varlen: bool) -> tuple[int, ...]:
@@ -194,8 +202,18 @@ def rope_decode(
 ) -> Tensor:  # fmt: skip
     """Decode attention on a PRE-RoPE cache (inference only: no autograd); dense caches ``[B, Hk, max_len, D]``, or
     paged ``[num_blocks, block_size, Hk, D]`` read through ``block_table [B, max_blocks]``."""
-    paged = {} if block_table is None else {"block_table": block_table}
-    return _launchers(backend).rope_decode(
+    launcher = _launchers(backend).rope_decode
+    paged = {}
+    if block_table is not None:
+        # Never run a paged call as a dense one: a launcher without paging would read the blocks as sequences.
+        # (Checked here, when the op runs, not while torch.compile traces the backend.)
+        if not _takes_block_table(launcher):
+            raise NotImplementedError(
+                f"rope_decode: the {backend} backend has no paged decode kernel yet (block_table given); use "
+                f"backend='triton' or backend='torch' for paged caches"
+            )
+        paged["block_table"] = block_table
+    return launcher(
         q, k_cache, v_cache, cache_seqlens, inv_freq, original_max_position, attention_short, attention_long,
         softmax_scale, **paged,
     )  # fmt: skip

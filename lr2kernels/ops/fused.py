@@ -8,9 +8,6 @@ offsets live on a GPU reads the longest length once (the grid needs it).
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 
 from lr2kernels.ops import custom_ops, rotary
@@ -32,12 +29,6 @@ def _max_seqlen(call: RopeCall | AttentionCall, given: int | None) -> int:
 def _table_args(table: RopeTable, device: torch.device) -> tuple[torch.Tensor, float, float]:
     inv_freq = rotary.inv_freq_pair(table, device).contiguous()  # [2, rotary_dim // 2]
     return inv_freq, table.attention_factor_for(False), table.attention_factor_for(True)
-
-
-@functools.cache
-def _takes_block_table(launcher) -> bool:
-    """Whether a backend's ``rope_decode`` launcher reads paged caches (has a ``block_table`` parameter)."""
-    return "block_table" in inspect.signature(launcher).parameters
 
 
 class FusedBackend:
@@ -75,12 +66,7 @@ class FusedBackend:
         return (out, lse) if call.return_lse else out
 
     def rope_decode(self, call: DecodeCall) -> torch.Tensor:
-        if call.paged and not _takes_block_table(self.launchers().rope_decode):
-            # Never run a paged call as a dense one: the launcher would read the blocks as sequences.
-            raise NotImplementedError(
-                f"rope_decode: the {self.NAME} backend has no paged decode kernel yet (block_table given); use "
-                f"backend='triton' or backend='torch' for paged caches"
-            )
+        # A paged call's block_table goes to the custom op, which refuses it for a launcher without paging.
         inv_freq, attention_short, attention_long = _table_args(call.table, call.device)
         return torch.ops.lr2kernels.rope_decode(
             call.q, call.k_cache, call.v_cache, call.cache_seqlens, inv_freq, call.table.original_max_position,

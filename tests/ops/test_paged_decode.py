@@ -7,12 +7,14 @@ rest of a last block) holds NaN, so a read of one fails loudly.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import lr2kernels as lr2
 from lr2kernels import reference
-from lr2kernels.ops import dispatch, validation
+from lr2kernels.ops import custom_ops, dispatch, validation
 from lr2kernels.ops.calls import DecodeCall
 from lr2kernels.ops.fused import FusedBackend
 from tests.ops.conftest import (
@@ -28,13 +30,6 @@ from tests.ops.conftest import (
 )
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
-
-
-@pytest.fixture(autouse=True)
-def _triton_paged_kernel_pending(request):
-    # TEMPORARY (removed by the commit that adds the Triton paged kernel): the contract lands first.
-    if "triton" in request.node.name:
-        pytest.skip("the Triton paged decode kernel lands in the next commit")
 
 
 LENGTHS = [3, 64, 65, 130]  # L0 = 64: short, exactly at it, just past it (long table), two tiles past it
@@ -339,23 +334,27 @@ def test_decode_call_describes_the_paged_layout():
     assert (dense.capacity, dense.num_kv_heads) == (16, 2)
 
 
-def test_a_kernel_backend_without_paging_refuses_a_paged_call():
+def test_a_kernel_backend_without_paging_refuses_a_paged_call(monkeypatch):
     # A launcher without a block_table parameter must never be handed paged caches (it would read blocks as
-    # sequences): the backend refuses the call.
+    # sequences): the custom op refuses the call.
+    def rope_decode(q, k_cache, v_cache, cache_seqlens, inv_freq, original_max_position, attention_short,
+                    attention_long, softmax_scale, num_splits=None):  # fmt: skip
+        raise AssertionError("a paged call reached a launcher without paging")
+
+    real = custom_ops._launchers
+    monkeypatch.setattr(
+        custom_ops,
+        "_launchers",
+        lambda name: SimpleNamespace(rope_decode=rope_decode) if name == "dense" else real(name),
+    )
+
     class DenseOnly(FusedBackend):
-        NAME = "dense_only"
-
-        def launchers(self):
-            def rope_decode(q, k_cache, v_cache, cache_seqlens, inv_freq, original_max_position, attention_short,
-                            attention_long, softmax_scale, num_splits=None):  # fmt: skip
-                raise AssertionError("a paged call reached a launcher without paging")
-
-            return type("Launchers", (), {"rope_decode": staticmethod(rope_decode)})()
+        NAME = "dense"
 
     table = make_table(64)
     call = build_call(lr2.rope_decode, torch.randn(1, 2, 1, 64), torch.zeros(2, 16, 1, 64), torch.zeros(2, 16, 1, 64),
                       table, cache_seqlens=torch.tensor([5]), block_table=torch.tensor([[1]]))  # fmt: skip
-    with pytest.raises(NotImplementedError, match=r"the dense_only backend has no paged decode kernel yet"):
+    with pytest.raises(NotImplementedError, match=r"the dense backend has no paged decode kernel yet"):
         DenseOnly().rope_decode(call)
 
 
@@ -384,4 +383,23 @@ def test_default_backend_runs_paged(monkeypatch):
     name = dispatch.backend_name("rope_decode", q.device, q.dtype, 64)
     torch.testing.assert_close(
         out.double(), _expected(q, k_dense, v_dense, seqlens, table), **tolerance(name, torch.float32, "decode")
+    )
+
+
+def test_paged_decode_compiles_fullgraph(backend):
+    # torch.compile(fullgraph=True) traces a paged call (the torch backend's gather without host reads, the kernels'
+    # custom op with its optional block_table) and gives the eager result.
+    table, q, k_dense, v_dense, k_paged, v_paged, block_table, seqlens = _case([40, 17], (4, 2), 1, 64, 16)
+
+    def decode(q, k_cache, v_cache, seqlens, block_table):
+        return lr2.rope_decode(
+            q, k_cache, v_cache, table, cache_seqlens=seqlens, block_table=block_table, backend=backend
+        )
+
+    torch._dynamo.reset()
+    compiled = torch.compile(decode, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k_paged, v_paged, seqlens, block_table)
+    torch.testing.assert_close(out, decode(q, k_paged, v_paged, seqlens, block_table), atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(
+        out.double(), _expected(q, k_dense, v_dense, seqlens, table), **tolerance(backend, torch.float32, "decode")
     )

@@ -13,6 +13,14 @@ With more than one split, each program writes a partial output and its log-sum-e
 splits (log-sum-exp rule). The key angles come from one precise sincos per key tile plus a per-program
 ``[BLOCK_N, HALF]`` sincos table of the in-tile offsets (angle addition), corrected to HF's fp32 angle rounding.
 
+Paged caches (``block_table``, FlashAttention's / vLLM's ``[num_blocks, block_size, Hk, D]``) are a constexpr
+specialization of the same kernel (``PAGE`` = the block size; the dense kernel's machine code is unchanged): the key
+tiles stay ``BLOCK_N`` keys at logical positions (so the angles, splits and merge are the dense kernel's), and each
+tile's rows are found through the table (:func:`_paged_rows`): one block id per tile when the block size is a
+multiple of ``BLOCK_N``, else one per key; any block size works. The k/v rows still arrive by 16-byte ``cp.async``
+(their offsets are multiples of the 16-divisible strides). A block id outside ``[0, num_blocks)`` among those a
+sequence reads is never read through, and that sequence's output rows are NaN, as for a bad length.
+
 The launcher :func:`rope_decode` takes tensors and Python scalars only: the prepared ``[2, rotary_dim // 2]`` fp32
 inverse frequencies (short row, long row), L0 and the tables' attention factors.
 """
@@ -155,6 +163,34 @@ def _part_rows(pid_bh, split, num_splits, num_rows, rows):
 
 
 @triton.jit
+def _paged_rows(
+    table_row, n_start, offs_n, n_mask, num_blocks, stride_kb, stride_kt, stride_vb, stride_vt, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Where the keys ``offs_n`` (tile start ``n_start``, a multiple of BLOCK_N) of a paged sequence lie: (k row
+    offsets, v row offsets (int64 elements from the head's base), load mask, keys whose block id is bad).
+
+    Key j sits in slot ``j % PAGE`` of block ``table_row[j // PAGE]``. A block of a multiple of BLOCK_N keys holds
+    the whole tile: one block id per tile; smaller (or not power-of-two) blocks: one per key. Only ids of keys below
+    the split's end are loaded (all inside the table: the length is clamped to its capacity). An id outside
+    ``[0, num_blocks)`` is not read through: its keys are masked off and reported.
+    """
+    if PAGE % BLOCK_N == 0:
+        block = tl.load(table_row + n_start // PAGE)  # the tile's block: n_start < the split's end
+        slot = n_start % PAGE + tl.arange(0, BLOCK_N)
+    else:
+        block = tl.load(table_row + offs_n // PAGE, mask=n_mask, other=0)  # [BLOCK_N]
+        slot = offs_n % PAGE
+    inside = (block >= 0) & (block < num_blocks)
+    block = tl.where(inside, block, 0).to(tl.int64)
+    slot = slot.to(tl.int64)
+    # tl.where, not &: Triton 3.9's interpreter refuses a mask from a vector & a scalar (its dtype comes out int8).
+    load_mask = tl.where(inside, n_mask, False)
+    bad = tl.where(inside, False, n_mask)
+    return block * stride_kb + slot * stride_kt, block * stride_vb + slot * stride_vt, load_mask, bad
+
+
+@triton.jit
 def _rope_decode_kernel(
     Q, K, V, O, O_PART, LSE_PART, SEQLENS, INV_FREQ,
     stride_qb, stride_qh, stride_qt,
@@ -163,12 +199,17 @@ def _rope_decode_kernel(
     stride_ob, stride_oh, stride_ot,
     num_kv_heads, group, n_new, capacity, num_splits, min_split_keys, original_max_position,
     sm_scale_log2, attention_short, attention_long,
+    BLOCK_TABLE, stride_table, num_blocks,
     HALF: tl.constexpr, HALF_A: tl.constexpr, HALF_B: tl.constexpr,
     PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, kv head) x KV split x block of packed rows: its output, or its partial output and lse."""
+    """One (sequence, kv head) x KV split x block of packed rows: its output, or its partial output and lse.
+
+    ``PAGE`` 0: dense caches ``[B, Hk, capacity, D]`` (strides b, h, t). ``PAGE`` > 0: paged caches ``[num_blocks,
+    PAGE, Hk, D]`` read through ``BLOCK_TABLE [B, capacity / PAGE]`` (the b stride is the block's, t the slot's)."""
     SPLIT: tl.constexpr = (HALF, HALF_A, HALF_B, PASS, PASS_A, PASS_B)
     ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
     pid_bh = tl.program_id(0)
@@ -202,26 +243,49 @@ def _rope_decode_kernel(
 
     inv_freq = _inv_freq(INV_FREQ, is_long, SPLIT)  # [*] tiled like a half
     cos_step, sin_step = _step_table(inv_freq, BLOCK_N)  # [BLOCK_N, *], once per program
-    k_base = K + _head_offset(seq, kv_head, 0, stride_kb, stride_kh, 0)
-    v_base = V + _head_offset(seq, kv_head, 0, stride_vb, stride_vh, 0)
+    if PAGE == 0:
+        k_base = K + _head_offset(seq, kv_head, 0, stride_kb, stride_kh, 0)
+        v_base = V + _head_offset(seq, kv_head, 0, stride_vb, stride_vh, 0)
+    else:  # the sequence's blocks come per key tile from its row of the table
+        k_base = K + _head_offset(0, kv_head, 0, 0, stride_kh, 0)
+        v_base = V + _head_offset(0, kv_head, 0, 0, stride_vh, 0)
+        table_row = BLOCK_TABLE + tl.cast(seq, tl.int64) * stride_table
+        bad_block = tl.zeros([BLOCK_N], dtype=tl.int1)  # keys of this split whose block id is out of range
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = _zeros_fp32(BLOCK_M, ROW)  # [BLOCK_M, *] row tiles
     for n_start in range(lo, hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
+        if PAGE == 0:
+            k_rows, v_rows, k_stride, v_stride, kv_mask = offs_n, offs_n, stride_kt, stride_vt, n_mask
+        else:
+            k_rows, v_rows, kv_mask, bad = _paged_rows(
+                table_row, n_start, offs_n, n_mask, num_blocks, stride_kb, stride_kt, stride_vb, stride_vt, PAGE,
+                BLOCK_N,
+            )  # fmt: skip
+            k_stride, v_stride = 1, 1
+            bad_block = bad_block | bad
         # The load -> angles -> rotate chain of _load_rotated, with the angle-addition table for the angles.
-        k1, k2, kp = _load_split(k_base, offs_n, stride_kt, n_mask, SPLIT)  # [BLOCK_N, *]
+        k1, k2, kp = _load_split(k_base, k_rows, k_stride, kv_mask, SPLIT)  # [BLOCK_N, *]
         cos_k, sin_k = _key_angles(n_start, inv_freq, cos_step, sin_step, attention, BLOCK_N)
         k1, k2, kp = _rotate_keys(k1, k2, kp, cos_k, sin_k, dtype)
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])  # causal among the new tokens
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q1, q2, qp, k1, k2, kp, visible, sm_scale_log2, v_base, offs_n, stride_vt, n_mask,
+            acc, m_i, l_i, q1, q2, qp, k1, k2, kp, visible, sm_scale_log2, v_base, v_rows, v_stride, kv_mask,
             ROW, PRECISION,
         )  # fmt: skip
 
     # A row that sees nothing in this split: output 0, lse -inf.
     out, lse = _attend_finish(acc, m_i, l_i)  # [BLOCK_M, *] row tiles, [BLOCK_M] log2 units
+    if PAGE != 0:
+        # A block id outside [0, num_blocks) was never read through (its keys loaded as 0); its sequence's rows are
+        # poisoned: here, and through the merge by a NaN partial of lse +inf (2^(inf - inf) = NaN there).
+        poisoned = tl.max(bad_block.to(tl.int32), axis=0) != 0
+        invalid = invalid | poisoned
+        if IS_SPLIT:
+            out = _scale(out, tl.where(poisoned, float("nan"), 1.0))
+            lse = tl.where(poisoned, float("inf"), lse)
     if IS_SPLIT:  # the merge poisons an invalid length's rows
         # Partials [B * Hk, num_splits, num_rows, HEAD_DIM] fp32 and their lse [B * Hk, num_splits, num_rows].
         part_rows = _part_rows(pid_bh, split, num_splits, num_rows, offs_m)
@@ -275,6 +339,9 @@ def _rope_decode_merge_kernel(
 _MAX_SPLITS = 256
 _MIN_SPLIT_TILES = 4  # a split's prologue (q, the step table's sincos) is worth about one key tile
 _NUM_STAGES = 3  # software pipeline: the k and v tiles of the next two trips load (cp.async) during this one
+# Paged: the block ids are a load the k/v addresses depend on; Triton's pipeliner gives that chain its own stages,
+# and only 5 keep two k/v tiles in flight as the dense kernel does (3 and 4 leave one; same registers, sm_90).
+_NUM_STAGES_PAGED = 5
 _MERGE_BLOCK_M = 16  # 64-row merge tiles spill registers on sm_90 (1 KB at 128 channels); 16 never did
 
 
@@ -323,12 +390,13 @@ def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device)
 def rope_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, inv_freq: Tensor, original_max_position: int,
     attention_short: float, attention_long: float, softmax_scale: float, num_splits: int | None = None,
-    min_split_keys: int | None = None,
+    min_split_keys: int | None = None, block_table: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """Decode attention of n new PRE-RoPE queries on a PRE-RoPE cache.
+    """Decode attention of n new PRE-RoPE queries on a PRE-RoPE cache, dense or paged.
 
     Args:
-        q: ``[B, Hq, n, D]``, the n newest tokens; k_cache, v_cache: ``[B, Hk, max_len, D]``, new tokens included.
+        q: ``[B, Hq, n, D]``, the n newest tokens; k_cache, v_cache: ``[B, Hk, max_len, D]``, new tokens included,
+            or paged ``[num_blocks, block_size, Hk, D]`` with ``block_table``.
         cache_seqlens: ``[B]`` valid positions per sequence (new tokens included; made int32 contiguous).
         inv_freq: ``[2, rotary_dim // 2]`` fp32, the short table's inverse frequencies then the long table's.
         original_max_position: L0; a sequence uses the long table iff its length is > L0.
@@ -352,7 +420,20 @@ def rope_decode(
     if q.numel() == 0:
         return out
     batch, num_q_heads, n_new, head_dim = q.shape
-    num_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    if block_table is None:
+        num_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+        # (batch, head, token) strides
+        k_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+        v_strides = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
+        table, table_args, page = None, (0, 0), 0
+    else:
+        num_blocks, page, num_kv_heads = k_cache.shape[:3]
+        max_len = block_table.shape[1] * page  # the capacity
+        # (block, head, slot) strides: the kernel's "batch" stride is the block's
+        k_strides = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))
+        v_strides = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
+        table = int32(block_table)
+        table_args = (table.stride(0), num_blocks)
     group = num_q_heads // num_kv_heads
     num_rows = group * n_new
     block_m, block_n = _block_sizes(num_rows, head_dim, q.dtype)
@@ -374,14 +455,12 @@ def rope_decode(
     seqlens = int32(cache_seqlens)
     _rope_decode_kernel[(batch * num_kv_heads, num_splits, m_blocks)](
         q, k_cache, v_cache, out, o_part, lse_part, seqlens, inv_freq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides,
         *out_strides, num_kv_heads, group, n_new, max_len, num_splits, min_split_keys, original_max_position,
-        softmax_scale * LOG2E, attention_short, attention_long,
+        softmax_scale * LOG2E, attention_short, attention_long, table, *table_args,
         **split_sizes(head_dim, rotary_dim_of(inv_freq)), **sizes,
-        BLOCK_M=block_m, BLOCK_N=block_n, IS_SPLIT=is_split, PRECISION=dot_precision(q.dtype),
-        num_warps=_num_warps(head_dim, block_m), num_stages=_NUM_STAGES,
+        BLOCK_M=block_m, BLOCK_N=block_n, IS_SPLIT=is_split, PRECISION=dot_precision(q.dtype), PAGE=page,
+        num_warps=_num_warps(head_dim, block_m), num_stages=_NUM_STAGES_PAGED if page else _NUM_STAGES,
         maxnreg=255,  # else ptxas caps itself at 128 and spills as launched (16 B at 96 channels on sm_80)
         enable_fp_fusion=False,  # the angle products must round as HF's do (see _tile_angles)
     )  # fmt: skip

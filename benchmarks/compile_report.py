@@ -89,7 +89,13 @@ DECODE_CASES = {
     "decode_1": (1, 32, 8, 1, 32768, 30000, 8),
     # 8 new tokens of a GQA group of 8 (64 packed rows), a batch that fills the GPU: one split.
     "decode_64": (64, 32, 4, 8, 4096, 4000, 1),
+    # The same two through a block table (paged caches, rope_decode's block_table), one block id per key: vLLM's
+    # 16-token blocks, smaller than a key tile ...
+    "decode_1_paged16": (1, 32, 8, 1, 32768, 30000, 8),
+    # ... and one per key tile: transformers' continuous batching's 256-token pages.
+    "decode_64_paged256": (64, 32, 4, 8, 4096, 4000, 1),
 }
+DECODE_BLOCK_SIZES = {"decode_1_paged16": 16, "decode_64_paged256": 256}  # paged cases: case -> block size
 
 
 @dataclass
@@ -267,10 +273,18 @@ def launcher_calls(head: str, dtype: str, staged: bool = True) -> dict[str, Call
 
         def call():
             q = _empty(batch, heads_q, new, head_dim, dtype=tdt)
-            k_cache = _empty(batch, heads_kv, capacity, head_dim, dtype=tdt)
-            v_cache = _empty(batch, heads_kv, capacity, head_dim, dtype=tdt)
             lengths = torch.full((batch,), length, dtype=torch.int32)
-            decode.rope_decode(q, k_cache, v_cache, lengths, inv_freq, 8192, 1.0, 1.2, scale, num_splits=splits)
+            block_size, paged = DECODE_BLOCK_SIZES.get(case), {}
+            if block_size is None:
+                k_cache = _empty(batch, heads_kv, capacity, head_dim, dtype=tdt)
+                v_cache = _empty(batch, heads_kv, capacity, head_dim, dtype=tdt)
+            else:  # [num_blocks, block_size, Hk, D], each sequence's blocks in a row of the table
+                blocks = batch * capacity // block_size
+                k_cache = _empty(blocks, block_size, heads_kv, head_dim, dtype=tdt)
+                v_cache = _empty(blocks, block_size, heads_kv, head_dim, dtype=tdt)
+                paged = dict(block_table=torch.arange(blocks, dtype=torch.int32).view(batch, -1))
+            decode.rope_decode(q, k_cache, v_cache, lengths, inv_freq, 8192, 1.0, 1.2, scale, num_splits=splits,
+                               **paged)  # fmt: skip
 
         return call
 
@@ -360,7 +374,9 @@ def _config_name(kernel: str, named: dict, options: dict, case: str) -> str:
     if kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
         return f"M{named['BLOCK_M']} N{named['BLOCK_N']} w{warps} s{stages}"
     if kernel == "decode":
-        return f"M{named['BLOCK_M']} N{named['BLOCK_N']} w{warps} s{stages} split={int(bool(named['IS_SPLIT']))}"
+        page = f" page={named['PAGE']}" if named.get("PAGE") else ""  # paged caches (block_table)
+        return (f"M{named['BLOCK_M']} N{named['BLOCK_N']} w{warps} s{stages} split={int(bool(named['IS_SPLIT']))}"
+                f"{page}")  # fmt: skip
     if kernel == "decode_merge":
         return f"M{named['BLOCK_M']} w{warps}"
     return f"B{named['BLOCK']} w{warps}"
@@ -848,7 +864,8 @@ def tile_widths_markdown(heads: list[str]) -> list[str]:
 
 def markdown(rows: list[Row], seconds: float, argv: str, loops: list[dict] | None = None,
              ratios: list[dict] | None = None, peer: dict | None = None) -> str:  # fmt: skip
-    decode = "; ".join(f"{c}: batch {b}, {hq} q / {hk} kv heads, {n} new, cache {cap}, {s} split(s)"
+    decode = "; ".join(f"{c}: batch {b}, {hq} q / {hk} kv heads, {n} new, cache {cap}"
+                       f"{f' in blocks of {DECODE_BLOCK_SIZES[c]}' if c in DECODE_BLOCK_SIZES else ''}, {s} split(s)"
                        for c, (b, hq, hk, n, cap, _len, s) in DECODE_CASES.items())  # fmt: skip
     lines = [
         "# Triton kernels compiled for sm_80 / sm_90 on the CPU, as launched",

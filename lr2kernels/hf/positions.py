@@ -183,6 +183,8 @@ class ForwardTracker:
     def __init__(self) -> None:
         self.facts: ForwardFacts | None = None
         self._signatures: dict[type, inspect.Signature] = {}
+        # continuous batching: the previous paged forward's max query position (stock's table choice then)
+        self._paged_max_position: int | None = None
 
     def arguments(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
         """The forward's arguments by name (read only)."""
@@ -210,9 +212,11 @@ class ForwardTracker:
         device = tokens.device
         if is_paged_cache(cache):  # continuous batching: every request flattened into one row
             plan, queries, max_position, min_position = paged_plan(cache, arguments, length, device)
+            plan.previous_max_position, self._paged_max_position = self._paged_max_position, max_position
             self.facts = ForwardFacts(queries, None, length, max_position, min_position, False)
             self.facts.paged = plan
             return
+        self._paged_max_position = None
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         history, history_at_arange = _history(cache, past, batch, device)
         position_ids = arguments.get("position_ids")

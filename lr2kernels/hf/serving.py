@@ -24,7 +24,8 @@ construction; this module places them:
 Every key is rotated with the table of the current forward (no key keeps the table it was written with, which is
 what the PRE-RoPE cache is for): token for token equal to stock continuous batching whenever the stock table does not
 change during a request's life (default RoPE always; LongRoPE while the flattened batches stay on one side of L0).
-Where it changes, stock keeps keys rotated with the old table and the patched model does not.
+Where it changes, stock keeps keys rotated with the old table and the patched model does not: a warning says
+so when it happens.
 
 Refused, loudly: forwards captured in a CUDA graph (the plan reads lengths on the host: set
 ``ContinuousBatchingConfig(use_cuda_graph=False)``), positions that do not continue each request's cache, and any
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 import weakref
 from typing import Any
 
@@ -86,6 +88,7 @@ class PagedPlan:
         key_lengths: per layer type (``"full_attention"``, ``"sliding_attention"``): request i's key count
             (``cu_seq_lens_k`` differences).
         cache: the paged cache (a weak reference).
+        previous_max_position: the max query position of the model's previous continuous-batching forward.
         memo: index tensors shared by every layer of one type in this forward.
     """
 
@@ -95,6 +98,7 @@ class PagedPlan:
     key_lengths: dict[str, list[int]]
     cache: Any
     memo: dict = dataclasses.field(default_factory=dict)
+    previous_max_position: int | None = None  # of the model's previous paged forward (None: the first)
 
     @property
     def num_requests(self) -> int:
@@ -297,6 +301,24 @@ def _keys_from_block_table(plan: PagedPlan, layer_type: str, key, value, kwargs)
     return flat_k[all_slots], flat_v[all_slots]
 
 
+def _warn_if_table_switched(plan: PagedPlan, table: RopeTable, long: bool) -> None:
+    """Warn (once per process, Python's default filter) where this forward's batch-wide table differs from the
+    previous forward's while requests carry cached keys: stock keeps those keys rotated with the table of the forward
+    that wrote them, a patched model rotates every key with the current table, so tokens may differ from stock."""
+    previous = plan.previous_max_position
+    if previous is None or table.use_long(previous + 1) == long or not any(plan.past):
+        return
+    warnings.warn(
+        "lr2kernels: continuous batching switched the RoPE table between the short and the long factors (the "
+        f"flattened batch's longest position crossed L0={table.original_max_position}) while requests hold cached "
+        "keys. Stock transformers keeps those keys rotated with the table they were written with, a patched model "
+        "rotates every key with the current one, so its tokens may differ from stock's from here on. "
+        "patch(model, rule='position') gives each token its own position's table (no switch).",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def paged_attention(module, query, key, value, scaling, facts, kwargs) -> tuple[torch.Tensor, None]:
     """A patched layer's attention in a continuous-batching forward. query ``[1, Hq, T, D]`` (PRE-RoPE, every
     request's queries in one row), key/value ``[1, Hk, Tk, D]`` (what ``PagedAttentionCache.update`` returned: every
@@ -315,7 +337,9 @@ def paged_attention(module, query, key, value, scaling, facts, kwargs) -> tuple[
     requests = [i for i in range(plan.num_requests) if plan.q_length(i)]
     args = (module, flat_q, flat_k, flat_v, scaling, plan, layer_type, window)
     if module._lr2_rule == "hf":  # one table for the flattened batch, as the stock rotary picks it
-        out = _attend(*args, table.use_long(facts.max_position + 1), requests)
+        long = table.use_long(facts.max_position + 1)
+        _warn_if_table_switched(plan, table, long)
+        out = _attend(*args, long, requests)
     else:  # each query by its own position: a request on both sides of L0 runs both tables
         L0 = table.original_max_position
         short = [i for i in requests if plan.past[i] + 1 <= L0]

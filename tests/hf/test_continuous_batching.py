@@ -104,6 +104,7 @@ def test_manager_api_equals_stock(arch):
     assert [results.get(request_id) for request_id in first] == want
 
 
+@pytest.mark.filterwarnings("error:lr2kernels. continuous batching switched")
 @pytest.mark.parametrize("spec", [SHORT, CROSSING], ids=["below-L0", "crossing-L0"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_longrope_table_equals_stock(arch, spec):
@@ -114,6 +115,16 @@ def test_longrope_table_equals_stock(arch, spec):
     assert generate_batch(patched_copy(stock), spec, max_batch_tokens=128) == generate_batch(
         stock, spec, max_batch_tokens=128
     )
+
+
+def test_a_table_switch_under_cached_keys_is_announced():
+    # Request 2 (30 tokens) crosses L0 = 32 while decoding, and request 1 holds cached keys then: stock keeps those
+    # keys rotated with the short table, a patched model re-rotates them with the long one, so it says so.
+    spec = [(1, 9), (2, L0 - 2)]
+    model = patched_copy(tiny_model("llama", scale=6.0))
+    with pytest.warns(UserWarning, match="switched the RoPE table") as caught:
+        generate_batch(model, spec, max_batch_tokens=64)
+    assert "rule='position'" in str(caught[0].message)
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])

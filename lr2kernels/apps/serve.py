@@ -225,6 +225,7 @@ def run(args: argparse.Namespace, serve: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     serve = _serve_command()
     parser = build_parser(serve)
-    args = parser.parse_args(argv)
+    # Without transformers serve, its options are unknown here: what to install is the one thing to say.
+    args = parser.parse_args(argv) if serve is not None else parser.parse_known_args(argv)[0]
     check_arguments(parser, args, serve)
     return run(args, serve)

@@ -255,3 +255,32 @@ def test_import_hook_does_not_import_transformers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "False", "True"]
+
+
+_UNPICKLE = """
+import sys, warnings
+warnings.simplefilter("ignore")
+import torch
+model = torch.load(sys.argv[1], weights_only=False)  # imports lr2kernels while unpickling (nothing else does here)
+from lr2kernels.hf import is_patched
+ids, expected = torch.load(sys.argv[2])
+with torch.no_grad():
+    same = torch.allclose(model(ids).logits, expected, atol=5e-4, rtol=1e-4)
+from transformers import AutoModelForCausalLM
+again = AutoModelForCausalLM.from_pretrained(sys.argv[3], attn_implementation="lr2kernels")
+print(is_patched(model), same, is_patched(again))
+"""
+
+
+def test_a_loaded_model_pickles_into_a_new_process(folders, tmp_path):
+    """There the unpickled model is patched and gives the same logits, and the name works for a new load."""
+    folder, stock = folders["mistral", False]
+    model = _load(folder, attn_implementation="lr2kernels")
+    ids = _ids(1, 20)
+    with torch.no_grad():
+        torch.save((ids, stock(ids).logits), tmp_path / "expected.pt")
+    torch.save(model, tmp_path / "model.pt")
+    argv = [sys.executable, "-c", _UNPICKLE, str(tmp_path / "model.pt"), str(tmp_path / "expected.pt"), str(folder)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "True", "True"]

@@ -94,7 +94,8 @@ def _post_init(self, *args, **kwargs):
     asks = getattr(config, "_attn_implementation", None) == ATTENTION_NAME
     inner = []
     if _PATCHED_AT_INIT:  # an inner model of this config patched by its own post_init: the patch moves up here
-        inner = [m for m in self.modules() if m is not self and m in _PATCHED_AT_INIT and m.config is config]
+        inner = [m for m in self.modules()
+                 if m is not self and m in _PATCHED_AT_INIT and m.config is config and is_patched(m)]  # fmt: skip
     if not asks and not (inner and getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES):
         return result
     check_supported(self)

@@ -9,7 +9,14 @@
 #include <stdexcept>
 #include <string>
 
+#include "decode_params.h"
 #include "lr2_cuda.h"
+
+// The digest of the csrc/ sources this module was built from (lr2kernels/ops/cuda/build.py: sources_digest), passed
+// by setup.py and the build on first use; the launcher refuses a module whose digest is not its sources'.
+#ifndef LR2_SOURCES_DIGEST
+#define LR2_SOURCES_DIGEST ""
+#endif
 
 namespace py = pybind11;
 using Strides = std::array<int64_t, 3>;
@@ -34,37 +41,15 @@ void rope_decode(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v
                  const Strides& q_strides, const Strides& k_strides, const Strides& v_strides,
                  const Strides& o_strides, int batch, int num_kv_heads, int group, int n_new, int half,
                  int head_dim, int num_splits, int split_min_keys, int capacity, int original_max_position,
-                 float scale_log2, float attention_short, float attention_long, std::uintptr_t stream) {
-    lr2::DecodeParams p{};
-    p.q = ptr<const void>(q);
-    p.k = ptr<const void>(k);
-    p.v = ptr<const void>(v);
-    p.out = ptr<void>(out);
-    p.o_part = ptr<float>(o_part);
-    p.lse_part = ptr<float>(lse_part);
-    p.seqlens = ptr<const int32_t>(seqlens);
-    p.inv_freq = ptr<const float>(inv_freq);
-    copy3(p.q_strides, q_strides);
-    copy3(p.k_strides, k_strides);
-    copy3(p.v_strides, v_strides);
-    copy3(p.o_strides, o_strides);
-    p.batch = batch;
-    p.num_kv_heads = num_kv_heads;
-    p.group = group;
-    p.n_new = n_new;
-    p.half = half;
-    p.head_dim = head_dim;
-    p.num_splits = num_splits;
-    p.split_min_keys = split_min_keys;
-    p.capacity = capacity;
-    p.original_max_position = original_max_position;
-    p.scale_log2 = scale_log2;
-    p.attention_short = attention_short;
-    p.attention_long = attention_long;
-    if (capacity < 0) throw std::invalid_argument("rope_decode: capacity must be >= 0");
-    if (num_splits < 1) throw std::invalid_argument("rope_decode: num_splits must be >= 1");
-    if (split_min_keys < 1) throw std::invalid_argument("rope_decode: split_min_keys must be >= 1");
-    if (half * 2 > head_dim) throw std::invalid_argument("rope_decode: rotary_dim is larger than head_dim");
+                 float scale_log2, float attention_short, float attention_long, std::uintptr_t block_table,
+                 int64_t block_table_stride, int block_size, int num_blocks, std::uintptr_t stream) {
+    const lr2::DecodeParams p = lr2::make_decode_params(
+        ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out), ptr<float>(o_part),
+        ptr<float>(lse_part), ptr<const int32_t>(seqlens), ptr<const float>(inv_freq), q_strides.data(),
+        k_strides.data(), v_strides.data(), o_strides.data(), batch, num_kv_heads, group, n_new, half, head_dim,
+        num_splits, split_min_keys, capacity, original_max_position, scale_log2, attention_short, attention_long,
+        ptr<const int32_t>(block_table), block_table_stride, block_size, num_blocks);
+    if (const char* invalid = lr2::check_decode_params(p)) throw std::invalid_argument(invalid);
     void* s = ptr<void>(stream);
     switch (dtype) {
         case lr2::kFloat32: check(lr2::rope_decode_f32(p, s), "rope_decode"); break;
@@ -124,10 +109,13 @@ PYBIND11_MODULE(_cuda, m) {
     m.doc() = "lr2kernels CUDA kernels (raw pointers + strides + stream; see csrc/README.md)";
     m.def("device_count", &device_count,
           "(CUDA devices visible to the CUDA runtime, '' or the runtime's reason when there are none)");
-    m.def("rope_decode", &rope_decode, "Split-KV rope_decode on a PRE-RoPE cache (see csrc/lr2_cuda.h)");
+    m.def("rope_decode", &rope_decode,
+          "Split-KV rope_decode on a PRE-RoPE cache, dense or paged (block_table 0: dense; see csrc/lr2_cuda.h)");
     m.def("rope_rotate", &rope_rotate, "apply_rope / its transpose / rerotate (see csrc/lr2_cuda.h)");
     py::list dims;
     for (int d : lr2::kDecodeHeadDims) dims.append(d);
     m.attr("DECODE_HEAD_DIMS") = py::tuple(dims);
     m.attr("DTYPES") = py::make_tuple("float32", "float16", "bfloat16");
+    m.attr("BINDINGS_VERSION") = lr2::kBindingsVersion;
+    m.attr("SOURCES_DIGEST") = LR2_SOURCES_DIGEST;
 }

@@ -11,11 +11,16 @@ namespace lr2 {
 // Element types of the tensors a kernel reads and writes (computation is always fp32).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// rope_decode: q [B, Hq, n, D] against k/v caches [B, Hk, max_len, D] of PRE-RoPE keys and values.
-// Strides are (batch, head, token) in elements; the last dim is contiguous. k and v are read in 16-byte copies: their
-// base pointers and strides must be 16-byte aligned (the Python launcher checks). A sequence whose seqlens[b] exceeds
-// the capacity gets NaN in every output element of its rows (a loud signal without a host sync); nothing past the
-// capacity is read.
+// rope_decode: q [B, Hq, n, D] against k/v caches of PRE-RoPE keys and values, dense [B, Hk, max_len, D] (strides
+// (batch, head, token)) or paged (block_table != nullptr): [num_blocks, block_size, Hk, D] (strides (block, head,
+// token-in-block)), token j of sequence b at block block_table[b, j / block_size], slot j % block_size. Strides are in
+// elements; the last dim is contiguous. k and v are read in 16-byte copies: their base pointers and strides must be
+// 16-byte aligned (the Python launcher checks). A sequence whose seqlens[b] exceeds the capacity gets NaN in every
+// output element of its rows (a loud signal without a host sync); nothing past the capacity is read. Paged: a block
+// id outside [0, num_blocks) is never dereferenced, and the sequence that meets it gets NaN rows the same way; the
+// table entries past a sequence's length (ceil(seqlens[b] / block_size) and on) are never read.
+//
+// New fields go at the end: the dense kernels' parameter offsets (and machine code) stay as they are.
 struct DecodeParams {
     const void* q;
     const void* k;
@@ -42,6 +47,11 @@ struct DecodeParams {
     float scale_log2;           // softmax_scale * log2(e)
     float attention_short;
     float attention_long;
+    const int32_t* block_table;  // paged: [B, capacity / block_size] block ids; dense: nullptr
+    int64_t block_table_stride;  // paged: elements between two sequences' rows of block_table
+    int block_size;              // paged: tokens per block, a multiple of the kernel's key tile (the launch checks)
+    int num_blocks;              // paged: blocks in k and v; an id outside [0, num_blocks) gives the sequence NaN rows
+    int block_size_shift;        // paged: log2(block_size) for a power of two (a key's block by a shift), else -1
 };
 
 // apply_rope (both q and k in one launch) and rerotate (one tensor): a rotation of the first 2 * half channels of
@@ -70,6 +80,11 @@ struct RopeParams {
     int to_long;
     float scale;                // a_to / a_from
 };
+
+// The call signatures of the bindings (csrc/bindings.cpp): bumped with every change to them, and checked by the Python
+// launcher (lr2kernels/ops/cuda/launch.py: BINDINGS_VERSION), which refuses an extension built with another. 2: the
+// paged rope_decode (block table arguments).
+constexpr int kBindingsVersion = 2;
 
 // Head sizes rope_decode is instantiated for.
 constexpr int kDecodeHeadDims[] = {64, 96, 128, 256};

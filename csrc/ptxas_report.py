@@ -164,7 +164,11 @@ ISSUE_PER_CYCLE = 4  # warp-instructions an SM issues per cycle (4 schedulers)
 REGISTERS_PER_SM = 65536
 SMEM_PER_SM = {"80": 164 * 1024, "90": 228 * 1024}
 THREADS = 128
-_DECODE = re.compile(r"rope_decode_kernel<(float|__half|__nv_bfloat16), (\d+), (\d+)>")
+_DECODE = re.compile(r"rope_decode_kernel<(float|__half|__nv_bfloat16), (\d+), (\d+), (false|true)>")
+# The paged kernel's extra instructions per tile and warp (issue(): the shift for a power-of-two block size, the table
+# read, the bounds check, the block's k and v base addresses with four 64-bit multiplies), executed by each of the 4
+# warps once a tile: ~30 PTX instructions in the bf16 head-128 loop, the 64-bit multiplies ~3 SASS each.
+PAGE_LOOKUP_INSTRUCTIONS = 36
 _ELEMENT_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2}
 
 
@@ -177,11 +181,12 @@ def _floor_pow2(x: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeShape:
-    """csrc/rope_decode.cuh's DecodeShape<T, D, ROWS>."""
+    """csrc/rope_decode.cuh's DecodeShape<T, D, ROWS> (paged: the PAGED instantiation's issue cost)."""
 
     element_bytes: int
     head_dim: int
     rows: int
+    paged: bool = False
 
     @property
     def slots(self) -> int:
@@ -236,7 +241,9 @@ class DecodeShape:
             reduce = 4 * (rows - 1) + 2 * ((lpk // rows).bit_length() - 1) + 8 + 2 + rows
         else:
             reduce = rows * (2 * (lpk.bit_length() - 1) + 6)
-        return (34 * spl + fma + reduce + 12) / self.keys_per_warp
+        # Paged: every warp looks the tile's block up once (PAGE_LOOKUP_INSTRUCTIONS), for the tile's keys.
+        page = 4 * PAGE_LOOKUP_INSTRUCTIONS / self.tile if self.paged else 0.0
+        return (34 * spl + fma + reduce + 12) / self.keys_per_warp + page
 
 
 def blocks_per_sm(kernel: Kernel) -> int:
@@ -254,7 +261,8 @@ def decode_model(kernels: list[Kernel]) -> list[dict]:
         match = _DECODE.fullmatch(kernel.name)
         if kernel.arch != "90" or not match:
             continue
-        shape = DecodeShape(_ELEMENT_BYTES[match.group(1)], int(match.group(2)), int(match.group(3)))
+        shape = DecodeShape(_ELEMENT_BYTES[match.group(1)], int(match.group(2)), int(match.group(3)),
+                            match.group(4) == "true")  # fmt: skip
         blocks = blocks_per_sm(kernel)
         in_flight = blocks * (shape.stages - 1) * shape.tile_cache_bytes
         key_bytes = 2 * shape.head_dim * shape.element_bytes

@@ -31,11 +31,21 @@
 // combines the same count. The table is chosen per sequence from seqlens[b] on the device. Keys at or past seqlens[b]
 // are never read, nor any at or past the capacity: a sequence whose seqlens[b] exceeds the capacity reads nothing and
 // gets NaN in every element of its rows.
+//
+// Paged caches (PAGED, DecodeParams::block_table set): k/v are [num_blocks, block_size, Hk, D] and key j of sequence
+// b lies in block block_table[b, j / block_size]. block_size is a multiple of TILE (the launch refuses others) and
+// tiles start at multiples of TILE, so a tile lies inside one block: issue() reads the tile's block id (one 4-byte
+// table read per tile and thread, cached) and the tile's 16-byte copies go to that block's rows, as the dense path's
+// go to the sequence's. A block id outside [0, num_blocks) is never dereferenced: its copies zero-fill, and the
+// sequence's rows get NaN (as past the capacity) through NaN accumulators (poison_rows), so no flag lives across
+// the loop. Table entries past a sequence's length are never read. The dense instantiations (PAGED false) compile to
+// the machine code they had before the paged path existed.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "cp_async.cuh"
+#include "decode_params.h"
 #include "dtype.cuh"
 #include "lr2_cuda.h"
 #include "rope_math.cuh"
@@ -144,7 +154,7 @@ __device__ __forceinline__ float group_sum(float x) {
     return x;
 }
 
-template <typename T, int D, int ROWS>
+template <typename T, int D, int ROWS, bool PAGED>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_BLOCKS)
     rope_decode_kernel(const DecodeParams p) {
     using S = DecodeShape<T, D, ROWS>;
@@ -188,28 +198,49 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
     const bool is_long = seq_len > p.original_max_position;
     const float* inv_freq = p.inv_freq + (is_long ? p.half : 0);
     const float attention = is_long ? p.attention_long : p.attention_short;
-    const T* k_base = static_cast<const T*>(p.k) + seq * p.k_strides[0] + kv_head * p.k_strides[1];
-    const T* v_base = static_cast<const T*>(p.v) + seq * p.v_strides[0] + kv_head * p.v_strides[1];
+    // Dense: the sequence's kv head; paged: the kv head's channels in block 0 (the block comes per tile).
+    const T* k_base = static_cast<const T*>(p.k) + (PAGED ? int64_t{0} : seq * p.k_strides[0]) +
+                      kv_head * p.k_strides[1];
+    const T* v_base = static_cast<const T*>(p.v) + (PAGED ? int64_t{0} : seq * p.v_strides[0]) +
+                      kv_head * p.v_strides[1];
 
     // Tile `tile` of the split into stage tile % STAGES: 16-byte copies, keys past hi zero-filled (never read).
-    auto issue = [&](int tile) {
+    // Paged: the tile's block from the table (p0 < hi <= capacity: inside the sequence's row); false when its id is
+    // outside [0, num_blocks): then nothing is read (zero-fill) and the caller poisons the rows (poison_rows).
+    auto issue = [&](int tile) -> bool {
         T* stage = stages + (tile % STAGES) * S::STAGE_ELEMS;
         const int p0 = lo + tile * TILE;
+        const T* k_src = k_base;  // dense: key j at row j; paged: the tile's first key, key p0 + t at row t
+        const T* v_src = v_base;
+        bool block_ok = true;
+        if constexpr (PAGED) {
+            // p0 / block_size: a shift for the usual powers of two (a divide costs ~20 instructions a tile; a
+            // multiply-high by a magic number costs a spilled register on sm_90's 2-row tiles).
+            const int block_index = p.block_size_shift >= 0 ? p0 >> p.block_size_shift : p0 / p.block_size;
+            const int block = __ldg(p.block_table + seq * p.block_table_stride + block_index);
+            block_ok = static_cast<unsigned>(block) < static_cast<unsigned>(p.num_blocks);
+            const int64_t safe = block_ok ? block : 0;  // a bad id never enters an address
+            const int64_t row = p0 - block_index * p.block_size;
+            k_src += safe * p.k_strides[0] + row * p.k_strides[2];
+            v_src += safe * p.v_strides[0] + row * p.v_strides[2];
+        }
         for (int c = threadIdx.x; c < 2 * TILE * ROW_CHUNKS; c += kDecodeThreads) {
             const int is_v = c / (TILE * ROW_CHUNKS);
             const int key = (c / ROW_CHUNKS) % TILE;
             const int part = c % ROW_CHUNKS;
             const int j = p0 + key;
-            const bool valid = j < hi;
-            const T* base = is_v ? v_base : k_base;
+            const bool valid = j < hi && block_ok;
+            const T* base = is_v ? v_src : k_src;
             const int64_t stride = is_v ? p.v_strides[2] : p.k_strides[2];
-            const T* src = valid ? base + j * stride + part * VEC : base;
+            const T* src = valid ? base + (PAGED ? key : j) * stride + part * VEC : base;
             cp_async_16(stage + (is_v * TILE + key) * ROW + part * VEC, src, valid);
         }
+        return block_ok;
     };
+    bool first_tiles_ok = true;  // paged: the prologue's tiles had valid block ids
 #pragma unroll
     for (int tile = 0; tile < STAGES - 1; ++tile) {
-        if (tile < num_tiles) issue(tile);
+        if (tile < num_tiles) first_tiles_ok &= issue(tile);
         cp_async_commit();
     }
 
@@ -261,6 +292,18 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
         }
     }
 
+    // A bad block id (paged): NaN in every accumulator of this thread, which every later rescale and sum keeps (NaN
+    // times 0 included), so every row of the block ends NaN, and through the merge every row of the sequence. Every
+    // thread issues every tile, so every thread poisons its own. No state lives across the loop for it.
+    auto poison_rows = [&]() {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+            for (int i = 0; i < SPL; ++i) acc1[r][i] = acc2[r][i] = NAN;
+        }
+    };
+    if (PAGED && !first_tiles_ok) poison_rows();
+
     // TRANSPOSED: this lane's own row (its softmax state is m_own, l_own; the arrays m, l stay unused).
     int r_own = 0;
 #pragma unroll
@@ -274,7 +317,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
     const int key_lane0 = lane & ~(LPK - 1);
 
     for (int tile = 0; tile < num_tiles; ++tile) {
-        if (tile + STAGES - 1 < num_tiles) issue(tile + STAGES - 1);
+        if (tile + STAGES - 1 < num_tiles && !issue(tile + STAGES - 1)) poison_rows();
         cp_async_commit();  // (an empty group near the end keeps the wait count uniform)
         const int p0 = lo + tile * TILE;
         if (STEP) {
@@ -487,11 +530,11 @@ __global__ void __launch_bounds__(128) rope_decode_merge_kernel(const DecodePara
     out[d] = from_float<T>(l > 0.0f ? acc / l : 0.0f);
 }
 
-template <typename T, int D, int ROWS>
-cudaError_t launch_rope_decode_rows(const DecodeParams& p, cudaStream_t stream) {
+template <typename T, int D, int ROWS, bool PAGED>
+void launch_rope_decode_kernels(const DecodeParams& p, cudaStream_t stream) {
     const int num_rows = p.group * p.n_new;
     const dim3 grid(p.batch * p.num_kv_heads, p.num_splits, (num_rows + ROWS - 1) / ROWS);
-    const auto kernel = rope_decode_kernel<T, D, ROWS>;
+    const auto kernel = rope_decode_kernel<T, D, ROWS, PAGED>;
     LR2_LAUNCH(kernel, grid, kDecodeThreads, stream)(p);
     if (p.num_splits > 1) {
         const int64_t elements = static_cast<int64_t>(num_rows) * p.head_dim;
@@ -499,32 +542,53 @@ cudaError_t launch_rope_decode_rows(const DecodeParams& p, cudaStream_t stream) 
         const auto merge = rope_decode_merge_kernel<T>;
         LR2_LAUNCH(merge, merge_grid, 128, stream)(p);
     }
+}
+
+// The message of a paged launch whose block_size the kernel cannot take (the Python launcher raises a ValueError
+// first, from its mirror lr2kernels.ops.cuda.launch.decode_key_tile).
+constexpr const char* kBadBlockSize =
+    "rope_decode: a paged cache's block_size must be a multiple of the kernel's key tile (8 to 32 keys by dtype, "
+    "head_dim and rows per block: lr2kernels.ops.cuda.launch.decode_key_tile; every multiple of 32 fits)";
+
+template <typename T, int D, int ROWS>
+cudaError_t launch_rope_decode_rows(const DecodeParams& p, cudaStream_t stream, const char** refused) {
+    if (p.block_table == nullptr) {
+        launch_rope_decode_kernels<T, D, ROWS, false>(p, stream);
+    } else if (p.block_size <= 0 || p.block_size % DecodeShape<T, D, ROWS>::TILE != 0) {
+        *refused = kBadBlockSize;
+        return cudaSuccess;
+    } else {
+        launch_rope_decode_kernels<T, D, ROWS, true>(p, stream);
+    }
     return cudaGetLastError();
 }
 
 template <typename T, int D>
-cudaError_t launch_rope_decode_d(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_rope_decode_d(const DecodeParams& p, cudaStream_t stream, const char** refused) {
     switch (decode_rows_for<D>(p.group * p.n_new)) {
-        case 1: return launch_rope_decode_rows<T, D, 1>(p, stream);
-        case 2: return launch_rope_decode_rows<T, D, 2>(p, stream);
-        case 4: return launch_rope_decode_rows<T, D, 4>(p, stream);
-        default: return launch_rope_decode_rows<T, D, decode_max_rows<D>()>(p, stream);
+        case 1: return launch_rope_decode_rows<T, D, 1>(p, stream, refused);
+        case 2: return launch_rope_decode_rows<T, D, 2>(p, stream, refused);
+        case 4: return launch_rope_decode_rows<T, D, 4>(p, stream, refused);
+        default: return launch_rope_decode_rows<T, D, decode_max_rows<D>()>(p, stream, refused);
     }
 }
 
 // The instantiations for one element type; head_dim picks the kernel.
 template <typename T>
 const char* launch_rope_decode(const DecodeParams& p, void* stream) {
+    if (const char* invalid = check_decode_params(p)) return invalid;
     if (p.batch == 0 || p.num_kv_heads == 0 || p.group * p.n_new == 0) return nullptr;
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const char* refused = nullptr;
     cudaError_t err;
     switch (p.head_dim) {
-        case 64: err = launch_rope_decode_d<T, 64>(p, s); break;
-        case 96: err = launch_rope_decode_d<T, 96>(p, s); break;
-        case 128: err = launch_rope_decode_d<T, 128>(p, s); break;
-        case 256: err = launch_rope_decode_d<T, 256>(p, s); break;
+        case 64: err = launch_rope_decode_d<T, 64>(p, s, &refused); break;
+        case 96: err = launch_rope_decode_d<T, 96>(p, s, &refused); break;
+        case 128: err = launch_rope_decode_d<T, 128>(p, s, &refused); break;
+        case 256: err = launch_rope_decode_d<T, 256>(p, s, &refused); break;
         default: return "rope_decode: head_dim must be 64, 96, 128 or 256 in the CUDA kernels";
     }
+    if (refused != nullptr) return refused;
     return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 

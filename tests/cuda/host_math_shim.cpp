@@ -5,6 +5,7 @@
 //   tests/cuda/host_cuda/lr2_host.h (each CUDA thread a fiber; shuffles, barriers and cp.async emulated).
 #include <string>
 
+#include "decode_params.h"
 #include "rope_decode.cuh"
 #include "rope_math.cuh"
 
@@ -138,42 +139,21 @@ int lr2_decode_shape(int element_bytes, int head_dim, int rows, int* out) {
 void lr2_host_mode(int eager, int greedy) { lr2_host::set_mode(eager != 0, greedy != 0); }
 
 // rope_decode through the kernels' own launch (csrc/rope_decode.cuh): dtype 0 fp32, 1 fp16, 2 bf16. Strides are
-// (batch, head, token) triples. Returns "" on success, else the launch's or the emulation's error.
+// (batch, head, token) triples, (block, head, token-in-block) for a paged cache (block_table not null). The
+// parameters are filled by csrc/decode_params.h, as the bindings fill them. Returns "" on success, else the launch's
+// or the emulation's error.
 const char* lr2_rope_decode(int dtype, const void* q, const void* k, const void* v, void* out, float* o_part,
                             float* lse_part, const int32_t* seqlens, const float* inv_freq, const int64_t* q_strides,
                             const int64_t* k_strides, const int64_t* v_strides, const int64_t* o_strides, int batch,
                             int num_kv_heads, int group, int n_new, int half, int head_dim, int num_splits,
                             int split_min_keys, int capacity, int original_max_position, float scale_log2,
-                            float attention_short, float attention_long) {
+                            float attention_short, float attention_long, const int32_t* block_table,
+                            int64_t block_table_stride, int block_size, int num_blocks) {
     static std::string message;
-    lr2::DecodeParams p{};
-    p.q = q;
-    p.k = k;
-    p.v = v;
-    p.out = out;
-    p.o_part = o_part;
-    p.lse_part = lse_part;
-    p.seqlens = seqlens;
-    p.inv_freq = inv_freq;
-    for (int i = 0; i < 3; ++i) {
-        p.q_strides[i] = q_strides[i];
-        p.k_strides[i] = k_strides[i];
-        p.v_strides[i] = v_strides[i];
-        p.o_strides[i] = o_strides[i];
-    }
-    p.batch = batch;
-    p.num_kv_heads = num_kv_heads;
-    p.group = group;
-    p.n_new = n_new;
-    p.half = half;
-    p.head_dim = head_dim;
-    p.num_splits = num_splits;
-    p.split_min_keys = split_min_keys;
-    p.capacity = capacity;
-    p.original_max_position = original_max_position;
-    p.scale_log2 = scale_log2;
-    p.attention_short = attention_short;
-    p.attention_long = attention_long;
+    const lr2::DecodeParams p = lr2::make_decode_params(
+        q, k, v, out, o_part, lse_part, seqlens, inv_freq, q_strides, k_strides, v_strides, o_strides, batch,
+        num_kv_heads, group, n_new, half, head_dim, num_splits, split_min_keys, capacity, original_max_position,
+        scale_log2, attention_short, attention_long, block_table, block_table_stride, block_size, num_blocks);
     lr2_host::clear_error();
     const char* error = nullptr;
     switch (dtype) {

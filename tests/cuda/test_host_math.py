@@ -238,13 +238,25 @@ def _strides(x: torch.Tensor) -> ctypes.Array:
     return (ctypes.c_int64 * 3)(*x.stride()[:3])
 
 
-def _host_decode(shim, q, k_cache, v_cache, seqlens, table, num_splits, capacity=None, min_keys=16, parts=False):
+def _host_decode(shim, q, k_cache, v_cache, seqlens, table, num_splits, capacity=None, min_keys=16, parts=False,
+                 block_table=None, expect_error=None):  # fmt: skip
     """The CUDA rope_decode (kernel bodies and launch) on the host; out filled with NaN first (an unwritten element
     fails). k_cache/v_cache may be views into larger buffers (their strides are passed). num_splits is the grid's;
-    a sequence uses min(num_splits, ceil(len / min_keys)). parts: also the split partials (NaN where unwritten)."""
+    a sequence uses min(num_splits, ceil(len / min_keys)). parts: also the split partials (NaN where unwritten).
+    block_table: paged caches [num_blocks, block_size, Hk, D] (capacity max_blocks * block_size). expect_error: the
+    launch's refusal is returned instead of asserted away."""
     batch, num_q_heads, n_new, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
-    capacity = k_cache.shape[2] if capacity is None else capacity
+    if block_table is None:
+        num_kv_heads = k_cache.shape[1]
+        capacity = k_cache.shape[2] if capacity is None else capacity
+        k_strides, v_strides = _strides(k_cache), _strides(v_cache)
+        paged = (None, ctypes.c_int64(0), 0, 0)
+    else:
+        num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
+        capacity = block_table.shape[1] * block_size if capacity is None else capacity
+        k_strides, v_strides = ((ctypes.c_int64 * 3)(*(x.stride()[i] for i in (0, 2, 1))) for x in (k_cache, v_cache))
+        block_table = block_table.to(torch.int32).contiguous()
+        paged = (_p(block_table), ctypes.c_int64(block_table.stride(0)), block_size, num_blocks)
     group = num_q_heads // num_kv_heads
     out = torch.full_like(q, math.nan)
     rows = group * n_new
@@ -255,11 +267,13 @@ def _host_decode(shim, q, k_cache, v_cache, seqlens, table, num_splits, capacity
     error = shim.lr2_rope_decode(
         _DTYPE_CODES[q.dtype], ctypes.c_void_p(q.data_ptr()), ctypes.c_void_p(k_cache.data_ptr()),
         ctypes.c_void_p(v_cache.data_ptr()), ctypes.c_void_p(out.data_ptr()), _p(o_part), _p(lse_part),
-        _p(seqlens), _p(inv_freq), _strides(q), _strides(k_cache), _strides(v_cache), _strides(out),
+        _p(seqlens), _p(inv_freq), _strides(q), k_strides, v_strides, _strides(out),
         batch, num_kv_heads, group, n_new, table.rotary_dim // 2, head_dim, num_splits, min_keys, capacity,
         table.original_max_position, _f(head_dim**-0.5 * 1.4426950408889634), _f(table.attention_factor_for(False)),
-        _f(table.attention_factor_for(True)),
+        _f(table.attention_factor_for(True)), *paged,
     )  # fmt: skip
+    if expect_error is not None:
+        return error.decode()
     assert error == b"", error.decode()
     return (out, o_part, lse_part) if parts else out
 
@@ -417,3 +431,184 @@ def test_decode_model_mirrors_the_kernel_shape(shim, element_bytes, head_dim):
         mirror = (shape.lanes_per_key, shape.slots_per_lane, shape.tile, shape.stages, shape.stage_bytes,
                   shape.min_blocks)  # fmt: skip
         assert tuple(out) == mirror, (head_dim, rows)
+
+
+# ------------------------------------------------------------------------------- rope_decode on a paged cache
+def _paged_layout(gen, lengths, block_size, max_blocks, share_first=0, spare=2):
+    """A shuffled block table [B, max_blocks]: sequence b's ceil(len / block_size) blocks (the capacity's for an
+    over-long one) drawn in random order from the pool, the first `share_first` of sequence 1 being sequence 0's (a
+    shared prefix), `spare` blocks nobody uses. The entries past a sequence's blocks hold ids outside the pool (-1,
+    num_blocks + 7), as a padded table may: the kernel must never read them (a read would give NaN rows)."""
+    capacity = max_blocks * block_size
+    needed = [-(-min(length, capacity) // block_size) for length in lengths]
+    num_blocks = sum(needed) - (share_first if len(lengths) > 1 else 0) + spare
+    pool = torch.randperm(num_blocks, generator=gen).tolist()
+    table = torch.empty(len(lengths), max_blocks, dtype=torch.int32)
+    for b, count in enumerate(needed):
+        ids = table[0, :share_first].tolist() if b == 1 else []
+        ids += [pool.pop() for _ in range(count - len(ids))]
+        table[b] = torch.tensor(ids + [-1 if (b + i) % 2 else num_blocks + 7 for i in range(max_blocks - count)])
+    return table, num_blocks
+
+
+def _paged_caches(gen, table, num_blocks, lengths, block_size, heads, head_dim, dtype):
+    """k and v [num_blocks, block_size, Hk, D] as the two halves of one [num_blocks, 2, block_size, Hk, D] buffer
+    (vLLM's kv_cache[:, 0] and [:, 1]: the block stride is twice a block). Every slot no sequence's length reaches
+    holds NaN, so a key read there turns a row NaN."""
+    live = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    capacity = table.shape[1] * block_size
+    for b, length in enumerate(lengths):
+        for j in range(length if length <= capacity else 0):
+            block = int(table[b, j // block_size])
+            if 0 <= block < num_blocks:  # (a test's bad id names no slot)
+                live[block, j % block_size] = True
+    kv = torch.randn(num_blocks, 2, block_size, heads, head_dim, generator=gen).to(dtype)
+    kv[~live[:, None, :].expand(-1, 2, -1)] = math.nan
+    return kv[:, 0], kv[:, 1]
+
+
+def _paged_reference(q, k, v, lengths, table, block_table, b):
+    """fp64 reference of sequence b alone through lr2kernels.reference's paged path (its blocks gathered)."""
+    length = torch.tensor([int(lengths[b])])
+    return reference.rope_decode(q[b : b + 1].double(), k.double(), v.double(), length, table,
+                                 block_table=block_table[b : b + 1])[0]  # fmt: skip
+
+
+PAGED_CASES = [
+    # (head_dim, rotary_dim, dtype, q heads, kv heads, n_new, block_size, max_blocks, seqlens, splits, shared blocks)
+    (128, None, torch.bfloat16, 4, 4, 1, 16, 6, (37, 90, 5), 1, 2),  # MHA (1 row), block = the 16-key tile
+    (128, None, torch.bfloat16, 4, 2, 1, 48, 3, (100, 61), 2, 1),  # blocks of 48: not a power of two (a divide)
+    (128, None, torch.float16, 4, 2, 1, 32, 4, (70, 128), 3, 1),  # group 2, a length at the capacity, 3 splits
+    (64, None, torch.float32, 8, 2, 1, 32, 3, (33, 96), 2, 1),  # group 4
+    (64, None, torch.float16, 8, 1, 1, 64, 2, (100, 41), 4, 0),  # group 8, blocks of 64
+    (64, None, torch.bfloat16, 4, 1, 2, 32, 3, (80, 40), 3, 1),  # group 4 x 2 new tokens: 8 rows
+    (96, None, torch.bfloat16, 6, 3, 3, 32, 3, (70, 45), 2, 1),  # group 2 x 3 new tokens: 6 -> 8 rows
+    (128, 96, torch.bfloat16, 12, 4, 1, 32, 3, (61, 36), 2, 1),  # partial rotary, group 3 -> 4 rows
+    (256, None, torch.float16, 10, 2, 1, 32, 2, (50, 39), 2, 1),  # group 5: two row blocks of 4 at head 256
+]
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "rotary_dim", "dtype", "hq", "hk", "n_new", "block_size", "max_blocks", "seqlens", "splits",
+     "shared"),
+    PAGED_CASES,
+    ids=[f"D{c[0]}{'-r' + str(c[1]) if c[1] else ''}-{str(c[2])[6:]}-{c[3]}x{c[4]}-n{c[5]}-bs{c[6]}-s{c[9]}"
+         for c in PAGED_CASES],
+)  # fmt: skip
+def test_paged_decode_kernel_equals_reference(decode_shim, head_dim, rotary_dim, dtype, hq, hk, n_new, block_size,
+                                              max_blocks, seqlens, splits, shared):  # fmt: skip
+    """The kernel bodies on a paged cache against the fp64 reference's paged path: a shuffled block table, blocks
+    shared by two sequences (a common prefix), partial last blocks, GQA groups 1 to 8 (rows per block 1, 2, 4, 8,
+    and two row blocks), n = 1 and n > 1, lengths on both sides of L0, splits; k and v interleaved in one buffer.
+    Every slot no length reaches is NaN, and the table's entries past each length are ids outside the pool."""
+    gen = torch.Generator().manual_seed(hash((head_dim, hq, n_new, block_size)) % 2**31)
+    table = _decode_table(head_dim, rotary_dim)
+    lengths = torch.tensor(seqlens)
+    block_table, num_blocks = _paged_layout(gen, seqlens, block_size, max_blocks, share_first=shared)
+    k, v = _paged_caches(gen, block_table, num_blocks, seqlens, block_size, hk, head_dim, dtype)
+    q = torch.randn(len(seqlens), hq, n_new, head_dim, generator=gen).to(dtype)
+    out = _host_decode(decode_shim, q, k, v, lengths, table, splits, block_table=block_table)
+    for b in range(len(seqlens)):
+        expected = _paged_reference(q, k, v, lengths, table, block_table, b)
+        torch.testing.assert_close(out[b].double(), expected, atol=_DECODE_ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_paged_decode_bad_block_ids_and_overlong_lengths_give_nan_rows(decode_shim, splits):
+    """Sequence 1's third block id is past the pool, sequence 2's first is -1, sequence 3's length exceeds the
+    capacity: NaN in every element of their rows (no read: the slots the ids would name do not exist, and a read of
+    a NaN slot elsewhere would show in the other rows). Sequences 0 (length 40 with -1 entries past it) and 4 (at the
+    capacity) are exact."""
+    gen = torch.Generator().manual_seed(11)
+    head_dim, block_size, max_blocks = 64, 32, 3
+    capacity = block_size * max_blocks
+    table = _decode_table(head_dim)
+    seqlens = (40, 90, 50, capacity + 1, capacity)
+    lengths = torch.tensor(seqlens)
+    block_table, num_blocks = _paged_layout(gen, seqlens, block_size, max_blocks)
+    block_table[1, 2] = num_blocks
+    block_table[2, 0] = -1
+    k, v = _paged_caches(gen, block_table, num_blocks, seqlens, block_size, 2, head_dim, torch.float16)
+    q = torch.randn(len(seqlens), 4, 2, head_dim, generator=gen).to(torch.float16)
+    out = _host_decode(decode_shim, q, k, v, lengths, table, splits, block_table=block_table)
+    for b in (1, 2, 3):
+        assert torch.isnan(out[b]).all(), f"sequence {b}: every element must be NaN"
+    for b in (0, 4):
+        torch.testing.assert_close(out[b].double(), _paged_reference(q, k, v, lengths, table, block_table, b),
+                                   atol=_DECODE_ATOL[torch.float16], rtol=0)  # fmt: skip
+
+
+_PAGED_GUARD_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, math, mmap, sys
+    import torch
+    sys.path.insert(0, {root!r})
+    from tests.cuda import test_host_math as t
+
+    shim = ctypes.CDLL({library!r})
+    shim.lr2_rope_decode.restype = ctypes.c_char_p
+    shim.lr2_host_mode({eager}, {eager})
+    libc = ctypes.CDLL(None)
+    page = mmap.PAGESIZE
+    num_blocks, block_size, heads, head_dim = 6, 32, 2, 64
+    block_bytes = block_size * heads * head_dim * 4
+    guard = -(-block_bytes // page) * page  # a block's worth of inaccessible pages on each side of the pool
+    pool = num_blocks * block_bytes
+    region = mmap.mmap(-1, guard + pool + guard)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    assert libc.mprotect(ctypes.c_void_p(base), guard, 0) == 0
+    assert libc.mprotect(ctypes.c_void_p(base + guard + pool), guard, 0) == 0
+    flat = torch.frombuffer(region, dtype=torch.float32, count=(guard + pool) // 4)
+    cache = flat[guard // 4 :].view(num_blocks, block_size, heads, head_dim)
+    cache.copy_(torch.randn(cache.shape))
+    lengths = torch.tensor([64, 64, 64, 64])
+    table = torch.tensor([[0, 1, -1], [2, num_blocks, 0], [-1, 3, 4], [2**30, 5, 1]], dtype=torch.int32)
+    q = torch.randn(4, 4, 1, head_dim)
+    decode_table = t._decode_table(head_dim)
+    out = t._host_decode(shim, q, cache, cache, lengths, decode_table, {splits}, block_table=table)
+    assert torch.isnan(out[1:]).all() and not torch.isnan(out[0]).any()
+    expected = t._paged_reference(q, cache, cache, lengths, decode_table, table, 0)
+    torch.testing.assert_close(out[0].double(), expected, atol=2e-5, rtol=0)
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("eager", [0, 1], ids=["late-copies", "eager-copies"])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_paged_decode_never_dereferences_a_bad_block_id(shim, splits, eager):
+    """The pool lies between two inaccessible regions a block long: a read through block id num_blocks, -1 or 2^30
+    is a segmentation fault (in a child process, so the test fails instead of the run). Sequence 0 (its entry past
+    its length is -1, never read) is exact; the others get NaN rows."""
+    script = _PAGED_GUARD_SCRIPT.format(root=str(CSRC.parent), library=shim.lr2_library_path, splits=splits,
+                                        eager=eager)  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (result.returncode, result.stderr[-2000:])
+
+
+def test_paged_decode_refuses_a_block_size_that_splits_a_tile(shim):
+    """fp16 head 64 reads tiles of 32 keys: blocks of 16 are refused by the launch (nothing runs; the Python
+    launcher raises a ValueError first, from its mirror decode_key_tile); blocks of 32 run."""
+    gen = torch.Generator().manual_seed(3)
+    table = _decode_table(64)
+    q = torch.randn(1, 1, 1, 64, generator=gen).to(torch.float16)
+    for block_size, expected in ((16, "multiple of the kernel's key tile"), (32, "")):
+        cache = torch.randn(4, block_size, 1, 64, generator=gen).to(torch.float16)
+        block_table = torch.tensor([[0, 1]], dtype=torch.int32)
+        error = _host_decode(shim, q, cache, cache, torch.tensor([block_size + 1]), table, 1,
+                             block_table=block_table, expect_error=True)  # fmt: skip
+        assert expected in error and bool(error) == bool(expected), error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_key_tile_mirrors_the_kernel(shim, dtype):
+    """lr2kernels.ops.cuda.launch.decode_key_tile (the Python launcher's block-size check) is DecodeShape::TILE."""
+    from lr2kernels.ops.cuda import launch
+
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    for head_dim in (64, 96, 128, 256):
+        for rows in (1, 2, 4, 8) if head_dim < 256 else (1, 2, 4):
+            out = (ctypes.c_int * 6)()
+            assert shim.lr2_decode_shape(element_bytes, head_dim, rows, out) == 0
+            assert launch.decode_key_tile(dtype, head_dim, rows) == out[2], (dtype, head_dim, rows)
+            assert 32 % out[2] == 0  # every multiple of 32 is a valid block size

@@ -28,12 +28,15 @@ def test_every_kernel_fits(kernels):
 
 
 def test_every_instantiation_is_compiled(kernels):
+    """Every decode kernel the launch can pick, dense and paged (test_every_kernel_fits: no spills in any, the paged
+    ones included: their tile's block lookup must not push the sm_80 tiles at the register edge over it)."""
     names = {(k.name, k.arch) for k in kernels}
     for arch in ("80", "90"):
         for dtype in ("float", "__half", "__nv_bfloat16"):
             for head_dim in (64, 96, 128, 256):
                 for rows in (1, 2, 4, 8) if head_dim < 256 else (1, 2, 4):  # csrc/rope_decode.cuh: decode_rows_for
-                    assert (f"rope_decode_kernel<{dtype}, {head_dim}, {rows}>", arch) in names
+                    for paged in ("false", "true"):
+                        assert (f"rope_decode_kernel<{dtype}, {head_dim}, {rows}, {paged}>", arch) in names
             assert (f"rope_decode_merge_kernel<{dtype}>", arch) in names
             assert (f"rope_rotate_kernel<{dtype}>", arch) in names
 

@@ -7,6 +7,7 @@ first use compile the same way.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -19,6 +20,26 @@ DEFAULT_ARCHS = "80;90"
 # Static cudart: the extension then needs only the driver at run time, not a matching toolkit.
 LINK_LIBRARIES = ["cudart_static", "dl", "rt", "pthread"]
 CXX_FLAGS = ["-O3", "-std=c++17"]
+# The files of csrc/ a build compiles (and setup.py ships as lr2kernels/_csrc).
+SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
+
+
+def sources_digest(folder: str | Path) -> str:
+    """A digest of the CUDA sources in ``folder`` (names and contents of its .cu/.cuh/.h/.cpp files).
+
+    A build embeds it (:func:`digest_define`: ``lr2kernels._cuda.SOURCES_DIGEST``), so that the launcher can tell an
+    extension built from other sources (a stale in-tree build after the sources changed) and refuse to load it.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.suffix in SOURCE_SUFFIXES):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def digest_define(folder: str | Path) -> tuple[str, str]:
+    """The macro the bindings (csrc/bindings.cpp) read the sources' digest from, as setuptools' define_macros take
+    it (a C string literal; no shell sees it)."""
+    return "LR2_SOURCES_DIGEST", f'"{sources_digest(folder)}"'
 
 
 def find_cuda() -> tuple[str, Path] | None:

@@ -32,7 +32,6 @@ from lr2kernels.ops.cuda import build as recipe
 __all__ = ["build", "cached_build", "load_built", "sources_dir"]
 
 MODULE = "lr2kernels._cuda"
-_SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
 
 
 def sources_dir() -> Path | None:
@@ -53,9 +52,7 @@ def _nvcc_version(nvcc: str) -> str:
 
 
 def _build_key(sources: Path, archs: Sequence[str], nvcc: str) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in sources.iterdir() if p.suffix in _SOURCE_SUFFIXES):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest = hashlib.sha256(recipe.sources_digest(sources).encode())
     digest.update(";".join(archs).encode() + _nvcc_version(nvcc).encode())
     digest.update(str(sysconfig.get_config_var("EXT_SUFFIX")).encode())
     return digest.hexdigest()[:16]
@@ -123,7 +120,8 @@ def build(archs: Sequence[str] | None = None, jobs: int | None = None) -> Path:
             flags = recipe.nvcc_flags(archs, includes)
             commands = recipe.cu_commands(cuda[0], sorted(sources.glob("*.cu")), work, flags)
             cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
-            commands += [[cxx, "-c", str(cpp), "-o", str(work / f"{cpp.stem}.o"), *recipe.CXX_FLAGS, "-fPIC",
+            define = "-D{}={}".format(*recipe.digest_define(sources))  # the module's SOURCES_DIGEST
+            commands += [[cxx, "-c", str(cpp), "-o", str(work / f"{cpp.stem}.o"), *recipe.CXX_FLAGS, "-fPIC", define,
                           *(f"-I{d}" for d in includes)] for cpp in sorted(sources.glob("*.cpp"))]  # fmt: skip
             objects = recipe.run_commands(commands, jobs, log=lambda line: _say(f"  {line.split()[2]}"))
             linked = work / library.name

@@ -11,15 +11,23 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 import types
 
 import torch
 from torch import Tensor
 
+from lr2kernels.ops.cuda import build as recipe
 from lr2kernels.ops.kernel_args import bht_strides, contiguous_last, int32, new_like, position_batch_stride, sm_count
 
-__all__ = ["DECODE_HEAD_DIMS", "apply_rope", "device_count", "extension", "load_extension", "rerotate", "rope_decode"]
+__all__ = [
+    "BINDINGS_VERSION", "DECODE_HEAD_DIMS", "apply_rope", "decode_key_tile", "device_count", "extension",
+    "load_extension", "rerotate", "rope_decode",
+]  # fmt: skip
 
+# The bindings' call signatures this module calls (csrc/lr2_cuda.h: kBindingsVersion); an extension without the
+# attribute predates it (version 1).
+BINDINGS_VERSION = 2
 # Head sizes the rope_decode kernel is instantiated for (csrc/lr2_cuda.h: kDecodeHeadDims; the tests check they agree).
 DECODE_HEAD_DIMS = (64, 96, 128, 256)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -36,17 +44,43 @@ _BUILD_HINT = (
 )
 
 
+def stale_reason(module: types.ModuleType) -> str:
+    """The empty string when ``module`` (an imported lr2kernels._cuda) was built from these CUDA sources, else why.
+
+    Its bindings' version must be :data:`BINDINGS_VERSION` (else a call would fail, or pass arguments in the wrong
+    places), and the sources' digest it was built with (``SOURCES_DIGEST``, where the build recorded one) must be the
+    digest of the sources present (``csrc/`` or ``lr2kernels/_csrc``): an in-tree build left from before a change of
+    the kernels is not used.
+    """
+    version = getattr(module, "BINDINGS_VERSION", 1)
+    if version != BINDINGS_VERSION:
+        return f"its bindings are version {version}, and this lr2kernels calls version {BINDINGS_VERSION}"
+    from lr2kernels.ops.cuda import jit
+
+    built_from, sources = getattr(module, "SOURCES_DIGEST", ""), jit.sources_dir()
+    if built_from and sources is not None and built_from != (current := recipe.sources_digest(sources)):
+        return f"it was built from other CUDA sources than {sources} (digest {built_from}; theirs is {current})"
+    return ""
+
+
 @functools.cache
 def load_extension() -> tuple[types.ModuleType | None, str]:
-    """(the extension module, "") or (None, why it cannot be imported). Imported once.
+    """(the extension module, "") or (None, why it cannot be used). Imported once.
 
-    The installed extension first; else a build on first use from the cache (:mod:`lr2kernels.ops.cuda.jit`),
+    The installed extension first, unless it is stale (:func:`stale_reason`: then it is not used, and the reason
+    says so); else a build on first use from the cache (:mod:`lr2kernels.ops.cuda.jit`, keyed by the sources),
     compiled now only when ``LR2_CUDA_JIT=1``.
     """
     try:
-        return importlib.import_module("lr2kernels._cuda"), ""
+        module = importlib.import_module("lr2kernels._cuda")
     except ImportError as error:
-        missing = error
+        problem = f"the CUDA extension lr2kernels._cuda is not built ({error})"
+    else:
+        why = stale_reason(module)
+        if not why:
+            return module, ""
+        sys.modules.pop("lr2kernels._cuda", None)  # never used: a cached build may take the name
+        problem = f"the CUDA extension {getattr(module, '__file__', 'lr2kernels._cuda')} is stale, not used: {why}"
     from lr2kernels.ops.cuda import jit
 
     try:
@@ -54,10 +88,15 @@ def load_extension() -> tuple[types.ModuleType | None, str]:
         if path is None and os.environ.get("LR2_CUDA_JIT", "0") == "1":
             path = jit.build()
         if path is not None:
-            return jit.load_built(path), ""
+            module = jit.load_built(path)
+            why = stale_reason(module)
+            if not why:
+                return module, ""
+            sys.modules.pop("lr2kernels._cuda", None)
+            return None, f"{problem}; the cached build {path} is stale too: {why}"
     except (RuntimeError, ImportError, OSError) as error:
-        return None, f"the CUDA extension lr2kernels._cuda is not built ({missing}), and building it failed: {error}"
-    return None, f"the CUDA extension lr2kernels._cuda is not built ({missing}); {_BUILD_HINT}"
+        return None, f"{problem}, and building it failed: {error}"
+    return None, f"{problem}; {_BUILD_HINT}"
 
 
 def extension() -> types.ModuleType:
@@ -112,28 +151,64 @@ def _rows_per_block(head_dim: int, rows: int) -> int:
 
 
 def _check_aligned_cache(name: str, x: Tensor) -> None:
-    """The decode kernel reads k/v rows in 16-byte copies (cp.async): a misaligned cache is rejected, never copied."""
+    """The decode kernel reads k/v rows in 16-byte copies (cp.async): a misaligned cache is rejected, never copied.
+    (Dense ``[B, Hk, max_len, D]`` or paged ``[num_blocks, block_size, Hk, D]``: the first three strides.)"""
     step = 16 // x.element_size()
     offset = x.data_ptr() % 16
     strides = tuple(x.stride())
     if offset or any(stride % step for stride, size in zip(strides[:3], x.shape[:3]) if size > 1):
         raise ValueError(
             f"{name}: the CUDA rope_decode reads the cache in 16-byte copies, so it must start on a 16-byte boundary "
-            f"and its batch, head and token strides must be multiples of {step} elements ({x.dtype}); got "
-            f"data_ptr % 16 = {offset} and strides {strides}. A cache allocated whole (torch.empty/zeros) and sliced "
-            f"along batch, head or token is aligned: pass {name}.contiguous() or use backend='triton'"
+            f"and its first three strides (batch or block, head, token) must be multiples of {step} elements "
+            f"({x.dtype}); got data_ptr % 16 = {offset} and strides {strides}. A cache allocated whole "
+            f"(torch.empty/zeros) and sliced along its first three dims is aligned: pass {name}.contiguous() or use "
+            "backend='triton'"
+        )
+
+
+def decode_key_tile(dtype: torch.dtype, head_dim: int, rows_per_block: int) -> int:
+    """Keys per pipeline tile of the decode kernel for (dtype, head_dim, rows per block): csrc/rope_decode.cuh's
+    ``DecodeShape<T, D, ROWS>::TILE`` (tests/cuda/test_host_math.py checks this mirror against it), 8 to 32.
+
+    The tile is ``max(4 warps x keys a warp scores at once, the keys of ~8 KB of keys and values)``. A tile is read
+    from one block of a paged cache, so its block_size must be a multiple of it; every multiple of 32 is.
+    """
+    element_size = torch.empty((), dtype=dtype).element_size()
+    slots = head_dim // 2
+    target = min(8, max(1, 16 // rows_per_block))  # slots per lane at most (registers)
+    lanes = [n for n in (1, 2, 4, 8, 16, 32) if slots % n == 0]
+    lanes_per_key = next((n for n in lanes if slots // n <= target), lanes[-1])
+    keys_per_block = 4 * (32 // lanes_per_key)
+    by_bytes = 1 << ((8192 // (2 * head_dim * element_size)).bit_length() - 1)  # floor to a power of two
+    return max(keys_per_block, by_bytes)
+
+
+def _check_block_size(block_size: int, dtype: torch.dtype, head_dim: int, rows_per_block: int) -> None:
+    """A paged cache's block size must hold whole key tiles (the kernel reads a tile from one block)."""
+    tile = decode_key_tile(dtype, head_dim, rows_per_block)
+    if block_size % tile:
+        raise ValueError(
+            f"k_cache: the CUDA rope_decode reads tiles of {tile} keys from one cache block ({dtype}, head_dim "
+            f"{head_dim}, {rows_per_block} rows per block: GQA group x new tokens), so the paged cache's block_size "
+            f"must be a multiple of {tile}; got block_size {block_size}. Every multiple of 32 works (transformers' "
+            "page_size 256, FlashAttention's multiples of 256); or use backend='triton'"
         )
 
 
 def rope_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, inv_freq: Tensor, original_max_position: int,
-    attention_short: float, attention_long: float, softmax_scale: float, num_splits: int | None = None,
+    attention_short: float, attention_long: float, softmax_scale: float, num_splits: int | None = None, *,
+    block_table: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """As :func:`lr2kernels.ops.triton.decode.rope_decode`: ``[B, Hq, n, D]`` in q's dtype, contiguous.
 
-    The capacity ``k_cache.shape[2]`` travels with the launch: no key at or past it is read, and a sequence whose
-    ``cache_seqlens`` lies outside ``[n, capacity]`` gets NaN in every element of its rows. ``k_cache``/``v_cache``
-    must be 16-byte aligned (ValueError otherwise). ``num_splits`` is the grid's; each sequence uses at most that many.
+    Dense caches ``[B, Hk, max_len, D]`` (capacity ``max_len``), or paged ``[num_blocks, block_size, Hk, D]`` read
+    through ``block_table [B, max_blocks]`` (capacity ``max_blocks * block_size``; ``block_size`` a multiple of
+    :func:`decode_key_tile`, ValueError otherwise). The capacity travels with the launch: no key at or past it is
+    read, and a sequence whose ``cache_seqlens`` lies outside ``[n, capacity]`` gets NaN in every element of its
+    rows; so does one whose blocks (up to its length) include an id outside ``[0, num_blocks)``, which is never
+    dereferenced. ``k_cache``/``v_cache`` must be 16-byte aligned (ValueError otherwise). ``num_splits`` is the
+    grid's; each sequence uses at most that many.
     """
     ext = extension()
     q, k_cache, v_cache = (contiguous_last(x) for x in (q, k_cache, v_cache))
@@ -143,10 +218,23 @@ def rope_decode(
     if q.numel() == 0:
         return out
     batch, num_q_heads, n_new, head_dim = q.shape
-    num_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    paged = block_table is not None
+    if paged:
+        # [num_blocks, block_size, Hk, D]: the kernel takes (block, head, token-in-block) strides.
+        num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
+        max_len = block_table.shape[1] * block_size
+        k_strides, v_strides = (tuple(x.stride()[i] for i in (0, 2, 1)) for x in (k_cache, v_cache))
+        table = int32(block_table)
+    else:
+        num_blocks = block_size = 0
+        num_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+        k_strides, v_strides = k_cache.stride()[:3], v_cache.stride()[:3]
+        table = None
     group = num_q_heads // num_kv_heads
     num_rows = group * n_new
     rows_per_block = _rows_per_block(head_dim, num_rows)
+    if paged:
+        _check_block_size(block_size, q.dtype, head_dim, rows_per_block)
     if num_splits is None:
         num_splits = _num_splits(batch * num_kv_heads * _cdiv(num_rows, rows_per_block), max_len, q.device)
     if num_splits > 1:
@@ -164,10 +252,10 @@ def rope_decode(
         ext.rope_decode(
             _dtype_code(q), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), _ptr(o_part),
             _ptr(lse_part), seqlens.data_ptr(), inv_freq.data_ptr(),
-            q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], out.stride()[:3],
+            q.stride()[:3], k_strides, v_strides, out.stride()[:3],
             batch, num_kv_heads, group, n_new, inv_freq.shape[-1], head_dim, num_splits, _SPLIT_MIN_KEYS, max_len,
-            original_max_position,
-            softmax_scale * _LOG2E, attention_short, attention_long, _stream(q.device),
+            original_max_position, softmax_scale * _LOG2E, attention_short, attention_long,
+            _ptr(table), table.stride(0) if paged else 0, block_size, num_blocks, _stream(q.device),
         )  # fmt: skip
     return out
 

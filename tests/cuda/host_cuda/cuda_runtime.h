@@ -31,6 +31,10 @@ inline void __syncthreads() { lr2_host::sync_threads(); }
 inline float __shfl_xor_sync(unsigned, float value, int offset) { return lr2_host::shuffle_xor(value, offset); }
 inline float __shfl_sync(unsigned, float value, int src_lane) { return lr2_host::shuffle_idx(value, src_lane); }
 inline int __any_sync(unsigned, int predicate) { return lr2_host::any(predicate != 0); }
+template <typename T>
+inline T __ldg(const T* address) {
+    return *address;  // the read-only cache path: a plain read (a bad address faults, as it would on a GPU)
+}
 
 // kernel<<<grid, block, 0, stream>>>(args...) is written LR2_LAUNCH(kernel, grid, block, stream)(args...) in csrc/.
 #define LR2_LAUNCH(kernel, grid, block, stream) lr2_host::launch_with(kernel, grid, block)

@@ -70,6 +70,7 @@ def cuda_extensions(cuda: tuple[str, Path] | None) -> list[Extension]:
             "lr2kernels._cuda",
             sources=sources + csrc_files("*.cpp"),
             include_dirs=["csrc", pybind11.get_include()],
+            define_macros=[BUILD["digest_define"](ROOT / "csrc")],  # the module's SOURCES_DIGEST (stale check)
             library_dirs=[str(cuda[1] / "lib64")],
             libraries=BUILD["LINK_LIBRARIES"],  # static cudart: only the driver is needed at run time
             extra_compile_args=BUILD["CXX_FLAGS"],

@@ -317,12 +317,20 @@ def test_positions_past_l0_rotate_differently_under_the_two_tables():
 
 
 @pytest.mark.parametrize("layout", ["dense_positions", "varlen", "partial_rotary"])
-def test_triton_per_tile_rotation_matches_the_staged_default(layout):
+def test_triton_per_tile_rotation_matches_the_staged_default(layout, monkeypatch):
     """The Triton launchers rotate the loop operands once (``staged=True``, the default); ``staged=False`` rotates
     every tile in the loop instead. Both paths compile from one kernel body: both must give the reference's result,
     and the same result as each other."""
     if "triton" not in lr2.available_backends():
         pytest.skip("the triton backend is not available here")
+    from lr2kernels.ops.triton import attention
+
+    stagings = []  # the forward's key rotation and the backward's q/k staging, as launched
+    for name in ("apply_rope", "_stage_rotated"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(
+            attention, name, lambda *a, real=real, name=name, **k: stagings.append(name) or real(*a, **k)
+        )
     if layout == "varlen":
         lengths = [20, 70, 9]  # short, long (> L0 = 64), short
         table, kwargs = make_table(32), {"cu_seqlens": cu_seqlens_of(lengths), "max_seqlen": 70}
@@ -336,7 +344,9 @@ def test_triton_per_tile_rotation_matches_the_staged_default(layout):
     expected = _reference(q, k, v, table, grad_out, **kwargs)
     results = {}
     for staged in (True, False):
+        stagings.clear()
         results[staged] = _triton_launchers(q, k, v, table, grad_out, staged=staged, **kwargs)
+        assert stagings == (["apply_rope", "_stage_rotated"] if staged else []), (staged, stagings)
         _assert_like_reference("triton", torch.float32, results[staged], expected)
     for got, want in zip(results[False], results[True]):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
@@ -379,7 +389,7 @@ def test_autotune_length_buckets():
 
 @pytest.mark.parametrize("splits", [2, 4], ids=lambda s: f"parts{s}")
 @pytest.mark.parametrize("layout", ["dense_positions", "varlen"])
-def test_triton_dkdv_split_gqa_group_matches_one_program_per_kv_head(layout, splits):
+def test_triton_dkdv_split_gqa_group_matches_one_program_per_kv_head(layout, splits, monkeypatch):
     """Where one dk/dv program per kv head and key tile would under-fill the GPU, each GQA group is split into parts
     whose fp32 partial sums the launcher adds. Asked for here (``group_splits``; the interpreter has no SMs to
     count): the gradients must equal the unsplit kernel's and the reference's."""
@@ -393,10 +403,15 @@ def test_triton_dkdv_split_gqa_group_matches_one_program_per_kv_head(layout, spl
         table = make_table(32)
         kwargs = {"position_ids": torch.arange(40, 110, device=DEVICE)[None].expand(2, -1)}  # crosses L0
         q, k, v = _qkv((2, 8, 70, 32), (2, 2, 70, 32), requires_grad=True)
+    from lr2kernels.ops.triton import attention
+
+    partials, real = [], attention._partials  # the split path's fp32 buffers: one for dk, one for dv
+    monkeypatch.setattr(attention, "_partials", lambda x, parts: partials.append(parts) or real(x, parts))
     grad_out = randn(*q.shape)
     results = {
         parts: _triton_launchers(q, k, v, table, grad_out, group_splits=parts, **kwargs) for parts in (1, splits)
     }
+    assert partials == [splits, splits]  # the split kernel ran (and the unsplit one needed none)
     for name, got, want in zip("qkv", results[splits][1:], results[1][1:]):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6, msg=lambda m, n=name: f"d{n}: {m}")
     _assert_like_reference("triton", torch.float32, results[splits], _reference(q, k, v, table, grad_out, **kwargs))

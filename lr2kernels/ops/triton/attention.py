@@ -58,6 +58,7 @@ from lr2kernels.ops.triton._jit import (
     _load_rows,
     _load_split_native,
     _pair_angles,
+    _pair_channels,
     _positions,
     _rotate_rows,
     _row_descriptors,
@@ -173,7 +174,7 @@ _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]] | dict[int, se
                               (64, 32, 4, 2)},
                          80: {(128, 32, 8, 2), (128, 32, 8, 3), (128, 16, 8, 2), (64, 32, 4, 2)}},
     ("dq", 128, True): {90: {(128, 64, 8, 2), (128, 32, 8, 2)}, 80: {(128, 32, 8, 2)}},  # 64 x 32: 12 B (3.9)
-    ("dq", 256, False): {(64, 16, 8, 2)},
+    ("dq", 256, False): {(64, 16, 4, 2)},
     ("dkdv", 64, False): {90: {(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)},
                           80: {(16, 128, 8, 2)}},  # as launched: 64 x 64 w8 spills 4 B, 16 x 64 w4 20-28 B
     ("dkdv", 80, False): {90: {(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)},
@@ -184,7 +185,9 @@ _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]] | dict[int, se
                            80: {(64, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)}},
     ("dkdv", 128, True): {90: {(32, 128, 8, 2), (16, 128, 8, 2)}, 80: {(64, 64, 8, 2), (16, 128, 8, 2)}},
     # 256 channels: dk + dv alone take 128 registers a thread at 64 keys over 8 warps; on sm_90 only 32-key tiles
-    # (mma.sync) are spill-free, and dq's only spill-free tile is 64 x 16 over 8 warps.
+    # (mma.sync) are spill-free. dq's 64 rows over 4 warps (one warp group: wgmma issuing exactly the dots' work;
+    # over 8 warps it repeated q k^T and dO v^T, 65 wgmma per trip for 33) are spill-free with its store rotating a
+    # quarter of the pairs at a time; 64 x 32 still spills 48-80 B.
     ("dkdv", 256, False): {80: {(16, 64, 8, 2), (16, 32, 8, 2)}, 90: {(16, 32, 8, 2)}},
 }
 
@@ -544,9 +547,66 @@ def _rope_attention_bwd_dq_kernel(
                    INV_FREQ, is_long, attention, sm_scale_log2, dtype, HALF, ROW, BLOCK_N, IS_CAUSAL, HAS_POS,
                    PRECISION, STAGED, True)  # fmt: skip
     # k carried sm_scale * log2(e), dq needs sm_scale: ln(2). Then the transposed rotation, to the pre-RoPE q.
-    cos, sin = _pair_angles(_positions(pos_base, offs_m, m_mask, HAS_POS), INV_FREQ, is_long, attention, HALF, ROW)
-    _store_pairs_transposed(DQ + _head_offset(seq, head, start, stride_dqb, stride_dqh, stride_dqt), offs_m,
-                            stride_dqt, m_mask, dq, cos, sin, 0.6931471805599453, HALF, ROW)  # fmt: skip
+    dq_base = DQ + _head_offset(seq, head, start, stride_dqb, stride_dqh, stride_dqt)
+    positions = _positions(pos_base, offs_m, m_mask, HAS_POS)
+    if HEAD_DIM >= 256:  # the 128 fp32 registers of 64 rows' dq leave no room for all the pairs' sin/cos at once
+        _store_pairs_transposed_in_quarters(dq_base, offs_m, stride_dqt, m_mask, dq, positions, INV_FREQ, is_long,
+                                            attention, 0.6931471805599453, HALF, ROW)  # fmt: skip
+    else:
+        cos, sin = _pair_angles(positions, INV_FREQ, is_long, attention, HALF, ROW)
+        _store_pairs_transposed(dq_base, offs_m, stride_dqt, m_mask, dq, cos, sin, 0.6931471805599453, HALF, ROW)
+
+
+@triton.jit
+def _column_halves(x):
+    """The first and second halves of the columns of ``x [BLOCK, W]``: two ``[BLOCK, W / 2]``."""
+    return tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, x.shape[1] // 2]), (0, 2, 1)))
+
+
+@triton.jit
+def _store_pair_quarter(base, row_mask, ga, gb, first_pair, pos, inv_freq_ptr, is_long, attention, out_dtype,
+                        HALF: tl.constexpr, ROW: tl.constexpr):  # fmt: skip
+    """Store pairs ``first_pair ..`` of a gradient in pair order (their channels ``ga``, ``gb [BLOCK, C]``),
+    rotated back as :func:`_store_pairs_transposed` does, with the angles of those pairs only (:func:`_pair_angles`'
+    arithmetic)."""
+    pairs = first_pair + tl.arange(0, ga.shape[1])
+    rotary = pairs < HALF
+    inv_freq = tl.load(inv_freq_ptr + is_long * HALF + pairs, mask=rotary, other=0.0)
+    angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]  # [BLOCK, C]
+    cos = tl.where(rotary[None, :], tl.cos(angle) * attention, 1.0)
+    sin = tl.where(rotary[None, :], tl.sin(angle) * attention, 0.0)
+    a_col, b_col = _pair_channels(pairs, HALF)
+    tl.store(base + a_col[None, :], (ga * cos + gb * sin).to(out_dtype),
+             mask=row_mask[:, None] & (a_col < ROW[0])[None, :])  # fmt: skip
+    tl.store(base + b_col[None, :], (gb * cos - ga * sin).to(out_dtype),
+             mask=row_mask[:, None] & (b_col < ROW[0])[None, :])  # fmt: skip
+
+
+@triton.jit
+def _store_pairs_transposed_in_quarters(ptr, rows, row_stride, row_mask, g, pos, inv_freq_ptr, is_long, attention,
+                                        scale, HALF: tl.constexpr, ROW: tl.constexpr):  # fmt: skip
+    """:func:`_store_pairs_transposed` of one whole-head tile ``g[0] [BLOCK, D]``, a quarter of its pairs at a time,
+    each with its own sin/cos (``[BLOCK, D / 8]`` each, not ``[BLOCK, D / 2]``): at 256 channels the whole tile's
+    sin/cos and dq did not fit the registers (1.7 KB spilled by 64 x 16 dq tiles over 4 warps, Triton 3.6, sm_90;
+    none in quarters)."""
+    tl.static_assert(len(g) == 1)
+    base = ptr + rows.to(tl.int64)[:, None] * row_stride  # [BLOCK, 1] int64 offsets
+    out_dtype = ptr.dtype.element_ty
+    quarter: tl.constexpr = ROW[1] // 8  # pairs per quarter
+    ga, gb = tl.split(tl.reshape(g[0] * scale, [g[0].shape[0], ROW[1] // 2, 2]))  # [BLOCK, D / 2] each
+    ga01, ga23 = _column_halves(ga)
+    gb01, gb23 = _column_halves(gb)
+    ga0, ga1 = _column_halves(ga01)
+    ga2, ga3 = _column_halves(ga23)
+    gb0, gb1 = _column_halves(gb01)
+    gb2, gb3 = _column_halves(gb23)
+    _store_pair_quarter(base, row_mask, ga0, gb0, 0, pos, inv_freq_ptr, is_long, attention, out_dtype, HALF, ROW)
+    _store_pair_quarter(base, row_mask, ga1, gb1, quarter, pos, inv_freq_ptr, is_long, attention, out_dtype, HALF,
+                        ROW)  # fmt: skip
+    _store_pair_quarter(base, row_mask, ga2, gb2, 2 * quarter, pos, inv_freq_ptr, is_long, attention, out_dtype, HALF,
+                        ROW)  # fmt: skip
+    _store_pair_quarter(base, row_mask, ga3, gb3, 3 * quarter, pos, inv_freq_ptr, is_long, attention, out_dtype, HALF,
+                        ROW)  # fmt: skip
 
 
 @triton.jit

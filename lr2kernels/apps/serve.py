@@ -86,7 +86,8 @@ def _serve_parameters(serve: Any) -> list[_Parameter]:
         kinds = [k for k in (typing.get_args(annotated) or (annotated,)) if k is not type(None)]
         kind = kinds[0] if len(kinds) == 1 and isinstance(kinds[0], type) else str
         decls = getattr(info, "param_decls", None) or ()
-        declared = [d for decl in decls for d in decl.split("/") if d.startswith("-")]
+        # "--x/--no-x" declares a flag and its negation: argparse's BooleanOptionalAction makes the "--no-" one
+        declared = [decl.split("/")[0] for decl in decls if decl.startswith("-")]
         flags = tuple(declared) or (f"--{name.replace('_', '-')}",)
         text = " ".join((getattr(info, "help", None) or "").replace("`", "").split())
         found.append(_Parameter(name, kind, parameter.default, text, type(info).__name__ == "ArgumentInfo", flags))

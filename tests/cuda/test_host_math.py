@@ -9,6 +9,7 @@ host the shim uses libm's sinf/cosf: the angles (one fp32 multiply) are bit-iden
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import subprocess
@@ -612,3 +613,68 @@ def test_decode_key_tile_mirrors_the_kernel(shim, dtype):
             assert shim.lr2_decode_shape(element_bytes, head_dim, rows, out) == 0
             assert launch.decode_key_tile(dtype, head_dim, rows) == out[2], (dtype, head_dim, rows)
             assert 32 % out[2] == 0  # every multiple of 32 is a valid block size
+
+
+class _ShimExtension:
+    """A stand-in for lr2kernels._cuda whose rope_decode runs the host emulation of the kernels with the arguments
+    the Python launcher passes (the bindings' order, less the stream): the launcher's tensor side (strides, the
+    table, the capacity, the length mapping) is checked end to end without a GPU."""
+
+    def __init__(self, shim):
+        self.shim = shim
+
+    def rope_decode(self, dtype, q, k, v, out, o_part, lse_part, seqlens, inv_freq, q_strides, k_strides, v_strides,
+                    o_strides, *rest):  # fmt: skip
+        (batch, num_kv_heads, group, n_new, half, head_dim, num_splits, split_min_keys, capacity, original_max_position,
+         scale_log2, attention_short, attention_long, block_table, block_table_stride, block_size, num_blocks,
+         _stream) = rest  # fmt: skip
+        triple = lambda strides: (ctypes.c_int64 * 3)(*strides)  # noqa: E731
+        pointer = ctypes.c_void_p
+        error = self.shim.lr2_rope_decode(
+            dtype, pointer(q), pointer(k), pointer(v), pointer(out), pointer(o_part), pointer(lse_part),
+            pointer(seqlens), pointer(inv_freq), triple(q_strides), triple(k_strides), triple(v_strides),
+            triple(o_strides), batch, num_kv_heads, group, n_new, half, head_dim, num_splits, split_min_keys, capacity,
+            original_max_position, _f(scale_log2), _f(attention_short), _f(attention_long), pointer(block_table),
+            ctypes.c_int64(block_table_stride), block_size, num_blocks,
+        )  # fmt: skip
+        assert error == b"", error.decode()
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_python_launcher_runs_the_kernel_as_the_reference(shim, monkeypatch, paged):
+    """lr2kernels.ops.cuda.launch.rope_decode on CPU tensors, its extension replaced by the host emulation: a paged
+    cache given as k/v halves of one buffer and an int64 block table (converted by the launcher), 2 splits, a length
+    below n (NaN rows, the launcher's mapping), one past the capacity (NaN rows); the others equal the reference."""
+    from lr2kernels.ops.cuda import launch
+
+    monkeypatch.setattr(launch, "extension", lambda: _ShimExtension(shim))
+    monkeypatch.setattr(launch, "_stream", lambda device: 0)
+    monkeypatch.setattr(launch.torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(launch, "_SPLIT_MIN_KEYS", 32)
+    gen = torch.Generator().manual_seed(13)
+    head_dim, block_size, max_blocks, n_new = 128, 32, 3, 2
+    capacity = block_size * max_blocks
+    table = _decode_table(head_dim)
+    seqlens = (70, 1, capacity + 3, 33)
+    lengths = torch.tensor(seqlens)
+    if paged:
+        block_table, num_blocks = _paged_layout(gen, seqlens, block_size, max_blocks)
+        k, v = _paged_caches(gen, block_table, num_blocks, seqlens, block_size, 2, head_dim, torch.bfloat16)
+        block_table = block_table.long()
+    else:
+        block_table = None
+        k = _poisoned_cache(gen, len(seqlens), 2, capacity, head_dim, torch.bfloat16, lengths)
+        v = _poisoned_cache(gen, len(seqlens), 2, capacity, head_dim, torch.bfloat16, lengths)
+    q = torch.randn(len(seqlens), 8, n_new, head_dim, generator=gen).to(torch.bfloat16)
+    inv_freq = torch.stack([table.inv_freq(False), table.inv_freq(True)]).float()
+    paged_args = {"block_table": block_table} if paged else {}
+    out = launch.rope_decode(q, k, v, lengths, inv_freq, table.original_max_position, table.attention_factor_for(False),
+                             table.attention_factor_for(True), head_dim**-0.5, 2, **paged_args)  # fmt: skip
+    for b in (1, 2):
+        assert torch.isnan(out[b]).all(), f"sequence {b}: its length is outside [n, capacity]"
+    for b in (0, 3):
+        if paged:
+            expected = _paged_reference(q, k, v, lengths, table, block_table, b)
+        else:
+            expected = _reference_rows(q, k, v, lengths, table, b)
+        torch.testing.assert_close(out[b].double(), expected, atol=_DECODE_ATOL[torch.bfloat16], rtol=0)

@@ -1,10 +1,10 @@
 """The "cuda" backend: hand-written CUDA C++ kernels (``csrc/``, built into the optional extension lr2kernels._cuda).
 
-Phase 1 implements ``rope_decode`` (split-KV decode on a PRE-RoPE cache), ``apply_rope`` (with its backward, the
-transposed rotation) and ``rerotate``; ``supports()`` declines ``rope_attention`` with a reason, so with
-``backend=None`` that op runs on the next backend (triton). The ops run as ``torch.ops.lr2kernels.*`` custom ops over
-the launchers of :mod:`lr2kernels.ops.cuda.launch`. Nothing here imports the extension or probes a GPU at import: the
-extension is loaded (once) by the first availability probe or launch.
+Phase 1 implements ``rope_decode`` (split-KV decode on a PRE-RoPE cache, dense or paged through a block table),
+``apply_rope`` (with its backward, the transposed rotation) and ``rerotate``; ``supports()`` declines
+``rope_attention`` with a reason, so with ``backend=None`` that op runs on the next backend (triton). The ops run as
+``torch.ops.lr2kernels.*`` custom ops over the launchers of :mod:`lr2kernels.ops.cuda.launch`. Nothing here imports
+the extension or probes a GPU at import: the extension is loaded (once) by the first availability probe or launch.
 """
 
 from __future__ import annotations

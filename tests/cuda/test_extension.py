@@ -18,7 +18,7 @@ import lr2kernels as lr2
 from lr2kernels.ops import dispatch
 from lr2kernels.ops.calls import CallSpec
 from lr2kernels.ops.cuda import BACKEND, build, jit, launch
-from tests.cuda.conftest import ROOT
+from tests.cuda.helpers import ROOT
 
 # A current extension (installed, or a cached build of these sources); a stale in-tree one does not count.
 EXTENSION, NOT_LOADED = launch.load_extension()

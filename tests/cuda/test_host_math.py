@@ -21,7 +21,7 @@ import torch
 
 from lr2kernels import reference
 from lr2kernels.tables import RopeTable
-from tests.cuda.conftest import CSRC, host_compiler, load_ptxas_report
+from tests.cuda.helpers import CSRC, host_compiler, load_ptxas_report
 
 SHIM = CSRC.parent / "tests" / "cuda" / "host_math_shim.cpp"
 HOST_CUDA = SHIM.parent / "host_cuda"

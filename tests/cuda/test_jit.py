@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from tests.cuda.conftest import ROOT
+from tests.cuda.helpers import ROOT
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"), reason="nvcc is not installed"

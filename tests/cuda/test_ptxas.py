@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cuda.conftest import load_ptxas_report
+from tests.cuda.helpers import load_ptxas_report
 
 ptxas_report = load_ptxas_report()
 NVCC = ptxas_report.find_nvcc()

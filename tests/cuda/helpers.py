@@ -1,4 +1,6 @@
-"""Shared pieces of the CUDA backend's CPU-side tests: where csrc/ is, nvcc, the host compiler."""
+"""Helpers of the CUDA backend's CPU-side tests: where csrc/ is, csrc/ptxas_report.py as a module, the host compiler.
+
+A plain module that the tests import (no test module imports a conftest); pytest fixtures would go in a conftest.py."""
 
 from __future__ import annotations
 

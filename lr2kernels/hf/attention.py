@@ -64,14 +64,14 @@ def _eager_attention(module):
     return found
 
 
-def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding_window, facts, long, kwargs):
+def _attend(state, module, query, key, value, attention_mask, scaling, dropout, sliding_window, facts, long, kwargs):
     """Attention with queries and keys rotated at their positions with table ``long`` (a bool, or per token)."""
-    table: RopeTable = module._lr2_table
-    backend: str | None = module._lr2_backend
+    table: RopeTable = state.table
+    backend: str | None = state.backend
     batch, _, num_queries, _ = query.shape
     num_keys = key.shape[2]
     queries = facts.queries
-    wants_maps = _maps_requested() and module._lr2_model_config._attn_implementation == "eager"
+    wants_maps = _maps_requested() and state.config._attn_implementation == "eager"
     fusable = (
         not wants_maps
         and (dropout == 0.0 or not module.training)
@@ -94,7 +94,7 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding
         and num_keys == facts.total
     )
     if plain and num_queries == num_keys:
-        layer = _layer_with_rotated_keys(module, "rope_attention", query, key, facts)
+        layer = _layer_with_rotated_keys(state, module, "rope_attention", query, key, facts)
         if layer is not None:  # a prefill into a cache: its rotated keys become the layer's copy
             return _attend_on_rotated_keys(layer, query, key, value, table, long, scaling, facts)
         out = rope_attention(
@@ -102,7 +102,7 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding
         )
         return out.transpose(1, 2), None
     if plain and long == table.use_long(num_keys):  # rope_decode picks the table from the length itself
-        layer = _layer_with_rotated_keys(module, "rope_decode", query, key, facts)
+        layer = _layer_with_rotated_keys(state, module, "rope_decode", query, key, facts)
         if layer is not None:
             return _attend_on_rotated_keys(layer, query, key, value, table, long, scaling, facts)
         cache_seqlens = torch.full((batch,), num_keys, dtype=torch.int32, device=query.device)
@@ -123,13 +123,13 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding
     )  # fmt: skip
 
 
-def _layer_with_rotated_keys(module, op: str, query: torch.Tensor, key: torch.Tensor, facts: ForwardFacts):
+def _layer_with_rotated_keys(state, module, op: str, query: torch.Tensor, key: torch.Tensor, facts: ForwardFacts):
     """The cache layer to keep rotated keys for (see :mod:`lr2kernels.hf.rotated_keys`), or None: only where ``op``
     (``"rope_attention"`` for a prefill, ``"rope_decode"`` for a step) would run on the torch backend (the fused
     kernels rotate in registers) and the patch allows it."""
-    if not module._lr2_rotated_key_cache or query.requires_grad:
+    if not state.rotated_key_cache or query.requires_grad:
         return None
-    if dispatch.backend_name(op, query.device, query.dtype, query.shape[-1], module._lr2_backend) != "torch":
+    if dispatch.backend_name(op, query.device, query.dtype, query.shape[-1], state.backend) != "torch":
         return None
     return rotated_keys.usable_layer(facts.cache, getattr(module, "layer_idx", None), key)
 
@@ -188,10 +188,10 @@ def rope_attention_forward(
     ``"position"``: each query token uses the table of its own position (long iff position + 1 > L0), with every
     key it sees rotated the same way, so a full forward computes each token exactly as incremental decoding does.
     """
-    table: RopeTable | None = getattr(module, "_lr2_table", None)
-    facts: ForwardFacts | None = None if table is None else module._lr2_tracker.facts
-    if table is None or facts is None or facts.queries.shape != query.shape[::2]:
-        if table is not None:
+    state = getattr(module, "_lr2_patch", None)  # the model's PatchedModel (lr2kernels.hf.patch)
+    facts: ForwardFacts | None = None if state is None else state.tracker.facts
+    if state is None or facts is None or facts.queries.shape != query.shape[::2]:
+        if state is not None:
             raise RuntimeError(
                 "lr2kernels: a patched attention layer ran outside its model's forward (positions unknown); call the "
                 "model, not its layers"
@@ -199,12 +199,13 @@ def rope_attention_forward(
         return _unpatched(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     kwargs.pop("position_ids", None)
     if facts.paged is not None:  # continuous batching: a flattened batch on a PRE-RoPE paged cache
-        return serving.paged_attention(module, query, key, value, scaling, facts, kwargs)
-    args = (module, query, key, value, attention_mask, scaling, dropout, sliding_window, facts)
-    if facts.segments is not None and module._lr2_rule == "hf":
+        return serving.paged_attention(state, module, query, key, value, scaling, facts, kwargs)
+    table: RopeTable = state.table
+    args = (state, module, query, key, value, attention_mask, scaling, dropout, sliding_window, facts)
+    if facts.segments is not None and state.rule == "hf":
         is_long = facts.segment_length_of_token() > table.original_max_position  # [B, L]: each sequence its own
         return _attend(*args, is_long, kwargs)
-    if module._lr2_rule == "hf":
+    if state.rule == "hf":
         return _attend(*args, table.use_long(facts.max_position + 1), kwargs)
     if table.use_long(facts.min_position + 1) or not table.use_long(facts.max_position + 1):
         return _attend(*args, table.use_long(facts.max_position + 1), kwargs)  # one table for every query

@@ -23,6 +23,7 @@ transformers is imported inside the functions, never at package import.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import sys
@@ -37,7 +38,8 @@ from lr2kernels.hf.positions import ForwardTracker, newest_cached_position
 from lr2kernels.tables import RopeTable, resolve_cpu_trig
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-_STATE = "_lr2_patch_state"
+_STATE = "_lr2_patch_state"  # on the patched model: its PatchedModel
+_LAYER = "_lr2_patch"  # on each of its attention layers: the same PatchedModel (the one way in from a layer)
 
 
 def _register_attention() -> str:
@@ -52,28 +54,61 @@ def _register_attention() -> str:
     return ATTENTION_NAME
 
 
-class _PatchState(dict):
-    """What :func:`patch` replaced, for :func:`unpatch`. A dict that re-registers the attention function with
-    transformers when a pickled patched model is loaded in a new process (the registry is per process)."""
+@dataclasses.dataclass(eq=False)
+class PatchedModel:
+    """Everything a patch is, for one patched model: held in ONE place, the model's ``_lr2_patch_state`` attribute.
+
+    Its attention layers reach it through one reference each (``_lr2_patch``: transformers hands the attention
+    function the layer, not the model), its rotary modules and ``generate`` wrapper through the ``functools.partial``
+    that replaced their method. Nothing of it is copied per layer: ``patch(model, table=...)`` changes it here, once.
+    It pickles and deep-copies with the model (the references inside are the model's own modules, so a copy is an
+    independent patched model); loading it in a new process registers the attention name there (the registry is per
+    process).
+
+    Attributes:
+        table, backend, rule, rotated_key_cache: the settings of :func:`patch`.
+        config: the model's own config (never changed; the layers get it back at :func:`unpatch`).
+        attention_config: the attention layers' private copy of it, naming :data:`ATTENTION_NAME`.
+        tracker: the base model's hooks record each forward's facts here; the attention layers read them.
+        rotary, attention, hooks, rotation_wrappers, prepare: what :func:`unpatch` restores (filled as they are
+            applied, so that a patch that fails half-way is undone exactly).
+    """
+
+    table: RopeTable
+    backend: str | None
+    rule: str
+    rotated_key_cache: bool
+    config: Any
+    attention_config: Any = None
+    tracker: ForwardTracker = dataclasses.field(default_factory=ForwardTracker)
+    rotary: list = dataclasses.field(default_factory=list)
+    attention: list = dataclasses.field(default_factory=list)
+    hooks: list = dataclasses.field(default_factory=list)
+    rotation_wrappers: list = dataclasses.field(default_factory=list)
+    prepare: Any = None  # the class's prepare_inputs_for_generation that generate() calls through the wrapper
+    warned_switch: bool = False  # the attention implementation was switched after the patch (warned once)
 
     def __setstate__(self, state: dict) -> None:
-        self.update(state)
+        self.__dict__.update(state)
         _register_attention()
 
-    def __reduce__(self):
-        return (_PatchState, (), dict(self))
+
+def state_of(model: torch.nn.Module) -> PatchedModel | None:
+    """The :class:`PatchedModel` of a patched model (its table, backend, rule, ...); None for a stock model."""
+    return getattr(model, _STATE, None)
 
 
-def _identity_rotary_forward(module, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+def _identity_rotary_forward(state: PatchedModel, module, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
     """The patched rotary module's forward (bound with functools.partial, which pickles, unlike a bound method)."""
-    if module._lr2_config._attn_implementation != ATTENTION_NAME:
+    implementation = state.attention_config._attn_implementation
+    if implementation != ATTENTION_NAME:
         # The attention implementation was switched after patch() (e.g. set_attn_implementation("sdpa")): that
         # attention expects rotated q/k, so give it the stock rotation rather than run the model without RoPE.
-        if not getattr(module, "_lr2_warned_switch", False):
-            module._lr2_warned_switch = True
+        if not state.warned_switch:
+            state.warned_switch = True
             warnings.warn(
                 "lr2kernels: the model's attention implementation was changed after lr2kernels.patch(); it now runs "
-                f"{module._lr2_config._attn_implementation!r} with stock RoPE (call lr2kernels.unpatch(model) or "
+                f"{implementation!r} with stock RoPE (call lr2kernels.unpatch(model) or "
                 "patch it again).",
                 UserWarning,
                 stacklevel=2,
@@ -82,7 +117,7 @@ def _identity_rotary_forward(module, x: torch.Tensor, position_ids: torch.Tensor
     # [B, L, rotary_dim] cos = 1, sin = 0: HF's apply_rotary_pos_emb becomes the identity (x * 1 + y * 0 == x),
     # and is skipped altogether by a layer's own wrapper (_skip_identity_forward; the mark says which cos this is).
     batch, seq = position_ids.shape[0], position_ids.shape[-1]
-    width = module._lr2_rotary_width
+    width = state.table.rotary_dim
     ones = torch.ones(1, 1, width, dtype=x.dtype, device=x.device).expand(batch, seq, width)
     ones._lr2_identity_rotation = True
     return ones, torch.zeros_like(ones)
@@ -144,10 +179,9 @@ def _prepare_inputs_for_generation(model: torch.nn.Module, input_ids: torch.Tens
     decided by position (max position + 1 > L0, the full forward's rule), not by the padded length. Under
     ``rule="position"`` the cache is kept: one cached step crosses L0.
     """
-    state = getattr(model, _STATE)
+    state: PatchedModel = getattr(model, _STATE)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    table: RopeTable = state["attention"][0]._lr2_table
-    rule: str = state["attention"][0]._lr2_rule
+    table, rule = state.table, state.rule
     if rule == "hf" and cache is not None and _table_switches(table):
         cached = newest_cached_position(cache)  # None: nothing cached (or not by this model): nothing to re-run
         if cached is not None:
@@ -155,7 +189,7 @@ def _prepare_inputs_for_generation(model: torch.nn.Module, input_ids: torch.Tens
             if not table.use_long(cached + 1) and table.use_long(newest + 1):
                 cache.reset()  # the next forward runs the whole sequence, with the long table
                 kwargs["next_sequence_length"] = None
-    return state["prepare"](model, input_ids, *args, **kwargs)
+    return state.prepare(model, input_ids, *args, **kwargs)
 
 
 def _rotary_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -238,13 +272,12 @@ def patch(
     if head_dim is not None and head_dim != table.head_dim:
         raise ValueError(f"table.head_dim: expected the model's head_dim {head_dim}, got {table.head_dim}")
 
-    for module in attention:
-        module._lr2_table, module._lr2_backend, module._lr2_rule = table, backend, rule
-        module._lr2_rotated_key_cache = rotated_key_cache
-    if getattr(model, _STATE, None) is not None:
-        return model  # already patched: table, backend and rule updated above
+    state: PatchedModel | None = getattr(model, _STATE, None)
+    if state is not None:  # already patched: its settings change, in their one place
+        state.table, state.backend, state.rule, state.rotated_key_cache = table, backend, rule, rotated_key_cache
+        return model
     try:
-        _apply(model, config, rotary, attention, table)
+        _apply(model, PatchedModel(table, backend, rule, rotated_key_cache, config), rotary, attention)
     except BaseException:
         unpatch(model)  # all or nothing: undo whatever was applied
         raise
@@ -257,33 +290,31 @@ def _base_models(model: torch.nn.Module, rotary: list[torch.nn.Module]) -> list[
     return [m for m in model.modules() if any(id(child) in rotary_ids for child in m.children())]
 
 
-def _apply(model, config, rotary, attention, table) -> None:
+def _apply(model, state: PatchedModel, rotary, attention) -> None:
     """Every change :func:`patch` makes, each recorded in the state first so that :func:`unpatch` can undo a part."""
     name = _register_attention()
-    state = _PatchState(rotary=[], attention=[], hooks=[], config=config, rotation_wrappers=[])
     setattr(model, _STATE, state)
     # The attention layers read their implementation from their config. They get a private copy that names ours, so
     # the model's config (which other models may share, and which save_pretrained writes) is never changed.
-    attention_config = copy.copy(config)
-    attention_config._attn_implementation = name
-    tracker = ForwardTracker()  # one per model: the positions of the forward that runs
+    state.attention_config = copy.copy(state.config)
+    state.attention_config._attn_implementation = name
     for module in attention:
-        state["attention"].append(module)
+        state.attention.append(module)
         rotation = _rotation_wrapper(module)
         if rotation is not None:  # this layer's own apply_rotary_pos_emb skips the identity rotation
-            state["rotation_wrappers"].append(rotation)
+            state.rotation_wrappers.append(rotation)
             rotation.forward = types.MethodType(_skip_identity_forward, rotation)
-        module.config, module._lr2_model_config, module._lr2_tracker = attention_config, config, tracker
+        module.config = state.attention_config
+        setattr(module, _LAYER, state)
     for module in rotary:
-        state["rotary"].append(module)
-        module._lr2_rotary_width, module._lr2_config = table.rotary_dim, attention_config
-        module.forward = functools.partial(_identity_rotary_forward, module)
+        state.rotary.append(module)
+        module.forward = functools.partial(_identity_rotary_forward, state, module)
     for base in _base_models(model, rotary):
-        state["hooks"].append(base.register_forward_pre_hook(tracker.begin_forward, with_kwargs=True))
-        state["hooks"].append(base.register_forward_hook(tracker.end_forward, with_kwargs=True))
+        state.hooks.append(base.register_forward_pre_hook(state.tracker.begin_forward, with_kwargs=True))
+        state.hooks.append(base.register_forward_hook(state.tracker.end_forward, with_kwargs=True))
     prepare = _keep_cache_prepare(model)
     if prepare is not None:
-        state["prepare"] = prepare
+        state.prepare = prepare
         wrapper = functools.partial(_prepare_inputs_for_generation, model)
         # generate() reads this signature to decide what it may pass (e.g. ``inputs_embeds``): keep the original's.
         wrapper.__signature__ = inspect.signature(functools.partial(prepare, model))
@@ -292,24 +323,19 @@ def _apply(model, config, rotary, attention, table) -> None:
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`patch` exactly (a no-op on a model that is not patched). Returns the model."""
-    state = getattr(model, _STATE, None)
+    state: PatchedModel | None = getattr(model, _STATE, None)
     if state is None:
         return model
-    for handle in state.get("hooks", []):
+    for handle in state.hooks:
         handle.remove()
-    for module in state.get("rotary", []):
+    for module in state.rotary:
         module.__dict__.pop("forward", None)  # the instance attribute hid the class's forward
-        for attribute in ("_lr2_rotary_width", "_lr2_config", "_lr2_warned_switch"):
-            module.__dict__.pop(attribute, None)
-    for wrapper in state.get("rotation_wrappers", []):
+    for wrapper in state.rotation_wrappers:
         if getattr(vars(wrapper).get("forward"), "__func__", None) is _skip_identity_forward:  # not a later kernel's
             del wrapper.forward
-    for module in state.get("attention", []):
-        module.config = state["config"]
-        for attribute in (
-            "_lr2_table", "_lr2_backend", "_lr2_rule", "_lr2_rotated_key_cache", "_lr2_model_config", "_lr2_tracker"
-        ):  # fmt: skip
-            module.__dict__.pop(attribute, None)
+    for module in state.attention:
+        module.config = state.config
+        module.__dict__.pop(_LAYER, None)
     model.__dict__.pop("prepare_inputs_for_generation", None)
     delattr(model, _STATE)
     return model

@@ -179,8 +179,7 @@ def test_a_table_set_by_patch_survives_set_attn_implementation(folders):
     table = lr2kernels.RopeTable.default(head_dim=16, base=500.0, max_position=8 * L0)
     lr2kernels.patch(model, table=table)
     model.set_attn_implementation("lr2kernels")
-    layer = next(m for m in model.modules() if hasattr(m, "_lr2_table"))
-    assert layer._lr2_table is table
+    assert lr2kernels.hf.state_of(model).table is table
 
 
 def test_an_unsupported_architecture_is_refused_by_name(tmp_path):

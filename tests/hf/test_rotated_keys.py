@@ -204,7 +204,7 @@ def test_a_table_swap_rebuilds_the_copy():
         max_position=other.max_position, short_factor=other.factors(False), long_factor=other.factors(True),
     )  # fmt: skip
 
-    table = kept.model.layers[0].self_attn._lr2_table
+    table = lr2.hf.state_of(kept).table
     logits = []
     for model in (kept, whole):
         lr2.patch(model, table=table)
@@ -249,12 +249,11 @@ def test_the_option_is_checked_and_unpatch_removes_it():
     with pytest.raises(TypeError, match="rotated_key_cache: expected a bool, got str"):
         lr2.patch(model, rotated_key_cache="yes")
     lr2.patch(model, rotated_key_cache=False)
-    attention = model.model.layers[0].self_attn
-    assert attention._lr2_rotated_key_cache is False
+    assert lr2.hf.state_of(model).rotated_key_cache is False
     lr2.patch(model)  # patching again updates the option, as it does table, backend and rule
-    assert attention._lr2_rotated_key_cache is True
+    assert lr2.hf.state_of(model).rotated_key_cache is True
     lr2.unpatch(model)
-    assert not hasattr(attention, "_lr2_rotated_key_cache")
+    assert lr2.hf.state_of(model) is None
 
 
 # ---- the identity rotation a patched model's layers no longer compute ------------------------------------------

@@ -18,7 +18,8 @@ specialization of the same kernel (``PAGE`` = the block size; the dense kernel's
 tiles stay ``BLOCK_N`` keys at logical positions (so the angles, splits and merge are the dense kernel's), and each
 tile's rows are found through the table (:func:`_paged_rows`): one block id per tile when the block size is a
 multiple of ``BLOCK_N``, else one per key; any block size works. The k/v rows still arrive by 16-byte ``cp.async``
-(their offsets are multiples of the 16-divisible strides). A block id outside ``[0, num_blocks)`` among those a
+(their offsets are multiples of the 16-divisible strides), two tiles ahead (``_NUM_STAGES_PAGED``); fp32 takes
+16-key tiles. A block id outside ``[0, num_blocks)`` among those a
 sequence reads is never read through, and that sequence's output rows are NaN, as for a bad length.
 
 The launcher :func:`rope_decode` takes tensors and Python scalars only: the prepared ``[2, rotary_dim // 2]`` fp32
@@ -165,7 +166,7 @@ def _part_rows(pid_bh, split, num_splits, num_rows, rows):
 @triton.jit
 def _paged_rows(
     table_row, n_start, offs_n, n_mask, num_blocks, stride_kb, stride_kt, stride_vb, stride_vt, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, SAME_KV_STRIDES: tl.constexpr,
 ):  # fmt: skip
     """Where the keys ``offs_n`` (tile start ``n_start``, a multiple of BLOCK_N) of a paged sequence lie: (k row
     offsets, v row offsets (int64 elements from the head's base), load mask, keys whose block id is bad).
@@ -173,21 +174,28 @@ def _paged_rows(
     Key j sits in slot ``j % PAGE`` of block ``table_row[j // PAGE]``. A block of a multiple of BLOCK_N keys holds
     the whole tile: one block id per tile; smaller (or not power-of-two) blocks: one per key. Only ids of keys below
     the split's end are loaded (all inside the table: the length is clamped to its capacity). An id outside
-    ``[0, num_blocks)`` is not read through: its keys are masked off and reported.
+    ``[0, num_blocks)`` is not read through (its keys are masked off: a masked lane's address is never accessed)
+    and reported. ``SAME_KV_STRIDES``: v's rows are at k's offsets (caches of one layout), computed once.
     """
     if PAGE % BLOCK_N == 0:
         block = tl.load(table_row + n_start // PAGE)  # the tile's block: n_start < the split's end
         slot = n_start % PAGE + tl.arange(0, BLOCK_N)
+    elif BLOCK_N % PAGE == 0:  # BLOCK_N / PAGE whole blocks: each key's slot is the same in every tile
+        offs = tl.arange(0, BLOCK_N)
+        block = tl.load(table_row + n_start // PAGE + offs // PAGE, mask=n_mask, other=0)  # [BLOCK_N]
+        slot = offs % PAGE
     else:
         block = tl.load(table_row + offs_n // PAGE, mask=n_mask, other=0)  # [BLOCK_N]
         slot = offs_n % PAGE
-    inside = (block >= 0) & (block < num_blocks)
-    block = tl.where(inside, block, 0).to(tl.int64)
-    slot = slot.to(tl.int64)
+    inside = block.to(tl.uint32) < num_blocks  # one unsigned compare: a negative id wraps past num_blocks
     # tl.where, not &: Triton 3.9's interpreter refuses a mask from a vector & a scalar (its dtype comes out int8).
     load_mask = tl.where(inside, n_mask, False)
     bad = tl.where(inside, False, n_mask)
-    return block * stride_kb + slot * stride_kt, block * stride_vb + slot * stride_vt, load_mask, bad
+    block = block.to(tl.int64)
+    slot = slot.to(tl.int64)
+    k_rows = block * stride_kb + slot * stride_kt
+    v_rows = k_rows if SAME_KV_STRIDES else block * stride_vb + slot * stride_vt
+    return k_rows, v_rows, load_mask, bad
 
 
 @triton.jit
@@ -204,7 +212,7 @@ def _rope_decode_kernel(
     PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    PAGE: tl.constexpr,
+    PAGE: tl.constexpr, SAME_KV_STRIDES: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, kv head) x KV split x block of packed rows: its output, or its partial output and lse.
 
@@ -262,7 +270,7 @@ def _rope_decode_kernel(
         else:
             k_rows, v_rows, kv_mask, bad = _paged_rows(
                 table_row, n_start, offs_n, n_mask, num_blocks, stride_kb, stride_kt, stride_vb, stride_vt, PAGE,
-                BLOCK_N,
+                BLOCK_N, SAME_KV_STRIDES,
             )  # fmt: skip
             k_stride, v_stride = 1, 1
             bad_block = bad_block | bad
@@ -345,7 +353,7 @@ _NUM_STAGES_PAGED = 5
 _MERGE_BLOCK_M = 16  # 64-row merge tiles spill registers on sm_90 (1 KB at 128 channels); 16 never did
 
 
-def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype, paged: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N); BLOCK_M >= 16 keeps tl.dot legal for a single new token.
 
     At most 32 rows (more rows take more programs): as launched, 64-row tiles spill in the unsplit store path (8 B
@@ -359,7 +367,8 @@ def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int,
     if head_dim > 128:
         return 16, 16
     if dtype == torch.float32:
-        return block_m, 32
+        # Paged fp32 in 16-key tiles: the 32-key tiles' per-key block offsets spill (8-52 B on Triton 3.6).
+        return block_m, 16 if paged else 32
     return block_m, 64
 
 
@@ -436,7 +445,7 @@ def rope_decode(
         table_args = (table.stride(0), num_blocks)
     group = num_q_heads // num_kv_heads
     num_rows = group * n_new
-    block_m, block_n = _block_sizes(num_rows, head_dim, q.dtype)
+    block_m, block_n = _block_sizes(num_rows, head_dim, q.dtype, paged=page != 0)
     m_blocks = triton.cdiv(num_rows, block_m)
     if num_splits is None:
         num_splits = _num_splits(batch * num_kv_heads * m_blocks, max_len, block_n, q.device)
@@ -460,6 +469,7 @@ def rope_decode(
         softmax_scale * LOG2E, attention_short, attention_long, table, *table_args,
         **split_sizes(head_dim, rotary_dim_of(inv_freq)), **sizes,
         BLOCK_M=block_m, BLOCK_N=block_n, IS_SPLIT=is_split, PRECISION=dot_precision(q.dtype), PAGE=page,
+        SAME_KV_STRIDES=page != 0 and k_strides == v_strides,
         num_warps=_num_warps(head_dim, block_m), num_stages=_NUM_STAGES_PAGED if page else _NUM_STAGES,
         maxnreg=255,  # else ptxas caps itself at 128 and spills as launched (16 B at 96 channels on sm_80)
         enable_fp_fusion=False,  # the angle products must round as HF's do (see _tile_angles)

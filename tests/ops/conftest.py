@@ -10,30 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-# BACKENDS for the fixture; the other names are deprecated here: test modules import their helpers from
-# tests.ops.helpers, and these stay only until the modules written before the move (tests/ops/test_paged_decode.py)
-# do too.
-from tests.ops.helpers import (  # noqa: F401
-    BACKENDS,
-    DEVICE,
-    INTERPRETED,
-    L0,
-    TOLERANCES,
-    build_call,
-    cu_seqlens_of,
-    dtype_id,
-    hf_rope_attention,
-    hf_rope_decode,
-    hf_rotate,
-    make_table,
-    naive_attention,
-    randn,
-    requires_triton,
-    run,
-    skip_in_interpreter,
-    skip_unless_supported,
-    tolerance,
-)
+from tests.ops.helpers import BACKENDS
 
 
 @pytest.fixture(params=BACKENDS)

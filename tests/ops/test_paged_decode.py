@@ -17,7 +17,7 @@ from lr2kernels import reference
 from lr2kernels.ops import custom_ops, dispatch, validation
 from lr2kernels.ops.calls import DecodeCall
 from lr2kernels.ops.fused import FusedBackend
-from tests.ops.conftest import (
+from tests.ops.helpers import (
     DEVICE,
     INTERPRETED,
     TOLERANCES,
@@ -205,13 +205,13 @@ class _BlockReads:
 
 
 def _without_value_checks(backend, gpu_like, monkeypatch, *args, **kwargs):
-    if gpu_like:
-        monkeypatch.setattr(validation, "reads_values", lambda tensor: False)  # as on a GPU: no host reads
+    previous_reads = validation.set_host_reads("never" if gpu_like else "auto")  # "never": as on a GPU
     previous = lr2.set_value_checks("never")
     try:
         return run(backend, lr2.rope_decode, *args, **kwargs)
     finally:
         lr2.set_value_checks(previous)
+        validation.set_host_reads(previous_reads)
 
 
 @pytest.mark.parametrize("gpu_like", [False, True], ids=["host_values", "device_values"])

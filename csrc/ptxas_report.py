@@ -164,11 +164,19 @@ ISSUE_PER_CYCLE = 4  # warp-instructions an SM issues per cycle (4 schedulers)
 REGISTERS_PER_SM = 65536
 SMEM_PER_SM = {"80": 164 * 1024, "90": 228 * 1024}
 THREADS = 128
+# Blocks per SM the launcher's splits provide at batch 1 (lr2kernels/ops/cuda/launch.py: _BLOCKS_PER_SM): at most this
+# many are resident even where the registers and shared memory would allow more.
+GRID_BLOCKS_PER_SM = 3
 _DECODE = re.compile(r"rope_decode_kernel<(float|__half|__nv_bfloat16), (\d+), (\d+), (false|true)>")
 # The paged kernel's extra instructions per tile and warp (issue(): the shift for a power-of-two block size, the table
 # read, the bounds check, the block's k and v base addresses with four 64-bit multiplies), executed by each of the 4
 # warps once a tile: ~30 PTX instructions in the bf16 head-128 loop, the 64-bit multiplies ~3 SASS each.
 PAGE_LOOKUP_INSTRUCTIONS = 36
+# Per-tile work every shape does besides the keys' loop: the 16-byte cp.async copies (address, predicate, copy: ~10
+# instructions each, a thread issuing 2 x TILE x D x element bytes / 16 / 128 of them a tile) and the tile's base
+# angles (one precise sincosf per rotary slot and base, ~40 instructions on its fast path).
+COPY_INSTRUCTIONS = 10
+SINCOS_INSTRUCTIONS = 40
 _ELEMENT_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2}
 
 
@@ -207,9 +215,20 @@ class DecodeShape:
         return 32 // self.lanes_per_key
 
     @property
+    def mma(self) -> bool:
+        """fp16/bf16 at 4 and 8 rows, head <= 128: the tensor-core tiles (rope_decode_mma_tiles)."""
+        return self.element_bytes == 2 and self.rows >= 4 and self.head_dim <= 128
+
+    @property
     def tile(self) -> int:
+        if self.mma:
+            return 32  # 4 warps x the 8 keys of an mma.m16n8k16
         by_bytes = _floor_pow2(8192 // (2 * self.head_dim * self.element_bytes))
         return max(4 * self.keys_per_warp, by_bytes)
+
+    @property
+    def bases(self) -> int:  # base angles a tile (one per half tile for the mma tiles)
+        return 2 if self.mma else 1
 
     @property
     def stage_bytes(self) -> int:  # padded rows, as allocated
@@ -225,25 +244,45 @@ class DecodeShape:
 
     @property
     def min_blocks(self) -> int:
-        return 3 if self.element_bytes == 2 and self.rows * self.slots_per_lane <= 16 else 2
+        return 3 if self.element_bytes == 2 and (self.mma or self.rows * self.slots_per_lane <= 16) else 2
 
     def instructions_per_key(self) -> float:
-        """Estimated warp-instructions per cached key (the inner loop). Per lane and key: each pair slot ~34 (4 shared
+        """Estimated warp-instructions per cached key: its loop plus the per-tile work (tile_instructions_per_key).
+
+        CUDA-core tiles (fp32; fp16/bf16 at 1 and 2 rows; head 256). Per lane and key: each pair slot ~34 (4 shared
         loads + 4 conversions of k/v, 2 step-table loads, ~20 for the angle-addition cos/sin, 4 for the rotation;
         fp32: a sincosf instead); each row 2 * SPL FMAs for the dot and 2 * SPL for the accumulator; ~12 of loop and
         masks. Up to 2 rows, each row also reduces its dot over the LPK lanes (2 log2(LPK): shuffle + add) and runs
         its softmax (~6; the rescale is rare). From 4 rows, the transposed reduction: ROWS - 1 shuffles + adds + 2
         selects to leave each lane one row, 2 log2(LPK / ROWS) for the rest, one softmax (~8), a vote (~2) and a
-        shuffle per row for its probability. The warp's 32 lanes serve 32 / LPK keys."""
-        spl, lpk, rows = self.slots_per_lane, self.lanes_per_key, self.rows
-        fma = 4 * spl * rows
-        if rows >= 4:
-            reduce = 4 * (rows - 1) + 2 * ((lpk // rows).bit_length() - 1) + 8 + 2 + rows
+        shuffle per row for its probability. The warp's 32 lanes serve 32 / LPK keys.
+
+        Tensor-core tiles (mma): the RoPE pass ~34 a rotary slot and key over the 32 lanes (2 loads + 2 conversions of
+        k, 2 step-table loads, ~20 cos/sin, 4 rotation, 2 conversions + 2 stores back); per 8 keys a warp: D / 16 x (2
+        shared loads + 1 mma) for the scores, ~25 for the masks, scale and softmax of the lane's 2 scores (the row max
+        by 2 shuffles), D / 16 x (4 shared loads + 2 packs + 1 mma) for O += P V, ~12 of loop."""
+        if self.mma:
+            rope = 34 * self.slots / 32
+            per_8_keys = 3 * self.head_dim / 16 + 25 + 7 * self.head_dim / 16 + 12
+            loop = rope + per_8_keys / 8
         else:
-            reduce = rows * (2 * (lpk.bit_length() - 1) + 6)
-        # Paged: every warp looks the tile's block up once (PAGE_LOOKUP_INSTRUCTIONS), for the tile's keys.
+            spl, lpk, rows = self.slots_per_lane, self.lanes_per_key, self.rows
+            fma = 4 * spl * rows
+            if rows >= 4:
+                reduce = 4 * (rows - 1) + 2 * ((lpk // rows).bit_length() - 1) + 8 + 2 + rows
+            else:
+                reduce = rows * (2 * (lpk.bit_length() - 1) + 6)
+            loop = (34 * spl + fma + reduce + 12) / self.keys_per_warp
+        return loop + self.tile_instructions_per_key()
+
+    def tile_instructions_per_key(self) -> float:
+        """The per-tile work over the tile's keys, in warp-instructions a key: the cp.async copies (COPY_INSTRUCTIONS
+        each, 2 x D x element bytes / 16 a key, over 32 lanes), the base angles (bases x D / 2 sincosf a tile, over 32
+        lanes) and, paged, every warp's block lookup (PAGE_LOOKUP_INSTRUCTIONS a tile)."""
+        copies = 2 * self.head_dim * self.element_bytes / 16 * COPY_INSTRUCTIONS / 32
+        angles = self.bases * self.slots * SINCOS_INSTRUCTIONS / 32 / self.tile if self.element_bytes == 2 else 0.0
         page = 4 * PAGE_LOOKUP_INSTRUCTIONS / self.tile if self.paged else 0.0
-        return (34 * spl + fma + reduce + 12) / self.keys_per_warp + page
+        return copies + angles + page
 
 
 def blocks_per_sm(kernel: Kernel) -> int:
@@ -264,7 +303,7 @@ def decode_model(kernels: list[Kernel]) -> list[dict]:
         shape = DecodeShape(_ELEMENT_BYTES[match.group(1)], int(match.group(2)), int(match.group(3)),
                             match.group(4) == "true")  # fmt: skip
         blocks = blocks_per_sm(kernel)
-        in_flight = blocks * (shape.stages - 1) * shape.tile_cache_bytes
+        in_flight = min(blocks, GRID_BLOCKS_PER_SM) * (shape.stages - 1) * shape.tile_cache_bytes
         key_bytes = 2 * shape.head_dim * shape.element_bytes
         issue_bytes_per_s = SMS * ISSUE_PER_CYCLE * CLOCK_HZ * key_bytes / shape.instructions_per_key()
         row = {"kernel": kernel.name, "registers": kernel.registers, "blocks_per_sm": blocks, "shape": shape,
@@ -282,26 +321,29 @@ def decode_model_markdown(kernels: list[Kernel]) -> str:
     lines = [
         "## rope_decode: static bandwidth model (sm_90)",
         "",
-        "Bytes in flight per SM = resident blocks (from the registers and shared memory above) x (STAGES - 1) x the "
+        "Bytes in flight per SM = resident blocks (the fewer of what the registers and shared memory above allow and "
+        f"the {GRID_BLOCKS_PER_SM} a SM the launcher's splits provide) x (STAGES - 1) x the "
         "cache bytes of a tile, against the latency-bandwidth product per SM: "
         + ", ".join(f"{gpu} {needed[gpu] / 1024:.1f} KB ({peak / 1e12:.2f} TB/s x {DRAM_LATENCY_S * 1e9:.0f} ns / "
                     f"{SMS} SMs)" for gpu, peak in GPUS.items())
         + f". Issue bound: estimated warp-instructions per key (csrc/ptxas_report.py: DecodeShape."
-        f"instructions_per_key) at {ISSUE_PER_CYCLE} per cycle and {CLOCK_HZ / 1e9:.3f} GHz. Each cell: memory-bound /"
+        f"instructions_per_key: the keys' loop, the cp.async copies and the tile's base angles, paged the block "
+        f"lookup) at {ISSUE_PER_CYCLE} per cycle and {CLOCK_HZ / 1e9:.3f} GHz. Each cell: memory-bound /"
         " "
         "issue-bound / predicted (the smaller) fraction of HBM bandwidth at batch 1 once the splits fill every SM "
         "(32K keys and up), before the fixed costs (launches, the merge, the first tile's latency); csrc/README.md.",
         "",
-        "| kernel | regs | blocks/SM | LPK x SPL | tile x stages | KB in flight/SM | instr/key | "
+        "| kernel | regs | blocks/SM | LPK x SPL (mma: tensor cores) | tile x stages | KB in flight/SM | instr/key | "
         + " | ".join(GPUS) + " |",
         "|---|---:|---:|---|---|---:|---:|" + "---|" * len(GPUS),
     ]  # fmt: skip
     for row in decode_model(kernels):
         shape = row["shape"]
         cells = " | ".join("{:.0%} / {:.0%} / **{:.0%}**".format(*row[gpu]) for gpu in GPUS)
+        lanes = "mma" if shape.mma else f"{shape.lanes_per_key} x {shape.slots_per_lane}"
         lines.append(
-            f"| `{row['kernel']}` | {row['registers']} | {row['blocks_per_sm']} | {shape.lanes_per_key} x "
-            f"{shape.slots_per_lane} | {shape.tile} x {shape.stages} | {row['in_flight'] / 1024:.0f} | "
+            f"| `{row['kernel']}` | {row['registers']} | {row['blocks_per_sm']} | {lanes} | "
+            f"{shape.tile} x {shape.stages} | {row['in_flight'] / 1024:.0f} | "
             f"{row['instructions_per_key']:.0f} | {cells} |"
         )
     return "\n".join(lines) + "\n"

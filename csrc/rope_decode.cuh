@@ -48,6 +48,7 @@
 #include "decode_params.h"
 #include "dtype.cuh"
 #include "lr2_cuda.h"
+#include "mma.cuh"
 #include "rope_math.cuh"
 
 namespace lr2 {
@@ -92,9 +93,19 @@ struct DecodeShape {
     static constexpr int LPK = decode_lanes_per_key<SLOTS, ROWS>();
     static constexpr int SPL = SLOTS / LPK;  // pair slots per lane
     static constexpr int KPW = 32 / LPK;     // keys per warp at once
-    static constexpr int KPB = kDecodeWarps * KPW;
+    // fp16/bf16 at 4 and 8 rows (GQA groups 3-8, or n > 1), head <= 128: tensor cores score and accumulate the rows
+    // (rope_decode_mma_tiles), a warp taking 8 keys of each tile of 32; the CUDA-core loop would issue ~121 / ~194
+    // warp-instructions a key there (csrc/README.md).
+    static constexpr bool MMA = sizeof(T) == 2 && ROWS >= 4 && D <= 128;
+    static constexpr int MMA_KEYS = 8;  // keys a warp scores at once (the n of mma.m16n8k16)
+    static constexpr int KPB = MMA ? kDecodeWarps * MMA_KEYS : kDecodeWarps * KPW;
+    static constexpr int GROUPS = MMA ? kDecodeWarps : KPB;  // partial softmax states merged after the loop
     static constexpr int BY_BYTES = floor_pow2(kStageBytes / (2 * D * static_cast<int>(sizeof(T))));
-    static constexpr int TILE = KPB > BY_BYTES ? KPB : BY_BYTES;  // keys per stage (both powers of two)
+    static constexpr int TILE = MMA ? KPB : KPB > BY_BYTES ? KPB : BY_BYTES;  // keys per stage (powers of two)
+    // The per-tile base angles: one at p0 (the step table covers t < TILE), or, for the mma tiles, one per half tile
+    // (t < TILE / 2: a step table half the size, which keeps the block under 48 KB of static shared memory).
+    static constexpr int BASES = MMA ? 2 : 1;
+    static constexpr int STEP_SPAN = TILE / BASES;
     static constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // channels per 16-byte copy
     static constexpr int ROW_CHUNKS = D / VEC;
     static constexpr int ROW = D + VEC;  // a stage row in elements: padded by 16 bytes (bank spread, 16-byte aligned)
@@ -102,13 +113,13 @@ struct DecodeShape {
     static constexpr int STAGE_BYTES = STAGE_ELEMS * static_cast<int>(sizeof(T));
     static constexpr int STAGES = STAGE_BYTES <= 10240 ? 3 : 2;
     static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
-    static constexpr int MERGE_BYTES = KPB * ROWS * D * 4;  // the key groups' accumulators, after the loop
+    static constexpr int MERGE_BYTES = GROUPS * ROWS * D * 4;  // the key groups' accumulators, after the loop
     static constexpr int SMEM_BYTES = PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES;
     static constexpr bool STEP = sizeof(T) == 2;  // angle addition where HF rounds cos/sin to fp16/bf16
     // Resident blocks per SM the registers must allow, the bytes in flight of csrc/README.md's model: 3 (<= 168
     // registers a thread) for fp16/bf16; 2 (<= 255) for fp32 (twice the bytes a stage, a sincosf per key) and where a
     // lane holds more than 16 slot-rows (head 96 at 8 rows: 24).
-    static constexpr int MIN_BLOCKS = STEP && ROWS * SPL <= 16 ? 3 : 2;
+    static constexpr int MIN_BLOCKS = STEP && (MMA || ROWS * SPL <= 16) ? 3 : 2;
     static_assert(SLOTS % LPK == 0 && TILE % KPB == 0 && kSplitAlign % TILE == 0, "decode tile shape");
     static_assert(D % VEC == 0 && (ROW * sizeof(T)) % 16 == 0, "16-byte rows");
 };
@@ -154,6 +165,176 @@ __device__ __forceinline__ float group_sum(float x) {
     return x;
 }
 
+// The tile loop of the fp16/bf16 kernels at 4 and 8 rows, head <= 128 (DecodeShape::MMA), on tensor cores. Warp w
+// takes keys 8 w .. 8 w + 7 of each tile of 32 (rows are the m of mma.m16n8k16, padded to 16 with zero queries; keys
+// are its n):
+// 1. RoPE in shared memory: the warp rotates its 8 keys in place (lane: slots lane, lane + 32, ...; fp32 angle
+//    addition as the CUDA-core loop, rounded back to T as HF's bf16/fp16 rotation rounds them), then __syncwarp.
+// 2. Scores S = Q K^T: D / 16 mma.m16n8k16, A = the rotated queries (registers, rounded to T), B = the keys (32-bit
+//    shared loads, conflict-free through the 16-byte row padding); lane (gid, tig) gets row gid's scores of keys
+//    2 tig, 2 tig + 1, scaled by softmax_scale * log2 e in fp32.
+// 3. The online softmax of row gid over the 8 keys: the row max by 2 shuffles, the rescale only where a max grows
+//    (alpha to the accumulator's lanes by 2 shuffles), P rounded to T (as FlashAttention's P).
+// 4. O^T += V^T P^T: D / 16 mma.m16n8k8, A = V^T (pairs of keys of one channel, two 16-bit shared loads each), B = P^T,
+//    which is exactly the score fragment's layout (no shuffle). Accumulators: lane holds channels 16 c + gid (+ 8) of
+//    rows 2 tig, 2 tig + 1: D / 4 fp32 registers (no padding rows).
+// After the loop each warp's state (m, l, acc) goes to shared memory, as a key group's in the CUDA-core path.
+template <typename T, int D, int ROWS, typename Issue>
+__device__ __forceinline__ void rope_decode_mma_tiles(const DecodeParams& p, T* stages, float (*sm_step_cos)[D / 2],
+                                                      float (*sm_step_sin)[D / 2], float (*sm_base_cos)[D / 2],
+                                                      float (*sm_base_sin)[D / 2], float* sm_acc,
+                                                      float (*sm_m)[ROWS], float (*sm_l)[ROWS], Issue& issue,
+                                                      bool first_tiles_ok, int num_tiles, int lo, int hi, int row0,
+                                                      int num_rows, int seq, int kv_head, int seq_len,
+                                                      const float* inv_freq, float attention) {
+    using S = DecodeShape<T, D, ROWS>;
+    constexpr int TILE = S::TILE, STAGES = S::STAGES, ROW = S::ROW, CHUNKS = D / 16, SPAN = S::STEP_SPAN;
+    static_assert(S::MMA && ROWS <= 8 && D % 16 == 0 && TILE == kDecodeWarps * 8, "mma decode tile");
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int gid = lane / 4, tig = lane % 4;
+    const int half = p.half;
+    const int key0 = warp * 8;              // this warp's first key in a tile
+    const int base = key0 / SPAN;           // its base angle (p0 + base * SPAN)
+    const int step0 = key0 - base * SPAN;   // its first key's step-table row
+
+    // Row gid's rotated query, rounded to T, as A fragments (rows 8-15 zero): channels 16 c + 2 tig + {0, 1} and + 8.
+    const int row = row0 + gid;
+    const bool row_valid = gid < ROWS && row < num_rows;  // (4 rows: the m16 tile's rows 4-15 are zero)
+    const int g = row_valid ? row / p.n_new : 0;
+    const int t_new = row_valid ? row % p.n_new : 0;
+    const int q_pos = row_valid ? seq_len - p.n_new + t_new : -1;  // -1: the row sees no key
+    const T* q_row = static_cast<const T*>(p.q) + seq * p.q_strides[0] +
+                     static_cast<int64_t>(kv_head * p.group + g) * p.q_strides[1] + t_new * p.q_strides[2];
+    auto q_rotated = [&](int d) -> float {
+        if (!row_valid) return 0.0f;
+        if (d >= 2 * half) return to_float(q_row[d]);  // pass-through channels (partial rotary)
+        const int slot = d < half ? d : d - half;
+        float c, s, y1, y2;
+        rope_cos_sin(rope_angle(q_pos, inv_freq[slot]), attention, &c, &s);
+        rotate_pair(to_float(q_row[slot]), to_float(q_row[slot + half]), c, s, false, &y1, &y2);
+        return d < half ? y1 : y2;
+    };
+    unsigned qa[CHUNKS][2];
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int d = 16 * c + 8 * h + 2 * tig;
+            qa[c][h] = pack2_rn<T>(q_rotated(d), q_rotated(d + 1));
+        }
+    }
+
+    float acc[CHUNKS][4];
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.0f;
+    // A bad block id (paged): NaN accumulators, kept by every later rescale and sum (see poison_rows).
+    auto poison = [&]() {
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = NAN;
+    };
+    if (!first_tiles_ok) poison();
+    float m = -INFINITY, l = 0.0f;  // row gid's state (m the same in its 4 lanes; l this lane's keys' share)
+
+    for (int tile = 0; tile < num_tiles; ++tile) {
+        if (tile + STAGES - 1 < num_tiles && !issue(tile + STAGES - 1)) poison();
+        cp_async_commit();  // (an empty group near the end keeps the wait count uniform)
+        const int p0 = lo + tile * TILE;
+        for (int idx = threadIdx.x; idx < S::BASES * half; idx += kDecodeThreads) {
+            const int b = idx / half, slot = idx % half;
+            rope_cos_sin(rope_angle(p0 + b * SPAN, inv_freq[slot]), attention, &sm_base_cos[b][slot],
+                         &sm_base_sin[b][slot]);
+        }
+        cp_async_wait<STAGES - 1>();
+        __syncthreads();  // tile `tile` and the base angles are visible to every thread
+
+        T* k_tile = stages + (tile % STAGES) * S::STAGE_ELEMS;
+        const T* v_tile = k_tile + TILE * ROW;
+        // 1. RoPE of the warp's 8 keys, in place (keys past hi are zero rows: rotated to zeros, masked below).
+        for (int slot = lane; slot < half; slot += 32) {
+            const float freq = inv_freq[slot];
+            const float cos_base = sm_base_cos[base][slot], sin_base = sm_base_sin[base][slot];
+#pragma unroll 4
+            for (int k = 0; k < 8; ++k) {
+                T* k_row = k_tile + (key0 + k) * ROW;
+                float c, s, y1, y2;
+                rope_cos_sin_step(p0 + base * SPAN, step0 + k, freq, cos_base, sin_base, sm_step_cos[step0 + k][slot],
+                                  sm_step_sin[step0 + k][slot], &c, &s);
+                rotate_pair(to_float(k_row[slot]), to_float(k_row[slot + half]), c, s, false, &y1, &y2);
+                k_row[slot] = from_float<T>(y1);
+                k_row[slot + half] = from_float<T>(y2);
+            }
+        }
+        __syncwarp();  // the warp's rotated keys are visible to its lanes
+
+        // 2. Scores of row gid against keys key0 + 2 tig + {0, 1}.
+        float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const T* k_row = k_tile + (key0 + gid) * ROW + 2 * tig;
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+            const unsigned a[4] = {qa[c][0], 0u, qa[c][1], 0u};
+            const unsigned b[2] = {load2(k_row + 16 * c), load2(k_row + 16 * c + 8)};
+            mma_16816<T>(sc, a, b);
+        }
+        // 3. Online softmax of row gid (causal among the new tokens; past hi: -inf).
+        const int j = p0 + key0 + 2 * tig;
+        const float s0 = j < hi && j <= q_pos ? sc[0] * p.scale_log2 : -INFINITY;
+        const float s1 = j + 1 < hi && j + 1 <= q_pos ? sc[1] * p.scale_log2 : -INFINITY;
+        float mx = fmaxf(s0, s1);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const bool grow = mx > m;
+        float alpha = 1.0f;
+        if (grow) {
+            alpha = exp2_shift(m, mx);  // 0 from an empty state
+            l *= alpha;
+            m = mx;
+        }
+        const float p_0 = exp2_shift(s0, m), p_1 = exp2_shift(s1, m);  // 0 for a masked key
+        l += p_0 + p_1;
+        if (__any_sync(0xffffffffu, grow)) {  // the accumulator's rows 2 tig, 2 tig + 1 are lanes 8 tig's, 8 tig + 4's
+            const float a0 = __shfl_sync(0xffffffffu, alpha, 8 * tig);
+            const float a1 = __shfl_sync(0xffffffffu, alpha, 8 * tig + 4);
+#pragma unroll
+            for (int c = 0; c < CHUNKS; ++c) {
+                acc[c][0] *= a0;
+                acc[c][1] *= a1;
+                acc[c][2] *= a0;
+                acc[c][3] *= a1;
+            }
+        }
+        // 4. O^T += V^T P^T: B = P^T (keys 2 tig + {0, 1} of row gid), A = V^T (channels 16 c + gid (+ 8)).
+        const unsigned pb[1] = {pack2_rn<T>(p_0, p_1)};
+        const T* v0 = v_tile + (key0 + 2 * tig) * ROW + gid;
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+            const unsigned a[2] = {pack2(v0[16 * c], v0[16 * c + ROW]), pack2(v0[16 * c + 8], v0[16 * c + 8 + ROW])};
+            mma_1688<T>(acc[c], a, pb);
+        }
+        __syncthreads();  // every thread is done with this stage before it is refilled
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the stages become the merge buffer
+
+    // Row gid's l over its 4 lanes; the warp's state into shared memory as key group `warp`.
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    float* warp_acc = sm_acc + warp * ROWS * D;
+    if (2 * tig < ROWS) {
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+            const int d = 16 * c + gid;
+            warp_acc[(2 * tig) * D + d] = acc[c][0];
+            warp_acc[(2 * tig + 1) * D + d] = acc[c][1];
+            warp_acc[(2 * tig) * D + d + 8] = acc[c][2];
+            warp_acc[(2 * tig + 1) * D + d + 8] = acc[c][3];
+        }
+    }
+    if (tig == 0 && gid < ROWS) {
+        sm_m[warp][gid] = m;
+        sm_l[warp][gid] = l;
+    }
+}
+
 template <typename T, int D, int ROWS, bool PAGED>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_BLOCKS)
     rope_decode_kernel(const DecodeParams p) {
@@ -161,16 +342,16 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
     constexpr int SLOTS = S::SLOTS, LPK = S::LPK, SPL = S::SPL, KPW = S::KPW, KPB = S::KPB, TILE = S::TILE;
     constexpr int STAGES = S::STAGES, ROW = S::ROW, ROW_CHUNKS = S::ROW_CHUNKS, VEC = S::VEC;
     constexpr bool STEP = S::STEP;
-    constexpr int STEP_ROWS = STEP ? TILE : 1;
+    constexpr int STEP_ROWS = STEP ? S::STEP_SPAN : 1;
     constexpr bool TRANSPOSED = ROWS >= 4;  // (ROWS <= LPK in every instantiation)
     static_assert(!TRANSPOSED || ROWS <= LPK, "the transposed reduction needs a lane per row");
     alignas(16) __shared__ unsigned char sm_raw[S::SMEM_BYTES];  // the stages; after the loop, the merge
     __shared__ float sm_step_cos[STEP_ROWS][SLOTS];  // cos/sin of fl(t * inv_freq[s]), t < TILE (unscaled)
     __shared__ float sm_step_sin[STEP_ROWS][SLOTS];
-    __shared__ float sm_base_cos[SLOTS];  // the current tile's cos/sin of fl(p0 * inv_freq[s]), scaled
-    __shared__ float sm_base_sin[SLOTS];
-    __shared__ float sm_m[KPB][ROWS];
-    __shared__ float sm_l[KPB][ROWS];
+    __shared__ float sm_base_cos[S::BASES][SLOTS];  // the tile's cos/sin of fl((p0 + b STEP_SPAN) inv_freq[s]), scaled
+    __shared__ float sm_base_sin[S::BASES][SLOTS];
+    __shared__ float sm_m[S::GROUPS][ROWS];
+    __shared__ float sm_l[S::GROUPS][ROWS];
     T* stages = reinterpret_cast<T*>(sm_raw);        // [STAGES][2][TILE][ROW]
     float* sm_acc = reinterpret_cast<float*>(sm_raw);  // [KPB][ROWS][D]
 
@@ -245,227 +426,234 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
     }
 
     if (STEP) {
-        for (int idx = threadIdx.x; idx < TILE * p.half; idx += kDecodeThreads) {
+        for (int idx = threadIdx.x; idx < STEP_ROWS * p.half; idx += kDecodeThreads) {
             const int t = idx / p.half, slot = idx % p.half;
             rope_cos_sin(rope_angle(t, inv_freq[slot]), 1.0f, &sm_step_cos[t][slot], &sm_step_sin[t][slot]);
         }
     }
 
-    // This lane's pair slots: slot_lane + LPK * i, i < SPL.
-    const int half = p.half;
+    if constexpr (S::MMA) {
+        rope_decode_mma_tiles<T, D, ROWS>(p, stages, sm_step_cos, sm_step_sin, sm_base_cos, sm_base_sin, sm_acc,
+                                          sm_m, sm_l, issue, first_tiles_ok, num_tiles, lo, hi, row0, num_rows,
+                                          seq, kv_head, seq_len, inv_freq, attention);
+    } else {
+        // This lane's pair slots: slot_lane + LPK * i, i < SPL.
+        const int half = p.half;
 #define LR2_SLOT(i) (slot_lane + LPK * (i))
-    float slot_freq[SPL];
+        float slot_freq[SPL];
 #pragma unroll
-    for (int i = 0; i < SPL; ++i) slot_freq[i] = LR2_SLOT(i) < half ? inv_freq[LR2_SLOT(i)] : 0.0f;
+        for (int i = 0; i < SPL; ++i) slot_freq[i] = LR2_SLOT(i) < half ? inv_freq[LR2_SLOT(i)] : 0.0f;
 
-    // The block's rows: rotated, pre-scaled queries; their positions; empty softmax states.
-    float q1[ROWS][SPL], q2[ROWS][SPL], acc1[ROWS][SPL], acc2[ROWS][SPL];
-    float m[ROWS], l[ROWS];
-    int q_pos[ROWS];
+        // The block's rows: rotated, pre-scaled queries; their positions; empty softmax states.
+        float q1[ROWS][SPL], q2[ROWS][SPL], acc1[ROWS][SPL], acc2[ROWS][SPL];
+        float m[ROWS], l[ROWS];
+        int q_pos[ROWS];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        const int row = row0 + r;
-        const bool row_valid = row < num_rows;
-        const int g = row_valid ? row / p.n_new : 0;
-        const int t = row_valid ? row % p.n_new : 0;
-        q_pos[r] = row_valid ? seq_len - p.n_new + t : -1;  // -1: the row sees no key
-        m[r] = -INFINITY;
-        l[r] = 0.0f;
-        const T* q_row = static_cast<const T*>(p.q) + seq * p.q_strides[0] +
-                         static_cast<int64_t>(kv_head * p.group + g) * p.q_strides[1] + t * p.q_strides[2];
+        for (int r = 0; r < ROWS; ++r) {
+            const int row = row0 + r;
+            const bool row_valid = row < num_rows;
+            const int g = row_valid ? row / p.n_new : 0;
+            const int t = row_valid ? row % p.n_new : 0;
+            q_pos[r] = row_valid ? seq_len - p.n_new + t : -1;  // -1: the row sees no key
+            m[r] = -INFINITY;
+            l[r] = 0.0f;
+            const T* q_row = static_cast<const T*>(p.q) + seq * p.q_strides[0] +
+                             static_cast<int64_t>(kv_head * p.group + g) * p.q_strides[1] + t * p.q_strides[2];
 #pragma unroll
-        for (int i = 0; i < SPL; ++i) {
-            acc1[r][i] = 0.0f;
-            acc2[r][i] = 0.0f;
-            float x1 = 0.0f, x2 = 0.0f;
-            if (row_valid) {
-                x1 = to_float(q_row[slot_d1(LR2_SLOT(i), half)]);
-                x2 = to_float(q_row[slot_d2(LR2_SLOT(i), half)]);
-                if (LR2_SLOT(i) < half) {
-                    float c, s;
-                    rope_cos_sin(rope_angle(q_pos[r], slot_freq[i]), attention, &c, &s);
-                    rotate_pair(x1, x2, c, s, false, &x1, &x2);
+            for (int i = 0; i < SPL; ++i) {
+                acc1[r][i] = 0.0f;
+                acc2[r][i] = 0.0f;
+                float x1 = 0.0f, x2 = 0.0f;
+                if (row_valid) {
+                    x1 = to_float(q_row[slot_d1(LR2_SLOT(i), half)]);
+                    x2 = to_float(q_row[slot_d2(LR2_SLOT(i), half)]);
+                    if (LR2_SLOT(i) < half) {
+                        float c, s;
+                        rope_cos_sin(rope_angle(q_pos[r], slot_freq[i]), attention, &c, &s);
+                        rotate_pair(x1, x2, c, s, false, &x1, &x2);
+                    }
+                }
+                q1[r][i] = x1 * p.scale_log2;
+                q2[r][i] = x2 * p.scale_log2;
+            }
+        }
+
+        // A bad block id (paged): NaN in every accumulator of this thread, which every later rescale and sum keeps (NaN
+        // times 0 included), so every row of the block ends NaN, and through the merge every row of the sequence. Every
+        // thread issues every tile, so every thread poisons its own. No state lives across the loop for it.
+        auto poison_rows = [&]() {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+                for (int i = 0; i < SPL; ++i) acc1[r][i] = acc2[r][i] = NAN;
+            }
+        };
+        if (PAGED && !first_tiles_ok) poison_rows();
+
+        // TRANSPOSED: this lane's own row (its softmax state is m_own, l_own; the arrays m, l stay unused).
+        int r_own = 0;
+#pragma unroll
+        for (int s = 0; (ROWS >> s) > 1; ++s) {
+            if (lane & (LPK >> (s + 1))) r_own += (ROWS >> s) / 2;
+        }
+        int q_pos_own = -1;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) q_pos_own = r == r_own ? q_pos[r] : q_pos_own;
+        float m_own = -INFINITY, l_own = 0.0f;
+        const int key_lane0 = lane & ~(LPK - 1);
+
+        for (int tile = 0; tile < num_tiles; ++tile) {
+            if (tile + STAGES - 1 < num_tiles && !issue(tile + STAGES - 1)) poison_rows();
+            cp_async_commit();  // (an empty group near the end keeps the wait count uniform)
+            const int p0 = lo + tile * TILE;
+            if (STEP) {
+                for (int slot = threadIdx.x; slot < p.half; slot += kDecodeThreads)
+                    rope_cos_sin(rope_angle(p0, inv_freq[slot]), attention, &sm_base_cos[0][slot],
+                                 &sm_base_sin[0][slot]);
+            }
+            cp_async_wait<STAGES - 1>();
+            __syncthreads();  // tile `tile` and the base angles are visible to every thread
+
+            float cos_base[SPL], sin_base[SPL];
+#pragma unroll
+            for (int i = 0; i < SPL; ++i) {
+                cos_base[i] = sin_base[i] = 0.0f;
+                if (STEP && LR2_SLOT(i) < half) {
+                    cos_base[i] = sm_base_cos[0][LR2_SLOT(i)];
+                    sin_base[i] = sm_base_sin[0][LR2_SLOT(i)];
                 }
             }
-            q1[r][i] = x1 * p.scale_log2;
-            q2[r][i] = x2 * p.scale_log2;
+            const T* k_tile = stages + (tile % STAGES) * S::STAGE_ELEMS;
+            const T* v_tile = k_tile + TILE * ROW;
+#pragma unroll 1
+            for (int k0 = 0; k0 < TILE; k0 += KPB) {
+                const int t = k0 + group_id;
+                const int j = p0 + t;
+                const bool key_valid = j < hi;  // past hi: zero-filled rows, score -inf
+                const T* k_row = k_tile + t * ROW;
+                const T* v_row = v_tile + t * ROW;
+                float k1[SPL], k2[SPL], v1[SPL], v2[SPL];
+#pragma unroll
+                for (int i = 0; i < SPL; ++i) {
+                    const int d1 = slot_d1(LR2_SLOT(i), half), d2 = slot_d2(LR2_SLOT(i), half);
+                    k1[i] = to_float(k_row[d1]);
+                    k2[i] = to_float(k_row[d2]);
+                    v1[i] = to_float(v_row[d1]);
+                    v2[i] = to_float(v_row[d2]);
+                    if (LR2_SLOT(i) < half) {
+                        float c, s;
+                        if (STEP) {
+                            rope_cos_sin_step(p0, t, slot_freq[i], cos_base[i], sin_base[i], sm_step_cos[t][d1],
+                                              sm_step_sin[t][d1], &c, &s);
+                        } else {
+                            rope_cos_sin(rope_angle(j, slot_freq[i]), attention, &c, &s);
+                        }
+                        rotate_pair(k1[i], k2[i], c, s, false, &k1[i], &k2[i]);
+                    }
+                }
+                if constexpr (TRANSPOSED) {
+                    float part[ROWS];
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) {
+                        part[r] = 0.0f;
+#pragma unroll
+                        for (int i = 0; i < SPL; ++i) part[r] += q1[r][i] * k1[i] + q2[r][i] * k2[i];
+                    }
+#pragma unroll
+                    for (int s = 0; (ROWS >> s) > 1; ++s) {
+                        const int n = ROWS >> s, offset = LPK >> (s + 1);
+                        const bool upper = (lane & offset) != 0;
+#pragma unroll
+                        for (int i = 0; i < n / 2; ++i) {
+                            const float send = upper ? part[i] : part[i + n / 2];
+                            const float keep = upper ? part[i + n / 2] : part[i];
+                            part[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+                        }
+                    }
+                    const float dot = group_sum<LPK / ROWS>(part[0]);
+                    const float score = key_valid && j <= q_pos_own ? dot : -INFINITY;  // causal among the new tokens
+                    // The own row's online softmax, rescaling only where its max grows (as the untransposed branch).
+                    const bool grow = score > m_own;
+                    float alpha = 1.0f;
+                    if (grow) {
+                        alpha = exp2_shift(m_own, score);  // 0 from an empty state
+                        l_own *= alpha;
+                        m_own = score;
+                    }
+                    const float prob = exp2_shift(score, m_own);  // 0 for a masked key
+                    l_own += prob;
+                    if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+                        for (int r = 0; r < ROWS; ++r) {
+                            const float a = __shfl_sync(0xffffffffu, alpha, key_lane0 + row_owner_lane<ROWS, LPK>(r));
+#pragma unroll
+                            for (int i = 0; i < SPL; ++i) {
+                                acc1[r][i] *= a;
+                                acc2[r][i] *= a;
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) {
+                        const float pr = __shfl_sync(0xffffffffu, prob, key_lane0 + row_owner_lane<ROWS, LPK>(r));
+#pragma unroll
+                        for (int i = 0; i < SPL; ++i) {
+                            acc1[r][i] += pr * v1[i];
+                            acc2[r][i] += pr * v2[i];
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) {
+                        float dot = 0.0f;
+#pragma unroll
+                        for (int i = 0; i < SPL; ++i) dot += q1[r][i] * k1[i] + q2[r][i] * k2[i];
+                        dot = group_sum<LPK>(dot);
+                        const float score = key_valid && j <= q_pos[r] ? dot : -INFINITY;  // causal among the new tokens
+                        // The online softmax with the rescale only where the max grows (rare after the first keys):
+                        // the state of softmax_update (whose alpha is exactly 1 otherwise) without its per-key multiplies.
+                        if (score > m[r]) {
+                            const float alpha = exp2_shift(m[r], score);  // 0 from an empty state
+                            l[r] *= alpha;
+#pragma unroll
+                            for (int i = 0; i < SPL; ++i) {
+                                acc1[r][i] *= alpha;
+                                acc2[r][i] *= alpha;
+                            }
+                            m[r] = score;
+                        }
+                        const float prob = exp2_shift(score, m[r]);  // 0 for a masked key
+                        l[r] += prob;
+#pragma unroll
+                        for (int i = 0; i < SPL; ++i) {
+                            acc1[r][i] += prob * v1[i];
+                            acc2[r][i] += prob * v2[i];
+                        }
+                    }
+                }
+            }
+            __syncthreads();  // every thread is done with this stage before it is refilled
         }
-    }
+        cp_async_wait<0>();
+        __syncthreads();  // the stages become the merge buffer
 
-    // A bad block id (paged): NaN in every accumulator of this thread, which every later rescale and sum keeps (NaN
-    // times 0 included), so every row of the block ends NaN, and through the merge every row of the sequence. Every
-    // thread issues every tile, so every thread poisons its own. No state lives across the loop for it.
-    auto poison_rows = [&]() {
+        // The key groups' states into shared memory, then merged per (row, channel).
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
-            for (int i = 0; i < SPL; ++i) acc1[r][i] = acc2[r][i] = NAN;
-        }
-    };
-    if (PAGED && !first_tiles_ok) poison_rows();
-
-    // TRANSPOSED: this lane's own row (its softmax state is m_own, l_own; the arrays m, l stay unused).
-    int r_own = 0;
-#pragma unroll
-    for (int s = 0; (ROWS >> s) > 1; ++s) {
-        if (lane & (LPK >> (s + 1))) r_own += (ROWS >> s) / 2;
-    }
-    int q_pos_own = -1;
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) q_pos_own = r == r_own ? q_pos[r] : q_pos_own;
-    float m_own = -INFINITY, l_own = 0.0f;
-    const int key_lane0 = lane & ~(LPK - 1);
-
-    for (int tile = 0; tile < num_tiles; ++tile) {
-        if (tile + STAGES - 1 < num_tiles && !issue(tile + STAGES - 1)) poison_rows();
-        cp_async_commit();  // (an empty group near the end keeps the wait count uniform)
-        const int p0 = lo + tile * TILE;
-        if (STEP) {
-            for (int slot = threadIdx.x; slot < p.half; slot += kDecodeThreads)
-                rope_cos_sin(rope_angle(p0, inv_freq[slot]), attention, &sm_base_cos[slot], &sm_base_sin[slot]);
-        }
-        cp_async_wait<STAGES - 1>();
-        __syncthreads();  // tile `tile` and the base angles are visible to every thread
-
-        float cos_base[SPL], sin_base[SPL];
-#pragma unroll
-        for (int i = 0; i < SPL; ++i) {
-            cos_base[i] = sin_base[i] = 0.0f;
-            if (STEP && LR2_SLOT(i) < half) {
-                cos_base[i] = sm_base_cos[LR2_SLOT(i)];
-                sin_base[i] = sm_base_sin[LR2_SLOT(i)];
-            }
-        }
-        const T* k_tile = stages + (tile % STAGES) * S::STAGE_ELEMS;
-        const T* v_tile = k_tile + TILE * ROW;
-#pragma unroll 1
-        for (int k0 = 0; k0 < TILE; k0 += KPB) {
-            const int t = k0 + group_id;
-            const int j = p0 + t;
-            const bool key_valid = j < hi;  // past hi: zero-filled rows, score -inf
-            const T* k_row = k_tile + t * ROW;
-            const T* v_row = v_tile + t * ROW;
-            float k1[SPL], k2[SPL], v1[SPL], v2[SPL];
-#pragma unroll
             for (int i = 0; i < SPL; ++i) {
-                const int d1 = slot_d1(LR2_SLOT(i), half), d2 = slot_d2(LR2_SLOT(i), half);
-                k1[i] = to_float(k_row[d1]);
-                k2[i] = to_float(k_row[d2]);
-                v1[i] = to_float(v_row[d1]);
-                v2[i] = to_float(v_row[d2]);
-                if (LR2_SLOT(i) < half) {
-                    float c, s;
-                    if (STEP) {
-                        rope_cos_sin_step(p0, t, slot_freq[i], cos_base[i], sin_base[i], sm_step_cos[t][d1],
-                                          sm_step_sin[t][d1], &c, &s);
-                    } else {
-                        rope_cos_sin(rope_angle(j, slot_freq[i]), attention, &c, &s);
-                    }
-                    rotate_pair(k1[i], k2[i], c, s, false, &k1[i], &k2[i]);
-                }
+                sm_acc[(group_id * ROWS + r) * D + slot_d1(LR2_SLOT(i), half)] = acc1[r][i];
+                sm_acc[(group_id * ROWS + r) * D + slot_d2(LR2_SLOT(i), half)] = acc2[r][i];
             }
             if constexpr (TRANSPOSED) {
-                float part[ROWS];
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r) {
-                    part[r] = 0.0f;
-#pragma unroll
-                    for (int i = 0; i < SPL; ++i) part[r] += q1[r][i] * k1[i] + q2[r][i] * k2[i];
+                if (r == r_own && (lane & (LPK / ROWS - 1)) == 0) {  // the row's first owner lane
+                    sm_m[group_id][r] = m_own;
+                    sm_l[group_id][r] = l_own;
                 }
-#pragma unroll
-                for (int s = 0; (ROWS >> s) > 1; ++s) {
-                    const int n = ROWS >> s, offset = LPK >> (s + 1);
-                    const bool upper = (lane & offset) != 0;
-#pragma unroll
-                    for (int i = 0; i < n / 2; ++i) {
-                        const float send = upper ? part[i] : part[i + n / 2];
-                        const float keep = upper ? part[i + n / 2] : part[i];
-                        part[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
-                    }
-                }
-                const float dot = group_sum<LPK / ROWS>(part[0]);
-                const float score = key_valid && j <= q_pos_own ? dot : -INFINITY;  // causal among the new tokens
-                // The own row's online softmax, rescaling only where its max grows (as the untransposed branch).
-                const bool grow = score > m_own;
-                float alpha = 1.0f;
-                if (grow) {
-                    alpha = exp2_shift(m_own, score);  // 0 from an empty state
-                    l_own *= alpha;
-                    m_own = score;
-                }
-                const float prob = exp2_shift(score, m_own);  // 0 for a masked key
-                l_own += prob;
-                if (__any_sync(0xffffffffu, grow)) {
-#pragma unroll
-                    for (int r = 0; r < ROWS; ++r) {
-                        const float a = __shfl_sync(0xffffffffu, alpha, key_lane0 + row_owner_lane<ROWS, LPK>(r));
-#pragma unroll
-                        for (int i = 0; i < SPL; ++i) {
-                            acc1[r][i] *= a;
-                            acc2[r][i] *= a;
-                        }
-                    }
-                }
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r) {
-                    const float pr = __shfl_sync(0xffffffffu, prob, key_lane0 + row_owner_lane<ROWS, LPK>(r));
-#pragma unroll
-                    for (int i = 0; i < SPL; ++i) {
-                        acc1[r][i] += pr * v1[i];
-                        acc2[r][i] += pr * v2[i];
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r) {
-                    float dot = 0.0f;
-#pragma unroll
-                    for (int i = 0; i < SPL; ++i) dot += q1[r][i] * k1[i] + q2[r][i] * k2[i];
-                    dot = group_sum<LPK>(dot);
-                    const float score = key_valid && j <= q_pos[r] ? dot : -INFINITY;  // causal among the new tokens
-                    // The online softmax with the rescale only where the max grows (rare after the first keys):
-                    // the state of softmax_update (whose alpha is exactly 1 otherwise) without its per-key multiplies.
-                    if (score > m[r]) {
-                        const float alpha = exp2_shift(m[r], score);  // 0 from an empty state
-                        l[r] *= alpha;
-#pragma unroll
-                        for (int i = 0; i < SPL; ++i) {
-                            acc1[r][i] *= alpha;
-                            acc2[r][i] *= alpha;
-                        }
-                        m[r] = score;
-                    }
-                    const float prob = exp2_shift(score, m[r]);  // 0 for a masked key
-                    l[r] += prob;
-#pragma unroll
-                    for (int i = 0; i < SPL; ++i) {
-                        acc1[r][i] += prob * v1[i];
-                        acc2[r][i] += prob * v2[i];
-                    }
-                }
+            } else if (slot_lane == 0) {
+                sm_m[group_id][r] = m[r];
+                sm_l[group_id][r] = l[r];
             }
-        }
-        __syncthreads();  // every thread is done with this stage before it is refilled
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // the stages become the merge buffer
-
-    // The key groups' states into shared memory, then merged per (row, channel).
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-#pragma unroll
-        for (int i = 0; i < SPL; ++i) {
-            sm_acc[(group_id * ROWS + r) * D + slot_d1(LR2_SLOT(i), half)] = acc1[r][i];
-            sm_acc[(group_id * ROWS + r) * D + slot_d2(LR2_SLOT(i), half)] = acc2[r][i];
-        }
-        if constexpr (TRANSPOSED) {
-            if (r == r_own && (lane & (LPK / ROWS - 1)) == 0) {  // the row's first owner lane
-                sm_m[group_id][r] = m_own;
-                sm_l[group_id][r] = l_own;
-            }
-        } else if (slot_lane == 0) {
-            sm_m[group_id][r] = m[r];
-            sm_l[group_id][r] = l[r];
         }
     }
     __syncthreads();
@@ -479,7 +667,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
         if (row >= num_rows) continue;
         float mm = -INFINITY, ll = 0.0f, aa = 0.0f;
 #pragma unroll 4
-        for (int g = 0; g < KPB; ++g) {
+        for (int g = 0; g < S::GROUPS; ++g) {
             float m_new, w_old, w_new;
             softmax_merge_weights(mm, sm_m[g][r], &m_new, &w_old, &w_new);
             ll = ll * w_old + sm_l[g][r] * w_new;

@@ -323,6 +323,12 @@ DECODE_CASES = [
     (128, 96, torch.bfloat16, 1, 12, 4, 1, 66, (61,), 5),  # partial rotary (Phi-4-mini's 96 of 128)
     (256, None, torch.float16, 2, 10, 2, 1, 50, (50, 39), 2),  # 5 rows -> 4 per block at head 256, two row blocks
     (256, None, torch.bfloat16, 1, 1, 1, 1, 45, (45,), 1),
+    # fp16/bf16 at 8 rows run on tensor cores (mma.sync, emulated): groups of 8, 4 x 2 new tokens, partial rotary,
+    # 8 + 2 rows (an mma row block and a CUDA-core one)
+    (128, None, torch.bfloat16, 2, 16, 2, 1, 100, (100, 61), 3),
+    (96, None, torch.float16, 1, 8, 2, 2, 80, (80,), 2),
+    (128, 96, torch.bfloat16, 1, 8, 1, 1, 70, (70,), 1),
+    (64, None, torch.bfloat16, 1, 10, 1, 1, 50, (50,), 1),
 ]
 
 
@@ -486,6 +492,8 @@ PAGED_CASES = [
     (96, None, torch.bfloat16, 6, 3, 3, 32, 3, (70, 45), 2, 1),  # group 2 x 3 new tokens: 6 -> 8 rows
     (128, 96, torch.bfloat16, 12, 4, 1, 32, 3, (61, 36), 2, 1),  # partial rotary, group 3 -> 4 rows
     (256, None, torch.float16, 10, 2, 1, 32, 2, (50, 39), 2, 1),  # group 5: two row blocks of 4 at head 256
+    (128, None, torch.bfloat16, 16, 2, 1, 32, 4, (100, 61), 3, 1),  # group 8 at head 128 (tensor cores)
+    (128, 96, torch.float16, 8, 1, 1, 64, 2, (70, 128), 2, 1),  # partial rotary at 8 rows (tensor cores)
 ]
 
 

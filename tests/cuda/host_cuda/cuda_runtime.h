@@ -30,6 +30,7 @@ inline const char* cudaGetErrorString(cudaError_t) { return "host emulation erro
 inline void __syncthreads() { lr2_host::sync_threads(); }
 inline float __shfl_xor_sync(unsigned, float value, int offset) { return lr2_host::shuffle_xor(value, offset); }
 inline float __shfl_sync(unsigned, float value, int src_lane) { return lr2_host::shuffle_idx(value, src_lane); }
+inline void __syncwarp(unsigned = 0xffffffffu) { lr2_host::warp_exchange(0.0f); }  // the warp's barrier
 inline int __any_sync(unsigned, int predicate) { return lr2_host::any(predicate != 0); }
 template <typename T>
 inline T __ldg(const T* address) {

@@ -53,6 +53,7 @@ struct Fiber {
 
 struct Warp {
     float vals[2][32];
+    unsigned bits[2][32];
     unsigned arrived = 0, generation = 0;
 };
 
@@ -116,6 +117,17 @@ inline const float* warp_exchange(float value) {
     warp.vals[parity][lane] = value;
     barrier(&warp.arrived, &warp.generation, 32);
     return warp.vals[parity];
+}
+
+// The same for a 32-bit register's bits (the mma emulation's fragments), through an integer buffer: a pair of fp16/
+// bf16 values read as one fp32 is often a subnormal, which a float path may flush to zero.
+inline const unsigned* warp_exchange_bits(unsigned bits) {
+    const unsigned tid = threadIdx.x, lane = tid % 32;
+    Warp& warp = g_block->warps[tid / 32];
+    const unsigned parity = g_block->fibers[tid].shuffles++ & 1;
+    warp.bits[parity][lane] = bits;
+    barrier(&warp.arrived, &warp.generation, 32);
+    return warp.bits[parity];
 }
 
 inline float shuffle_xor(float value, int offset) {

@@ -106,6 +106,9 @@ struct DecodeShape {
     // (t < TILE / 2: a step table half the size, which keeps the block under 48 KB of static shared memory).
     static constexpr int BASES = MMA ? 2 : 1;
     static constexpr int STEP_SPAN = TILE / BASES;
+    // A paged cache's block_size must be a multiple of this: the keys one block-table lookup serves (the mma tiles
+    // look up each half tile, so that blocks of 16 keys, vLLM's default, still fit).
+    static constexpr int PAGE_SPAN = MMA ? TILE / 2 : TILE;
     static constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // channels per 16-byte copy
     static constexpr int ROW_CHUNKS = D / VEC;
     static constexpr int ROW = D + VEC;  // a stage row in elements: padded by 16 bytes (bank spread, 16-byte aligned)
@@ -391,6 +394,38 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
     auto issue = [&](int tile) -> bool {
         T* stage = stages + (tile % STAGES) * S::STAGE_ELEMS;
         const int p0 = lo + tile * TILE;
+        if constexpr (PAGED && S::PAGE_SPAN < TILE) {
+            // The mma tiles (32 keys) on blocks of 16: each half tile looks its own block up (the second only where
+            // it starts before hi: the table past the sequence's length is never read).
+            static_assert(TILE == 2 * S::PAGE_SPAN, "two page lookups a tile");
+            const T *k_src0 = k_base, *v_src0 = v_base, *k_src1 = k_base, *v_src1 = v_base;
+            bool block_ok = true;
+#pragma unroll
+            for (int half_tile = 0; half_tile < 2; ++half_tile) {
+                const int q0 = p0 + half_tile * S::PAGE_SPAN;
+                if (half_tile == 1 && q0 >= hi) break;
+                const int block_index = p.block_size_shift >= 0 ? q0 >> p.block_size_shift : q0 / p.block_size;
+                const int block = __ldg(p.block_table + seq * p.block_table_stride + block_index);
+                const bool ok = static_cast<unsigned>(block) < static_cast<unsigned>(p.num_blocks);
+                block_ok = block_ok && ok;
+                const int64_t safe = ok ? block : 0;  // a bad id never enters an address
+                const int64_t row = q0 - block_index * p.block_size;
+                (half_tile ? k_src1 : k_src0) = k_base + safe * p.k_strides[0] + row * p.k_strides[2];
+                (half_tile ? v_src1 : v_src0) = v_base + safe * p.v_strides[0] + row * p.v_strides[2];
+            }
+            for (int c = threadIdx.x; c < 2 * TILE * ROW_CHUNKS; c += kDecodeThreads) {
+                const int is_v = c / (TILE * ROW_CHUNKS);
+                const int key = (c / ROW_CHUNKS) % TILE;
+                const int part = c % ROW_CHUNKS;
+                const bool valid = p0 + key < hi && block_ok;
+                const bool upper = key >= S::PAGE_SPAN;
+                const T* base = is_v ? (upper ? v_src1 : v_src0) : (upper ? k_src1 : k_src0);
+                const int64_t stride = is_v ? p.v_strides[2] : p.k_strides[2];
+                const T* src = valid ? base + (key % S::PAGE_SPAN) * stride + part * VEC : base;
+                cp_async_16(stage + (is_v * TILE + key) * ROW + part * VEC, src, valid);
+            }
+            return block_ok;
+        }
         const T* k_src = k_base;  // dense: key j at row j; paged: the tile's first key, key p0 + t at row t
         const T* v_src = v_base;
         bool block_ok = true;
@@ -742,7 +777,7 @@ template <typename T, int D, int ROWS>
 cudaError_t launch_rope_decode_rows(const DecodeParams& p, cudaStream_t stream, const char** refused) {
     if (p.block_table == nullptr) {
         launch_rope_decode_kernels<T, D, ROWS, false>(p, stream);
-    } else if (p.block_size <= 0 || p.block_size % DecodeShape<T, D, ROWS>::TILE != 0) {
+    } else if (p.block_size <= 0 || p.block_size % DecodeShape<T, D, ROWS>::PAGE_SPAN != 0) {
         *refused = kBadBlockSize;
         return cudaSuccess;
     } else {

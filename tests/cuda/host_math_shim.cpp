@@ -12,12 +12,12 @@
 namespace {
 
 // csrc/rope_decode.cuh's DecodeShape<T, D, ROWS> (for the Python mirror in csrc/ptxas_report.py): LPK, SPL, TILE,
-// STAGES, stage bytes, MIN_BLOCKS; returns 0, or -1 for a shape that is not instantiated.
+// STAGES, stage bytes, MIN_BLOCKS, PAGE_SPAN; returns 0, or -1 for a shape that is not instantiated.
 template <typename T, int D, int ROWS>
 int decode_shape(int* out) {
     using S = lr2::DecodeShape<T, D, ROWS>;
-    const int values[] = {S::LPK, S::SPL, S::TILE, S::STAGES, S::STAGE_BYTES, S::MIN_BLOCKS};
-    for (int i = 0; i < 6; ++i) out[i] = values[i];
+    const int values[] = {S::LPK, S::SPL, S::TILE, S::STAGES, S::STAGE_BYTES, S::MIN_BLOCKS, S::PAGE_SPAN};
+    for (int i = 0; i < 7; ++i) out[i] = values[i];
     return 0;
 }
 

@@ -432,12 +432,12 @@ def test_decode_model_mirrors_the_kernel_shape(shim, element_bytes, head_dim):
     """csrc/ptxas_report.py's bandwidth model uses a Python copy of DecodeShape: it must agree with the C++ one."""
     model = load_ptxas_report()
     for rows in (1, 2, 4, 8) if head_dim < 256 else (1, 2, 4):
-        out = (ctypes.c_int * 6)()
+        out = (ctypes.c_int * 7)()
         assert shim.lr2_decode_shape(element_bytes, head_dim, rows, out) == 0
         shape = model.DecodeShape(element_bytes, head_dim, rows)
         mirror = (shape.lanes_per_key, shape.slots_per_lane, shape.tile, shape.stages, shape.stage_bytes,
                   shape.min_blocks)  # fmt: skip
-        assert tuple(out) == mirror, (head_dim, rows)
+        assert tuple(out)[:6] == mirror, (head_dim, rows)
 
 
 # ------------------------------------------------------------------------------- rope_decode on a paged cache
@@ -494,6 +494,8 @@ PAGED_CASES = [
     (256, None, torch.float16, 10, 2, 1, 32, 2, (50, 39), 2, 1),  # group 5: two row blocks of 4 at head 256
     (128, None, torch.bfloat16, 16, 2, 1, 32, 4, (100, 61), 3, 1),  # group 8 at head 128 (tensor cores)
     (128, 96, torch.float16, 8, 1, 1, 64, 2, (70, 128), 2, 1),  # partial rotary at 8 rows (tensor cores)
+    (128, None, torch.bfloat16, 8, 2, 1, 16, 7, (100, 61), 3, 2),  # blocks of 16 under the 32-key mma tiles
+    (96, None, torch.float16, 8, 2, 1, 48, 3, (131, 17), 2, 1),  # blocks of 48 under the mma tiles (a divide)
 ]
 
 
@@ -617,10 +619,10 @@ def test_decode_key_tile_mirrors_the_kernel(shim, dtype):
     element_bytes = torch.empty((), dtype=dtype).element_size()
     for head_dim in (64, 96, 128, 256):
         for rows in (1, 2, 4, 8) if head_dim < 256 else (1, 2, 4):
-            out = (ctypes.c_int * 6)()
+            out = (ctypes.c_int * 7)()
             assert shim.lr2_decode_shape(element_bytes, head_dim, rows, out) == 0
-            assert launch.decode_key_tile(dtype, head_dim, rows) == out[2], (dtype, head_dim, rows)
-            assert 32 % out[2] == 0  # every multiple of 32 is a valid block size
+            assert launch.decode_key_tile(dtype, head_dim, rows) == out[6], (dtype, head_dim, rows)
+            assert 32 % out[6] == 0  # every multiple of 32 is a valid block size
 
 
 class _ShimExtension:

@@ -167,16 +167,18 @@ def _check_aligned_cache(name: str, x: Tensor) -> None:
 
 
 def decode_key_tile(dtype: torch.dtype, head_dim: int, rows_per_block: int) -> int:
-    """Keys per pipeline tile of the decode kernel for (dtype, head_dim, rows per block): csrc/rope_decode.cuh's
-    ``DecodeShape<T, D, ROWS>::TILE`` (tests/cuda/test_host_math.py checks this mirror against it), 8 to 32.
+    """The keys one block-table lookup of the decode kernel serves for (dtype, head_dim, rows per block), 8 to 32: a
+    paged cache's block_size must be a multiple of it. csrc/rope_decode.cuh's ``DecodeShape<T, D, ROWS>::PAGE_SPAN``
+    (tests/cuda/test_host_math.py checks this mirror against it): the pipeline tile, or half of it.
 
-    The tile is ``max(4 warps x keys a warp scores at once, the keys of ~8 KB of keys and values)``; fp16/bf16 at 4
-    and 8 rows per block and head_dim <= 128 (the tensor-core tiles) take 32 (4 warps x the 8 keys of an mma). A tile
-    is read from one block of a paged cache, so its block_size must be a multiple of it; every multiple of 32 is.
+    The tile is ``max(4 warps x keys a warp scores at once, the keys of ~8 KB of keys and values)``. A tile is read
+    from one block of a paged cache, so its block_size must be a multiple of it; every multiple of 32 is. fp16/bf16
+    at 4 and 8 rows per block and head_dim <= 128 (the tensor-core tiles of 32 keys) look each half tile's block up:
+    16 (``DecodeShape::PAGE_SPAN``).
     """
     element_size = torch.empty((), dtype=dtype).element_size()
     if element_size == 2 and rows_per_block >= 4 and head_dim <= 128:
-        return 32
+        return 16
     slots = head_dim // 2
     target = min(8, max(1, 16 // rows_per_block))  # slots per lane at most (registers)
     lanes = [n for n in (1, 2, 4, 8, 16, 32) if slots % n == 0]

@@ -151,6 +151,8 @@ class Row:
     mma_kind: str = ""  # "wgmma", "mma.sync", "none" ("" where not looked for)
     per_1k_scores: float | None = None  # warp-instructions per 1K scores
     mma_channels: int | None = None  # TTIR: the loop's tt.dot work over BLOCK_M x BLOCK_N
+    dot_work: int | None = None  # TTIR: the loop's tt.dot work per trip (sum of M x K x N)
+    mma_work: int | None = None  # SASS: the MMA work the loop's instructions issue per trip, all warps
     trig_in_loop: int | None = None  # TTIR: math.sin / math.cos ops inside loops
     mma_loops: list = field(default_factory=list)  # every innermost MMA loop: [SASS, MMA] each
 
@@ -438,6 +440,19 @@ _SASS_LABEL = re.compile(r"^\s*(\.L\w+):")
 _SASS_INSN = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
 _SASS_BRANCH = re.compile(r"\bBRA\b.*`\((\.L\w+)\)")
 _SASS_MMA = re.compile(r"\b(HGMMA|HMMA)\b")
+# The MMA shape of an instruction: HGMMA.64x128x16.F32.BF16 (M x N x K, one warp group), HMMA.16816.F32.BF16
+# (m16 n8 k16, one warp; HMMA.1688: k8).
+_SASS_MMA_SHAPE = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)\b|\bHMMA\.(16)(8)(16|8)\b")
+
+
+def mma_shape_work(instruction: str) -> tuple[int, int]:
+    """(M x N x K of one MMA instruction, how many warps issue it together: 4 for wgmma), or (0, 1) if unknown."""
+    m = _SASS_MMA_SHAPE.search(instruction)
+    if not m:
+        return 0, 1
+    if m.group(1):
+        return int(m.group(1)) * int(m.group(2)) * int(m.group(3)), 4
+    return int(m.group(4)) * int(m.group(5)) * int(m.group(6)), 1
 
 
 def nvdisasm_path() -> str:
@@ -484,7 +499,8 @@ def sass_loops(sass: str) -> tuple[list[str], list[tuple[int, int]]]:
 def mma_loops(sass: str) -> list[dict]:
     """The innermost loops that issue MMA (no loop inside them does), in address order: SASS instructions per trip
     (the loop's body: head label to backward branch, forward-branched blocks inside it included), MMA instructions
-    and kind (HGMMA: wgmma, HMMA: mma.sync)."""
+    and kind (HGMMA: wgmma, HMMA: mma.sync), and ``work``: M x N x K summed over the loop's MMA instructions, each
+    divided by the warps that issue it together (times the kernel's warps: the MMA work one trip issues)."""
     instructions, loops = sass_loops(sass)
 
     def mma(first: int, last: int) -> list[str]:
@@ -495,7 +511,9 @@ def mma_loops(sass: str) -> list[dict]:
     out = []
     for first, last in innermost:
         kinds = mma(first, last)
-        out.append(dict(sass=last - first + 1, mma=len(kinds), kind="wgmma" if "HGMMA" in kinds else "mma.sync"))
+        shapes = [mma_shape_work(x) for x in instructions[first : last + 1] if _SASS_MMA.search(x)]
+        out.append(dict(sass=last - first + 1, mma=len(kinds), kind="wgmma" if "HGMMA" in kinds else "mma.sync",
+                        work=sum(w / n for w, n in shapes)))  # fmt: skip
     return out
 
 
@@ -517,12 +535,9 @@ def loop_trig_ops(ttir: str) -> int:
 _TT_DOT = re.compile(r"tt\.dot .*: tensor<(\d+)x(\d+)x\w+> \* tensor<\d+x(\d+)x\w+>")
 
 
-def loop_mma_channels(ttir: str, block_m: int, block_n: int) -> int:
-    """The MMA work of one trip of a tile loop, in channels: M x K x N summed over the ``tt.dot`` ops of each
-    ``scf.for`` loop of the TTIR (a dot counts for the innermost loop holding it), the largest over the loops,
-    divided by BLOCK_M x BLOCK_N. A kernel that walks its tiles in two loops (unmasked tiles, then the diagonal)
-    does the same work per trip in each. The forward's q k^T and p v give twice its head size when no channel is
-    padding (D96: 2 x 96, not 2 x 128)."""
+def loop_dot_work(ttir: str) -> int:
+    """The MMA work of one trip of a tile loop: M x K x N summed over the ``tt.dot`` ops of each ``scf.for`` loop of
+    the TTIR (a dot counts for the innermost loop holding it), the largest over the loops."""
     depth, stack, works = 0, [], []  # stack: (brace depth at the loop's start, its work)
     for line in ttir.splitlines():
         if "scf.for" in line and line.rstrip().endswith("{"):
@@ -534,7 +549,16 @@ def loop_mma_channels(ttir: str, block_m: int, block_n: int) -> int:
         depth += line.count("{") - line.count("}")
         while stack and depth <= stack[-1][0]:
             works.append(stack.pop()[1])
-    return max(works, default=0) // (block_m * block_n) if block_m and block_n else 0
+    return max(works, default=0)
+
+
+def loop_mma_channels(ttir: str, block_m: int, block_n: int) -> int:
+    """The MMA work of one trip of a tile loop, in channels: M x K x N summed over the ``tt.dot`` ops of each
+    ``scf.for`` loop of the TTIR (a dot counts for the innermost loop holding it), the largest over the loops,
+    divided by BLOCK_M x BLOCK_N. A kernel that walks its tiles in two loops (unmasked tiles, then the diagonal)
+    does the same work per trip in each. The forward's q k^T and p v give twice its head size when no channel is
+    padding (D96: 2 x 96, not 2 x 128)."""
+    return loop_dot_work(ttir) // (block_m * block_n) if block_m and block_n else 0
 
 
 def per_1k_scores(loop_sass: int, num_warps: int, scores_per_trip: int) -> float:
@@ -572,9 +596,10 @@ def measure(compiled, log: str, arch: int) -> dict:
 def tile_loop(mma_loop: dict | None, num_warps: int, scores_per_trip: int) -> dict:
     """The tile-loop fields of a row from one entry of :func:`mma_loops` (None: no loop issues MMA)."""
     if mma_loop is None:
-        return dict(loop_sass=None, loop_mma=0, mma_kind="none", per_1k_scores=None)
+        return dict(loop_sass=None, loop_mma=0, mma_kind="none", per_1k_scores=None, mma_work=None)
     return dict(loop_sass=mma_loop["sass"], loop_mma=mma_loop["mma"], mma_kind=mma_loop["kind"],
-                per_1k_scores=round(per_1k_scores(mma_loop["sass"], num_warps, scores_per_trip), 1))  # fmt: skip
+                per_1k_scores=round(per_1k_scores(mma_loop["sass"], num_warps, scores_per_trip), 1),
+                mma_work=round(mma_loop.get("work", 0) * num_warps))  # fmt: skip
 
 
 def compile_job(job: Job) -> Row:
@@ -595,7 +620,8 @@ def compile_job(job: Job) -> Row:
     extra: dict = {}
     if job.kernel in TILE_LOOP_KERNELS:
         ttir = compiled.asm["ttir"]
-        extra.update(trig_in_loop=loop_trig_ops(ttir), mma_channels=loop_mma_channels(ttir, job.block_m, job.block_n))
+        extra.update(trig_in_loop=loop_trig_ops(ttir), mma_channels=loop_mma_channels(ttir, job.block_m, job.block_n),
+                     dot_work=loop_dot_work(ttir))  # fmt: skip
     if job.sass:
         loops = mma_loops(disassemble(compiled.asm["cubin"]))
         # The loop doing the most MMA is the tile loop; where a kernel walks its tiles in two loops of equal MMA
@@ -687,6 +713,10 @@ def summarize(rows: list[Row]) -> dict[tuple, bool]:
 
 # ------------------------------------------------------------------------------------------------ the peer
 PEER_KERNELS = {"fwd": "forward", "bwd_dq": "dq", "bwd_dkdv": "dk/dv"}
+# Head case -> the tutorial's head size it is compared with: the same size; Phi-4-mini's 96-of-128 is a head of 128;
+# 96 channels, which the tutorial cannot run (it takes 16, 32, 64, 128 or 256), against its 128, the size a user of
+# it pads 96 to. 80 is not compared.
+PEER_HEADS = {"64": "64", "96": "128", "128": "128", "256": "256", "96of128": "128"}
 
 
 def _as_dict(r) -> dict:
@@ -697,34 +727,45 @@ def _minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
-def best_spill_free(rows: list, kernel: str, head: str, dtype: str, arch: int, triton_version: str) -> dict | None:
+def best_spill_free(
+    rows: list, kernel: str, head: str, dtype: str, arch: int, triton_version: str, spilling: bool = False
+) -> dict | None:
     """The spill-free, fitting config with the fewest warp-instructions per 1K scores, the least shared memory among
-    equals (None: none measured)."""
+    equals (None: none measured). ``spilling``: any fitting config, spill-free or not."""
     candidates = [
         r for r in map(_as_dict, rows)
         if (r["kernel"], r["head"], r["dtype"], r["arch"]) == (kernel, head, dtype, arch)
-        and _minor(r["triton"]) == _minor(triton_version) and not r["error"] and r["fits"] and r["spill_bytes"] == 0
-        and r.get("per_1k_scores")
+        and _minor(r["triton"]) == _minor(triton_version) and not r["error"] and r["fits"]
+        and (spilling or r["spill_bytes"] == 0) and r.get("per_1k_scores")
     ]  # fmt: skip
     return min(candidates, key=lambda r: (r["per_1k_scores"], r["smem"]), default=None)
 
 
 def peer_ratios(rows: list, peer_rows: list, head: str = "128", dtype: str = "bf16", arch: int = 90) -> list[dict]:
     """Per attention kernel and Triton version in ``rows``: our best spill-free figure (warp-instructions per 1K
-    scores, :func:`best_spill_free`) over the tutorial's (``peer_rows``, benchmarks/peer_report.py), at the same
-    head, arch and Triton minor version. The tutorial measured in fp16 stands in where it has no ``dtype`` rows (its
-    kernels cast to fp16 themselves: :func:`peer_dtype`). A ratio is None where either side has no figure."""
+    scores, :func:`best_spill_free`) at head case ``head`` over the tutorial's (``peer_rows``,
+    benchmarks/peer_report.py) at :data:`PEER_HEADS`' head size, on the same arch and Triton minor version. The
+    tutorial measured in fp16 stands in where it has no ``dtype`` rows (its kernels cast to fp16 themselves:
+    :func:`peer_dtype`). Where every config of the tutorial spills (its backward at head 256), its fewest
+    instructions among them stand in (``peer_spill_bytes`` > 0; spill traffic is not counted, so that figure flatters
+    it). A ratio is None where either side has no figure."""
     out = []
     for version in sorted({_as_dict(r)["triton"] for r in rows}):
         for kernel in PEER_KERNELS:
             ours = best_spill_free(rows, kernel, head, dtype, arch, version)
             theirs_dtype = peer_dtype(peer_rows, dtype)
-            theirs = best_spill_free(peer_rows, kernel, head, theirs_dtype, arch, version)
+            peer_head = PEER_HEADS.get(head, head)
+            theirs = best_spill_free(peer_rows, kernel, peer_head, theirs_dtype, arch, version) or best_spill_free(
+                peer_rows, kernel, peer_head, theirs_dtype, arch, version, spilling=True
+            )
             ratio = ours["per_1k_scores"] / theirs["per_1k_scores"] if ours and theirs else None
             out.append(dict(kernel=kernel, head=head, dtype=dtype, arch=arch, triton=version,
                             ours=ours and ours["per_1k_scores"], ours_config=ours and ours["config"],
                             ours_mma=ours and ours["mma_kind"], peer=theirs and theirs["per_1k_scores"],
                             peer_config=theirs and theirs["config"], peer_dtype=theirs_dtype,
+                            peer_head=peer_head, peer_spill_bytes=theirs and theirs["spill_bytes"],
+                            ours_mma_work=ours and ours.get("mma_work"),
+                            ours_dot_work=ours and ours.get("dot_work"),
                             ratio=None if ratio is None else round(ratio, 3)))  # fmt: skip
     return out
 
@@ -809,18 +850,27 @@ def ratios_markdown(ratios: list[dict], peer: dict) -> list[str]:
         f"Warp-instructions per 1K scores in the tile loop, best spill-free config each side; the tutorial "
         f"(`python/tutorials/06-fused-attention.py` {source.get('ref', '?')}) measured by "
         "`benchmarks/peer_report.py` (`benchmarks/results/peer_tutorial_attention.md`). Ratio: ours / tutorial "
-        "(below 1: fewer instructions than the tutorial).",
+        "(below 1: fewer instructions than the tutorial); where every config of the tutorial spills, its fewest "
+        "instructions among them, marked (spill traffic uncounted). The tutorial takes heads of 16 to 256 channels, "
+        "powers of "
+        "two: a head of 96 is compared with its 128 (what it pads 96 to), Phi-4-mini's 96-of-128 with its 128. MMA "
+        "work: what the loop's MMA instructions issue per trip (M x N x K of each, all warps) over what its dots "
+        "need (1.00: none repeated).",
         "",
-        "| Triton | kernel | head | arch | lr2kernels | config | MMA | tutorial | config | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Triton | kernel | head | arch | lr2kernels | config | MMA | MMA work | tutorial | config | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ratios:
         ours = "none spill-free" if r["ours"] is None else f"{r['ours']:,.0f}"
-        theirs = "-" if r["peer"] is None else f"{r['peer']:,.0f} ({r['peer_dtype']})"
+        theirs = "-" if r["peer"] is None else f"{r['peer']:,.0f} (D{r['peer_head']} {r['peer_dtype']})"
+        if r.get("peer_spill_bytes"):
+            theirs += f", spills {r['peer_spill_bytes']:,} B"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        work = (f"{r['ours_mma_work'] / r['ours_dot_work']:.2f}" if r.get("ours_mma_work") and r.get("ours_dot_work")
+                else "-")  # fmt: skip
         lines.append(f"| {r['triton']} | {PEER_KERNELS[r['kernel']]} | {r['head']} | sm_{r['arch']} | {ours} | "
-                     f"{r['ours_config'] or '-'} | {r['ours_mma'] or '-'} | {theirs} | {r['peer_config'] or '-'} | "
-                     f"{ratio} |")  # fmt: skip
+                     f"{r['ours_config'] or '-'} | {r['ours_mma'] or '-'} | {work} | {theirs} | "
+                     f"{r['peer_config'] or '-'} | {ratio} |")  # fmt: skip
     return lines
 
 
@@ -936,31 +986,42 @@ def main(argv: list[str] | None = None) -> int:
                    help="also compile the attention kernels rotating their loop operand per tile (the --loop-heads, "
                         "the first dtype, sm_90) against the staged default")  # fmt: skip
     p.add_argument("--peer", type=Path, default=PEER_JSON, help="the tutorial's measurements (peer_report.py)")
+    p.add_argument("--from-json", type=Path,
+                   help="compile nothing: rewrite the report (and --json) from an earlier --json output of the same "
+                        "arguments, with the tutorial's figures as --peer holds them now")  # fmt: skip
     args = p.parse_args(argv)
     heads, dtypes = MATRICES[args.matrix]
     heads, dtypes = args.heads or heads, args.dtypes or dtypes
     t0 = time.perf_counter()
-    rows = run(args.kernels, heads, dtypes, args.archs, args.workers, args.all_configs, args.sass_heads)
+    shown = " ".join(argv if argv is not None else sys.argv[1:])
+    if args.from_json:
+        earlier = json.loads(args.from_json.read_text())
+        rows, loops, t0 = [Row(**r) for r in earlier["rows"]], earlier["loops"], t0 - earlier["seconds"]
+        shown = earlier.get("argv", shown)
+    else:
+        rows = run(args.kernels, heads, dtypes, args.archs, args.workers, args.all_configs, args.sass_heads)
     if args.quick:
         print_rows(rows)
         print(f"{len(rows)} compilations in {time.perf_counter() - t0:.1f} s")
         return 0
-    loops = []
-    if args.loops == "on" and set(LOOP_KERNELS) <= set(args.kernels) and 90 in args.archs:
-        for head in args.loop_heads:
-            loops += run_loops(head, dtypes[0], 90, args.workers, rows)
+    if not args.from_json:
+        loops = []
+        if args.loops == "on" and set(LOOP_KERNELS) <= set(args.kernels) and 90 in args.archs:
+            for head in args.loop_heads:
+                loops += run_loops(head, dtypes[0], 90, args.workers, rows)
     peer = load_peer(args.peer)
     ratios = []
-    if "128" in heads and 90 in args.archs and set(PEER_KERNELS) <= set(args.kernels):
-        ratios = [r for dtype in dtypes if dtype != "fp32" for r in peer_ratios(rows, peer["rows"], "128", dtype, 90)]
+    if 90 in args.archs and set(PEER_KERNELS) <= set(args.kernels):  # every compared head whose loops were counted
+        compared = [h for h in heads if h in PEER_HEADS and (args.sass_heads is None or h in args.sass_heads)]
+        ratios = [r for dtype in dtypes if dtype != "fp32" for head in compared
+                  for r in peer_ratios(rows, peer["rows"], head, dtype, 90)]  # fmt: skip
     seconds = time.perf_counter() - t0
-    shown = " ".join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(rows, seconds, shown, loops, ratios, peer))
     if args.json:
-        args.json.write_text(json.dumps({"seconds": seconds, "limits": SMEM_LIMIT, "loops": loops, "ratios": ratios,
-                                         "peer": peer.get("tutorial"), "rows": [asdict(r) for r in rows]},
-                                        indent=1, default=str))  # fmt: skip
+        args.json.write_text(json.dumps({"seconds": seconds, "argv": shown, "limits": SMEM_LIMIT, "loops": loops,
+                                         "ratios": ratios, "peer": peer.get("tutorial"),
+                                         "rows": [asdict(r) for r in rows]}, indent=1, default=str))  # fmt: skip
     for r in ratios:
         shown_ratio = "n/a (no tutorial figure)" if r["ratio"] is None else f"{r['ratio']:.2f}x the tutorial"
         ours = "no spill-free config" if r["ours"] is None else f"{r['ours']:,.0f} per 1K scores ({r['ours_config']})"

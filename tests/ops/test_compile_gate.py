@@ -6,7 +6,10 @@ is what gets compiled, for every autotune config the pruning keeps on the arch.
 
 Runs ``benchmarks/compile_report.py`` in a subprocess without TRITON_INTERPRET (tests/conftest.py sets it, and
 @triton.jit functions created under it cannot be compiled for a GPU), on the gate matrix: bf16, head dims 64, 80, 96,
-128, 256 and partial rotary 96-of-128, both archs; the tile loops are disassembled at the LOOP_HEADS. fp16 spilled
+128, 256 and partial rotary 96-of-128, both archs; the tile loops are disassembled at the SASS_HEADS, where each
+attention kernel's best spill-free sm_90 config is held to issue at most 1.10x the warp-instructions per 1K scores
+of Triton's tutorial attention compiled by the same Triton (issue 22; benchmarks/peer_report.py measured it), on
+wgmma, with no MMA work repeated. fp16 spilled
 exactly where bf16 did (every case of ``--matrix half`` when it was last compared; registers differ by a few), so CI
 gates bf16 only, to stay short; ``--matrix full`` adds fp32. It runs with this interpreter's Triton and with every
 Python named in ``LR2_GATE_PYTHONS`` (colon-separated): ``.ci/run`` adds one with Triton 3.6, the GPU image's, so
@@ -50,9 +53,18 @@ GATE = [
 ]  # fmt: skip
 
 
-# Head cases whose tile loops are counted (instructions, cos/sin, MMA work): 128, and the two whose halves are cut
-# in two tiles (Phi-3-mini's 96, Phi-4-mini's 96-of-128).
+# Head cases whose tile loops are compiled rotating per tile as well (instructions, cos/sin): 128, and the two whose
+# halves are cut in two tiles (Phi-3-mini's 96, Phi-4-mini's 96-of-128).
 LOOP_HEADS = ["128", "96", "96of128"]
+# Head cases whose tile loops are disassembled and held to the tutorial (every one but 80, which it cannot run).
+SASS_HEADS = ["64", "96", "128", "256", "96of128"]
+
+# Issue 22: each attention kernel's best spill-free config (bf16, sm_90, every gate Triton) issues at most this many
+# times the warp-instructions per 1K scores of Triton's tutorial attention at that head size (its best spill-free
+# config, benchmarks/results/peer_tutorial_attention.json, same Triton minor version; a head of 96 against its 128,
+# what the tutorial pads 96 to, and 96-of-128 against its 128: compile_report.PEER_HEADS).
+BOUND = 1.10
+PEER_CASES = [(kernel, head) for kernel in ("fwd", "bwd_dq", "bwd_dkdv") for head in SASS_HEADS]
 
 
 def gate_pythons() -> list[str]:
@@ -70,7 +82,7 @@ def report(tmp_path_factory) -> dict:
         for kernels, heads in GATE:
             out = tmp_path_factory.mktemp("compile")
             cmd = [python, str(SCRIPT), "--matrix", "gate", "--kernels", *kernels, "--heads", *heads,
-                   "--loop-heads", *LOOP_HEADS, "--sass-heads", *LOOP_HEADS, "--json", str(out / "rows.json"),
+                   "--loop-heads", *LOOP_HEADS, "--sass-heads", *SASS_HEADS, "--json", str(out / "rows.json"),
                    "--out", str(out / "report.md")]  # fmt: skip
             proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -140,7 +152,7 @@ def test_tile_loops_are_found_and_issue_mma(report):
     """The attention kernels' and decode's tile loops are found in the SASS of every config compiled for the loop
     heads (bf16): an innermost loop issuing MMA, with its per-trip count and warp-instructions per 1K scores."""
     loops = [r for r in report["rows"] if r["kernel"] in ("fwd", "bwd_dq", "bwd_dkdv", "decode")
-             and r["head"] in LOOP_HEADS and not r["error"]]  # fmt: skip
+             and r["head"] in SASS_HEADS and not r["error"]]  # fmt: skip
     assert loops
     for r in loops:
         assert r["loop_sass"] and r["loop_mma"] and r["per_1k_scores"] > 0, r
@@ -149,20 +161,92 @@ def test_tile_loops_are_found_and_issue_mma(report):
             assert r["mma_kind"] == "wgmma", r
 
 
-def test_ratio_to_the_tutorial_is_computed_and_recorded(report):
-    """Each gate Triton's report carries, per attention kernel (forward, dq, dk/dv; head 128, bf16, sm_90), our best
-    spill-free warp-instructions per 1K scores and its ratio to Triton's tutorial attention
-    (benchmarks/results/peer_tutorial_attention.json) wherever that file holds the same Triton's figures. Recorded,
-    not yet bounded: the bound (issue 22: at most 1.10x) is turned on once the kernels meet it."""
-    peer = json.loads(PEER_JSON.read_text()) if PEER_JSON.exists() else {"rows": []}
-    peer_versions = {".".join(r["triton"].split(".")[:2]) for r in peer["rows"]}
+def _peer_case(report: dict, python: str, kernel: str, head: str, with_peer: bool = True) -> dict:
+    """The ratio row of one gate interpreter, attention kernel and head case (bf16, sm_90), with both figures (the
+    tutorial's: its best spill-free config, or where all of them spill, its fewest instructions among them)."""
+    mine = [r for r in report["ratios"] if (r["python"], r["kernel"], r["head"]) == (python, kernel, head)]
+    assert len(mine) == 1, (python, kernel, head, mine)
+    r = mine[0]
+    assert (r["dtype"], r["arch"]) == ("bf16", 90), r
+    assert r["ours"] is not None, f"{r['triton']} {kernel} D{head}: no spill-free config measured"
+    assert r["peer"] is not None or not with_peer, (
+        f"{r['triton']} {kernel} D{head}: {PEER_JSON.name} holds no figure of the tutorial at head {r['peer_head']} "
+        "for this Triton (benchmarks/peer_report.py measures it)"
+    )
+    return r
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+# Known gaps, (Triton minor version, kernel, head) -> what was measured (bf16, sm_90, warp-instructions per 1K
+# scores). Strict: a case listed here that meets the rule fails its test (take it off the list); each test that
+# confirms a listed gap and finds no other failure ends as an expected failure naming it, so the gaps stay in sight.
+OVER_THE_TUTORIAL: dict[tuple[str, str, str], str] = {
+    ("3.6", "fwd", "96"): "269 (128x128 w8) against the tutorial's 240 at head 128, what it pads 96 to: 1.12x "
+                          "(each NeoX half of 48 channels is two tiles, 32 + 16)",
+    ("3.6", "bwd_dq", "256"): "914 (64x16 w4) against 807, the fewest of the tutorial's configs, all spilling "
+                              "(2,964 B): 1.13x",
+    ("3.9", "bwd_dq", "256"): "1,266 (64x16 w4) against 770, the fewest of the tutorial's configs, all spilling "
+                              "(3,160 B): 1.64x",
+    ("3.6", "bwd_dkdv", "256"): "4,641 (16x32 w8, mma.sync) against 1,344, the tutorial's spilling 10,696 B: 3.45x",
+    ("3.9", "bwd_dkdv", "256"): "4,875 (16x32 w8, mma.sync) against 1,414, the tutorial's spilling 10,884 B: 3.45x",
+}  # fmt: skip
+_DKDV_256 = ("16 x 32 tiles on mma.sync, 2.5x the dots' MMA work (1,310,720 multiply-adds a trip for 524,288): "
+             "fp32 dk + dv of 64 keys take 256 registers a thread over 4 warps, and 64 keys over 8 warps spill and "
+             "repeat q k^T")  # fmt: skip
+NOT_WGMMA: dict[tuple[str, str, str], str] = {("3.6", "bwd_dkdv", "256"): _DKDV_256,
+                                              ("3.9", "bwd_dkdv", "256"): _DKDV_256}  # fmt: skip
+
+
+def _check_cases(report: dict, kernel: str, head: str, gaps: dict, check) -> None:
+    """``check(r)`` -> an error message or "" for each gate interpreter's ratio row; the listed ``gaps`` must fail,
+    every other case must pass; an expected failure (pytest.xfail) where listed gaps were confirmed."""
+    confirmed = []
     for python in gate_pythons():
-        mine = [r for r in report["ratios"] if r["python"] == python]
-        assert {r["kernel"] for r in mine} == {"fwd", "bwd_dq", "bwd_dkdv"}, mine
-        for r in mine:
-            assert (r["head"], r["dtype"], r["arch"]) == ("128", "bf16", 90)
-            if r["ours"] is None:  # no spill-free config measured: the spill tests name it
-                continue
-            assert r["ours"] > 0
-            if ".".join(r["triton"].split(".")[:2]) in peer_versions:
-                assert r["peer"] > 0 and abs(r["ratio"] - r["ours"] / r["peer"]) < 1e-3, r
+        r = _peer_case(report, python, kernel, head, with_peer=gaps is OVER_THE_TUTORIAL)
+        error = check(r)
+        gap = gaps.get((_minor(r["triton"]), kernel, head))
+        if gap:
+            assert error, f"{r['triton']} {kernel} D{head} now meets the rule: take it off the known gaps ({gap})"
+            confirmed.append(f"{_minor(r['triton'])}: {gap}")
+        else:
+            assert not error, error
+    if confirmed:
+        pytest.xfail("known gap: " + "; ".join(confirmed))
+
+
+@pytest.mark.parametrize("kernel, head", PEER_CASES)
+def test_within_ten_percent_of_the_tutorial(report, kernel, head):
+    """Issue 22: the best spill-free config issues at most BOUND x the tutorial's warp-instructions per 1K scores
+    in its tile loop (bf16, sm_90, every gate Triton against the tutorial compiled by the same Triton; where every
+    config of the tutorial spills, its fewest instructions among them)."""
+
+    def check(r: dict) -> str:
+        assert abs(r["ratio"] - r["ours"] / r["peer"]) < 1e-3, r
+        spills = f", spilling {r['peer_spill_bytes']:,} B" if r["peer_spill_bytes"] else ""
+        return "" if r["ours"] <= BOUND * r["peer"] else (
+            f"{r['triton']} {kernel} D{head}: {r['ours']:.0f} ({r['ours_config']}) per 1K scores, "
+            f"{r['ratio']:.2f}x the tutorial's {r['peer']:.0f} ({r['peer_config']}{spills})"
+        )  # fmt: skip
+
+    _check_cases(report, kernel, head, OVER_THE_TUTORIAL, check)
+
+
+@pytest.mark.parametrize("kernel, head", PEER_CASES)
+def test_hopper_tile_loops_issue_wgmma_and_no_repeated_mma(report, kernel, head):
+    """Issue 22: on sm_90 the best spill-free config's tile loop runs on wgmma (tiles of 64+ rows per warp group)
+    and its MMA instructions issue exactly the work of the loop's dots (M x N x K of each instruction, all warps,
+    against the tt.dot ops' M x K x N: 64 rows over 8 warps, say, repeat it)."""
+
+    def check(r: dict) -> str:
+        if r["ours_mma"] != "wgmma":
+            return f"{r['triton']} {kernel} D{head} {r['ours_config']}: {r['ours_mma']}, not wgmma"
+        assert r["ours_dot_work"], r
+        return "" if r["ours_mma_work"] == r["ours_dot_work"] else (
+            f"{r['triton']} {kernel} D{head} {r['ours_config']}: its MMA instructions issue {r['ours_mma_work']:,} "
+            f"multiply-adds a trip, its dots need {r['ours_dot_work']:,}"
+        )  # fmt: skip
+
+    _check_cases(report, kernel, head, NOT_WGMMA, check)

@@ -38,16 +38,13 @@ fallback and keeps the patch (continuous batching switches implementations this 
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Any
 
 import torch
 
 from lr2kernels.hf.attention import ATTENTION_NAME
-from lr2kernels.hf.patch import SUPPORTED_MODEL_TYPES, _register_attention, is_patched, patch, unpatch
+from lr2kernels.hf.patch import SUPPORTED_MODEL_TYPES, _register_attention, is_patched, patch, state_of, unpatch
 
-# Models patched by post_init, held weakly: the outer model's post_init moves an inner model's patch up to itself.
-_PATCHED_AT_INIT: weakref.WeakSet = weakref.WeakSet()
 _ORIGINALS: dict[str, Any] = {}  # the PreTrainedModel methods the wrappers call; empty until install()
 
 
@@ -92,24 +89,27 @@ def _post_init(self, *args, **kwargs):
     result = _ORIGINALS["post_init"](self, *args, **kwargs)
     config = getattr(self, "config", None)
     asks = getattr(config, "_attn_implementation", None) == ATTENTION_NAME
-    inner = []
-    if _PATCHED_AT_INIT:  # an inner model of this config patched by its own post_init: the patch moves up here
-        inner = [m for m in self.modules()
-                 if m is not self and m in _PATCHED_AT_INIT and m.config is config and is_patched(m)]  # fmt: skip
+    # An inner model of this config (the base model, a direct child) patched by its own post_init: the patch moves
+    # up here. Found through the child's own patch state: nothing process-wide keeps track of patched models.
+    inner = [m for m in self.children() if _patched_at_init(m) and getattr(m, "config", None) is config]
     if not asks and not (inner and getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES):
         return result
     check_supported(self)
     for module in inner:
         unpatch(module)
-        _PATCHED_AT_INIT.discard(module)
     if asks:
         config._attn_implementation = _fallback_implementation(self)
     # from_pretrained builds models under torch.device("meta"): the patch's few tensors (the CPU trig probe of
     # lr2kernels.tables.resolve_cpu_trig) must be real ones.
     with torch.device("cpu"):
         patch(self)
-    _PATCHED_AT_INIT.add(self)
+    state_of(self).patched_at_init = True
     return result
+
+
+def _patched_at_init(module: Any) -> bool:
+    state = state_of(module) if isinstance(module, torch.nn.Module) else None
+    return state is not None and state.patched_at_init
 
 
 def _set_attn_implementation(self, attn_implementation, *args, **kwargs):

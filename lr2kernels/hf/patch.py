@@ -2,22 +2,51 @@
 
 Instance-level, all or nothing, and reversible. For the given model only:
 1. its rotary module(s) return the identity rotation (cos 1, sin 0), so the attention layers keep q and k PRE-RoPE
-   and the KV cache (DynamicCache, StaticCache, sliding, ...) stores PRE-RoPE keys;
+   and the KV cache (DynamicCache, StaticCache, sliding, paged, ...) stores PRE-RoPE keys;
 2. its attention layers get a private copy of the config that selects
    :func:`lr2kernels.hf.attention.rope_attention_forward` (registered in transformers' ``AttentionInterface``), which
    rotates q and every key at its own position; ``model.config`` itself is never changed;
-3. hooks on the base model record each forward's positions (:mod:`lr2kernels.hf.positions`), on the KV cache too;
+3. hooks on the base model record each forward's positions (:mod:`lr2kernels.hf.positions`) and make the forward's
+   plan (:mod:`lr2kernels.hf.plan`), once, before any layer runs;
 4. ``generate`` re-runs the sequence at the L0 crossing under ``rule="hf"`` (every architecture, decided by
    position), and keeps its cache under ``rule="position"``;
 5. continuous batching (``generate_batch``, ``init_continuous_batching``, ``transformers serve
    --continuous-batching``) runs on the same attention: the paged cache stores PRE-RoPE keys and each flattened
    batch is routed per request to the fused varlen prefill and decode kernels (:mod:`lr2kernels.hf.serving`).
 
-``unpatch`` restores all of it exactly. Nothing outside the model is changed but one new name in transformers'
-attention registry (its modeling modules and functions are left as they are), so pickling and deep-copying work for
-patched and stock models alike. Where an attention layer owns a private ``apply_rotary_pos_emb`` wrapper
-(transformers with ``kernels``, see :func:`_rotation_wrapper`), that layer's wrapper skips the identity rotation.
-transformers is imported inside the functions, never at package import.
+Where the state lives. A patch is one :class:`PatchedModel`, held in one place: the model's ``_lr2_patch_state``
+attribute. It holds the settings (table, backend, rule, rotated-key option), the architecture's row
+(:mod:`lr2kernels.hf.architectures`), the forward tracker and the running forward's plan, and everything
+:func:`unpatch` restores. The model's own modules reach it through one reference each and nothing else: attention
+layers through ``_lr2_patch`` (transformers passes the attention function the layer, not the model), the rotary
+modules and the ``generate`` wrapper through the ``functools.partial`` that replaced their method, the base model's
+hooks through bound methods of the state. What a layer does in a forward is decided by the plan (tables, routes,
+lengths: :mod:`lr2kernels.hf.plan`), the layer only runs it. Outside the model the patch keeps data about the caches
+the model writes, on the caches themselves: each cache's key positions (``_lr2_ledger``, :mod:`~.positions`) and, for
+CPU decoding, each cache layer's rotated-key copy (``_lr2_rotated_keys``, :mod:`~.rotated_keys`); they travel with
+the cache (copied, pickled) and mean nothing to a stock model. Where an attention layer owns a private
+``apply_rotary_pos_emb`` wrapper (transformers with ``kernels``, see :func:`_rotation_wrapper`), that layer's
+wrapper skips the identity rotation, recognising the identity cos that the patched rotary module marks
+(``_lr2_identity_rotation``, on a tensor the patch itself creates at each forward).
+
+What is process-wide, and why each is acceptable (none of it is state of a model, and none refers to one):
+- the name "lr2kernels" in transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (registered by the
+  first patch, or at transformers' load for ``attn_implementation="lr2kernels"``; a pickled patched model registers
+  it again in a new process): a name in a registry, looked up only by a config that names it. It stays after
+  ``unpatch``, as a registered name stays in any registry; a config copied from a patched layer that reaches it
+  on an unpatched module runs stock SDPA (:func:`lr2kernels.hf.attention._unpatched`).
+- with ``import lr2kernels`` (not with a patch): a finder on ``sys.meta_path`` until ``transformers.modeling_utils``
+  loads (:mod:`lr2kernels._transformers_hook`), then wrappers of ``PreTrainedModel.post_init`` and
+  ``set_attn_implementation`` (:mod:`lr2kernels.hf.loading`) that act only on a model whose config asks for
+  "lr2kernels" (one string comparison otherwise; they keep no list of models, a patch made there is marked on its own
+  state). They are how transformers' own ``attn_implementation`` argument reaches lr2kernels, so they belong to the
+  import, not to a patch, and ``unpatch`` leaves them.
+- caches of what was imported or probed once (transformers' output-collector variable and ``DynamicLayer`` class,
+  the CPU trigonometry choice of :func:`lr2kernels.tables.resolve_cpu_trig`) and the set of one-time warnings
+  already given: facts about the process, the same for every model.
+transformers' modeling modules and functions are left as they are, so pickling and deep-copying work for patched and
+stock models alike, before, during and after a patch. transformers is imported inside the functions, never at
+package import.
 """
 
 from __future__ import annotations
@@ -33,11 +62,12 @@ from typing import Any
 
 import torch
 
+from lr2kernels.hf.architectures import ARCHITECTURES, SUPPORTED_MODEL_TYPES, Architecture
 from lr2kernels.hf.attention import ATTENTION_NAME
+from lr2kernels.hf.plan import ForwardPlan, make_plan
 from lr2kernels.hf.positions import ForwardTracker, newest_cached_position
 from lr2kernels.tables import RopeTable, resolve_cpu_trig
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 _STATE = "_lr2_patch_state"  # on the patched model: its PatchedModel
 _LAYER = "_lr2_patch"  # on each of its attention layers: the same PatchedModel (the one way in from a layer)
 
@@ -68,8 +98,11 @@ class PatchedModel:
     Attributes:
         table, backend, rule, rotated_key_cache: the settings of :func:`patch`.
         config: the model's own config (never changed; the layers get it back at :func:`unpatch`).
+        arch: the architecture's row of :data:`lr2kernels.hf.architectures.ARCHITECTURES`.
         attention_config: the attention layers' private copy of it, naming :data:`ATTENTION_NAME`.
-        tracker: the base model's hooks record each forward's facts here; the attention layers read them.
+        tracker: the base model's hooks record each forward's facts (positions) here.
+        plan: the running forward's :class:`lr2kernels.hf.plan.ForwardPlan`, made from those facts and the settings
+            by the base model's pre-hook (:meth:`begin_forward`), once per forward; the attention layers run it.
         rotary, attention, hooks, rotation_wrappers, prepare: what :func:`unpatch` restores (filled as they are
             applied, so that a patch that fails half-way is undone exactly).
     """
@@ -79,6 +112,7 @@ class PatchedModel:
     rule: str
     rotated_key_cache: bool
     config: Any
+    arch: Architecture
     attention_config: Any = None
     tracker: ForwardTracker = dataclasses.field(default_factory=ForwardTracker)
     rotary: list = dataclasses.field(default_factory=list)
@@ -87,6 +121,17 @@ class PatchedModel:
     rotation_wrappers: list = dataclasses.field(default_factory=list)
     prepare: Any = None  # the class's prepare_inputs_for_generation that generate() calls through the wrapper
     warned_switch: bool = False  # the attention implementation was switched after the patch (warned once)
+    patched_at_init: bool = False  # by attn_implementation="lr2kernels" at post_init (lr2kernels.hf.loading)
+    plan: ForwardPlan | None = None  # the running forward's plan (made by begin_forward; the layers run it)
+
+    def begin_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the base model: this forward's facts (positions), then its plan, once."""
+        self.tracker.begin_forward(module, args, kwargs)
+        facts = self.tracker.facts
+        self.plan = None if facts is None else make_plan(self, facts)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "plan": None}  # a forward's plan does not outlive it (nor travel: weak references)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -153,13 +198,14 @@ def _rotation_wrapper(attention: torch.nn.Module) -> torch.nn.Module | None:
     return wrapper
 
 
-def _keep_cache_prepare(model: torch.nn.Module):
-    """The ``prepare_inputs_for_generation`` that keeps the cache: the class's own, or for Phi-3 (whose version drops
-    the cache at L0 by the padded length) the next definition up its MRO. None for a model that cannot generate."""
+def _keep_cache_prepare(model: torch.nn.Module, arch: Architecture):
+    """The ``prepare_inputs_for_generation`` that keeps the cache: the class's own, or where the architecture's own
+    drops the cache at L0 by the padded length (``Architecture.prepare_drops_cache``: Phi-3) the next definition up
+    its MRO. None for a model that cannot generate."""
     definers = [cls for cls in type(model).__mro__ if "prepare_inputs_for_generation" in vars(cls)]
     if not definers:
         return None
-    if definers[0].__module__.endswith(".phi3.modeling_phi3") and len(definers) > 1:
+    if arch.prepare_drops_cache and definers[0].__module__ == arch.modeling and len(definers) > 1:
         return vars(definers[1])["prepare_inputs_for_generation"]
     return vars(definers[0])["prepare_inputs_for_generation"]
 
@@ -192,12 +238,12 @@ def _prepare_inputs_for_generation(model: torch.nn.Module, input_ids: torch.Tens
     return state.prepare(model, input_ids, *args, **kwargs)
 
 
-def _rotary_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+def _rotary_modules(model: torch.nn.Module, arch: Architecture) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if arch.is_rotary(m)]
 
 
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+def _attention_modules(model: torch.nn.Module, arch: Architecture) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if arch.is_attention(m)]
 
 
 def _table_for(config: Any) -> RopeTable:
@@ -261,8 +307,9 @@ def patch(
             f"table.rotary_dim: expected the model's rotary width {model_rotary_dim} (head_dim x "
             f"partial_rotary_factor), got {table.rotary_dim}"
         )
-    rotary = _rotary_modules(model)
-    attention = _attention_modules(model)
+    arch = ARCHITECTURES[model_type]
+    rotary = _rotary_modules(model, arch)
+    attention = _attention_modules(model, arch)
     if not rotary or not attention:
         raise ValueError(
             f"model: expected rotary-embedding and attention modules in a {model_type!r} model, found "
@@ -277,7 +324,7 @@ def patch(
         state.table, state.backend, state.rule, state.rotated_key_cache = table, backend, rule, rotated_key_cache
         return model
     try:
-        _apply(model, PatchedModel(table, backend, rule, rotated_key_cache, config), rotary, attention)
+        _apply(model, PatchedModel(table, backend, rule, rotated_key_cache, config, arch), rotary, attention)
     except BaseException:
         unpatch(model)  # all or nothing: undo whatever was applied
         raise
@@ -310,9 +357,9 @@ def _apply(model, state: PatchedModel, rotary, attention) -> None:
         state.rotary.append(module)
         module.forward = functools.partial(_identity_rotary_forward, state, module)
     for base in _base_models(model, rotary):
-        state.hooks.append(base.register_forward_pre_hook(state.tracker.begin_forward, with_kwargs=True))
+        state.hooks.append(base.register_forward_pre_hook(state.begin_forward, with_kwargs=True))
         state.hooks.append(base.register_forward_hook(state.tracker.end_forward, with_kwargs=True))
-    prepare = _keep_cache_prepare(model)
+    prepare = _keep_cache_prepare(model, state.arch)
     if prepare is not None:
         state.prepare = prepare
         wrapper = functools.partial(_prepare_inputs_for_generation, model)

@@ -186,6 +186,10 @@ class ForwardTracker:
         # continuous batching: the previous paged forward's max query position (stock's table choice then)
         self._paged_max_position: int | None = None
 
+    def __getstate__(self) -> dict:
+        # A forward's facts do not outlive it (nor can they travel: they hold a weak reference to the cache).
+        return {**self.__dict__, "facts": None, "_signatures": {}}
+
     def arguments(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
         """The forward's arguments by name (read only)."""
         if not args:  # transformers passes everything by keyword: nothing to bind

@@ -242,12 +242,12 @@ def _routes(plan: PagedPlan, layer_type: str, window: int | None, table: RopeTab
     return routes
 
 
-def _attend(state, query, key, value, scaling, plan: PagedPlan, layer_type: str, window: int | None, long: bool,
+def _attend(settings, query, key, value, scaling, plan: PagedPlan, layer_type: str, window: int | None, long: bool,
             requests: list[int]) -> torch.Tensor:  # fmt: skip
     """``[T, Hq, D]`` attention rows of ``requests`` with table ``long`` (rows of other requests are zero).
     query ``[T, Hq, D]``, key/value ``[Tk, Hk, D]`` (request i's keys at its ``cu_seq_lens_k`` slots)."""
-    table: RopeTable = state.table
-    backend = state.backend
+    table: RopeTable = settings.table
+    backend = settings.backend
     routes = _routes(plan, layer_type, window, table, long, requests, query.device)
     out = query.new_zeros(query.shape)
     if routes.prefill is not None:
@@ -319,8 +319,9 @@ def _warn_if_table_switched(plan: PagedPlan, table: RopeTable, long: bool) -> No
     )
 
 
-def paged_attention(state, module, query, key, value, scaling, facts, kwargs) -> tuple[torch.Tensor, None]:
-    """A patched layer's attention in a continuous-batching forward. query ``[1, Hq, T, D]`` (PRE-RoPE, every
+def paged_attention(settings, module, query, key, value, scaling, facts, kwargs) -> tuple[torch.Tensor, None]:
+    """A patched layer's attention in a continuous-batching forward, with the table, backend and rule of ``settings``
+    (the forward's :class:`lr2kernels.hf.plan.ForwardPlan`). query ``[1, Hq, T, D]`` (PRE-RoPE, every
     request's queries in one row), key/value ``[1, Hk, Tk, D]`` (what ``PagedAttentionCache.update`` returned: every
     request's keys, or with a block table only the new ones). Returns ``([1, T, Hq, D], None)``."""
     plan: PagedPlan = facts.paged
@@ -333,10 +334,10 @@ def paged_attention(state, module, query, key, value, scaling, facts, kwargs) ->
     else:
         flat_k, flat_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [Tk, Hk, D]
     flat_q = query[0].transpose(0, 1)  # [T, Hq, D]
-    table: RopeTable = state.table
+    table: RopeTable = settings.table
     requests = [i for i in range(plan.num_requests) if plan.q_length(i)]
-    args = (state, flat_q, flat_k, flat_v, scaling, plan, layer_type, window)
-    if state.rule == "hf":  # one table for the flattened batch, as the stock rotary picks it
+    args = (settings, flat_q, flat_k, flat_v, scaling, plan, layer_type, window)
+    if settings.rule == "hf":  # one table for the flattened batch, as the stock rotary picks it
         long = table.use_long(facts.max_position + 1)
         _warn_if_table_switched(plan, table, long)
         out = _attend(*args, long, requests)

@@ -14,7 +14,7 @@ Three counts (issue 23 item 4 asks to shrink the first two):
    of the step: distinct decision lines, and executions of them), in ``lr2kernels/hf`` and in the whole package.
 3. process-wide state: what ``import lr2kernels`` + ``patch`` leave in transformers' registries and classes.
 
-Small and CPU-only: a tiny random model (2 layers), the torch backend, no hub access.
+Small and CPU-only: a tiny random model (2 layers, ``--layers``), the torch backend, no hub access.
 """
 
 from __future__ import annotations
@@ -86,14 +86,14 @@ def static_decisions() -> dict[str, int]:
     return counts
 
 
-def _tiny_model(arch: str):
+def _tiny_model(arch: str, layers: int):
     import torch
     import transformers
 
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.05 * i for i in range(8)],
             "long_factor": [1.0 + 1.5 * i for i in range(8)], "original_max_position_embeddings": 32}  # fmt: skip
     config = transformers.AutoConfig.for_model(
-        arch, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, head_dim=16,
+        arch, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=layers, head_dim=16,
         intermediate_size=96, vocab_size=101, max_position_embeddings=256, rope_parameters=rope, pad_token_id=0,
     )  # fmt: skip
     config._attn_implementation = "sdpa"
@@ -117,13 +117,13 @@ def _objects_with_attributes() -> dict[str, collections.Counter]:
     return found
 
 
-def runtime_census(arch: str) -> dict:
+def runtime_census(arch: str, layers: int = 2) -> dict:
     """Patch a tiny model, run a prefill and one cached decode step (torch backend), and count."""
     import torch
 
     import lr2kernels
 
-    model = _tiny_model(arch)
+    model = _tiny_model(arch, layers)
     before = _objects_with_attributes()
     marks: collections.Counter = collections.Counter()
     original_setattr = torch.Tensor.__setattr__
@@ -218,13 +218,14 @@ def process_wide() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="llama")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the tiny model")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     report = {
         "source_attributes": source_attributes(),
         "static_decisions": static_decisions(),
-        **runtime_census(args.arch),
+        **runtime_census(args.arch, args.layers),
         "process_wide": process_wide(),
     }
     report.pop("_all")

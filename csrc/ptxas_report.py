@@ -227,6 +227,10 @@ class DecodeShape:
         return max(4 * self.keys_per_warp, by_bytes)
 
     @property
+    def page_span(self) -> int:  # keys a block-table lookup serves (DecodeShape::PAGE_SPAN)
+        return self.tile // 2 if self.mma else self.tile
+
+    @property
     def bases(self) -> int:  # base angles a tile (one per half tile for the mma tiles)
         return 2 if self.mma else 1
 
@@ -278,10 +282,10 @@ class DecodeShape:
     def tile_instructions_per_key(self) -> float:
         """The per-tile work over the tile's keys, in warp-instructions a key: the cp.async copies (COPY_INSTRUCTIONS
         each, 2 x D x element bytes / 16 a key, over 32 lanes), the base angles (bases x D / 2 sincosf a tile, over 32
-        lanes) and, paged, every warp's block lookup (PAGE_LOOKUP_INSTRUCTIONS a tile)."""
+        lanes) and, paged, every warp's block lookups (PAGE_LOOKUP_INSTRUCTIONS each, one per page_span keys)."""
         copies = 2 * self.head_dim * self.element_bytes / 16 * COPY_INSTRUCTIONS / 32
         angles = self.bases * self.slots * SINCOS_INSTRUCTIONS / 32 / self.tile if self.element_bytes == 2 else 0.0
-        page = 4 * PAGE_LOOKUP_INSTRUCTIONS / self.tile if self.paged else 0.0
+        page = 4 * PAGE_LOOKUP_INSTRUCTIONS / self.page_span if self.paged else 0.0
         return copies + angles + page
 
 

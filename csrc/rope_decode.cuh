@@ -17,9 +17,11 @@
 // log2 e), reduces the dot over its LPK lanes (log2 LPK shuffles), and updates its own online-softmax states. LPK is
 // chosen per (D, ROWS) to keep SPL * ROWS <= 16 (registers) with as few shuffles as that allows. From 4 rows the
 // reduction is transposed (row_owner_lane): each lane ends with one row's score, runs that row's softmax alone, and
-// the key group's lanes get each row's probability by a shuffle. The softmax rescales only where a max grows. At the
-// end the KPB key groups' states are merged through shared memory. With one split the block writes the output; with
-// more, its finished partial (o, lse), combined by the merge kernel.
+// the key group's lanes get each row's probability by a shuffle. The softmax rescales only where a max grows.
+// fp16/bf16 at 4 and 8 rows, head <= 128, run on tensor cores instead (DecodeShape::MMA, rope_decode_mma_tiles: keys
+// rotated in shared memory, mma.sync for Q K^T and P V). At the end the key groups' (or warps') states are merged
+// through shared memory. With one split the block writes the output; with more, its finished partial (o, lse),
+// combined by the merge kernel.
 //
 // The keys' angles: tiles start at multiples of TILE. In fp16/bf16 the block computes one sincosf per tile and slot
 // (a shared table) and every key's cos/sin by angle addition with a per-block step table (rope_cos_sin_step: 2.9e-7
@@ -33,13 +35,12 @@
 // gets NaN in every element of its rows.
 //
 // Paged caches (PAGED, DecodeParams::block_table set): k/v are [num_blocks, block_size, Hk, D] and key j of sequence
-// b lies in block block_table[b, j / block_size]. block_size is a multiple of TILE (the launch refuses others) and
-// tiles start at multiples of TILE, so a tile lies inside one block: issue() reads the tile's block id (one 4-byte
-// table read per tile and thread, cached) and the tile's 16-byte copies go to that block's rows, as the dense path's
-// go to the sequence's. A block id outside [0, num_blocks) is never dereferenced: its copies zero-fill, and the
-// sequence's rows get NaN (as past the capacity) through NaN accumulators (poison_rows), so no flag lives across
-// the loop. Table entries past a sequence's length are never read. The dense instantiations (PAGED false) compile to
-// the machine code they had before the paged path existed.
+// b lies in block block_table[b, j / block_size]. block_size is a multiple of PAGE_SPAN (TILE, or half the 32-key mma
+// tile; the launch refuses others) and tiles start at multiples of TILE, so a tile (half tile) lies inside one block:
+// issue() reads its block id (one 4-byte table read per tile or half tile and thread, cached) and the 16-byte copies
+// go to that block's rows, as the dense path's go to the sequence's. A block id outside [0, num_blocks) is never
+// dereferenced: its copies zero-fill, and the sequence's rows get NaN (as past the capacity) through NaN accumulators
+// (poison_rows), so no flag lives across the loop. Table entries past a sequence's length are never read.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -644,9 +645,11 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
 #pragma unroll
                         for (int i = 0; i < SPL; ++i) dot += q1[r][i] * k1[i] + q2[r][i] * k2[i];
                         dot = group_sum<LPK>(dot);
-                        const float score = key_valid && j <= q_pos[r] ? dot : -INFINITY;  // causal among the new tokens
+                        // Causal among the new tokens.
+                        const float score = key_valid && j <= q_pos[r] ? dot : -INFINITY;
                         // The online softmax with the rescale only where the max grows (rare after the first keys):
-                        // the state of softmax_update (whose alpha is exactly 1 otherwise) without its per-key multiplies.
+                        // the state of softmax_update (whose alpha is exactly 1 otherwise) without its per-key
+                        // multiplies.
                         if (score > m[r]) {
                             const float alpha = exp2_shift(m[r], score);  // 0 from an empty state
                             l[r] *= alpha;

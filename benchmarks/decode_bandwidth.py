@@ -259,6 +259,7 @@ class Shape:
 
 SHAPES = [
     Shape("Llama-3-8B (GQA 32/8, D128)", 32, 8, 128),
+    Shape("Llama-3-70B (GQA 64/8, D128)", 64, 8, 128),
     Shape("MHA 32/32, D128", 32, 32, 128),
     Shape("Phi-3-mini (MHA 32/32, D96)", 32, 32, 96),
     Shape("SmolLM2-135M (GQA 9/3, D64)", 9, 3, 64),
@@ -280,7 +281,7 @@ def launches(shape: Shape, length: int, batch: int, gpu: Gpu, dtype: torch.dtype
     real_sm_count = decode.sm_count
     decode.sm_count = lambda device: gpu.sms
     try:
-        splits = decode._num_splits(programs, length, block_n, torch.device("cuda"))
+        splits = decode._num_splits(programs, length, block_n, torch.device("cuda"), shape.head_dim)
     finally:
         decode.sm_count = real_sm_count
     with captured_launches(gpu.arch) as captured:

@@ -291,6 +291,29 @@ def test_triton_thousands_of_positions_in_three_splits():
 
 
 @requires_triton
+@pytest.mark.parametrize("num_splits", [1, 3], ids=lambda s: f"splits{s}")
+def test_triton_key_tiles_past_the_fast_sincos_range(num_splits):
+    # Each key tile turns q by its base angle float32(start * w): one shared range reduction below 105615 rad,
+    # libdevice's sincos above. Frequencies up to 500 (factors < 1) put every tile from position ~210 above, in
+    # both tables (L0 = 256), with base angles up to ~2.5e5 rad where fp32's angle ulp is 1/64.
+    half = 32
+    table = RopeTable.longrope(
+        head_dim=2 * half,
+        base=10000.0,
+        original_max_position=256,
+        max_position=2048,
+        short_factor=[0.002] * half,
+        long_factor=[0.004 + 0.01 * i for i in range(half)],
+    )
+    assert float(table.inv_freq(False).max()) * 500 > 105615  # the last tiles are past the fast range
+    q, k_cache, v_cache, cache_seqlens = _inputs([130, 250, 500], 4, 2, 2, 2 * half)
+    out = _launch(q, k_cache, v_cache, cache_seqlens, table, num_splits)
+    torch.testing.assert_close(
+        out.double(), _expected(q, k_cache, v_cache, cache_seqlens, table), **TOLERANCES[torch.float32]
+    )
+
+
+@requires_triton
 def test_triton_bad_num_splits():
     table = make_table(64)
     q, k_cache, v_cache, cache_seqlens = _inputs([3], 2, 1, 1, 64)

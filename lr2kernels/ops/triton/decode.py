@@ -10,8 +10,9 @@ unchecked device values can carry, see :mod:`lr2kernels.ops.validation`) is clam
 past the cache is ever read, and that sequence's output rows are written as NaN: loud, never plausibly wrong.
 
 With more than one split, each program writes a partial output and its log-sum-exp, and a second kernel merges the
-splits (log-sum-exp rule). The key angles come from one precise sincos per key tile plus a per-program
-``[BLOCK_N, HALF]`` sincos table of the in-tile offsets (angle addition), corrected to HF's fp32 angle rounding.
+splits (log-sum-exp rule). The keys turn only by their angle's offset from their tile's first key (a
+per-program ``[BLOCK_N, HALF]`` sincos table of the in-tile offsets, corrected to HF's fp32 angle rounding), and q
+turns the other way by that first key's angle, once per tile: ``<q, R(a + o) k> = <R(-a) q, R(o) k>``.
 
 Paged caches (``block_table``, FlashAttention's / vLLM's ``[num_blocks, block_size, Hk, D]``) are a constexpr
 specialization of the same kernel (``PAGE`` = the block size; the dense kernel's machine code is unchanged): the key
@@ -65,9 +66,48 @@ __all__ = ["rope_decode"]
 
 
 @triton.jit
+def _sincos(x):
+    """(cos, sin) of fp32 angles ``0 <= x < 105615`` with one range reduction for both: libdevice's ``cosf`` /
+    ``sinf`` fast path (the same Cody-Waite constants and polynomials, so ~1 ulp as they are), which ``tl.cos`` and
+    ``tl.sin`` each run on their own, with a slow-path branch apiece (the step table's 64 x 64 angles, 16 per
+    thread, were ~1,100 SASS of a ~1,700 prologue at 128 channels). Needs FMA contraction off (the kernel's)."""
+    shifted = x * 0.63661974668502807617 + 12582912.0  # 1.5 x 2^23: rounds x 2/pi to an integer, exactly
+    j = shifted - 12582912.0
+    r = tl.fma(j, -1.5707962512969970703, x)
+    r = tl.fma(j, -7.5497894158615963534e-08, r)
+    r = tl.fma(j, -5.3903029534742383927e-15, r)  # x - j pi/2, |r| <= pi/4
+    quadrant = j.to(tl.int32)
+    r2 = r * r
+    cos_r = tl.fma(r2, tl.fma(r2, tl.fma(r2, tl.fma(r2, 2.4279579520225525e-05, -0.0013887860113754869),
+                                           0.041666727513074875), -0.4999999701976776), 1.0)
+    sin_r = tl.fma(r * r2, tl.fma(r2, tl.fma(r2, -0.00019574658654164523, 0.00833270326256752),
+                                  -0.16666662693023682), r)
+    odd = (quadrant & 1) != 0
+    sin = tl.where(odd, cos_r, sin_r)
+    cos = tl.where(odd, sin_r, cos_r)
+    sin = tl.where((quadrant & 2) != 0, -sin, sin)
+    cos = tl.where(((quadrant + 1) & 2) != 0, -cos, cos)
+    return cos, sin
+
+
+@triton.jit
+def _fast_sincos_end(inv_freq):
+    """The first tile start whose base angles ``float32(start * w)`` may leave :func:`_sincos`'s range: 105615
+    (libdevice's fast-path bound) over the largest frequency, with a margin for the product's rounding."""
+    top = tl.max(inv_freq[0], axis=0)
+    for i in tl.static_range(1, len(inv_freq)):
+        top = tl.maximum(top, tl.max(inv_freq[i], axis=0))
+    return 105000.0 / top  # +inf when every frequency is 0
+
+
+@triton.jit
 def _step_table(inv_freq, BLOCK_N: tl.constexpr):
     """cos/sin ``[BLOCK_N, *]``, tiled like a half, of the in-tile offsets' angles ``float32(t * inv_freq)``,
-    t < BLOCK_N."""
+    t < BLOCK_N.
+
+    libdevice's sincos, not :func:`_sincos`: with it the table stays in a layout of its own and the loop's key
+    tiles follow it (753 SASS a trip instead of 685 at 128 channels on sm_90, 235 registers instead of 189), for
+    430 fewer SASS of prologue."""
     cos = ()
     sin = ()
     for i in tl.static_range(len(inv_freq)):
@@ -78,47 +118,89 @@ def _step_table(inv_freq, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.constexpr):
-    """Scaled cos/sin ``[BLOCK_N, *]`` (one tile of a half: inv_freq ``[*]`` and the step table's tile) of HF's fp32
-    angles ``float32(p * inv_freq)``, p = start + t.
+def _offset_angles(start, inv_freq, cos_step, sin_step, BLOCK_N: tl.constexpr):
+    """cos/sin ``[BLOCK_N, *]`` (one tile of a half: inv_freq ``[*]`` and the step table's tile) of the keys' angles
+    relative to the tile's first key, ``float32(p * inv_freq) - float32(start * inv_freq)``, p = start + t, exactly
+    as HF rounds the angles, and that base angle ``[*]``.
 
-    One sincos per frequency at the tile start p0, then angle addition with the step table. HF rounds each angle
-    once, so ``float32(p w) != float32(p0 w) + float32(t w)``; the difference ``delta`` is computed exactly (the
-    subtractions are of floats within a factor 2 of each other when start is a multiple of BLOCK_N: Sterbenz) and
-    applied as a small rotation (|delta| <= ~1 ulp of the angle, < 0.01 rad at 131K positions: the cubic terms
-    suffice). The kernel must be compiled without FMA contraction so that the products are rounded as in HF; the
-    last angle addition is written in explicit FMAs (tl.fma is exempt): 4% fewer SASS per key tile at 128 channels on
-    sm_90, 11% at 96 on sm_80. (FMAs in the polynomials too lengthened the loop by 16% at 96 on sm_80, and in the
-    middle addition by ~35% at 128 on sm_90.)
+    HF rounds each angle once, so ``float32(p w) != float32(p0 w) + float32(t w)``; the difference ``delta`` is
+    computed exactly (the subtractions are of floats within a factor 2 of each other when start is a multiple of
+    BLOCK_N: Sterbenz) and applied to the step table's entry as a small rotation (|delta| <= ~1 ulp of the angle,
+    < 0.03 rad at 131K positions: the cubic terms suffice). The kernel must be compiled without FMA contraction so
+    that the products are rounded as in HF; the rest is written in explicit FMAs (tl.fma is exempt).
     """
     base = start * inv_freq  # [*] float32(p0 w): the int promotes to fp32 exactly (< 2^24)
-    cos_base = tl.cos(base) * attention
-    sin_base = tl.sin(base) * attention
     offs = tl.arange(0, BLOCK_N)
     angle = (start + offs).to(tl.float32)[:, None] * inv_freq[None, :]  # [BLOCK_N, *] HF's angles
     step = offs.to(tl.float32)[:, None] * inv_freq[None, :]  # the step table's angles
     delta = (angle - base[None, :]) - step
     delta_sq = delta * delta
-    cos_delta = 1.0 - 0.5 * delta_sq
-    sin_delta = delta - delta * delta_sq * (1.0 / 6.0)
-    cos_off = cos_step * cos_delta - sin_step * sin_delta  # cos(angle - base)
-    sin_off = sin_step * cos_delta + cos_step * sin_delta
+    cos_delta = tl.fma(delta_sq, -0.5, 1.0)
+    sin_delta = delta * tl.fma(delta_sq, -1.0 / 6.0, 1.0)
+    cos_off = tl.fma(cos_step, cos_delta, -(sin_step * sin_delta))  # cos(angle - base)
+    sin_off = tl.fma(sin_step, cos_delta, cos_step * sin_delta)
+    return base, cos_off, sin_off
+
+
+@triton.jit
+def _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.constexpr):
+    """Scaled cos/sin ``[BLOCK_N, *]`` of HF's fp32 angles ``float32(p * inv_freq)``, p = start + t: the tile's
+    base angle (one sincos per frequency) composed with :func:`_offset_angles`. The kernel itself never composes
+    them (it turns q by -base instead, :func:`_query_in_tile_frame`); this is their precision, tested."""
+    base, cos_off, sin_off = _offset_angles(start, inv_freq, cos_step, sin_step, BLOCK_N)
+    cos_base = tl.cos(base) * attention
+    sin_base = tl.sin(base) * attention
     cos = tl.fma(cos_base[None, :], cos_off, -(sin_base[None, :] * sin_off))
     sin = tl.fma(sin_base[None, :], cos_off, cos_base[None, :] * sin_off)
     return cos, sin
 
 
 @triton.jit
-def _key_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.constexpr):
-    """:func:`_tile_angles` of keys ``start .. start + BLOCK_N - 1`` for each tile of a half: (cos, sin) tiled
-    like it."""
+def _key_offsets(start, inv_freq, cos_step, sin_step, BLOCK_N: tl.constexpr):
+    """:func:`_offset_angles` of keys ``start .. start + BLOCK_N - 1`` for each tile of a half: (base, cos, sin)
+    tiled like it."""
+    base = ()
     cos = ()
     sin = ()
     for i in tl.static_range(len(inv_freq)):
-        cos_i, sin_i = _tile_angles(start, inv_freq[i], cos_step[i], sin_step[i], attention, BLOCK_N)
+        base_i, cos_i, sin_i = _offset_angles(start, inv_freq[i], cos_step[i], sin_step[i], BLOCK_N)
+        base = base + (base_i,)
         cos = cos + (cos_i,)
         sin = sin + (sin_i,)
-    return cos, sin
+    return base, cos, sin
+
+
+@triton.jit
+def _spread_sincos(angle, fast):
+    """(cos, sin) of a ``[W]`` vector of angles in its own 1D layout (one angle per thread), held there by a
+    one-element sum: in q's layout a thread holds several columns and would run a precise sincos (~35 SASS) for each
+    of them, 8 a trip at 128 channels, where the layout change costs a few shared-memory accesses. ``fast``: every
+    angle is below 105615, :func:`_sincos`'s range (one range reduction for both); else libdevice's."""
+    if fast:
+        cos, sin = _sincos(angle)
+    else:
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
+    return tl.sum(cos[:, None], axis=1), tl.sum(sin[:, None], axis=1)
+
+
+@triton.jit
+def _query_in_tile_frame(q1, q2, base, fast, scale, dtype):
+    """The rotated q turned by the key tile's base angle the other way, scaled, cast: ``R(-base) q scale``.
+
+    ``<q, R(base + o) k> = <R(-base) q, R(o) k>`` (rotations are orthogonal), so the keys turn only by their offset
+    in the tile (:func:`_offset_angles`) and the per-tile sincos is applied to the ``BLOCK_M`` rows of q instead of
+    the ``BLOCK_N`` keys: 4 fewer operations per (key, frequency). ``scale`` carries the key's attention factor
+    and the softmax scale (log2 units), so the scores need no multiply."""
+    y1 = ()
+    y2 = ()
+    for i in tl.static_range(len(q1)):
+        cos, sin = _spread_sincos(base[i], fast)
+        cos = (cos * scale)[None, :]
+        sin = (sin * scale)[None, :]
+        y1 = y1 + (tl.fma(q1[i], cos, q2[i] * sin).to(dtype),)
+        y2 = y2 + (tl.fma(q2[i], cos, -(q1[i] * sin)).to(dtype),)
+    return y1, y2
 
 
 @triton.jit
@@ -241,8 +323,10 @@ def _rope_decode_kernel(
     q_base = Q + _head_offset(seq, kv_head * group, 0, stride_qb, stride_qh, 0)
     q_rows = _row_offsets(offs_m, n_new, stride_qh, stride_qt)
     q1, q2, qp, cos_q, sin_q = _load_rotated(
-        q_base, q_rows, 1, m_mask, q_pos, INV_FREQ, is_long, attention, dtype, SPLIT
-    )  # [BLOCK_M, *]
+        q_base, q_rows, 1, m_mask, q_pos, INV_FREQ, is_long, attention, tl.float32, SPLIT
+    )  # [BLOCK_M, *] fp32, turned into each key tile's frame in the loop
+    qp = _cast(_scale(qp, sm_scale_log2), dtype)  # the pass-through channels do not turn
+    key_scale = attention * sm_scale_log2  # the keys' attention factor and the softmax scale, carried by q
 
     # This split's key range: the sequence's length shared evenly among its splits, in whole key tiles.
     chunk = tl.cdiv(tl.cdiv(seq_len, splits), BLOCK_N) * BLOCK_N
@@ -251,6 +335,7 @@ def _rope_decode_kernel(
 
     inv_freq = _inv_freq(INV_FREQ, is_long, SPLIT)  # [*] tiled like a half
     cos_step, sin_step = _step_table(inv_freq, BLOCK_N)  # [BLOCK_N, *], once per program
+    fast_sincos_end = _fast_sincos_end(inv_freq)
     if PAGE == 0:
         k_base = K + _head_offset(seq, kv_head, 0, stride_kb, stride_kh, 0)
         v_base = V + _head_offset(seq, kv_head, 0, stride_vb, stride_vh, 0)
@@ -274,13 +359,15 @@ def _rope_decode_kernel(
             )  # fmt: skip
             k_stride, v_stride = 1, 1
             bad_block = bad_block | bad
-        # The load -> angles -> rotate chain of _load_rotated, with the angle-addition table for the angles.
+        # The keys turn by their offsets in the tile (the angle-addition table), q by minus the tile's base angle.
         k1, k2, kp = _load_split(k_base, k_rows, k_stride, kv_mask, SPLIT)  # [BLOCK_N, *]
-        cos_k, sin_k = _key_angles(n_start, inv_freq, cos_step, sin_step, attention, BLOCK_N)
+        base, cos_k, sin_k = _key_offsets(n_start, inv_freq, cos_step, sin_step, BLOCK_N)
         k1, k2, kp = _rotate_keys(k1, k2, kp, cos_k, sin_k, dtype)
+        fast = n_start < fast_sincos_end  # every base angle of this tile in _sincos's range
+        q1_t, q2_t = _query_in_tile_frame(q1, q2, base, fast, key_scale, dtype)  # [BLOCK_M, *]
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])  # causal among the new tokens
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q1, q2, qp, k1, k2, kp, visible, sm_scale_log2, v_base, v_rows, v_stride, kv_mask,
+            acc, m_i, l_i, q1_t, q2_t, qp, k1, k2, kp, visible, 1.0, v_base, v_rows, v_stride, kv_mask,
             ROW, PRECISION,
         )  # fmt: skip
 
@@ -378,10 +465,18 @@ def _num_warps(head_dim: int, block_m: int = 16) -> int:
     return 8 if (head_dim > 64 or block_m > 16) and not triton_interpreting() else 4
 
 
-def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device) -> int:
-    """The grid's splits per (sequence, kv head): about two programs per SM when every sequence fills the cache
-    (rounded down, so that the programs spread evenly: 32 heads x 8 splits is two per SM on 124 of 132 SMs, where
-    x 9 would leave a third wave), each >= ``_MIN_SPLIT_TILES`` key tiles.
+def _programs_per_sm(head_dim: int) -> int:
+    """Decode programs one SM holds at once, as compiled (docs/decode_bandwidth.md): above 64 channels 8 warps of
+    ~190-230 registers, one; at 64 and below 4 warps of ~200, two."""
+    return 1 if head_dim > 64 else 2
+
+
+def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device, head_dim: int = 128) -> int:
+    """The grid's splits per (sequence, kv head): one wave of programs when every sequence fills the cache (as many
+    as the SMs hold at once, :func:`_programs_per_sm`, rounded down so that they spread evenly), each >=
+    ``_MIN_SPLIT_TILES`` key tiles. A second wave would pay its programs' prologue (q's and the step table's
+    sincos, ~2.5 key tiles) with no load in flight on that SM: at batch 1, 32K and 8 kv heads, 33 splits in two
+    waves are predicted at 66% of H200's bandwidth, 16 in one at 72%.
 
     Decided from the cache's capacity (no host sync); each sequence then uses as many of them as its own length
     fills (:func:`_sequence_splits`), so a short sequence in a long cache costs a few idle programs, not splits of
@@ -390,10 +485,10 @@ def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device)
     tiles = triton.cdiv(max_len, block_n)
     if triton_interpreting() or device.type != "cuda":
         return 2 if tiles >= 2 * _MIN_SPLIT_TILES else 1
-    sms = sm_count(device)
-    if programs >= sms:
+    slots = sm_count(device) * _programs_per_sm(head_dim)
+    if programs >= slots:
         return 1
-    return max(1, min(2 * sms // programs, tiles // _MIN_SPLIT_TILES, _MAX_SPLITS))
+    return max(1, min(slots // programs, tiles // _MIN_SPLIT_TILES, _MAX_SPLITS))
 
 
 def rope_decode(
@@ -448,7 +543,7 @@ def rope_decode(
     block_m, block_n = _block_sizes(num_rows, head_dim, q.dtype, paged=page != 0)
     m_blocks = triton.cdiv(num_rows, block_m)
     if num_splits is None:
-        num_splits = _num_splits(batch * num_kv_heads * m_blocks, max_len, block_n, q.device)
+        num_splits = _num_splits(batch * num_kv_heads * m_blocks, max_len, block_n, q.device, head_dim)
     if min_split_keys is None:
         min_split_keys = _MIN_SPLIT_TILES * block_n
 

@@ -78,10 +78,13 @@ def _sincos(x):
     r = tl.fma(j, -5.3903029534742383927e-15, r)  # x - j pi/2, |r| <= pi/4
     quadrant = j.to(tl.int32)
     r2 = r * r
-    cos_r = tl.fma(r2, tl.fma(r2, tl.fma(r2, tl.fma(r2, 2.4279579520225525e-05, -0.0013887860113754869),
-                                           0.041666727513074875), -0.4999999701976776), 1.0)
-    sin_r = tl.fma(r * r2, tl.fma(r2, tl.fma(r2, -0.00019574658654164523, 0.00833270326256752),
-                                  -0.16666662693023682), r)
+    cos_r = tl.fma(r2, 2.4279579520225525e-05, -0.0013887860113754869)  # Horner, libdevice's coefficients
+    cos_r = tl.fma(r2, cos_r, 0.041666727513074875)
+    cos_r = tl.fma(r2, cos_r, -0.4999999701976776)
+    cos_r = tl.fma(r2, cos_r, 1.0)
+    sin_r = tl.fma(r2, -0.00019574658654164523, 0.00833270326256752)
+    sin_r = tl.fma(r2, sin_r, -0.16666662693023682)
+    sin_r = tl.fma(r * r2, sin_r, r)
     odd = (quadrant & 1) != 0
     sin = tl.where(odd, cos_r, sin_r)
     cos = tl.where(odd, sin_r, cos_r)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lr2kernels.hf import serving
 from lr2kernels.hf.positions import ForwardFacts
 from lr2kernels.ops import dispatch
 from lr2kernels.tables import RopeTable
@@ -55,7 +56,8 @@ class LayerRoute:
 class ForwardPlan:
     """One patched forward's plan (see the module's docstring). ``longs``: the table(s) each layer runs, a bool or a
     ``[B, L]`` per-token flag; ``split``: ``[B, L]`` which query rows take the long table's output when ``longs`` is
-    ``(False, True)`` (None otherwise)."""
+    ``(False, True)`` (None otherwise). Continuous batching: ``paged_passes``, the table of each group of requests,
+    and ``split`` ``[T]`` where a request straddles L0 (:func:`lr2kernels.hf.serving.paged_tables`)."""
 
     facts: ForwardFacts
     table: RopeTable
@@ -65,6 +67,7 @@ class ForwardPlan:
     model_config: Any
     longs: tuple = ()
     split: torch.Tensor | None = None
+    paged_passes: list = dataclasses.field(default_factory=list)  # continuous batching: [(long, requests), ...]
     _wants_maps: bool | None = None
     _routes: dict = dataclasses.field(default_factory=dict)
 
@@ -124,6 +127,9 @@ def make_plan(state: Any, facts: ForwardFacts) -> ForwardPlan:
     table: RopeTable = state.table
     plan = ForwardPlan(facts, table, state.backend, state.rule, state.rotated_key_cache, state.config)
     if facts.paged is not None:  # continuous batching: lr2kernels.hf.serving plans per request
+        plan.paged_passes, plan.split = serving.paged_tables(
+            facts.paged, table, state.rule, facts.max_position, facts.queries
+        )
         return plan
     max_long = table.use_long(facts.max_position + 1)
     if facts.segments is not None and state.rule == "hf":  # packed rows: each sequence by its own length

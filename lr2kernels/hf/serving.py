@@ -11,13 +11,15 @@ construction; this module places them:
   queries are at positions ``past_i .. past_i + q_i - 1`` and the ``k_i`` keys the cache returns for it are the
   newest ones: positions ``past_i + q_i - k_i .. past_i + q_i - 1`` (0..k_i-1 for full attention; the last window for
   sliding attention, as transformers' sliding allocator reads them).
-- :func:`paged_attention` (each attention layer): the table (``rule="hf"``: one for the whole flattened batch, long
-  iff max(position_ids) + 1 > L0, as the stock rotary decides it; ``rule="position"``: each query by its own
-  position), then per request: no past -> the fused varlen ``rope_attention``; a past whose keys start at 0 and
-  whose own length picks that table -> the fused ``rope_decode`` on the request's keys gathered into a padded
-  ``[B, Hk, max_len, D]`` cache (requests grouped by query length, so chunked prefills and decodes mix); anything
-  else (a table that differs from the one rope_decode picks from the length, a sliding window that binds) -> q and
-  keys rotated at their positions, then causal bottom-right attention per request. All exact, in every mix.
+- :func:`paged_tables` (once per forward, in the forward's plan): the table (``rule="hf"``: one for the whole
+  flattened batch, long iff max(position_ids) + 1 > L0, as the stock rotary decides it; ``rule="position"``: each
+  query by its own position).
+- :func:`paged_attention` (each attention layer) runs them, per request: no past -> the fused varlen
+  ``rope_attention``; a past whose keys start at 0 and whose own length picks that table -> the fused
+  ``rope_decode`` on the request's keys gathered into a padded ``[B, Hk, max_len, D]`` cache (requests grouped by
+  query length, so chunked prefills and decodes mix); anything else (a table that differs from the one rope_decode
+  picks from the length, a sliding window that binds) -> q and keys rotated at their positions, then causal
+  bottom-right attention per request. All exact, in every mix.
 - the decode fast path (``block_table`` with flash attention on CUDA/XPU, where transformers leaves the cache write
   to the kernel): the new keys are written into the paged cache here, then read back by the block table.
 
@@ -319,9 +321,33 @@ def _warn_if_table_switched(plan: PagedPlan, table: RopeTable, long: bool) -> No
     )
 
 
+def paged_tables(
+    plan: PagedPlan, table: RopeTable, rule: str, max_position: int, queries: torch.Tensor
+) -> tuple[list[tuple[bool, list[int]]], torch.Tensor | None]:
+    """The table(s) of a continuous-batching forward, decided once per forward (the layers run them): ``[(long,
+    requests), ...]``, and the ``[T]`` rows that take the second pass's output where there are two.
+
+    ``rule="hf"``: one table for the flattened batch, as the stock rotary picks it (long iff ``max_position + 1 >
+    L0``). ``rule="position"``: each query by its own position: requests whose queries all sit below L0 run the short
+    table, the others the long one, and a request on both sides of L0 runs both (its rows then split by position).
+    """
+    requests = [i for i in range(plan.num_requests) if plan.q_length(i)]
+    if rule == "hf":
+        long = table.use_long(max_position + 1)
+        _warn_if_table_switched(plan, table, long)
+        return [(long, requests)], None
+    L0 = table.original_max_position
+    short = [i for i in requests if plan.past[i] + 1 <= L0]
+    long = [i for i in requests if plan.past[i] + plan.q_length(i) > L0]
+    if not long or not short:
+        return [(bool(long), requests)], None
+    return [(False, short), (True, long)], queries[0] + 1 > L0  # [T]
+
+
 def paged_attention(settings, module, query, key, value, scaling, facts, kwargs) -> tuple[torch.Tensor, None]:
-    """A patched layer's attention in a continuous-batching forward, with the table, backend and rule of ``settings``
-    (the forward's :class:`lr2kernels.hf.plan.ForwardPlan`). query ``[1, Hq, T, D]`` (PRE-RoPE, every
+    """A patched layer's attention in a continuous-batching forward: runs the table(s) of ``settings`` (the forward's
+    :class:`lr2kernels.hf.plan.ForwardPlan`: ``paged_passes``, ``split`` from :func:`paged_tables`; its table and
+    backend) on this layer's keys. query ``[1, Hq, T, D]`` (PRE-RoPE, every
     request's queries in one row), key/value ``[1, Hk, Tk, D]`` (what ``PagedAttentionCache.update`` returned: every
     request's keys, or with a block table only the new ones). Returns ``([1, T, Hq, D], None)``."""
     plan: PagedPlan = facts.paged
@@ -334,20 +360,7 @@ def paged_attention(settings, module, query, key, value, scaling, facts, kwargs)
     else:
         flat_k, flat_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [Tk, Hk, D]
     flat_q = query[0].transpose(0, 1)  # [T, Hq, D]
-    table: RopeTable = settings.table
-    requests = [i for i in range(plan.num_requests) if plan.q_length(i)]
     args = (settings, flat_q, flat_k, flat_v, scaling, plan, layer_type, window)
-    if settings.rule == "hf":  # one table for the flattened batch, as the stock rotary picks it
-        long = table.use_long(facts.max_position + 1)
-        _warn_if_table_switched(plan, table, long)
-        out = _attend(*args, long, requests)
-    else:  # each query by its own position: a request on both sides of L0 runs both tables
-        L0 = table.original_max_position
-        short = [i for i in requests if plan.past[i] + 1 <= L0]
-        long = [i for i in requests if plan.past[i] + plan.q_length(i) > L0]
-        if not long or not short:
-            out = _attend(*args, bool(long), requests)
-        else:
-            row_is_long = facts.queries[0] + 1 > L0  # [T]
-            out = torch.where(row_is_long[:, None, None], _attend(*args, True, long), _attend(*args, False, short))
+    outs = [_attend(*args, long, requests) for long, requests in settings.paged_passes]
+    out = outs[0] if settings.split is None else torch.where(settings.split[:, None, None], outs[1], outs[0])
     return out[None], None

@@ -95,6 +95,7 @@ def _tiny_model(arch: str, layers: int):
     config = transformers.AutoConfig.for_model(
         arch, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=layers, head_dim=16,
         intermediate_size=96, vocab_size=101, max_position_embeddings=256, rope_parameters=rope, pad_token_id=0,
+        original_max_position_embeddings=32,
     )  # fmt: skip
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)

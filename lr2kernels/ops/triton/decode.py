@@ -140,7 +140,7 @@ def _offset_angles(start, inv_freq, cos_step, sin_step, BLOCK_N: tl.constexpr):
     delta_sq = delta * delta
     cos_delta = tl.fma(delta_sq, -0.5, 1.0)
     sin_delta = delta * tl.fma(delta_sq, -1.0 / 6.0, 1.0)
-    cos_off = tl.fma(cos_step, cos_delta, -(sin_step * sin_delta))  # cos(angle - base)
+    cos_off = tl.fma(-sin_step, sin_delta, cos_step * cos_delta)  # cos(angle - base)
     sin_off = tl.fma(sin_step, cos_delta, cos_step * sin_delta)
     return base, cos_off, sin_off
 
@@ -153,7 +153,7 @@ def _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.con
     base, cos_off, sin_off = _offset_angles(start, inv_freq, cos_step, sin_step, BLOCK_N)
     cos_base = tl.cos(base) * attention
     sin_base = tl.sin(base) * attention
-    cos = tl.fma(cos_base[None, :], cos_off, -(sin_base[None, :] * sin_off))
+    cos = tl.fma(-sin_base[None, :], sin_off, cos_base[None, :] * cos_off)
     sin = tl.fma(sin_base[None, :], cos_off, cos_base[None, :] * sin_off)
     return cos, sin
 
@@ -202,7 +202,7 @@ def _query_in_tile_frame(q1, q2, base, fast, scale, dtype):
         cos = (cos * scale)[None, :]
         sin = (sin * scale)[None, :]
         y1 = y1 + (tl.fma(q1[i], cos, q2[i] * sin).to(dtype),)
-        y2 = y2 + (tl.fma(q2[i], cos, -(q1[i] * sin)).to(dtype),)
+        y2 = y2 + (tl.fma(-q1[i], sin, q2[i] * cos).to(dtype),)
     return y1, y2
 
 
@@ -213,7 +213,7 @@ def _rotate_keys(k1, k2, kp, cos, sin, dtype):
     y1 = ()
     y2 = ()
     for i in tl.static_range(len(k1)):
-        y1 = y1 + (tl.fma(k1[i], cos[i], -(k2[i] * sin[i])).to(dtype),)
+        y1 = y1 + (tl.fma(-k2[i], sin[i], k1[i] * cos[i]).to(dtype),)
         y2 = y2 + (tl.fma(k2[i], cos[i], k1[i] * sin[i]).to(dtype),)
     return y1, y2, _cast(kp, dtype)
 

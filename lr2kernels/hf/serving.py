@@ -16,12 +16,17 @@ construction; this module places them:
   query by its own position).
 - :func:`paged_attention` (each attention layer) runs them, per request: no past -> the fused varlen
   ``rope_attention``; a past whose keys start at 0 and whose own length picks that table -> the fused
-  ``rope_decode`` on the request's keys gathered into a padded ``[B, Hk, max_len, D]`` cache (requests grouped by
-  query length, so chunked prefills and decodes mix); anything else (a table that differs from the one rope_decode
-  picks from the length, a sliding window that binds) -> q and keys rotated at their positions, then causal
-  bottom-right attention per request. All exact, in every mix.
+  ``rope_decode`` (requests grouped by query length, so chunked prefills and decodes mix): on a kernel backend
+  (Triton, CUDA) and a full-attention layer, on the paged cache itself ``[num_pages, page, Hk, D]`` through a block
+  table made on the device once per forward and layer type (:func:`_block_table`: each request's ``read_index`` slots
+  at offsets 0, page, 2 page, ... divided by the page size, or the fast path's own block table); on the torch backend
+  (which would gather anyway) and for the sliding allocator (a ring buffer, not whole pages from position 0), on the
+  request's keys gathered into a padded ``[B, Hk, max_len, D]`` cache; anything else (a table that differs from the
+  one rope_decode picks from the length, a sliding window that binds) -> q and keys rotated at their positions, then
+  causal bottom-right attention per request. All exact, in every mix.
 - the decode fast path (``block_table`` with flash attention on CUDA/XPU, where transformers leaves the cache write
-  to the kernel): the new keys are written into the paged cache here, then read back by the block table.
+  to the kernel): the new keys are written into the paged cache here; a kernel backend's ``rope_decode`` then reads
+  them through that block table, the other routes read them back by it.
 
 Every key is rotated with the table of the current forward (no key keeps the table it was written with, which is
 what the PRE-RoPE cache is for): token for token equal to stock continuous batching whenever the stock table does not
@@ -44,7 +49,7 @@ from typing import Any
 
 import torch
 
-from lr2kernels.ops import rope_attention, rope_decode, rotary
+from lr2kernels.ops import dispatch, rope_attention, rope_decode, rotary
 from lr2kernels.tables import RopeTable
 
 _PAGED_CACHE = ("transformers.generation.continuous_batching.cache", "PagedAttentionCache")
@@ -184,7 +189,7 @@ class _Routes:
     """Index tensors of one layer type and table: which requests go through which op (built once per forward)."""
 
     prefill: tuple | None  # (q rows, key slots, cu_seqlens, max_seqlen)
-    decode: list[tuple]  # (q rows [B, n], key slots [B, max_len], cache_seqlens [B])
+    decode: list[tuple]  # (q rows [B, n], key slots [B, max_len], cache_seqlens [B], requests (host tuple))
     rest: tuple | None  # (q rows, key slots, q positions, key positions, mask [nq, nk])
 
 
@@ -223,7 +228,7 @@ def _routes(plan: PagedPlan, layer_type: str, window: int | None, table: RopeTab
             [[key_starts[i] + min(j, key_lengths[i] - 1) for j in range(longest)] for i in group], device=device
         )
         seqlens = torch.tensor([key_lengths[i] for i in group], dtype=torch.int32, device=device)
-        routes.decode.append((rows, slots, seqlens))
+        routes.decode.append((rows, slots, seqlens, tuple(group)))
     if rest:
         q_lengths = [plan.q_length(i) for i in rest]
         k_lengths = [key_lengths[i] for i in rest]
@@ -244,10 +249,11 @@ def _routes(plan: PagedPlan, layer_type: str, window: int | None, table: RopeTab
     return routes
 
 
-def _attend(settings, query, key, value, scaling, plan: PagedPlan, layer_type: str, window: int | None, long: bool,
-            requests: list[int]) -> torch.Tensor:  # fmt: skip
+def _attend(settings, query, key, value, scaling, plan: PagedPlan, layer_type: str, window: int | None, pages,
+            long: bool, requests: list[int]) -> torch.Tensor:  # fmt: skip
     """``[T, Hq, D]`` attention rows of ``requests`` with table ``long`` (rows of other requests are zero).
-    query ``[T, Hq, D]``, key/value ``[Tk, Hk, D]`` (request i's keys at its ``cu_seq_lens_k`` slots)."""
+    query ``[T, Hq, D]``, key/value ``[Tk, Hk, D]`` (request i's keys at its ``cu_seq_lens_k`` slots); ``pages``:
+    the layer's paged cache for ``rope_decode`` (:func:`_pages`) or None (cached requests read a padded copy)."""
     table: RopeTable = settings.table
     backend = settings.backend
     routes = _routes(plan, layer_type, window, table, long, requests, query.device)
@@ -257,10 +263,15 @@ def _attend(settings, query, key, value, scaling, plan: PagedPlan, layer_type: s
         got = rope_attention(query[rows], key[slots], value[slots], table, cu_seqlens=cu, max_seqlen=longest, long=long,
                              softmax_scale=scaling, backend=backend)  # fmt: skip
         out.index_copy_(0, rows, got)
-    for rows, slots, seqlens in routes.decode:
+    for rows, slots, seqlens, group in routes.decode:
         q = query[rows].permute(0, 2, 1, 3)  # [B, n, Hq, D] -> [B, Hq, n, D]
-        k, v = (x[slots].permute(0, 2, 1, 3) for x in (key, value))  # [B, Hk, max_len, D]
-        got = rope_decode(q, k, v, table, cache_seqlens=seqlens, softmax_scale=scaling, backend=backend)
+        if pages is not None:  # the kernel reads the request's keys in the pages themselves, by its block table
+            k_pages, v_pages, _ = pages
+            got = rope_decode(q, k_pages, v_pages, table, cache_seqlens=seqlens, block_table=_block_table(
+                plan, layer_type, pages, group, query.device), softmax_scale=scaling, backend=backend)  # fmt: skip
+        else:
+            k, v = (x[slots].permute(0, 2, 1, 3) for x in (key, value))  # [B, Hk, max_len, D]
+            got = rope_decode(q, k, v, table, cache_seqlens=seqlens, softmax_scale=scaling, backend=backend)
         out.index_copy_(0, rows.flatten(), got.permute(0, 2, 1, 3).flatten(0, 1))
     if routes.rest is not None:
         rows, slots, q_pos, k_pos, mask = routes.rest
@@ -272,6 +283,50 @@ def _attend(settings, query, key, value, scaling, plan: PagedPlan, layer_type: s
         )  # fmt: skip
         out.index_copy_(0, rows, got[0].transpose(0, 1))
     return out
+
+
+def _pages(settings, allocator, layer_idx: int, query: torch.Tensor, kwargs) -> tuple | None:
+    """The layer's paged cache for the fused ``rope_decode``: ``(k_pages, v_pages, source)`` with the pages
+    ``[num_pages, page, Hk, D]`` and ``source`` the forward's block table ``[B, max_blocks]`` (the decode fast path) or
+    this layer group's ``read_index`` ``[Tk]`` (slots ``page * page_size + offset``, in ``cu_seq_lens_k`` order); None
+    where the cached requests read a padded copy instead: the torch backend (it would gather the pages anyway), and
+    every allocator whose slots are not whole pages in order from position 0 (the sliding allocator's ring buffer,
+    MLA's latents)."""
+    if type(allocator).__name__ != "FullAttentionCacheAllocator" or allocator.layer_type != "full_attention":
+        return None
+    name = dispatch.backend_name("rope_decode", query.device, query.dtype, query.shape[-1], settings.backend)
+    if name == "torch":
+        return None
+    if kwargs.get("block_table") is not None:
+        return kwargs["k_cache"], kwargs["v_cache"], kwargs["block_table"]
+    read_index = kwargs.get("read_index")
+    if read_index is None:
+        return None
+    k_pages, v_pages = allocator.get_cache_for_block_table(layer_idx)
+    return k_pages, v_pages, read_index[allocator.index]
+
+
+def _block_table(plan: PagedPlan, layer_type: str, pages: tuple, group: tuple, device: torch.device) -> torch.Tensor:
+    """``[B, max_blocks]`` the pages of the requests ``group`` (their keys from position 0), made on the device once
+    per forward and layer type: the decode fast path's rows, or each request's slots at offsets 0, page, 2 page, ...
+    of ``read_index`` divided by the page size (every layer of one type reads the same slots in a forward)."""
+    k_pages, _, source = pages
+    page = k_pages.shape[1]
+    memo = ("pages", layer_type, group, page, str(device))
+    found = plan.memo.get(memo)
+    if found is None:
+        if source.dim() == 2:  # the fast path's block table: row i is request i's
+            found = source[torch.tensor(group, device=source.device)]
+        else:
+            lengths = plan.key_lengths[layer_type]
+            starts = [0, *itertools.accumulate(lengths)]
+            blocks = max(-(-lengths[i] // page) for i in group)
+            first = torch.tensor(  # past a request's last block: its last key's block again (never read)
+                [[starts[i] + min(c * page, lengths[i] - 1) for c in range(blocks)] for i in group], device=device
+            )
+            found = source[first] // page
+        plan.memo[memo] = found
+    return found
 
 
 def _keys_from_block_table(plan: PagedPlan, layer_type: str, key, value, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,7 +415,8 @@ def paged_attention(settings, module, query, key, value, scaling, facts, kwargs)
     else:
         flat_k, flat_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [Tk, Hk, D]
     flat_q = query[0].transpose(0, 1)  # [T, Hq, D]
-    args = (settings, flat_q, flat_k, flat_v, scaling, plan, layer_type, window)
+    pages = _pages(settings, allocator, module.layer_idx, query, kwargs)
+    args = (settings, flat_q, flat_k, flat_v, scaling, plan, layer_type, window, pages)
     outs = [_attend(*args, long, requests) for long, requests in settings.paged_passes]
     out = outs[0] if settings.split is None else torch.where(settings.split[:, None, None], outs[1], outs[0])
     return out[None], None

@@ -20,12 +20,18 @@ import transformers
 
 import lr2kernels as lr2
 from lr2kernels.hf import serving
+from lr2kernels.ops import dispatch
 from tests.models import ARCHS, L0, tiny_default_rope, tiny_model, token_ids
 
 NEW_TOKENS = 8
 MIXED = [(1, 9), (2, 17), (3, 5), (4, 30)]  # (seed, prompt length)
 SHORT = [(1, 9), (2, 17), (3, 5)]  # a LongRoPE model stays below L0 = 32 (at most 16 + 8 positions)
 CROSSING = [(1, 9), (2, L0 - 4), (3, 5), (4, L0 + 8)]  # one prompt past L0: every batch uses the long table
+# The tiny models run on the CPU: the Triton kernels there need Triton's interpreter (conftest sets it without a GPU).
+requires_cpu_triton = pytest.mark.skipif(
+    not dispatch.backend_status("triton", torch.device("cpu"))[0],
+    reason=f"triton on the CPU: {dispatch.backend_status('triton', torch.device('cpu'))[1]}",
+)
 
 
 def prompts(spec) -> list[list[int]]:
@@ -162,10 +168,12 @@ def test_eager_model_switched_to_paged_eager_equals_stock():
     assert patched.config._attn_implementation == "eager"
 
 
-def test_decode_fast_path_block_table(monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_cpu_triton)])
+def test_decode_fast_path_block_table(monkeypatch, paged_decodes, backend):
     # The decode fast path (flash attention on CUDA): transformers leaves the cache write to the kernel and passes
-    # a block table; forced here on the CPU, the patched model writes and reads the pages itself. Stock's SDPA cannot
-    # run that path, so stock runs the index path.
+    # a block table; forced here on the CPU, the patched model writes the pages itself; the torch backend reads them
+    # back, the Triton decode kernel reads them through that block table. Stock's SDPA cannot run that path, so stock
+    # runs the index path.
     from transformers.generation.continuous_batching import initialization
 
     stock = tiny_default_rope("llama")
@@ -174,8 +182,37 @@ def test_decode_fast_path_block_table(monkeypatch):
     reads = []
     real = serving._keys_from_block_table
     monkeypatch.setattr(serving, "_keys_from_block_table", lambda *args: reads.append(1) or real(*args))
-    assert generate_batch(patched_copy(stock), MIXED, max_batch_tokens=128, max_blocks_per_request=8) == want
+    patched = lr2.patch(copy.deepcopy(stock), backend=backend)
+    assert generate_batch(patched, MIXED, max_batch_tokens=128, max_blocks_per_request=8) == want
     assert reads  # the block-table path ran
+    assert (paged_decodes["block_table"] > 0) == (backend == "triton")
+
+
+@pytest.fixture
+def paged_decodes(monkeypatch):
+    """The ``rope_decode`` calls of the paged path: how many read the paged cache through a block table, how many a
+    padded copy."""
+    calls = {"block_table": 0, "padded": 0}
+    real = serving.rope_decode
+
+    def counted(*args, **kwargs):
+        calls["padded" if kwargs.get("block_table") is None else "block_table"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serving, "rope_decode", counted)
+    return calls
+
+
+@requires_cpu_triton
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_triton_decode_reads_the_pages_by_block_table(arch, paged_decodes):
+    # On a kernel backend (Triton, run by the interpreter here), cached requests reach the fused decode kernel through
+    # the paged cache's block table (made from read_index), not a padded copy of their keys. A LongRoPE model, fp32.
+    stock = tiny_model(arch, scale=6.0)
+    spec = [(1, 9), (2, 17), (3, 5)]
+    patched = lr2.patch(copy.deepcopy(stock), backend="triton")
+    assert generate_batch(patched, spec, max_batch_tokens=16) == generate_batch(stock, spec, max_batch_tokens=16)
+    assert paged_decodes["block_table"] > 0 and paged_decodes["padded"] == 0
 
 
 def test_pickled_and_copied_patched_models_batch_like_stock():

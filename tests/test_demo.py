@@ -67,8 +67,11 @@ def test_quick_demo_speed_table(quick_demo):
         stock, patched, ratio = map(float, match.groups()[:3])
         busy = re.search(r"other processes used (\d+)% of the CPU time", out)
         assert busy, out  # the machine's load is reported (Linux has /proc/stat)
-        expected = demo.speed_verdict(ratio, _Load(int(busy.group(1)) / 100))
-        assert match.group(4).strip() == expected, out
+        load = _Load(int(busy.group(1)) / 100)
+        # The verdict is of the unrounded ratio, printed to 0.01: at a threshold (0.95 printed for 0.9496) either
+        # side's verdict is right.
+        expected = {demo.speed_verdict(ratio + delta, load) for delta in (-0.005, 0.0, 0.005)}
+        assert match.group(4).strip() in expected, out
         assert stock > 0 and patched > 0
         # The rates are printed to 0.1 token/s and the ratio to 0.01: consistent within that rounding (a loaded
         # machine decodes at a few tokens/s, where 0.05 token/s is several percent).

@@ -329,3 +329,25 @@ def table_row(cells: Sequence[object], widths: Sequence[int]) -> str:
     """One line of a fixed-width table: the first cell left-aligned, the others right-aligned."""
     first, *others = (str(cell) for cell in cells)
     return first.ljust(widths[0]) + "".join(cell.rjust(width) for cell, width in zip(others, widths[1:]))
+
+
+TABLE_FILE = "table.json"  # what lr2kernels search writes; finetune and serve read it
+
+
+def table_path(value: str) -> Path:
+    """A ``table.json``, or the output folder of ``lr2kernels search`` (which holds one)."""
+    path = Path(value)
+    return path / TABLE_FILE if path.is_dir() else path
+
+
+def load_table_argument(parser: argparse.ArgumentParser, value: str):
+    """``--table``'s RopeTable, or exit 2 with one line naming the option (before anything slow is loaded)."""
+    from lr2kernels.tables import RopeTable
+
+    path = table_path(value)
+    if not path.is_file():
+        parser.error(f"--table: expected a {TABLE_FILE} or a folder holding one, got {value!r} (not found)")
+    try:
+        return RopeTable.load(path)
+    except (ValueError, TypeError, OSError) as error:
+        parser.error(f"--table: {path} is not a usable table: {error}")

@@ -24,25 +24,21 @@ from pathlib import Path
 import torch
 
 from lr2kernels.apps.common import (
+    TABLE_FILE,
     add_device_option,
     add_model_option,
     check_model_device_backend,
     check_writable_folder,
     device_from,
     load_model_quietly,
+    load_table_argument,
     make_parser,
     model_config,
+    table_path,
 )
 from lr2kernels.tables import RopeTable
 
-TABLE_FILE = "table.json"
 JOB_FILE = "finetune.json"  # lr2kernels.train.finetune.JOB_FILE (not imported: that module imports transformers)
-
-
-def table_path(value: str) -> Path:
-    """A ``table.json``, or the output folder of ``lr2kernels search`` (which holds one)."""
-    path = Path(value)
-    return path / TABLE_FILE if path.is_dir() else path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,13 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every argument, the device and the output folder, before anything is loaded."""
-    path = table_path(args.table)
-    if not path.is_file():
-        parser.error(f"--table: expected a {TABLE_FILE} or a folder holding one, got {args.table!r} (not found)")
-    try:
-        table = RopeTable.load(path)
-    except (ValueError, TypeError, OSError) as error:
-        parser.error(f"--table: {path} is not a usable table: {error}")
+    table = load_table_argument(parser, args.table)
     for name in ("seq_len", "steps", "batch_size", "grad_accum"):
         value = getattr(args, name)
         if value is not None and value < 1:

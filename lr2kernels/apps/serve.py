@@ -25,9 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lr2kernels.apps.common import make_parser, model_config
+from lr2kernels.apps.common import TABLE_FILE, load_table_argument, make_parser, model_config, table_path
 
-TABLE_FILE = "table.json"  # what lr2kernels search writes (lr2kernels.apps.finetune_job reads the same)
 MIN_TRANSFORMERS = (5, 25)  # transformers serve's ModelLoader, which loads each model in a process of its own
 INSTALL = "pip install 'lr2kernels[serve]'"
 SERVING_MODULES = ("fastapi", "uvicorn", "openai", "pydantic")  # transformers' is_serve_available()
@@ -157,18 +156,11 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, s
         parser.error(f"--backend: expected torch, triton or cuda, got {args.backend!r}")
     model = args.force_model
     if args.table is not None:
-        path = Path(args.table) / TABLE_FILE if Path(args.table).is_dir() else Path(args.table)
-        if not path.is_file():
-            parser.error(f"--table: expected a {TABLE_FILE} or a folder holding one, got {args.table!r} (not found)")
-        from lr2kernels.tables import RopeTable
-
-        try:
-            table = RopeTable.load(path)
-        except (ValueError, TypeError, OSError) as error:
-            parser.error(f"--table: {path} is not a usable table: {error}")
+        table = load_table_argument(parser, args.table)
         if model is None:
             parser.error("--table: a table is for one model; expected MODEL too (lr2kernels serve MODEL --table ...)")
-        args.table = str(path.resolve())  # read again in the model's process, whose working folder may differ
+        # read again in the model's process, whose working folder may differ
+        args.table = str(table_path(args.table).resolve())
     if model is None or not (model == "smollm2" or Path(model).exists()):
         return  # a Hub model (or none: each request names one) is checked by transformers as it loads
     try:

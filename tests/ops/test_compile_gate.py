@@ -13,7 +13,9 @@ wgmma, with no MMA work repeated. fp16 spilled
 exactly where bf16 did (every case of ``--matrix half`` when it was last compared; registers differ by a few), so CI
 gates bf16 only, to stay short; ``--matrix full`` adds fp32. It runs with this interpreter's Triton and with every
 Python named in ``LR2_GATE_PYTHONS`` (colon-separated): ``.ci/run`` adds one with Triton 3.6, the GPU image's, so
-that the kernels are proven for the Triton that will run them as well as CI's.
+that the kernels are proven for the Triton that will run them as well as CI's. With ``LR2_GATE_KEEP`` set to a folder,
+each interpreter's compiled rows are kept there (``triton-<version>.json``), from which ``compile_report.py
+--from-json`` rewrites the committed reports without compiling again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +90,10 @@ def report(tmp_path_factory) -> dict:
             proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
             written = json.loads((out / "rows.json").read_text())
+            if os.environ.get("LR2_GATE_KEEP"):  # the compiled rows, to rewrite the reports with --from-json
+                kept = Path(os.environ["LR2_GATE_KEEP"])
+                kept.mkdir(parents=True, exist_ok=True)
+                shutil.copy(out / "rows.json", kept / f"triton-{written['rows'][0]['triton']}.json")
             rows += [dict(r, python=python) for r in written["rows"]]
             loops += [dict(r, python=python) for r in written["loops"]]
             ratios += [dict(r, python=python) for r in written["ratios"]]

@@ -74,8 +74,9 @@ def carry_over(cache: Any) -> None:
 def usable_layer(cache: Any, layer_idx: int | None, keys: torch.Tensor) -> Any:
     """The cache layer whose keys ``keys`` are, when a copy can be kept for it; None otherwise.
 
-    Only transformers' plain ``DynamicLayer`` (exact type: its ``update`` appends and returns its own tensor), and
-    only tensors with a version counter and no autograd history to keep.
+    Only transformers' plain ``DynamicLayer`` or the :class:`~lr2kernels.hf.appending_layer.AppendingDynamicLayer`
+    this module makes of one (exact types: their ``update`` appends and returns the layer's own tensor), and only
+    tensors with a version counter and no autograd history to keep.
     """
     if cache is None or layer_idx is None or keys.requires_grad or keys.is_inference():
         return None
@@ -83,19 +84,22 @@ def usable_layer(cache: Any, layer_idx: int | None, keys: torch.Tensor) -> Any:
     if layers is None or not 0 <= layer_idx < len(layers):
         return None
     layer = layers[layer_idx]
-    return layer if type(layer) is _dynamic_layer_class() and layer.keys is keys else None
+    return layer if type(layer) in _dynamic_layer_classes() and layer.keys is keys else None
 
 
-def _dynamic_layer_class() -> type:
-    global _DYNAMIC_LAYER
-    if _DYNAMIC_LAYER is None:
+def _dynamic_layer_classes() -> tuple[type, type]:
+    global _DYNAMIC_LAYERS
+    if _DYNAMIC_LAYERS is None:
         from transformers.cache_utils import DynamicLayer
 
-        _DYNAMIC_LAYER = DynamicLayer
-    return _DYNAMIC_LAYER
+        from lr2kernels.hf.appending_layer import AppendingDynamicLayer
+
+        _DYNAMIC_LAYERS = (DynamicLayer, AppendingDynamicLayer)
+    return _DYNAMIC_LAYERS
 
 
-_DYNAMIC_LAYER: type | None = None  # transformers' DynamicLayer, imported on first use (never at package import)
+# transformers' DynamicLayer and its in-place appending subclass, imported on first use (never at package import)
+_DYNAMIC_LAYERS: tuple[type, type] | None = None
 
 
 def rotate_for_decode(
@@ -122,6 +126,11 @@ def rotate_for_decode(
     copy = layer.__dict__.get(ATTRIBUTE)
     if copy is None:
         copy = layer.__dict__[ATTRIBUTE] = RotatedKeys()
+    plain, appending = _dynamic_layer_classes()
+    if type(layer) is plain:
+        # From its next update on, the layer appends its PRE-RoPE keys and values in place instead of concatenating:
+        # a step then reads its cache once, in the attention (lr2kernels.hf.appending_layer says why and when).
+        layer.__class__ = appending
     num_new, query_heads = query.shape[2], query.shape[1]
     batch, kv_heads, total, head_dim = keys.shape
     signature = (table, long, keys.dtype, keys.device, batch, kv_heads, head_dim)

@@ -93,6 +93,31 @@ def test_greedy_decode_equals_whole_cache_rotation_bit_for_bit(arch):
     assert held.buffer.shape[2] <= 20 + 256  # growth room is bounded
 
 
+def test_the_pre_rope_cache_is_appended_in_place_with_the_same_numbers():
+    # With the copy, the cache layers append their keys and values in place (no torch.cat of the whole cache per
+    # step); without it (and on the GPU backends, which keep no copy) they stay transformers' own DynamicLayer.
+    from transformers.cache_utils import DynamicLayer
+
+    from lr2kernels.hf.appending_layer import AppendingDynamicLayer
+
+    kept, whole = both_ways("llama")
+    caches = []
+    for model in (kept, whole):
+        with torch.no_grad():
+            cache = model(tokens(2, 20), use_cache=True).past_key_values
+            for token in (4, 5, 6, 7):
+                cache = model(torch.full((2, 1), token), cache=cache, use_cache=True).past_key_values
+            storage = cache.layers[0].keys.untyped_storage().data_ptr()
+            cache = model(torch.full((2, 1), 8), cache=cache, use_cache=True).past_key_values
+            caches.append((cache, storage == cache.layers[0].keys.untyped_storage().data_ptr()))
+    (kept_cache, in_place), (whole_cache, whole_in_place) = caches
+    assert in_place and not whole_in_place
+    for a, b in zip(kept_cache.layers, whole_cache.layers, strict=True):
+        assert type(a) is AppendingDynamicLayer and type(b) is DynamicLayer
+        assert a.keys.shape == b.keys.shape == (2, b.keys.shape[1], 25, b.keys.shape[3])
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
 def test_partial_rotary_equals_whole_cache_rotation():
     kept, whole = both_ways("phi3", partial_rotary=0.75)  # Phi-4-mini's layout: the last quarter is not rotated
     assert_same(kept, whole, tokens(1, 12), [5, 6, 7, 8])

@@ -193,10 +193,6 @@ def _minor(version: str) -> str:
 OVER_THE_TUTORIAL: dict[tuple[str, str, str], str] = {
     ("3.6", "fwd", "96"): "269 (128x128 w8) against the tutorial's 240 at head 128, what it pads 96 to: 1.12x "
                           "(each NeoX half of 48 channels is two tiles, 32 + 16)",
-    ("3.6", "bwd_dq", "256"): "914 (64x16 w4) against 807, the fewest of the tutorial's configs, all spilling "
-                              "(2,964 B): 1.13x",
-    ("3.9", "bwd_dq", "256"): "1,266 (64x16 w4) against 770, the fewest of the tutorial's configs, all spilling "
-                              "(3,160 B): 1.64x",
     ("3.6", "bwd_dkdv", "256"): "4,641 (16x32 w8, mma.sync) against 1,344, the tutorial's spilling 10,696 B: 3.45x",
     ("3.9", "bwd_dkdv", "256"): "4,875 (16x32 w8, mma.sync) against 1,414, the tutorial's spilling 10,884 B: 3.45x",
 }  # fmt: skip

@@ -174,7 +174,7 @@ _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]] | dict[int, se
                               (64, 32, 4, 2)},
                          80: {(128, 32, 8, 2), (128, 32, 8, 3), (128, 16, 8, 2), (64, 32, 4, 2)}},
     ("dq", 128, True): {90: {(128, 64, 8, 2), (128, 32, 8, 2)}, 80: {(128, 32, 8, 2)}},  # 64 x 32: 12 B (3.9)
-    ("dq", 256, False): {(64, 16, 4, 2)},
+    ("dq", 256, False): {90: {(128, 32, 8, 2), (64, 16, 4, 2)}, 80: {(64, 16, 4, 2)}},
     ("dkdv", 64, False): {90: {(64, 64, 4, 2), (32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)},
                           80: {(16, 128, 8, 2)}},  # as launched: 64 x 64 w8 spills 4 B, 16 x 64 w4 20-28 B
     ("dkdv", 80, False): {90: {(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)},
@@ -187,7 +187,13 @@ _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]] | dict[int, se
     # 256 channels: dk + dv alone take 128 registers a thread at 64 keys over 8 warps; on sm_90 only 32-key tiles
     # (mma.sync) are spill-free. dq's 64 rows over 4 warps (one warp group: wgmma issuing exactly the dots' work;
     # over 8 warps it repeated q k^T and dO v^T, 65 wgmma per trip for 33) are spill-free with its store rotating a
-    # quarter of the pairs at a time; 64 x 32 still spills 48-80 B.
+    # quarter of the pairs at a time; 64 x 32 still spills 48-80 B. On sm_90, 128 rows over 8 warps (two warp
+    # groups, 64 rows and 128 fp32 dq registers a thread each, as at 64 x 16) are spill-free too, and 128 x 32
+    # spreads each trip's fixed work (addressing, waits, lse/delta) over twice the scores: 818 warp-instructions
+    # per 1K scores on Triton 3.9 and 531 on 3.6, where 64 x 16 issues 1,266 and 914 (128 x 32 with 3 stages
+    # spills 60 B on 3.9; 128 x 16 issues more, and its 160 KB of shared memory hold the SM alone as 128 x 32's
+    # 192 KB do). 64 x 16 stays for short sequences (twice the programs, 96 KB: two blocks an SM).
+    # On sm_80 (mma.sync) 128-row tiles spill or overflow shared memory.
     ("dkdv", 256, False): {80: {(16, 64, 8, 2), (16, 32, 8, 2)}, 90: {(16, 32, 8, 2)}},
 }
 

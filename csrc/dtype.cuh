@@ -5,10 +5,14 @@
 #include <cuda_fp16.h>
 
 // kernel<<<grid, block, 0, stream>>>(args) as LR2_LAUNCH(kernel, grid, block, stream)(args), kernel a function
-// pointer variable (a template-id's commas would split the macro's arguments); tests/cuda's host emulation defines its
-// own.
+// pointer variable (a template-id's commas would split the macro's arguments), and with `smem` bytes of dynamic shared
+// memory as LR2_LAUNCH_SMEM(kernel, grid, block, smem, stream)(args). In a kernel, LR2_DYNAMIC_SHARED(name, bytes)
+// declares the block's dynamic shared memory as `unsigned char name[]` (16-byte aligned; `bytes`, what the kernel
+// uses, is checked against the launch's by the emulation). tests/cuda's host emulation defines its own.
 #if !defined(LR2_HOST_EMULATION)
 #define LR2_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#define LR2_LAUNCH_SMEM(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define LR2_DYNAMIC_SHARED(name, bytes) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
 namespace lr2 {

@@ -18,8 +18,9 @@
 // chosen per (D, ROWS) to keep SPL * ROWS <= 16 (registers) with as few shuffles as that allows. From 4 rows the
 // reduction is transposed (row_owner_lane): each lane ends with one row's score, runs that row's softmax alone, and
 // the key group's lanes get each row's probability by a shuffle. The softmax rescales only where a max grows.
-// fp16/bf16 at 4 and 8 rows, head <= 128, run on tensor cores instead (DecodeShape::MMA, rope_decode_mma_tiles: keys
-// rotated in shared memory, mma.sync for Q K^T and P V). At the end the key groups' (or warps') states are merged
+// fp16/bf16 at 4 and 8 rows (4 at head 256) run on tensor cores instead (DecodeShape::MMA, rope_decode_mma_tiles: keys
+// rotated in shared memory, mma.sync for Q K^T and P V; head 256's 78 KB a block partly in dynamic shared memory,
+// DecodeShape::DYNAMIC_SMEM). At the end the key groups' (or warps') states are merged
 // through shared memory. With one split the block writes the output; with more, its finished partial (o, lse),
 // combined by the merge kernel.
 //
@@ -35,15 +36,19 @@
 // gets NaN in every element of its rows.
 //
 // Paged caches (PAGED, DecodeParams::block_table set): k/v are [num_blocks, block_size, Hk, D] and key j of sequence
-// b lies in block block_table[b, j / block_size]. block_size is a multiple of PAGE_SPAN (TILE, or half the 32-key mma
-// tile; the launch refuses others) and tiles start at multiples of TILE, so a tile (half tile) lies inside one block:
-// issue() reads its block id (one 4-byte table read per tile or half tile and thread, cached) and the 16-byte copies
+// b lies in block block_table[b, j / block_size]. block_size is a multiple of PAGE_SPAN (TILE, half the 32-key mma
+// tile, or at head 256 a warp's 8 keys; the launch refuses others) and tiles start at multiples of TILE, so a tile
+// (half tile, warp's keys) lies inside one block: issue() reads its block id (one 4-byte table read per tile, half
+// tile or warp's keys and thread, cached) and the 16-byte copies
 // go to that block's rows, as the dense path's go to the sequence's. A block id outside [0, num_blocks) is never
 // dereferenced: its copies zero-fill, and the sequence's rows get NaN (as past the capacity) through NaN accumulators
 // (poison_rows), so no flag lives across the loop. Table entries past a sequence's length are never read.
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <atomic>
+#include <string>
 
 #include "cp_async.cuh"
 #include "decode_params.h"
@@ -94,22 +99,28 @@ struct DecodeShape {
     static constexpr int LPK = decode_lanes_per_key<SLOTS, ROWS>();
     static constexpr int SPL = SLOTS / LPK;  // pair slots per lane
     static constexpr int KPW = 32 / LPK;     // keys per warp at once
-    // fp16/bf16 at 4 and 8 rows (GQA groups 3-8, or n > 1), head <= 128: tensor cores score and accumulate the rows
-    // (rope_decode_mma_tiles), a warp taking 8 keys of each tile of 32; the CUDA-core loop would issue ~121 / ~194
-    // warp-instructions a key there (csrc/README.md).
-    static constexpr bool MMA = sizeof(T) == 2 && ROWS >= 4 && D <= 128;
+    // fp16/bf16 at 4 and 8 rows (GQA groups 3-8, or n > 1; head 256 packs 4): tensor cores score and accumulate the
+    // rows (rope_decode_mma_tiles), a warp taking 8 keys of each tile of 32; the CUDA-core loop would issue ~121 / ~194
+    // warp-instructions a key at head 128 there, ~284 at head 256 (csrc/README.md).
+    static constexpr bool MMA = sizeof(T) == 2 && ROWS >= 4;
     static constexpr int MMA_KEYS = 8;  // keys a warp scores at once (the n of mma.m16n8k16)
+    // Head 256 on tensor cores: each warp copies (and, paged, looks up) only its own 8 keys of the tile, the only ones
+    // it reads, and has its own base angle: one block-table lookup a warp and tile (blocks of 8 keys fit, as they did
+    // on the CUDA-core tiles of 8), and a step table of 8 rows (the shared memory below stays under 80 KB: 2 blocks
+    // an SM on A100's 164 KB as on H100's 228 KB).
+    static constexpr bool WARP_KEYS = MMA && D > 128;
     static constexpr int KPB = MMA ? kDecodeWarps * MMA_KEYS : kDecodeWarps * KPW;
     static constexpr int GROUPS = MMA ? kDecodeWarps : KPB;  // partial softmax states merged after the loop
     static constexpr int BY_BYTES = floor_pow2(kStageBytes / (2 * D * static_cast<int>(sizeof(T))));
     static constexpr int TILE = MMA ? KPB : KPB > BY_BYTES ? KPB : BY_BYTES;  // keys per stage (powers of two)
     // The per-tile base angles: one at p0 (the step table covers t < TILE), or, for the mma tiles, one per half tile
-    // (t < TILE / 2: a step table half the size, which keeps the block under 48 KB of static shared memory).
-    static constexpr int BASES = MMA ? 2 : 1;
+    // (t < TILE / 2: a step table half the size, which keeps the block under 48 KB of static shared memory), or one
+    // per warp (WARP_KEYS: t < 8).
+    static constexpr int BASES = WARP_KEYS ? kDecodeWarps : MMA ? 2 : 1;
     static constexpr int STEP_SPAN = TILE / BASES;
     // A paged cache's block_size must be a multiple of this: the keys one block-table lookup serves (the mma tiles
-    // look up each half tile, so that blocks of 16 keys, vLLM's default, still fit).
-    static constexpr int PAGE_SPAN = MMA ? TILE / 2 : TILE;
+    // look up each half tile, so that blocks of 16 keys, vLLM's default, still fit; WARP_KEYS each warp's 8 keys).
+    static constexpr int PAGE_SPAN = WARP_KEYS ? MMA_KEYS : MMA ? TILE / 2 : TILE;
     static constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // channels per 16-byte copy
     static constexpr int ROW_CHUNKS = D / VEC;
     static constexpr int ROW = D + VEC;  // a stage row in elements: padded by 16 bytes (bank spread, 16-byte aligned)
@@ -118,12 +129,20 @@ struct DecodeShape {
     static constexpr int STAGES = STAGE_BYTES <= 10240 ? 3 : 2;
     static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
     static constexpr int MERGE_BYTES = GROUPS * ROWS * D * 4;  // the key groups' accumulators, after the loop
-    static constexpr int SMEM_BYTES = PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES;
+    static constexpr int SMEM_BYTES = PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES;  // the stages / merge
     static constexpr bool STEP = sizeof(T) == 2;  // angle addition where HF rounds cos/sin to fp16/bf16
+    // The kernel's other shared arrays (step and base tables where STEP, the groups' m and l), bytes.
+    static constexpr int TABLE_BYTES = (STEP ? (STEP_SPAN + BASES) * SLOTS * 8 : 0) + GROUPS * ROWS * 8;
+    // The stages and the merge buffer in dynamic shared memory where the block needs more than the 48 KB a block may
+    // declare statically (head 256 on tensor cores: 66 KB of stages + 12 KB of tables); the launch opts the kernel in
+    // (cudaFuncSetAttribute) after checking the device's per-block limit.
+    static constexpr bool DYNAMIC_SMEM = SMEM_BYTES + TABLE_BYTES > 48 * 1024;
+    static constexpr int DYNAMIC_BYTES = DYNAMIC_SMEM ? SMEM_BYTES : 0;
     // Resident blocks per SM the registers must allow, the bytes in flight of csrc/README.md's model: 3 (<= 168
-    // registers a thread) for fp16/bf16; 2 (<= 255) for fp32 (twice the bytes a stage, a sincosf per key) and where a
-    // lane holds more than 16 slot-rows (head 96 at 8 rows: 24).
-    static constexpr int MIN_BLOCKS = STEP && (MMA || ROWS * SPL <= 16) ? 3 : 2;
+    // registers a thread) for fp16/bf16; 2 (<= 255) for fp32 (twice the bytes a stage, a sincosf per key), where a
+    // lane holds more than 16 slot-rows (head 96 at 8 rows: 24), and where shared memory allows only 2 (DYNAMIC_SMEM:
+    // 78 KB a block; one 32 KB tile in flight a block is already more than H200's 28.4 KB an SM).
+    static constexpr int MIN_BLOCKS = STEP && !DYNAMIC_SMEM && (MMA || ROWS * SPL <= 16) ? 3 : 2;
     static_assert(SLOTS % LPK == 0 && TILE % KPB == 0 && kSplitAlign % TILE == 0, "decode tile shape");
     static_assert(D % VEC == 0 && (ROW * sizeof(T)) % 16 == 0, "16-byte rows");
 };
@@ -169,7 +188,7 @@ __device__ __forceinline__ float group_sum(float x) {
     return x;
 }
 
-// The tile loop of the fp16/bf16 kernels at 4 and 8 rows, head <= 128 (DecodeShape::MMA), on tensor cores. Warp w
+// The tile loop of the fp16/bf16 kernels at 4 and 8 rows (DecodeShape::MMA), on tensor cores. Warp w
 // takes keys 8 w .. 8 w + 7 of each tile of 32 (rows are the m of mma.m16n8k16, padded to 16 with zero queries; keys
 // are its n):
 // 1. RoPE in shared memory: the warp rotates its 8 keys in place (lane: slots lane, lane + 32, ...; fp32 angle
@@ -349,7 +368,16 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
     constexpr int STEP_ROWS = STEP ? S::STEP_SPAN : 1;
     constexpr bool TRANSPOSED = ROWS >= 4;  // (ROWS <= LPK in every instantiation)
     static_assert(!TRANSPOSED || ROWS <= LPK, "the transposed reduction needs a lane per row");
-    alignas(16) __shared__ unsigned char sm_raw[S::SMEM_BYTES];  // the stages; after the loop, the merge
+    // The stages; after the loop, the merge. Static up to 48 KB a block; past it (DYNAMIC_SMEM) dynamic, the launch
+    // giving S::DYNAMIC_BYTES.
+    unsigned char* sm_raw;
+    if constexpr (S::DYNAMIC_SMEM) {
+        LR2_DYNAMIC_SHARED(sm_dynamic, S::DYNAMIC_BYTES);
+        sm_raw = sm_dynamic;
+    } else {
+        alignas(16) __shared__ unsigned char sm_static[S::SMEM_BYTES];
+        sm_raw = sm_static;
+    }
     __shared__ float sm_step_cos[STEP_ROWS][SLOTS];  // cos/sin of fl(t * inv_freq[s]), t < TILE (unscaled)
     __shared__ float sm_step_sin[STEP_ROWS][SLOTS];
     __shared__ float sm_base_cos[S::BASES][SLOTS];  // the tile's cos/sin of fl((p0 + b STEP_SPAN) inv_freq[s]), scaled
@@ -395,7 +423,41 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
     auto issue = [&](int tile) -> bool {
         T* stage = stages + (tile % STAGES) * S::STAGE_ELEMS;
         const int p0 = lo + tile * TILE;
-        if constexpr (PAGED && S::PAGE_SPAN < TILE) {
+        if constexpr (S::WARP_KEYS) {
+            // Head 256 on tensor cores: warp w copies its own keys q0 .. q0 + 7 (q0 = p0 + 8 w; their k rows, then
+            // their v rows: one 512-byte row a warp-wide copy), the only keys it reads (rope_decode_mma_tiles).
+            // Paged: one lookup a warp (PAGE_SPAN = 8 keys), only where its keys start before hi (the table past the
+            // sequence's length is never read); a bad id poisons this warp's accumulators, and through the merge of
+            // the warps every row of the block.
+            constexpr int KEYS = S::MMA_KEYS;
+            const int warp_id = threadIdx.x / 32;
+            const int q0 = p0 + warp_id * KEYS;
+            const T* k_src = k_base;  // dense: key j at row j; paged: key q0 + t at row t of the warp's block
+            const T* v_src = v_base;
+            bool block_ok = true;
+            if constexpr (PAGED) {
+                if (q0 < hi) {
+                    const int block_index = p.block_size_shift >= 0 ? q0 >> p.block_size_shift : q0 / p.block_size;
+                    const int block = __ldg(p.block_table + seq * p.block_table_stride + block_index);
+                    block_ok = static_cast<unsigned>(block) < static_cast<unsigned>(p.num_blocks);
+                    const int64_t safe = block_ok ? block : 0;  // a bad id never enters an address
+                    const int64_t row = q0 - block_index * p.block_size;
+                    k_src += safe * p.k_strides[0] + row * p.k_strides[2];
+                    v_src += safe * p.v_strides[0] + row * p.v_strides[2];
+                }
+            }
+            for (int c = threadIdx.x % 32; c < 2 * KEYS * ROW_CHUNKS; c += 32) {
+                const int is_v = c / (KEYS * ROW_CHUNKS);
+                const int key = (c / ROW_CHUNKS) % KEYS;
+                const int part = c % ROW_CHUNKS;
+                const bool valid = q0 + key < hi && block_ok;
+                const T* base = is_v ? v_src : k_src;
+                const int64_t stride = is_v ? p.v_strides[2] : p.k_strides[2];
+                const T* src = valid ? base + (PAGED ? key : q0 + key) * stride + part * VEC : base;
+                cp_async_16(stage + (is_v * TILE + warp_id * KEYS + key) * ROW + part * VEC, src, valid);
+            }
+            return block_ok;
+        } else if constexpr (PAGED && S::PAGE_SPAN < TILE) {
             // The mma tiles (32 keys) on blocks of 16: each half tile looks its own block up (the second only where
             // it starts before hi: the table past the sequence's length is never read).
             static_assert(TILE == 2 * S::PAGE_SPAN, "two page lookups a tile");
@@ -756,18 +818,61 @@ __global__ void __launch_bounds__(128) rope_decode_merge_kernel(const DecodePara
     out[d] = from_float<T>(l > 0.0f ? acc / l : 0.0f);
 }
 
+// A kernel that keeps its stages in dynamic shared memory (DecodeShape::DYNAMIC_SMEM) is opted in to them on the
+// current device before its first launch there (cudaFuncSetAttribute(kMaxDynamicSharedMemorySize), once a device:
+// `configured` holds a bit per device), after checking its static + dynamic bytes against the device's per-block
+// opt-in limit. nullptr, or why it cannot run here (a message valid until this thread's next call).
+template <typename Kernel>
+const char* opt_in_dynamic_smem(Kernel kernel, int static_bytes, int dynamic_bytes, const char* what,
+                                std::atomic<unsigned long long>& configured) {
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+    const unsigned long long bit = device < 64 ? 1ull << device : 0ull;
+    if (bit != 0 && (configured.load(std::memory_order_relaxed) & bit) != 0) return nullptr;
+    int limit = 0;
+    err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+    if (static_bytes + dynamic_bytes > limit) {
+        thread_local std::string message;
+        message = std::string("rope_decode: the ") + what + " kernel needs " +
+                  std::to_string(static_bytes + dynamic_bytes) + " bytes of shared memory a block (" +
+                  std::to_string(static_bytes) + " static + " + std::to_string(dynamic_bytes) +
+                  " dynamic), more than this GPU's opt-in limit of " + std::to_string(limit) + " bytes on device " +
+                  std::to_string(device) + " (cudaDevAttrMaxSharedMemoryPerBlockOptin); use backend='triton'";
+        return message.c_str();
+    }
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_bytes);
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+    configured.fetch_or(bit, std::memory_order_relaxed);
+    return nullptr;
+}
+
+// nullptr after launching the decode kernel (and the merge where splits > 1), or why it did not launch.
 template <typename T, int D, int ROWS, bool PAGED>
-void launch_rope_decode_kernels(const DecodeParams& p, cudaStream_t stream) {
+const char* launch_rope_decode_kernels(const DecodeParams& p, cudaStream_t stream) {
+    using S = DecodeShape<T, D, ROWS>;
     const int num_rows = p.group * p.n_new;
     const dim3 grid(p.batch * p.num_kv_heads, p.num_splits, (num_rows + ROWS - 1) / ROWS);
     const auto kernel = rope_decode_kernel<T, D, ROWS, PAGED>;
-    LR2_LAUNCH(kernel, grid, kDecodeThreads, stream)(p);
+    if constexpr (S::DYNAMIC_SMEM) {
+        static std::atomic<unsigned long long> configured{0};  // one per instantiation: devices opted in
+        if (const char* refused = opt_in_dynamic_smem(kernel, S::TABLE_BYTES, S::DYNAMIC_BYTES,
+                                                      "fp16/bf16 tensor-core (head_dim 256, 4 rows a block)",
+                                                      configured)) {
+            return refused;
+        }
+        LR2_LAUNCH_SMEM(kernel, grid, kDecodeThreads, S::DYNAMIC_BYTES, stream)(p);
+    } else {
+        LR2_LAUNCH(kernel, grid, kDecodeThreads, stream)(p);
+    }
     if (p.num_splits > 1) {
         const int64_t elements = static_cast<int64_t>(num_rows) * p.head_dim;
         const dim3 merge_grid(p.batch * p.num_kv_heads, static_cast<unsigned>((elements + 127) / 128));
         const auto merge = rope_decode_merge_kernel<T>;
         LR2_LAUNCH(merge, merge_grid, 128, stream)(p);
     }
+    return nullptr;
 }
 
 // The message of a paged launch whose block_size the kernel cannot take (the Python launcher raises a ValueError
@@ -779,14 +884,13 @@ constexpr const char* kBadBlockSize =
 template <typename T, int D, int ROWS>
 cudaError_t launch_rope_decode_rows(const DecodeParams& p, cudaStream_t stream, const char** refused) {
     if (p.block_table == nullptr) {
-        launch_rope_decode_kernels<T, D, ROWS, false>(p, stream);
+        *refused = launch_rope_decode_kernels<T, D, ROWS, false>(p, stream);
     } else if (p.block_size <= 0 || p.block_size % DecodeShape<T, D, ROWS>::PAGE_SPAN != 0) {
         *refused = kBadBlockSize;
-        return cudaSuccess;
     } else {
-        launch_rope_decode_kernels<T, D, ROWS, true>(p, stream);
+        *refused = launch_rope_decode_kernels<T, D, ROWS, true>(p, stream);
     }
-    return cudaGetLastError();
+    return *refused != nullptr ? cudaSuccess : cudaGetLastError();
 }
 
 template <typename T, int D>

@@ -12,12 +12,15 @@
 namespace {
 
 // csrc/rope_decode.cuh's DecodeShape<T, D, ROWS> (for the Python mirror in csrc/ptxas_report.py): LPK, SPL, TILE,
-// STAGES, stage bytes, MIN_BLOCKS, PAGE_SPAN; returns 0, or -1 for a shape that is not instantiated.
+// STAGES, stage bytes, MIN_BLOCKS, PAGE_SPAN, DYNAMIC_BYTES (0: static shared memory only), and the block's shared
+// memory in all (SMEM_BYTES + TABLE_BYTES) into out[9]; returns 0, or -1 for a shape that is not instantiated.
 template <typename T, int D, int ROWS>
 int decode_shape(int* out) {
     using S = lr2::DecodeShape<T, D, ROWS>;
-    const int values[] = {S::LPK, S::SPL, S::TILE, S::STAGES, S::STAGE_BYTES, S::MIN_BLOCKS, S::PAGE_SPAN};
-    for (int i = 0; i < 7; ++i) out[i] = values[i];
+    const int values[] = {S::LPK,        S::SPL,       S::TILE,          S::STAGES,
+                          S::STAGE_BYTES, S::MIN_BLOCKS, S::PAGE_SPAN, S::DYNAMIC_BYTES,
+                          S::SMEM_BYTES + S::TABLE_BYTES};
+    for (int i = 0; i < 9; ++i) out[i] = values[i];
     return 0;
 }
 
@@ -137,6 +140,9 @@ int lr2_decode_shape(int element_bytes, int head_dim, int rows, int* out) {
 
 // The emulation's schedule (tests/cuda/host_cuda/lr2_host.h): cp.async at issue or at its wait; greedy or round-robin.
 void lr2_host_mode(int eager, int greedy) { lr2_host::set_mode(eager != 0, greedy != 0); }
+
+// The emulated device's per-block shared memory opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
+void lr2_host_smem_optin(int bytes) { lr2_host::set_smem_optin(bytes); }
 
 // rope_decode through the kernels' own launch (csrc/rope_decode.cuh): dtype 0 fp32, 1 fp16, 2 bf16. Strides are
 // (batch, head, token) triples, (block, head, token-in-block) for a paged cache (block_table not null). The

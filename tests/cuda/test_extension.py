@@ -197,6 +197,7 @@ def test_num_splits_from_capacity_and_sms(monkeypatch):
     assert launch._num_splits(8, 1024, device) == 4  # >= 256 keys per split
     assert launch._num_splits(32, 131072, device) == 13
     assert launch._num_splits(396, 131072, device) == 1  # the batch alone fills the GPU
+    assert launch._num_splits(8, 32768, device, 2) == 33  # fp16/bf16 head 256 at 4 rows: 2 blocks per SM resident
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

@@ -323,6 +323,12 @@ DECODE_CASES = [
     (128, 96, torch.bfloat16, 1, 12, 4, 1, 66, (61,), 5),  # partial rotary (Phi-4-mini's 96 of 128)
     (256, None, torch.float16, 2, 10, 2, 1, 50, (50, 39), 2),  # 5 rows -> 4 per block at head 256, two row blocks
     (256, None, torch.bfloat16, 1, 1, 1, 1, 45, (45,), 1),
+    # head 256 at 4 rows on tensor cores (dynamic shared memory, each warp its own keys): group 4 with lengths on both
+    # sides of L0 and 3 splits; group 8 as two row blocks of 4; 2 x 2 new tokens; partial rotary at group 3
+    (256, None, torch.bfloat16, 2, 8, 2, 1, 91, (91, 37), 3),
+    (256, None, torch.float16, 1, 16, 2, 1, 75, (75,), 2),
+    (256, None, torch.float16, 1, 4, 2, 2, 67, (67,), 1),
+    (256, 128, torch.bfloat16, 1, 6, 2, 1, 70, (45,), 2),
     # fp16/bf16 at 8 rows run on tensor cores (mma.sync, emulated): groups of 8, 4 x 2 new tokens, partial rotary,
     # 8 + 2 rows (an mma row block and a CUDA-core one)
     (128, None, torch.bfloat16, 2, 16, 2, 1, 100, (100, 61), 3),
@@ -398,17 +404,18 @@ _GUARD_SCRIPT = textwrap.dedent(
     shim.lr2_host_mode({eager}, {eager})
     libc = ctypes.CDLL(None)
     page = mmap.PAGESIZE
-    batch, heads, capacity, head_dim = 2, 2, 40, 64
-    nbytes = batch * heads * capacity * head_dim * 4
+    batch, heads, capacity, head_dim, dtype = 2, 2, 40, {head_dim}, torch.{dtype}
+    size = torch.empty((), dtype=dtype).element_size()
+    nbytes = batch * heads * capacity * head_dim * size
     pages = -(-nbytes // page)
     region = mmap.mmap(-1, (pages + 1) * page)
     base = ctypes.addressof(ctypes.c_char.from_buffer(region))
     assert libc.mprotect(ctypes.c_void_p(base + pages * page), page, 0) == 0  # PROT_NONE right after the cache
-    flat = torch.frombuffer(region, dtype=torch.float32, count=pages * page // 4)
-    cache = flat[(pages * page - nbytes) // 4 :].view(batch, heads, capacity, head_dim)
+    flat = torch.frombuffer(region, dtype=dtype, count=pages * page // size)
+    cache = flat[(pages * page - nbytes) // size :].view(batch, heads, capacity, head_dim)
     cache.copy_(torch.randn(cache.shape))
     lengths = torch.tensor([capacity, capacity + 300])  # the last sequence, last kv head, ends at the guard page
-    q = torch.randn(batch, 4, 1, head_dim)
+    q = torch.randn(batch, {hq}, 1, head_dim).to(dtype)
     out = t._host_decode(shim, q, cache, cache, lengths, t._decode_table(head_dim), {splits})
     assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
     print("ok")
@@ -416,12 +423,20 @@ _GUARD_SCRIPT = textwrap.dedent(
 )
 
 
+# The guard tests' kernels: fp32 head 64 at 2 rows (CUDA cores), and fp16 head 256 at 4 rows (tensor cores, each warp
+# copying and looking up its own keys).
+_GUARD_KERNELS = {"fp32-D64-2rows": ("float32", 64, 4), "fp16-D256-4rows": ("float16", 256, 8)}
+
+
+@pytest.mark.parametrize("kernel", list(_GUARD_KERNELS))
 @pytest.mark.parametrize("eager", [0, 1], ids=["late-copies", "eager-copies"])
 @pytest.mark.parametrize("splits", [1, 4])
-def test_decode_overlong_sequence_reads_nothing_past_the_capacity(shim, splits, eager):
+def test_decode_overlong_sequence_reads_nothing_past_the_capacity(shim, splits, eager, kernel):
     """The cache of the over-long sequence ends right before an inaccessible page: a key read at or past the capacity
     is a segmentation fault (in a child process, so the test fails instead of the run)."""
-    script = _GUARD_SCRIPT.format(root=str(CSRC.parent), library=shim.lr2_library_path, splits=splits, eager=eager)
+    dtype, head_dim, hq = _GUARD_KERNELS[kernel]
+    script = _GUARD_SCRIPT.format(root=str(CSRC.parent), library=shim.lr2_library_path, splits=splits, eager=eager,
+                                  dtype=dtype, head_dim=head_dim, hq=hq)  # fmt: skip
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (result.returncode, result.stderr[-2000:])
 
@@ -432,12 +447,14 @@ def test_decode_model_mirrors_the_kernel_shape(shim, element_bytes, head_dim):
     """csrc/ptxas_report.py's bandwidth model uses a Python copy of DecodeShape: it must agree with the C++ one."""
     model = load_ptxas_report()
     for rows in (1, 2, 4, 8) if head_dim < 256 else (1, 2, 4):
-        out = (ctypes.c_int * 7)()
+        out = (ctypes.c_int * 9)()
         assert shim.lr2_decode_shape(element_bytes, head_dim, rows, out) == 0
         shape = model.DecodeShape(element_bytes, head_dim, rows)
         mirror = (shape.lanes_per_key, shape.slots_per_lane, shape.tile, shape.stages, shape.stage_bytes,
-                  shape.min_blocks)  # fmt: skip
-        assert tuple(out)[:6] == mirror, (head_dim, rows)
+                  shape.min_blocks, shape.page_span, shape.dynamic_bytes, shape.smem_bytes)  # fmt: skip
+        assert tuple(out) == mirror, (head_dim, rows)
+        # Dynamic shared memory exactly where a block needs more than 48 KB: fp16/bf16 head 256 at 4 rows.
+        assert bool(shape.dynamic_bytes) == (element_bytes == 2 and head_dim == 256 and rows == 4)
 
 
 # ------------------------------------------------------------------------------- rope_decode on a paged cache
@@ -496,6 +513,11 @@ PAGED_CASES = [
     (128, 96, torch.float16, 8, 1, 1, 64, 2, (70, 128), 2, 1),  # partial rotary at 8 rows (tensor cores)
     (128, None, torch.bfloat16, 8, 2, 1, 16, 7, (100, 61), 3, 2),  # blocks of 16 under the 32-key mma tiles
     (96, None, torch.float16, 8, 2, 1, 48, 3, (131, 17), 2, 1),  # blocks of 48 under the mma tiles (a divide)
+    # head 256 on tensor cores: a lookup per warp's 8 keys (blocks of 8 fit), group 4 and group 8 (two row blocks of
+    # 4), blocks of 8, 16 and 24 (a divide), shared blocks, lengths on both sides of L0, splits
+    (256, None, torch.bfloat16, 8, 2, 1, 8, 12, (91, 37), 3, 2),
+    (256, None, torch.float16, 16, 2, 1, 16, 5, (75, 41), 2, 1),
+    (256, 128, torch.bfloat16, 4, 1, 1, 24, 4, (83, 20), 2, 0),
 ]
 
 
@@ -524,14 +546,15 @@ def test_paged_decode_kernel_equals_reference(decode_shim, head_dim, rotary_dim,
         torch.testing.assert_close(out[b].double(), expected, atol=_DECODE_ATOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("head_dim", [64, 256])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_paged_decode_bad_block_ids_and_overlong_lengths_give_nan_rows(decode_shim, splits):
+def test_paged_decode_bad_block_ids_and_overlong_lengths_give_nan_rows(decode_shim, splits, head_dim):
     """Sequence 1's third block id is past the pool, sequence 2's first is -1, sequence 3's length exceeds the
     capacity: NaN in every element of their rows (no read: the slots the ids would name do not exist, and a read of
     a NaN slot elsewhere would show in the other rows). Sequences 0 (length 40 with -1 entries past it) and 4 (at the
-    capacity) are exact."""
+    capacity) are exact. 4 rows a block (group 2 x 2 new tokens): tensor cores, at head 256 a lookup per warp."""
     gen = torch.Generator().manual_seed(11)
-    head_dim, block_size, max_blocks = 64, 32, 3
+    block_size, max_blocks = 32, 3
     capacity = block_size * max_blocks
     table = _decode_table(head_dim)
     seqlens = (40, 90, 50, capacity + 1, capacity)
@@ -561,38 +584,53 @@ _PAGED_GUARD_SCRIPT = textwrap.dedent(
     shim.lr2_host_mode({eager}, {eager})
     libc = ctypes.CDLL(None)
     page = mmap.PAGESIZE
-    num_blocks, block_size, heads, head_dim = 6, 32, 2, 64
-    block_bytes = block_size * heads * head_dim * 4
+    num_blocks, block_size, heads, head_dim, dtype = {num_blocks}, {block_size}, 2, {head_dim}, torch.{dtype}
+    size = torch.empty((), dtype=dtype).element_size()
+    block_bytes = block_size * heads * head_dim * size
     guard = -(-block_bytes // page) * page  # a block's worth of inaccessible pages on each side of the pool
     pool = num_blocks * block_bytes
     region = mmap.mmap(-1, guard + pool + guard)
     base = ctypes.addressof(ctypes.c_char.from_buffer(region))
     assert libc.mprotect(ctypes.c_void_p(base), guard, 0) == 0
     assert libc.mprotect(ctypes.c_void_p(base + guard + pool), guard, 0) == 0
-    flat = torch.frombuffer(region, dtype=torch.float32, count=(guard + pool) // 4)
-    cache = flat[guard // 4 :].view(num_blocks, block_size, heads, head_dim)
+    flat = torch.frombuffer(region, dtype=dtype, count=(guard + pool) // size)
+    cache = flat[guard // size :].view(num_blocks, block_size, heads, head_dim)
     cache.copy_(torch.randn(cache.shape))
     lengths = torch.tensor([64, 64, 64, 64])
-    table = torch.tensor([[0, 1, -1], [2, num_blocks, 0], [-1, 3, 4], [2**30, 5, 1]], dtype=torch.int32)
-    q = torch.randn(4, 4, 1, head_dim)
+    table = torch.tensor({table}, dtype=torch.int32)
+    q = torch.randn(4, {hq}, 1, head_dim).to(dtype)
     decode_table = t._decode_table(head_dim)
     out = t._host_decode(shim, q, cache, cache, lengths, decode_table, {splits}, block_table=table)
     assert torch.isnan(out[1:]).all() and not torch.isnan(out[0]).any()
     expected = t._paged_reference(q, cache, cache, lengths, decode_table, table, 0)
-    torch.testing.assert_close(out[0].double(), expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(out[0].double(), expected, atol=t._DECODE_ATOL[dtype], rtol=0)
     print("ok")
     """
 )
 
 
+# (num_blocks, block_size, table): blocks of 32 (2 a sequence of 64), and of 8 under head 256's tiles of 32 (a bad id
+# in the middle of a tile: only the warp whose 8 keys it holds sees it).
+_PAGED_GUARD_TABLES = {
+    "fp32-D64-2rows": (6, 32, [[0, 1, -1], [2, "num_blocks", 0], [-1, 3, 4], [2**30, 5, 1]]),
+    "fp16-D256-4rows": (20, 8, [[0, 1, 2, 3, 4, 5, 6, 7, -1], [8, 9, 10, "num_blocks", 11, 12, 13, 14, 0],
+                                [-1, 15, 16, 17, 18, 19, 0, 1, 2], [3, 4, 5, 6, 7, 8, 2**30, 9, 2**30]]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel", list(_GUARD_KERNELS))
 @pytest.mark.parametrize("eager", [0, 1], ids=["late-copies", "eager-copies"])
 @pytest.mark.parametrize("splits", [1, 2])
-def test_paged_decode_never_dereferences_a_bad_block_id(shim, splits, eager):
+def test_paged_decode_never_dereferences_a_bad_block_id(shim, splits, eager, kernel):
     """The pool lies between two inaccessible regions a block long: a read through block id num_blocks, -1 or 2^30
     is a segmentation fault (in a child process, so the test fails instead of the run). Sequence 0 (its entry past
     its length is -1, never read) is exact; the others get NaN rows."""
+    dtype, head_dim, hq = _GUARD_KERNELS[kernel]
+    num_blocks, block_size, table = _PAGED_GUARD_TABLES[kernel]
+    table = str(table).replace("'num_blocks'", "num_blocks")
     script = _PAGED_GUARD_SCRIPT.format(root=str(CSRC.parent), library=shim.lr2_library_path, splits=splits,
-                                        eager=eager)  # fmt: skip
+                                        eager=eager, dtype=dtype, head_dim=head_dim, hq=hq, num_blocks=num_blocks,
+                                        block_size=block_size, table=table)  # fmt: skip
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (result.returncode, result.stderr[-2000:])
 
@@ -619,10 +657,43 @@ def test_decode_key_tile_mirrors_the_kernel(shim, dtype):
     element_bytes = torch.empty((), dtype=dtype).element_size()
     for head_dim in (64, 96, 128, 256):
         for rows in (1, 2, 4, 8) if head_dim < 256 else (1, 2, 4):
-            out = (ctypes.c_int * 7)()
+            out = (ctypes.c_int * 9)()
             assert shim.lr2_decode_shape(element_bytes, head_dim, rows, out) == 0
             assert launch.decode_key_tile(dtype, head_dim, rows) == out[6], (dtype, head_dim, rows)
             assert 32 % out[6] == 0  # every multiple of 32 is a valid block size
+            # The grid's blocks per SM: 2 where the kernel's shared memory is dynamic (2 resident), else 3.
+            assert launch._dynamic_smem(dtype, head_dim, rows) == (out[7] > 0), (dtype, head_dim, rows)
+            assert launch._grid_blocks_per_sm(dtype, head_dim, rows) == (2 if out[7] else 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_dynamic_shared_memory_is_checked_against_the_device_limit(shim, dtype):
+    """Head 256 at 4 rows keeps its 66 KB of stages in dynamic shared memory: the launch opts the kernel in
+    (cudaFuncSetAttribute; the emulation fails a launch past 48 KB without it) after checking static + dynamic
+    against the device's per-block opt-in limit. On a device whose limit is 64 KB it refuses with the bytes it needs;
+    the 2-row kernel (static shared memory) still runs; at 80000 bytes (the kernel's own)
+    it runs and is exact."""
+    gen = torch.Generator().manual_seed(5)
+    table = _decode_table(256)
+    lengths = torch.tensor([40])
+    k = torch.randn(1, 1, 40, 256, generator=gen).to(dtype)
+    v = torch.randn(1, 1, 40, 256, generator=gen).to(dtype)
+    try:
+        shim.lr2_host_smem_optin(64 * 1024)
+        q = torch.randn(1, 4, 1, 256, generator=gen).to(dtype)
+        error = _host_decode(shim, q, k, v, lengths, table, 1, expect_error=True)
+        assert "needs 80000 bytes of shared memory a block (12416 static + 67584 dynamic)" in error, error
+        assert "opt-in limit of 65536 bytes" in error and "backend='triton'" in error, error
+        q2 = torch.randn(1, 2, 1, 256, generator=gen).to(dtype)
+        out = _host_decode(shim, q2, k, v, lengths, table, 1)
+        torch.testing.assert_close(out[0].double(), _reference_rows(q2, k, v, lengths, table, 0),
+                                   atol=_DECODE_ATOL[dtype], rtol=0)  # fmt: skip
+        shim.lr2_host_smem_optin(80000)
+        out = _host_decode(shim, q, k, v, lengths, table, 1)
+        torch.testing.assert_close(out[0].double(), _reference_rows(q, k, v, lengths, table, 0),
+                                   atol=_DECODE_ATOL[dtype], rtol=0)  # fmt: skip
+    finally:
+        shim.lr2_host_smem_optin(227 * 1024)
 
 
 class _ShimExtension:

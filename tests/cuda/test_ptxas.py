@@ -41,6 +41,23 @@ def test_every_instantiation_is_compiled(kernels):
             assert (f"rope_rotate_kernel<{dtype}>", arch) in names
 
 
+def test_decode_shared_memory_is_the_models(kernels):
+    """ptxas's static shared memory of every rope_decode kernel is DecodeShape's (csrc/ptxas_report.py, the mirror of
+    csrc/rope_decode.cuh's): all of the block's for the static kernels; the tables alone (< 48 KB) for the kernels
+    whose stages are dynamic (fp16/bf16 head 256 at 4 rows), which the launch's opt-in check counts as static. The
+    model's blocks per SM use static + dynamic."""
+    checked = 0
+    for kernel in kernels:
+        shape = ptxas_report.decode_shape(kernel)
+        if shape is None:
+            continue
+        checked += 1
+        assert kernel.dynamic_smem == shape.dynamic_bytes, kernel.name
+        assert kernel.smem == shape.smem_bytes - shape.dynamic_bytes, (kernel.name, kernel.arch, kernel.smem)
+        assert kernel.smem <= ptxas_report.STATIC_SMEM_LIMIT, kernel.name
+    assert checked == 2 * 3 * (4 * 3 + 3) * 2  # archs x dtypes x (head, rows) x dense/paged
+
+
 def test_parse_reads_ptxas_lines():
     text = (
         "ptxas info    : Compiling entry function '_Z3foov' for 'sm_90'\n"
@@ -57,4 +74,9 @@ def test_parse_reads_ptxas_lines():
         4,
         300000,
     )
-    assert len(kernel.problems()) == 2  # spills, and smem over sm_90's 227 KB
+    assert len(kernel.problems()) == 3  # spills, smem over sm_90's 227 KB, and static smem over 48 KB
+    kernel.smem, kernel.dynamic_smem = 12416, 67584  # head 256 at 4 rows: its tables static, its stages dynamic
+    kernel.spill_stores = kernel.spill_loads = 0
+    assert not kernel.problems()
+    kernel.dynamic_smem = 227 * 1024  # static + dynamic over the opt-in limit
+    assert len(kernel.problems()) == 1

@@ -33,8 +33,9 @@ DECODE_HEAD_DIMS = (64, 96, 128, 256)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _LOG2E = 1.4426950408889634
 # KV splits (csrc/rope_decode.cuh, csrc/README.md's model): the grid asks for about _BLOCKS_PER_SM resident blocks per
-# SM (the decode kernel's registers allow 3 at 4 warps), each split at least _SPLIT_MIN_KEYS keys; each sequence then
-# uses min(grid splits, ceil(its length / _SPLIT_MIN_KEYS)) of them on the device.
+# SM (the decode kernel's registers allow 3 at 4 warps; 2 for the kernel whose shared memory allows 2:
+# _grid_blocks_per_sm), each split at least _SPLIT_MIN_KEYS keys; each sequence then uses min(grid splits,
+# ceil(its length / _SPLIT_MIN_KEYS)) of them on the device.
 _BLOCKS_PER_SM = 3
 _SPLIT_MIN_KEYS = 256
 _MAX_SPLITS = 128
@@ -131,11 +132,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _num_splits(programs: int, capacity: int, device: torch.device) -> int:
-    """The grid's KV splits per (sequence, kv head, row block): enough blocks for _BLOCKS_PER_SM per SM, from the
+def _num_splits(programs: int, capacity: int, device: torch.device, blocks_per_sm: int = _BLOCKS_PER_SM) -> int:
+    """The grid's KV splits per (sequence, kv head, row block): enough blocks for ``blocks_per_sm`` per SM, from the
     cache's capacity (no host read of cache_seqlens). The kernel gives each sequence its own number of splits, at most
     this many, from its own length; the blocks beyond it exit at once."""
-    target = _BLOCKS_PER_SM * sm_count(device)
+    target = blocks_per_sm * sm_count(device)
     if programs >= target:
         return 1
     return max(1, min(_cdiv(target, programs), _cdiv(capacity, _SPLIT_MIN_KEYS), _MAX_SPLITS))
@@ -148,6 +149,21 @@ def _rows_per_block(head_dim: int, rows: int) -> int:
         if rows <= size:
             return size
     return 4 if head_dim >= 256 else 8
+
+
+def _dynamic_smem(dtype: torch.dtype, head_dim: int, rows_per_block: int) -> bool:
+    """Whether the decode kernel keeps its stages in dynamic shared memory (csrc/rope_decode.cuh:
+    ``DecodeShape::DYNAMIC_SMEM``, mirrored here and checked by tests/cuda/test_host_math.py): fp16/bf16 head 256 at
+    4 rows a block, on tensor cores, 78 KB a block. Its launch opts the kernel in (``cudaFuncSetAttribute``) and
+    raises a RuntimeError naming the bytes where the GPU's per-block opt-in limit is smaller (every sm_80+ GPU has
+    >= 99 KB)."""
+    return torch.empty((), dtype=dtype).element_size() == 2 and head_dim > 128 and rows_per_block >= 4
+
+
+def _grid_blocks_per_sm(dtype: torch.dtype, head_dim: int, rows_per_block: int) -> int:
+    """Blocks per SM the grid's splits aim at: 3 (the registers allow 3), 2 where the shared memory allows only 2
+    (:func:`_dynamic_smem`): one wave, rather than a third block an SM that runs alone after the first two."""
+    return 2 if _dynamic_smem(dtype, head_dim, rows_per_block) else _BLOCKS_PER_SM
 
 
 def _check_aligned_cache(name: str, x: Tensor) -> None:
@@ -173,12 +189,12 @@ def decode_key_tile(dtype: torch.dtype, head_dim: int, rows_per_block: int) -> i
 
     The tile is ``max(4 warps x keys a warp scores at once, the keys of ~8 KB of keys and values)``. A tile is read
     from one block of a paged cache, so its block_size must be a multiple of it; every multiple of 32 is. fp16/bf16
-    at 4 and 8 rows per block and head_dim <= 128 (the tensor-core tiles of 32 keys) look each half tile's block up:
-    16 (``DecodeShape::PAGE_SPAN``).
+    at 4 and 8 rows per block (the tensor-core tiles of 32 keys) look each half tile's block up: 16; at head_dim
+    256 each warp's 8 keys: 8 (``DecodeShape::PAGE_SPAN``).
     """
     element_size = torch.empty((), dtype=dtype).element_size()
-    if element_size == 2 and rows_per_block >= 4 and head_dim <= 128:
-        return 16
+    if element_size == 2 and rows_per_block >= 4:
+        return 8 if head_dim > 128 else 16
     slots = head_dim // 2
     target = min(8, max(1, 16 // rows_per_block))  # slots per lane at most (registers)
     lanes = [n for n in (1, 2, 4, 8, 16, 32) if slots % n == 0]
@@ -241,7 +257,9 @@ def rope_decode(
     if paged:
         _check_block_size(block_size, q.dtype, head_dim, rows_per_block)
     if num_splits is None:
-        num_splits = _num_splits(batch * num_kv_heads * _cdiv(num_rows, rows_per_block), max_len, q.device)
+        programs = batch * num_kv_heads * _cdiv(num_rows, rows_per_block)
+        blocks_per_sm = _grid_blocks_per_sm(q.dtype, head_dim, rows_per_block)
+        num_splits = _num_splits(programs, max_len, q.device, blocks_per_sm)
     if num_splits > 1:
         o_part = torch.empty((batch * num_kv_heads, num_splits, num_rows, head_dim), dtype=torch.float32,
                              device=q.device)  # fmt: skip

@@ -11,6 +11,9 @@
 //   lockstep), and "eager" copies (performed at issue) with greedy threads (always the lowest-numbered runnable
 //   thread: warp 0 runs ahead until a __syncthreads stops it), which exposes a stage refilled while another warp
 //   still reads it (a missing barrier after the compute of a tile).
+// - Dynamic shared memory (LR2_LAUNCH_SMEM, LR2_DYNAMIC_SHARED) is a fresh buffer a block, filled with 0xff bytes (NaN
+//   in fp16, bf16 and fp32), so a read of a byte no thread wrote shows; a kernel that takes more than the launch gave,
+//   or a launch past 48 KB without the kernel's cudaFuncSetAttribute, fails.
 // - 16-byte copies and loads must be 16-byte aligned (source and destination), as on a GPU; a violation, a deadlock
 //   (some threads at a barrier that others never reach) or a launch with threads not a multiple of 32 is recorded in
 //   lr2_host::error() and fails the test.
@@ -22,6 +25,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -70,6 +74,25 @@ inline std::function<void()> g_body;
 inline std::string g_error;
 inline bool g_eager = false;   // cp.async performed at issue (else at the wait that completes it)
 inline bool g_greedy = false;  // resume the lowest-numbered runnable thread (else each runnable thread in turn)
+
+// Dynamic shared memory: the emulated device's per-block opt-in limit, each kernel's cudaFuncSetAttribute value, and
+// the running block's buffer.
+inline int g_device = 0;               // cudaGetDevice: a new id for each emulated device
+inline int g_smem_optin = 227 * 1024;  // H100/H200
+inline std::map<const void*, int> g_dynamic_smem_allowed;
+struct alignas(16) Bytes16 {
+    unsigned char b[16];
+};
+inline std::vector<Bytes16> g_dynamic_smem;
+inline int g_dynamic_smem_bytes = 0;
+
+// Switch to a new emulated device (a new cudaGetDevice id) whose per-block opt-in limit is `bytes`: kernels opt in
+// again (and the launch's per-device cache of that sees a device it has not configured).
+inline void set_smem_optin(int bytes) {
+    g_smem_optin = bytes;
+    g_device = (g_device + 1) % 64;
+    g_dynamic_smem_allowed.clear();
+}
 
 inline void set_mode(bool eager, bool greedy) {
     g_eager = eager;
@@ -144,6 +167,12 @@ inline int any(bool predicate) {
     return 0;
 }
 
+// The block's dynamic shared memory, of which the kernel uses `bytes`.
+inline unsigned char* dynamic_shared(int bytes) {
+    if (bytes > g_dynamic_smem_bytes) fail("dynamic shared memory: the kernel uses more bytes than the launch gave");
+    return reinterpret_cast<unsigned char*>(g_dynamic_smem.data());
+}
+
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 inline void cp_async_16(void* dst, const void* src, bool valid) {
@@ -176,7 +205,7 @@ inline void cp_async_wait(int pending) {
 
 // Run kernel(args) on every block of the grid, blocks one after another.
 template <typename Kernel, typename... Args>
-void launch(Kernel kernel, dim3 grid, dim3 block, Args... args) {
+void launch(Kernel kernel, dim3 grid, dim3 block, int smem, Args... args) {
     const unsigned threads = block.x * block.y * block.z;
     if (block.y != 1 || block.z != 1 || threads % 32 != 0) {
         fail("launch: the emulation runs 1-D blocks of a multiple of 32 threads");
@@ -188,6 +217,10 @@ void launch(Kernel kernel, dim3 grid, dim3 block, Args... args) {
     for (unsigned z = 0; z < grid.z && g_error.empty(); ++z) {
         for (unsigned y = 0; y < grid.y && g_error.empty(); ++y) {
             for (unsigned x = 0; x < grid.x && g_error.empty(); ++x) {
+                Bytes16 poison;
+                std::memset(poison.b, 0xff, 16);
+                g_dynamic_smem.assign((smem + 15) / 16 + 1, poison);
+                g_dynamic_smem_bytes = smem;
                 Block b;
                 b.fibers.resize(threads);
                 b.warps.resize(threads / 32);

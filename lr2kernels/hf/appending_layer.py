@@ -83,6 +83,8 @@ class AppendingDynamicLayer(DynamicLayer):
     """transformers' ``DynamicLayer``, whose ``update`` writes the new rows into buffers with growth room instead of
     concatenating (see the module docstring). Only a patched model's CPU rotated-key path makes one."""
 
+    _layer_type = None  # never entered in transformers' layer-type mappings (CacheLayerMixin.__init_subclass__)
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,9 @@ hooks through bound methods of the state. What a layer does in a forward is deci
 lengths: :mod:`lr2kernels.hf.plan`), the layer only runs it. Outside the model the patch keeps data about the caches
 the model writes, on the caches themselves: each cache's key positions (``_lr2_ledger``, :mod:`~.positions`) and, for
 CPU decoding, each cache layer's rotated-key copy (``_lr2_rotated_keys``, :mod:`~.rotated_keys`); they travel with
-the cache (copied, pickled) and mean nothing to a stock model. Where an attention layer owns a private
+the cache (copied, pickled) and mean nothing to a stock model. On that CPU path the cache layers also become
+:class:`~.appending_layer.AppendingDynamicLayer` (buffers with growth room, ``_lr2_kv_room``), which give the same
+keys and values as ``DynamicLayer`` and copy back to plain ones. Where an attention layer owns a private
 ``apply_rotary_pos_emb`` wrapper (transformers with ``kernels``, see :func:`_rotation_wrapper`), that layer's
 wrapper skips the identity rotation, recognising the identity cos that the patched rotary module marks
 (``_lr2_identity_rotation``, on a tensor the patch itself creates at each forward).

@@ -238,6 +238,31 @@ def test_triton_num_splits_give_the_same_result(num_splits, min_split_keys):
     )
 
 
+@requires_triton
+@pytest.mark.parametrize("chunk", ["chunk_default", "chunk_small"])
+@pytest.mark.parametrize(
+    "heads,n_new", [((4, 4), 1), ((8, 1), 1), ((6, 2), 3)], ids=["mha_tile3d", "gqa8_unrolled", "gqa3_new3"]
+)
+def test_triton_in_kernel_merge_every_split_count(heads, n_new, chunk, monkeypatch):
+    # The last split program of each (sequence, kv head) row block to finish merges them all, counted by an int32
+    # arrival counter per block in a workspace kept between calls. It must merge exactly the splits its sequence
+    # uses (the others exit at once; with 1-key splits, some used splits see no key: lse -inf), in chunks of
+    # MERGE_S splits (chunk_small: one or two a chunk, several chunks) as a 3D tile (MHA's one row) or unrolled
+    # (8 and 9 rows), and leave every counter at 0, so that the next call, reusing them, merges right too.
+    from lr2kernels.ops.triton import decode
+
+    if chunk == "chunk_small":
+        monkeypatch.setattr(decode, "_MERGE_ELEMENTS_PER_THREAD", 1)
+    table = make_table(64)
+    q, k_cache, v_cache, cache_seqlens = _inputs([3, 64, 65, 130, 257], *heads, n_new, 64)  # both tables
+    expected = _expected(q, k_cache, v_cache, cache_seqlens, table)
+    for num_splits, min_split_keys in ((2, None), (3, 1), (9, 1), (9, None)):
+        out = _launch(q, k_cache, v_cache, cache_seqlens, table, num_splits, min_split_keys)
+        torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])
+        counters = decode._COUNTERS[(str(q.device), 0)]
+        assert (counters == 0).all(), "every merger resets its block's counter"
+
+
 class _CacheReads:
     """Records, in Triton's interpreter, the slot of every element a kernel loads from the storage of the given
     caches (``[B, H, S, D]`` views whose heads are blocks of ``stride(1)`` elements; unmasked lanes only): the proof

@@ -12,9 +12,9 @@ disassembled with its nvdisasm, since Triton 3.6 truncates ``asm["sass"]``). Fro
 
 The model, for batch B, kv heads Hk, q heads Hq, n new tokens, a cache filled to L (bytes = 2 L Hk D elt B):
 
-- bytes in flight per SM = tile bytes (k + v, BLOCK_N x D) x (num_stages - 1) x programs per SM: the pipeline's
-  loads outstanding while one tile is computed. Little's law: an SM streams at most in_flight / latency; HBM needs
-  BW x latency / SMs per SM (the latency-bandwidth product);
+- bytes in flight per SM = tile bytes (k + v, BLOCK_N x D) x (num_stages - 1; paged, num_stages - 3) x programs
+  per SM: the pipeline's loads outstanding while one tile is computed. Little's law: an SM streams at most
+  in_flight / latency; HBM needs BW x latency / SMs per SM (the latency-bandwidth product);
 - issue: a trip's warp-instructions (trip x warps) over 4 schedulers at ``--ipc`` instructions per cycle each bound
   what an SM can stream to tile bytes x 4 x ipc x clock / (trip x warps);
 - the grid: programs = B x Hk x splits (the launcher's choice for that GPU's SM count), spread evenly: the busiest
@@ -23,7 +23,10 @@ The model, for batch B, kv heads Hk, q heads Hq, n new tokens, a cache filled to
   prologue and epilogue (the fast-path SASS before and after the loop: q, the step table's sincos, the stores)
   and the in-kernel merge: the last split of each (sequence, kv head) to finish merges all of them, after an
   atomic arrival count (its fence and the atomic: two L2 round trips), one L2 round trip and one trip of the
-  merge's loop (SASS, as compiled) per chunk of ``MERGE_S`` splits; no second launch.
+  merge's loop (SASS, as compiled) per chunk of ``MERGE_S`` splits; no second launch. (A merge kernel, as
+  before the in-kernel merge: a launch gap, then an L2 round trip and a loop trip per split.)
+
+``--page N`` models a paged cache (blocks of N keys, read through a block table) instead of a dense one.
 
 Predicted fraction of HBM bandwidth = (bytes / BW) / predicted time. Run with each Triton to compare them::
 
@@ -293,16 +296,22 @@ SHAPES = [
 LENGTHS = [32768, 65536, 131072]
 
 
-def launches(shape: Shape, length: int, batch: int, gpu: Gpu, dtype: torch.dtype):
-    """The decode's launches for this shape on ``gpu``, as its launcher makes them (num_splits from the SM count)."""
+def launches(shape: Shape, length: int, batch: int, gpu: Gpu, dtype: torch.dtype, page: int = 0):
+    """The decode's launches for this shape on ``gpu``, as its launcher makes them (num_splits from the SM count);
+    ``page`` > 0: a paged cache of blocks of that many keys, read through a block table."""
     from lr2kernels.ops.triton import decode
 
     q = torch.empty(batch, shape.q_heads, shape.n_new, shape.head_dim, device="meta", dtype=dtype)
-    cache = torch.empty(batch, shape.kv_heads, length, shape.head_dim, device="meta", dtype=dtype)
+    if page:
+        cache = torch.empty(batch * length // page, page, shape.kv_heads, shape.head_dim, device="meta", dtype=dtype)
+        paged = {"block_table": torch.empty(batch, length // page, dtype=torch.int32, device="meta")}
+    else:
+        cache = torch.empty(batch, shape.kv_heads, length, shape.head_dim, device="meta", dtype=dtype)
+        paged = {}
     seqlens = torch.empty(batch, dtype=torch.int32, device="meta")
     inv_freq = torch.empty(2, shape.head_dim // 2, device="meta")
     rows = shape.q_heads // shape.kv_heads * shape.n_new
-    block_m, block_n = decode._block_sizes(rows, shape.head_dim, dtype)
+    block_m, block_n = decode._block_sizes(rows, shape.head_dim, dtype, paged=bool(page))
     programs = batch * shape.kv_heads * triton.cdiv(rows, block_m)
     real_sm_count = decode.sm_count
     decode.sm_count = lambda device: gpu.sms
@@ -312,7 +321,7 @@ def launches(shape: Shape, length: int, batch: int, gpu: Gpu, dtype: torch.dtype
         decode.sm_count = real_sm_count
     with captured_launches(gpu.arch) as captured:
         decode.rope_decode(q, cache, cache, seqlens, inv_freq, 4096, 1.0, 1.2, shape.head_dim**-0.5,
-                           num_splits=splits)  # fmt: skip
+                           num_splits=splits, **paged)  # fmt: skip
     return captured, splits, programs * splits
 
 
@@ -323,8 +332,8 @@ def programs_per_sm(c: Compiled, gpu: Gpu) -> int:
     return max(0, min(by_regs, by_smem, gpu.max_warps // c.warps, 32))
 
 
-def model(shape, length, batch, gpu, dtype, ipc, compiled_cache):
-    captured, splits, grid = launches(shape, length, batch, gpu, dtype)
+def model(shape, length, batch, gpu, dtype, ipc, compiled_cache, page=0):
+    captured, splits, grid = launches(shape, length, batch, gpu, dtype, page)
     rows = []
     for fn, args in captured:
         key = (fn.__name__, repr(sorted(args["constants"].items())), args["num_warps"], args["num_stages"], gpu.arch)
@@ -336,7 +345,10 @@ def model(shape, length, batch, gpu, dtype, ipc, compiled_cache):
     block_n = main.constants["BLOCK_N"]
     tile_bytes = 2 * block_n * shape.head_dim * elt  # k and v
     per_sm = programs_per_sm(main, gpu)
-    in_flight = tile_bytes * (main.stages - 1) * per_sm
+    # k/v tiles loading ahead of the one computed: stages - 1; paged, the block ids' chain takes two stages of the
+    # pipeline (the launcher's _NUM_STAGES_PAGED = 5 keeps two k/v tiles ahead, as the dense kernel's 3)
+    ahead = main.stages - (3 if page else 1)
+    in_flight = tile_bytes * ahead * per_sm
     lbp = [gpu.bandwidth * lat * 1e-9 / gpu.sms for lat in LATENCIES_NS]
     mlp_sm = in_flight / (max(LATENCIES_NS) * 1e-9)  # bytes/s one SM can keep coming
     issue_sm = tile_bytes * 4 * ipc * gpu.clock / (main.trip * main.warps)
@@ -345,7 +357,7 @@ def model(shape, length, batch, gpu, dtype, ipc, compiled_cache):
     concurrent = min(per_sm, rounds_programs)
     kv_bytes = 2 * batch * shape.kv_heads * length * shape.head_dim * elt
     sm_bytes = kv_bytes / grid * rounds_programs
-    mlp_now = tile_bytes * (main.stages - 1) * concurrent / (max(LATENCIES_NS) * 1e-9)
+    mlp_now = tile_bytes * ahead * concurrent / (max(LATENCIES_NS) * 1e-9)
     sm_rate = min(gpu.bandwidth / gpu.sms, mlp_now, issue_sm)
     prologue = main.rest * main.warps / (4 * ipc * gpu.clock) * rounds_programs / concurrent
     merge_time = 0.0
@@ -370,7 +382,9 @@ def report(args) -> str:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     cache: dict = {}
     lines = [
-        f"Triton {triton.__version__}, {args.dtype}, batch {args.batch}, n = 1 new token, issue at {args.ipc} "
+        f"Triton {triton.__version__}, {args.dtype}, batch {args.batch}, n = 1 new token, "
+        + (f"paged: blocks of {args.page} keys (block_table), " if args.page else "")
+        + f"issue at {args.ipc} "
         f"instructions/cycle per scheduler, DRAM latency {LATENCIES_NS[0]:.0f}-{LATENCIES_NS[1]:.0f} ns "
         f"(the model uses {LATENCIES_NS[1]:.0f}), an L2 round trip of {L2_LATENCY_NS:.0f} ns (the merge).",
         "",
@@ -389,7 +403,7 @@ def report(args) -> str:
         ]  # fmt: skip
         for shape in SHAPES:
             for length in LENGTHS:
-                m = model(shape, length, args.batch, gpu, dtype, args.ipc, cache)
+                m = model(shape, length, args.batch, gpu, dtype, args.ipc, cache, args.page)
                 c = m["main"]
                 k = c.constants
                 lines.append(
@@ -459,6 +473,7 @@ def main() -> None:
     parser.add_argument("--gpus", nargs="+", default=["H100", "H200", "A100"], choices=list(GPUS))
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--page", type=int, default=0, help="model a paged cache of this block size (0: dense)")
     parser.add_argument("--ipc", type=float, default=0.7, help="sustained issue rate per scheduler (<= 1)")
     parser.add_argument("--out", type=Path, help="write the markdown table here (default: stdout)")
     parser.add_argument("--check", action="store_true", help="compile every head case instead; exit 1 on a spill")

@@ -368,15 +368,16 @@ if triton is not None:
 
 
 @requires_triton
+@pytest.mark.parametrize("block_n", [64, 128], ids=["N64", "N128"])  # 128-key tiles: heads 80-96 on a GPU
 @pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
-def test_triton_angle_addition_precision_up_to_131k(long):
+def test_triton_angle_addition_precision_up_to_131k(long, block_n):
     """The key tiles' cos/sin (one sincos per tile + angle addition) reproduce HF's fp32 cos/sin, so their error
     against float64 is HF's own, at every sampled position up to 131071."""
     if triton is None:
         pytest.fail(
             f"the triton backend is available but its decode kernel helpers do not import: {_TRITON_IMPORT_ERROR}"
         )
-    half, block_n = 64, 64
+    half = 64
     table = RopeTable.longrope(
         head_dim=2 * half,
         base=500000.0,
@@ -388,7 +389,7 @@ def test_triton_angle_addition_precision_up_to_131k(long):
     generator = torch.Generator().manual_seed(0)
     tiles = torch.cat(
         [
-            torch.tensor([0, 1, 63, 64, 1023, 1024, 2047, 2048]),  # the first tiles and around powers of two
+            torch.tensor([0, 1, 63, 64, 1023, 1024, 2047, 2048]) * 64 // block_n,  # the first tiles, powers of two
             torch.tensor([65535, 65536, 131071]) // block_n,  # where fp32's angle ulp doubles, and the last tile
             torch.randint(0, 131072 // block_n, (48,), generator=generator),
         ]

@@ -71,8 +71,7 @@ MATRICES = {
     "gate": (list(HEAD_CASES), ["bf16"]),
     "half": (list(HEAD_CASES), ["bf16", "fp16"]),
 }
-KERNELS = ["fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "bwd_stage", "decode", "decode_merge", "apply_rope",
-           "rerotate"]
+KERNELS = ["fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "bwd_stage", "decode", "apply_rope", "rerotate"]
 LOOP_KERNELS = ["fwd", "bwd_dq", "bwd_dkdv"]  # the attention kernels (loops staged vs rotated per tile)
 TILE_LOOP_KERNELS = {"fwd", "bwd_dq", "bwd_dkdv", "decode"}  # kernels whose tile loop is found in the SASS
 PEER_JSON = ROOT / "benchmarks/results/peer_tutorial_attention.json"
@@ -174,7 +173,6 @@ _KERNEL_OBJECTS = {
     "bwd_delta": (0, "_delta_kernel"),
     "bwd_stage": (0, "_stage_rotated_kernel"),  # the backward's rotated copies of q and k
     "decode": (1, "_rope_decode_kernel"),
-    "decode_merge": (1, "_rope_decode_merge_kernel"),
     "apply_rope": (2, "_apply_rope_kernel"),
     "rerotate": (2, "_rerotate_kernel"),
 }
@@ -311,7 +309,6 @@ KERNEL_CALLS = {
     "bwd_delta": ["backward"],
     "bwd_stage": ["backward"],
     "decode": list(DECODE_CASES),
-    "decode_merge": [c for c, spec in DECODE_CASES.items() if spec[-1] > 1],
     "apply_rope": ["apply_rope"],
     "rerotate": ["rerotate"],
 }
@@ -379,8 +376,6 @@ def _config_name(kernel: str, named: dict, options: dict, case: str) -> str:
         page = f" page={named['PAGE']}" if named.get("PAGE") else ""  # paged caches (block_table)
         return (f"M{named['BLOCK_M']} N{named['BLOCK_N']} w{warps} s{stages} split={int(bool(named['IS_SPLIT']))}"
                 f"{page}")  # fmt: skip
-    if kernel == "decode_merge":
-        return f"M{named['BLOCK_M']} w{warps}"
     return f"B{named['BLOCK']} w{warps}"
 
 

@@ -12,16 +12,21 @@ disassembled with its nvdisasm, since Triton 3.6 truncates ``asm["sass"]``). Fro
 
 The model, for batch B, kv heads Hk, q heads Hq, n new tokens, a cache filled to L (bytes = 2 L Hk D elt B):
 
-- bytes in flight per SM = tile bytes (k + v, BLOCK_N x D) x (num_stages - 1) x programs per SM: the pipeline's
-  loads outstanding while one tile is computed. Little's law: an SM streams at most in_flight / latency; HBM needs
-  BW x latency / SMs per SM (the latency-bandwidth product);
+- bytes in flight per SM = tile bytes (k + v, BLOCK_N x D) x (num_stages - 1; paged, num_stages - 3) x programs
+  per SM: the pipeline's loads outstanding while one tile is computed. Little's law: an SM streams at most
+  in_flight / latency; HBM needs BW x latency / SMs per SM (the latency-bandwidth product);
 - issue: a trip's warp-instructions (trip x warps) over 4 schedulers at ``--ipc`` instructions per cycle each bound
   what an SM can stream to tile bytes x 4 x ipc x clock / (trip x warps);
 - the grid: programs = B x Hk x splits (the launcher's choice for that GPU's SM count), spread evenly: the busiest
   SM streams ceil(programs / SMs) programs' bytes, min(that, programs per SM) at a time (fewer concurrent programs,
   fewer bytes in flight). Its time = bytes / min(BW / SMs, in flight / latency, issue bound), plus each program's
   prologue and epilogue (the fast-path SASS before and after the loop: q, the step table's sincos, the stores)
-  and the merge kernel (its partials' bytes, one launch gap).
+  and the in-kernel merge: the last split of each (sequence, kv head) to finish merges all of them, after an
+  atomic arrival count (its fence and the atomic: two L2 round trips), one L2 round trip and one trip of the
+  merge's loop (SASS, as compiled) per chunk of ``MERGE_S`` splits; no second launch. (A merge kernel, as
+  before the in-kernel merge: a launch gap, then an L2 round trip and a loop trip per split.)
+
+``--page N`` models a paged cache (blocks of N keys, read through a block table) instead of a dense one.
 
 Predicted fraction of HBM bandwidth = (bytes / BW) / predicted time. Run with each Triton to compare them::
 
@@ -74,7 +79,13 @@ GPUS = {
     "A100": Gpu("A100 SXM 80GB", 80, 108, 2.04e12, 1.41e9, 164 * 1024),
 }
 LATENCIES_NS = (600.0, 800.0)  # DRAM load latency under load; the prediction uses the worse
-LAUNCH_GAP_S = 2e-6  # one dependent kernel launch (the merge), stream-ordered
+# An L2 round trip under load: H100's L2 hit is ~260-300 cycles unloaded (~150-170 ns); the far partition and
+# queueing behind the stream's DRAM traffic are assumed to more than double it.
+L2_LATENCY_NS = 400.0
+# The two-kernel form (a merge kernel launched after the split kernel, before the in-kernel merge) is still
+# modelled, for comparisons with older commits: one dependent launch, stream-ordered, then its loop over the
+# splits (one L2 round trip each: 0 B of shared memory, no pipelining).
+LAUNCH_GAP_S = 2e-6
 
 
 # ------------------------------------------------------------------------------------------ capture and compile
@@ -165,13 +176,20 @@ def _instructions(sass: str) -> tuple[list[str], dict[str, int]]:
     return insts, labels
 
 
-def loop_trip(sass: str) -> tuple[int, int]:
-    """(trip, rest): the instructions on the shortest path through the largest loop from its header to its back edge
-    (one trip's fast path: a slow path not taken is not counted), and on the shortest path from the kernel's entry to
-    that loop plus from the loop to an EXIT (the prologue and epilogue of a program that runs the loop)."""
+def _is_exit(ins: str) -> bool:
+    """An EXIT, predicated (``@P0 EXIT``: a program that leaves early, e.g. a split that does not merge) or not."""
+    return ins.split()[-1] == "EXIT"
+
+
+def loop_trip(sass: str) -> tuple[int, int, int]:
+    """(trip, rest, last): the instructions on the shortest path through the key loop (the largest holding an MMA)
+    from its header to its back edge (one trip's fast path: a slow path not taken is not counted), on the shortest
+    path from the kernel's entry to that loop plus from the loop to an EXIT (the prologue and epilogue of a program
+    that runs the loop; a predicated EXIT counts: a split that does not merge leaves there), and on one trip of the
+    last loop after it (the decode's merge; 0 if none)."""
     insts, labels = _instructions(sass)
     cuts = {0, *labels.values()}
-    cuts |= {i + 1 for i, ins in enumerate(insts) if _BRANCH.search(ins) or ins.split()[0] == "EXIT"}
+    cuts |= {i + 1 for i, ins in enumerate(insts) if _BRANCH.search(ins) or _is_exit(ins)}
     starts = sorted(c for c in cuts if c < len(insts))
     ends = starts[1:] + [len(insts)]
     block_of = {i: b for b, (s, e) in enumerate(zip(starts, ends)) for i in range(s, e)}
@@ -181,15 +199,19 @@ def loop_trip(sass: str) -> tuple[int, int]:
         if (m := _BRANCH.search(ins)) and m.group(1) in labels and labels[m.group(1)] <= i
     ]
     if not back_edges:
-        return 0, len(insts)
-    _, head, tail = max(back_edges)
+        return 0, len(insts), 0
+    # The key loop: the largest holding an MMA (the merge's loop, after it, may be as long); else the largest.
+    mma = [e for e in back_edges if any("MMA" in insts[i].split()[1 if insts[i].startswith("@") else 0]
+                                         for i in range(e[1], e[2] + 1))]  # fmt: skip
+    _, head, tail = max(mma or back_edges)
     first, last = block_of[head], block_of[tail]
+    after = [(t, h) for _, h, t in back_edges if h > tail and t > h]  # later loops (not the end's BRA to itself)
 
     def successors(b):  # forward edges only: the shortest paths run each loop at most once
         ins = insts[ends[b] - 1]
         branch = _BRANCH.search(ins)
         out = [block_of[labels[branch.group(1)]]] if branch and branch.group(1) in labels else []
-        unconditional = (branch and not ins.startswith("@")) or ins.split()[0] == "EXIT"
+        unconditional = (branch or _is_exit(ins)) and not ins.startswith("@")
         if not unconditional and ends[b] < len(insts):
             out.append(b + 1)
         return [n for n in out if n > b]
@@ -211,10 +233,15 @@ def loop_trip(sass: str) -> tuple[int, int]:
         return 0
 
     trip = shortest(first, {last}, inside=lambda b: first < b <= last)
-    exits = {b for b in range(len(starts)) if insts[ends[b] - 1].split()[0] == "EXIT"}
+    exits = {b for b in range(len(starts)) if _is_exit(insts[ends[b] - 1])}
     prologue = shortest(0, {first}) - (ends[first] - starts[first])
     epilogue = shortest(last + 1, exits) if last + 1 < len(starts) else 0
-    return trip, prologue + epilogue
+    last_trip = 0
+    if after:
+        tail2, head2 = max(after)
+        first2, last2 = block_of[head2], block_of[tail2]
+        last_trip = shortest(first2, {last2}, inside=lambda b: first2 < b <= last2)
+    return trip, prologue + epilogue, last_trip
 
 
 @dataclasses.dataclass
@@ -230,6 +257,7 @@ class Compiled:
     ld_v4: int
     trip: int
     rest: int
+    merge_trip: int = 0
 
 
 def compile_report(fn, args: dict, arch: int) -> Compiled:
@@ -239,11 +267,12 @@ def compile_report(fn, args: dict, arch: int) -> Compiled:
     ptx = kernel.asm["ptx"]
     names = fn.arg_names
     constants = {names[k[0]]: v for k, v in args["constants"].items()}
-    trip, rest = loop_trip(sass_of(kernel))
+    trip, rest, merge_trip = loop_trip(sass_of(kernel))
     return Compiled(
         fn.__name__, constants, args["num_warps"], args["num_stages"], max(regs, default=0), max(spills, default=0),
         int(kernel.metadata.shared), len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", ptx)),
-        ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4"), trip, rest,
+        ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4") + ptx.count("ld.global.cg.v4"), trip, rest,
+        merge_trip,
     )  # fmt: skip
 
 
@@ -267,16 +296,22 @@ SHAPES = [
 LENGTHS = [32768, 65536, 131072]
 
 
-def launches(shape: Shape, length: int, batch: int, gpu: Gpu, dtype: torch.dtype):
-    """The decode's launches for this shape on ``gpu``, as its launcher makes them (num_splits from the SM count)."""
+def launches(shape: Shape, length: int, batch: int, gpu: Gpu, dtype: torch.dtype, page: int = 0):
+    """The decode's launches for this shape on ``gpu``, as its launcher makes them (num_splits from the SM count);
+    ``page`` > 0: a paged cache of blocks of that many keys, read through a block table."""
     from lr2kernels.ops.triton import decode
 
     q = torch.empty(batch, shape.q_heads, shape.n_new, shape.head_dim, device="meta", dtype=dtype)
-    cache = torch.empty(batch, shape.kv_heads, length, shape.head_dim, device="meta", dtype=dtype)
+    if page:
+        cache = torch.empty(batch * length // page, page, shape.kv_heads, shape.head_dim, device="meta", dtype=dtype)
+        paged = {"block_table": torch.empty(batch, length // page, dtype=torch.int32, device="meta")}
+    else:
+        cache = torch.empty(batch, shape.kv_heads, length, shape.head_dim, device="meta", dtype=dtype)
+        paged = {}
     seqlens = torch.empty(batch, dtype=torch.int32, device="meta")
     inv_freq = torch.empty(2, shape.head_dim // 2, device="meta")
     rows = shape.q_heads // shape.kv_heads * shape.n_new
-    block_m, block_n = decode._block_sizes(rows, shape.head_dim, dtype)
+    block_m, block_n = decode._block_sizes(rows, shape.head_dim, dtype, paged=bool(page))
     programs = batch * shape.kv_heads * triton.cdiv(rows, block_m)
     real_sm_count = decode.sm_count
     decode.sm_count = lambda device: gpu.sms
@@ -286,7 +321,7 @@ def launches(shape: Shape, length: int, batch: int, gpu: Gpu, dtype: torch.dtype
         decode.sm_count = real_sm_count
     with captured_launches(gpu.arch) as captured:
         decode.rope_decode(q, cache, cache, seqlens, inv_freq, 4096, 1.0, 1.2, shape.head_dim**-0.5,
-                           num_splits=splits)  # fmt: skip
+                           num_splits=splits, **paged)  # fmt: skip
     return captured, splits, programs * splits
 
 
@@ -297,20 +332,23 @@ def programs_per_sm(c: Compiled, gpu: Gpu) -> int:
     return max(0, min(by_regs, by_smem, gpu.max_warps // c.warps, 32))
 
 
-def model(shape, length, batch, gpu, dtype, ipc, compiled_cache):
-    captured, splits, grid = launches(shape, length, batch, gpu, dtype)
+def model(shape, length, batch, gpu, dtype, ipc, compiled_cache, page=0):
+    captured, splits, grid = launches(shape, length, batch, gpu, dtype, page)
     rows = []
     for fn, args in captured:
         key = (fn.__name__, repr(sorted(args["constants"].items())), args["num_warps"], args["num_stages"], gpu.arch)
         if key not in compiled_cache:
             compiled_cache[key] = compile_report(fn, args, gpu.arch)
         rows.append(compiled_cache[key])
-    main, merge = rows[0], (rows[1] if len(rows) > 1 else None)
+    main = rows[0]
     elt = torch.finfo(dtype).bits // 8
     block_n = main.constants["BLOCK_N"]
     tile_bytes = 2 * block_n * shape.head_dim * elt  # k and v
     per_sm = programs_per_sm(main, gpu)
-    in_flight = tile_bytes * (main.stages - 1) * per_sm
+    # k/v tiles loading ahead of the one computed: stages - 1; paged, the block ids' chain takes two stages of the
+    # pipeline (the launcher's _NUM_STAGES_PAGED = 5 keeps two k/v tiles ahead, as the dense kernel's 3)
+    ahead = main.stages - (3 if page else 1)
+    in_flight = tile_bytes * ahead * per_sm
     lbp = [gpu.bandwidth * lat * 1e-9 / gpu.sms for lat in LATENCIES_NS]
     mlp_sm = in_flight / (max(LATENCIES_NS) * 1e-9)  # bytes/s one SM can keep coming
     issue_sm = tile_bytes * 4 * ipc * gpu.clock / (main.trip * main.warps)
@@ -319,20 +357,24 @@ def model(shape, length, batch, gpu, dtype, ipc, compiled_cache):
     concurrent = min(per_sm, rounds_programs)
     kv_bytes = 2 * batch * shape.kv_heads * length * shape.head_dim * elt
     sm_bytes = kv_bytes / grid * rounds_programs
-    mlp_now = tile_bytes * (main.stages - 1) * concurrent / (max(LATENCIES_NS) * 1e-9)
+    mlp_now = tile_bytes * ahead * concurrent / (max(LATENCIES_NS) * 1e-9)
     sm_rate = min(gpu.bandwidth / gpu.sms, mlp_now, issue_sm)
     prologue = main.rest * main.warps / (4 * ipc * gpu.clock) * rounds_programs / concurrent
     merge_time = 0.0
-    if merge is not None:
-        partial_bytes = batch * shape.q_heads * shape.n_new * splits * (shape.head_dim + 1) * 4
-        merge_time = LAUNCH_GAP_S + 2 * partial_bytes / gpu.bandwidth
+    if len(rows) > 1:  # a merge kernel (before the in-kernel merge): a launch gap, an L2 round trip a split
+        merge = rows[1]
+        merge_time = LAUNCH_GAP_S + splits * (L2_LATENCY_NS * 1e-9 + merge.trip * merge.warps / (4 * ipc * gpu.clock))
+    elif splits > 1:  # the last split to arrive: the fence and atomic, then a load round and a loop trip per chunk
+        rounds = math.ceil(splits / main.constants["MERGE_S"])
+        merge_trip_s = main.merge_trip * main.warps / (4 * ipc * gpu.clock)
+        merge_time = (2 + rounds) * L2_LATENCY_NS * 1e-9 + rounds * merge_trip_s
     time = sm_bytes / sm_rate + prologue + merge_time
     busy = kv_bytes / gpu.sms / sm_bytes  # the average SM's share of the busiest one's bytes
     ideal = kv_bytes / gpu.bandwidth
     return dict(
-        main=main, merge=merge, splits=splits, grid=grid, per_sm=per_sm, tile_bytes=tile_bytes, in_flight=in_flight,
-        lbp=lbp, mlp=min(1.0, mlp_sm * gpu.sms / gpu.bandwidth), issue=min(9.99, issue_sm * gpu.sms / gpu.bandwidth),
-        busy=busy, fraction=ideal / time, time=time,
+        main=main, merge_time=merge_time, splits=splits, grid=grid, per_sm=per_sm, tile_bytes=tile_bytes,
+        in_flight=in_flight, lbp=lbp, mlp=min(1.0, mlp_sm * gpu.sms / gpu.bandwidth),
+        issue=min(9.99, issue_sm * gpu.sms / gpu.bandwidth), busy=busy, fraction=ideal / time, time=time,
     )  # fmt: skip
 
 
@@ -340,9 +382,11 @@ def report(args) -> str:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     cache: dict = {}
     lines = [
-        f"Triton {triton.__version__}, {args.dtype}, batch {args.batch}, n = 1 new token, issue at {args.ipc} "
+        f"Triton {triton.__version__}, {args.dtype}, batch {args.batch}, n = 1 new token, "
+        + (f"paged: blocks of {args.page} keys (block_table), " if args.page else "")
+        + f"issue at {args.ipc} "
         f"instructions/cycle per scheduler, DRAM latency {LATENCIES_NS[0]:.0f}-{LATENCIES_NS[1]:.0f} ns "
-        f"(the model uses {LATENCIES_NS[1]:.0f}), a merge launch gap of {LAUNCH_GAP_S * 1e6:.0f} us.",
+        f"(the model uses {LATENCIES_NS[1]:.0f}), an L2 round trip of {L2_LATENCY_NS:.0f} ns (the merge).",
         "",
     ]
     for gpu_name in args.gpus:
@@ -354,12 +398,12 @@ def report(args) -> str:
             "",
             "| shape | L | config (M x N, warps, stages) | regs | spills | smem KB | 16-B cp.async / ld.v4 | SASS: a "
             "trip / outside the loop | programs/SM | in flight KB/SM | MLP bound | issue bound | splits, grid, busy "
-            "| predicted |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| merge: chunk (splits x rows), trip, us | predicted |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         for shape in SHAPES:
             for length in LENGTHS:
-                m = model(shape, length, args.batch, gpu, dtype, args.ipc, cache)
+                m = model(shape, length, args.batch, gpu, dtype, args.ipc, cache, args.page)
                 c = m["main"]
                 k = c.constants
                 lines.append(
@@ -367,15 +411,12 @@ def report(args) -> str:
                     f"{c.registers} | {c.spills} | {c.smem / 1024:.0f} | {c.cp_async_16} / {c.ld_v4} | "
                     f"{c.trip} / {c.rest} | "
                     f"{m['per_sm']} | {m['in_flight'] / 1024:.0f} | {m['mlp']:.0%} | {m['issue']:.0%} | "
-                    f"{m['splits']}, {m['grid']}, {m['busy']:.0%} | **{m['fraction']:.0%}** |"
+                    f"{m['splits']}, {m['grid']}, {m['busy']:.0%} | "
+                    f"{k.get('MERGE_S', 1)} x {k.get('MERGE_M', k['BLOCK_M'])}, {c.merge_trip}, "
+                    f"{m['merge_time'] * 1e6:.1f} | "
+                    f"**{m['fraction']:.0%}** |"
                 )  # fmt: skip
         lines.append("")
-    merges = {(c.kernel, c.registers, c.spills, c.smem) for c in cache.values() if "merge" in c.kernel}
-    lines.append(
-        "Merge kernel compiles: "
-        + ", ".join(f"{r} registers, {s} B spills, {m} B shared" for _, r, s, m in sorted(merges))
-        + "."
-    )
     return "\n".join(lines) + "\n"
 
 
@@ -392,8 +433,9 @@ def compile_check(args) -> tuple[str, bool]:
     lines = [
         f"Triton {triton.__version__}, {args.dtype}: the decode compiled as launched (capacity 32K, batch 1).",
         "",
-        "| head | arch | kernel | config | regs | spills | smem KB | 16-B cp.async / ld.v4 | SASS: a trip |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| head | arch | kernel | config | regs | spills | smem KB | 16-B cp.async / ld.v4 | SASS: a trip "
+        "| merge trip |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ok = True
     for head in args.heads:
@@ -412,14 +454,15 @@ def compile_check(args) -> tuple[str, bool]:
                 for fn, launch in captured:
                     c = compile_report(fn, launch, arch)
                     k = c.constants
-                    config = f"M{k['BLOCK_M']}" + (
-                        f" N{k['BLOCK_N']} split={int(k['IS_SPLIT'])}" if "BLOCK_N" in k else ""
-                    )
+                    config = f"M{k['BLOCK_M']} N{k['BLOCK_N']} split={int(k['IS_SPLIT'])}"
+                    if k["IS_SPLIT"]:
+                        config += f" merge {k['MERGE_S']}x{k['MERGE_M']}"
                     good = c.spills == 0 and c.smem <= SMEM_LIMIT[arch] and c.registers > 0
                     ok &= good
                     lines.append(
                         f"| {head} | sm_{arch} | {c.kernel} | {config} w{c.warps} s{c.stages} | {c.registers} | "
-                        f"{c.spills} | {c.smem / 1024:.0f} | {c.cp_async_16} / {c.ld_v4} | {c.trip} |"
+                        f"{c.spills} | {c.smem / 1024:.0f} | {c.cp_async_16} / {c.ld_v4} | {c.trip} | "
+                        f"{c.merge_trip or ''} |"
                         + ("" if good else " **fails**")
                     )  # fmt: skip
     return "\n".join(lines) + "\n", ok
@@ -430,6 +473,7 @@ def main() -> None:
     parser.add_argument("--gpus", nargs="+", default=["H100", "H200", "A100"], choices=list(GPUS))
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--page", type=int, default=0, help="model a paged cache of this block size (0: dense)")
     parser.add_argument("--ipc", type=float, default=0.7, help="sustained issue rate per scheduler (<= 1)")
     parser.add_argument("--out", type=Path, help="write the markdown table here (default: stdout)")
     parser.add_argument("--check", action="store_true", help="compile every head case instead; exit 1 on a spill")

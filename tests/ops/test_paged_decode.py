@@ -403,3 +403,29 @@ def test_paged_decode_compiles_fullgraph(backend):
     torch.testing.assert_close(
         out.double(), _expected(q, k_dense, v_dense, seqlens, table), **tolerance(backend, torch.float32, "decode")
     )
+
+
+@requires_triton
+def test_triton_128_key_tiles_dense_and_paged(monkeypatch):
+    # On a GPU, heads 80-96 with 16-row tiles take 128-key tiles (the interpreter takes 32): the same launch with
+    # BLOCK_N forced to 128, dense and through 16- and 256-key blocks, split (the in-kernel merge) and not, lengths
+    # on both sides of L0 and past one tile.
+    from lr2kernels.ops import rotary
+    from lr2kernels.ops.triton import decode
+
+    real = decode._block_sizes
+    monkeypatch.setattr(decode, "_block_sizes", lambda *args, **kwargs: (real(*args, **kwargs)[0], 128))
+    for block_size in (16, 256):
+        table, q, k_dense, v_dense, k_paged, v_paged, block_table, seqlens = _case(
+            [3, 64, 65, 300], (4, 4), 1, 80, block_size
+        )
+        expected = _expected(q, k_dense, v_dense, seqlens, table)
+        for num_splits in (1, 3):
+            for paged in ({}, {"block_table": block_table}):
+                k, v = (k_paged, v_paged) if paged else (k_dense, v_dense)
+                out = decode.rope_decode(
+                    q, k, v, seqlens, rotary.inv_freq_pair(table, q.device).contiguous(),
+                    table.original_max_position, table.attention_factor_for(False), table.attention_factor_for(True),
+                    q.shape[-1] ** -0.5, num_splits=num_splits, min_split_keys=1, **paged,
+                )  # fmt: skip
+                torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])

@@ -238,6 +238,31 @@ def test_triton_num_splits_give_the_same_result(num_splits, min_split_keys):
     )
 
 
+@requires_triton
+@pytest.mark.parametrize("chunk", ["chunk_default", "chunk_small"])
+@pytest.mark.parametrize(
+    "heads,n_new", [((4, 4), 1), ((8, 1), 1), ((6, 2), 3)], ids=["mha_tile3d", "gqa8_unrolled", "gqa3_new3"]
+)
+def test_triton_in_kernel_merge_every_split_count(heads, n_new, chunk, monkeypatch):
+    # The last split program of each (sequence, kv head) row block to finish merges them all, counted by an int32
+    # arrival counter per block in a workspace kept between calls. It must merge exactly the splits its sequence
+    # uses (the others exit at once; with 1-key splits, some used splits see no key: lse -inf), in chunks of
+    # MERGE_S splits (chunk_small: one or two a chunk, several chunks) as a 3D tile (MHA's one row) or unrolled
+    # (8 and 9 rows), and leave every counter at 0, so that the next call, reusing them, merges right too.
+    from lr2kernels.ops.triton import decode
+
+    if chunk == "chunk_small":
+        monkeypatch.setattr(decode, "_MERGE_ELEMENTS_PER_THREAD", 1)
+    table = make_table(64)
+    q, k_cache, v_cache, cache_seqlens = _inputs([3, 64, 65, 130, 257], *heads, n_new, 64)  # both tables
+    expected = _expected(q, k_cache, v_cache, cache_seqlens, table)
+    for num_splits, min_split_keys in ((2, None), (3, 1), (9, 1), (9, None)):
+        out = _launch(q, k_cache, v_cache, cache_seqlens, table, num_splits, min_split_keys)
+        torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])
+        counters = decode._COUNTERS[(str(q.device), 0)]
+        assert (counters == 0).all(), "every merger resets its block's counter"
+
+
 class _CacheReads:
     """Records, in Triton's interpreter, the slot of every element a kernel loads from the storage of the given
     caches (``[B, H, S, D]`` views whose heads are blocks of ``stride(1)`` elements; unmasked lanes only): the proof
@@ -343,15 +368,16 @@ if triton is not None:
 
 
 @requires_triton
+@pytest.mark.parametrize("block_n", [64, 128], ids=["N64", "N128"])  # 128-key tiles: heads 80-96 on a GPU
 @pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
-def test_triton_angle_addition_precision_up_to_131k(long):
+def test_triton_angle_addition_precision_up_to_131k(long, block_n):
     """The key tiles' cos/sin (one sincos per tile + angle addition) reproduce HF's fp32 cos/sin, so their error
     against float64 is HF's own, at every sampled position up to 131071."""
     if triton is None:
         pytest.fail(
             f"the triton backend is available but its decode kernel helpers do not import: {_TRITON_IMPORT_ERROR}"
         )
-    half, block_n = 64, 64
+    half = 64
     table = RopeTable.longrope(
         head_dim=2 * half,
         base=500000.0,
@@ -363,7 +389,7 @@ def test_triton_angle_addition_precision_up_to_131k(long):
     generator = torch.Generator().manual_seed(0)
     tiles = torch.cat(
         [
-            torch.tensor([0, 1, 63, 64, 1023, 1024, 2047, 2048]),  # the first tiles and around powers of two
+            torch.tensor([0, 1, 63, 64, 1023, 1024, 2047, 2048]) * 64 // block_n,  # the first tiles, powers of two
             torch.tensor([65535, 65536, 131071]) // block_n,  # where fp32's angle ulp doubles, and the last tile
             torch.randint(0, 131072 // block_n, (48,), generator=generator),
         ]

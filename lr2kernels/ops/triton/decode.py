@@ -9,8 +9,10 @@ The cache's capacity (``k_cache.shape[2]``) travels with the launch: a length ou
 unchecked device values can carry, see :mod:`lr2kernels.ops.validation`) is clamped into it for the reads, so no key
 past the cache is ever read, and that sequence's output rows are written as NaN: loud, never plausibly wrong.
 
-With more than one split, each program writes a partial output and its log-sum-exp, and a second kernel merges the
-splits (log-sum-exp rule). The keys turn only by their angle's offset from their tile's first key (a
+With more than one split, each program writes a partial output and its log-sum-exp, and the last of a (sequence, kv
+head) row block's splits to finish merges them (log-sum-exp rule), counted by an int32 arrival counter per row block
+(:func:`_arrival_counters`: a workspace per device and stream that every launch leaves at 0): one launch, no
+second kernel's launch gap. The keys turn only by their angle's offset from their tile's first key (a
 per-program ``[BLOCK_N, HALF]`` sincos table of the in-tile offsets, corrected to HF's fp32 angle rounding), and q
 turns the other way by that first key's angle, once per tile: ``<q, R(a + o) k> = <R(-a) q, R(o) k>``.
 
@@ -47,15 +49,12 @@ from lr2kernels.ops.triton._host import (
     triton_interpreting,
 )
 from lr2kernels.ops.triton._jit import (
-    _add,
     _attend_finish,
     _attend_tile,
     _cast,
-    _divide,
     _head_offset,
     _inv_freq,
     _load_rotated,
-    _load_rows,
     _load_split,
     _scale,
     _store_rows,
@@ -222,7 +221,8 @@ def _rotate_keys(k1, k2, kp, cos, sin, dtype):
 def _sequence_splits(seq_len, num_splits, min_split_keys):
     """KV splits of a sequence of ``seq_len`` keys: as many as the grid has (``num_splits``), but none shorter than
     ``min_split_keys``. From the loaded length, so the grid (sized from the capacity) needs no host sync: the
-    programs of the splits a sequence does not use exit at once, and the merge reads only the splits used."""
+    programs of the splits a sequence does not use exit at once (nor count themselves), and the merge reads only the
+    splits used."""
     return tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_split_keys)), 1)
 
 
@@ -292,12 +292,13 @@ def _rope_decode_kernel(
     stride_ob, stride_oh, stride_ot,
     num_kv_heads, group, n_new, capacity, num_splits, min_split_keys, original_max_position,
     sm_scale_log2, attention_short, attention_long,
-    BLOCK_TABLE, stride_table, num_blocks,
+    BLOCK_TABLE, stride_table, num_blocks, COUNTERS,
     HALF: tl.constexpr, HALF_A: tl.constexpr, HALF_B: tl.constexpr,
     PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    PAGE: tl.constexpr, SAME_KV_STRIDES: tl.constexpr,
+    PAGE: tl.constexpr, SAME_KV_STRIDES: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
+    MERGE_UNROLLED: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, kv head) x KV split x block of packed rows: its output, or its partial output and lse.
 
@@ -384,11 +385,24 @@ def _rope_decode_kernel(
         if IS_SPLIT:
             out = _scale(out, tl.where(poisoned, float("nan"), 1.0))
             lse = tl.where(poisoned, float("inf"), lse)
-    if IS_SPLIT:  # the merge poisons an invalid length's rows
+    if IS_SPLIT:
         # Partials [B * Hk, num_splits, num_rows, HEAD_DIM] fp32 and their lse [B * Hk, num_splits, num_rows].
         part_rows = _part_rows(pid_bh, split, num_splits, num_rows, offs_m)
         _store_rows(O_PART, part_rows, HEAD_DIM, m_mask, out, ROW)
         tl.store(LSE_PART + part_rows, lse, mask=m_mask)
+        # The last of this row block's splits to finish merges them all (no second launch). The barrier puts
+        # every thread's partial stores before the counter's release; the acquire puts the others' before the
+        # merge's loads. The merger resets the counter, so it is 0 again for the next launch.
+        tl.debug_barrier()
+        counter = COUNTERS + pid_bh * tl.num_programs(2) + pid_m
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            tl.store(counter, 0)
+            o_base = O + _head_offset(seq, kv_head * group, 0, stride_ob, stride_oh, 0)
+            _merge_splits(
+                O_PART, LSE_PART, o_base, pid_bh, pid_m, num_splits, splits, num_rows, n_new, stride_oh, stride_ot,
+                invalid, BLOCK_M, HEAD_DIM, HEAD_A, MERGE_M, MERGE_S, MERGE_UNROLLED,
+            )  # fmt: skip
     else:
         o_base = O + _head_offset(seq, kv_head * group, 0, stride_ob, stride_oh, 0)
         o_rows = _row_offsets(offs_m, n_new, stride_oh, stride_ot)
@@ -396,41 +410,104 @@ def _rope_decode_kernel(
 
 
 @triton.jit
-def _rope_decode_merge_kernel(
-    O, O_PART, LSE_PART, SEQLENS,
-    stride_ob, stride_oh, stride_ot,
-    num_kv_heads, group, n_new, capacity, num_splits, min_split_keys,
-    HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK_M: tl.constexpr,
+def _merge_splits(
+    O_PART, LSE_PART, o_base, pid_bh, pid_m, num_splits, splits, num_rows, n_new, stride_oh, stride_ot, invalid,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, MERGE_M: tl.constexpr,
+    MERGE_S: tl.constexpr, MERGE_UNROLLED: tl.constexpr,
 ):  # fmt: skip
-    """Combine the splits one (sequence, kv head) row block used: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(...)."""
-    ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    seq = pid_bh // num_kv_heads
-    kv_head = pid_bh % num_kv_heads
-    num_rows = group * n_new
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < num_rows
-    seq_len, invalid = _valid_length(SEQLENS, seq, n_new, capacity)
+    """Combine the ``splits`` partials of one (sequence, kv head) row block into its output rows: out = sum_s
+    2^(lse_s - max) o_s / sum_s 2^(lse_s - max), NaN rows for an invalid length.
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = _zeros_fp32(BLOCK_M, ROW)  # [BLOCK_M, *] row tiles
-    for split in range(0, _sequence_splits(seq_len, num_splits, min_split_keys)):
-        part_rows = _part_rows(pid_bh, split, num_splits, num_rows, offs_m)
-        lse = tl.load(LSE_PART + part_rows, mask=m_mask, other=float("-inf"))  # [BLOCK_M], log2 units
-        part = _load_rows(O_PART, part_rows, HEAD_DIM, m_mask, ROW)  # [BLOCK_M, *] row tiles
-        m_new = tl.maximum(m_i, lse)
+    ``MERGE_S`` splits at a time as one ``[MERGE_S, MERGE_M, HEAD_A]`` load: one round trip to L2 a chunk, where a
+    loop over the splits would wait for each. The lse load as ``[MERGE_S, MERGE_M, 1]``, in the partials' layout
+    (no layout change for their weights). ``MERGE_M`` rows: the row block's real rows, a power of two (1 for MHA
+    with one new token, not BLOCK_M's 16). Loads bypass L1 (``.cg``): the partials were written by other SMs.
+
+    ``MERGE_UNROLLED``: the chunk's splits as ``MERGE_S`` loads of ``[MERGE_M, HEAD_A]``, unrolled, added element
+    by element: where a split's rows give each thread 4 or more elements (the 3D tile's reduction over the splits
+    crosses lanes and warps: 900 SASS a chunk of 16 x 8 rows at 128 channels on Triton 3.6, 480 unrolled)."""
+    if MERGE_UNROLLED:
+        _merge_unrolled(O_PART, LSE_PART, o_base, pid_bh, pid_m, num_splits, splits, num_rows, n_new, stride_oh,
+                        stride_ot, invalid, BLOCK_M, HEAD_DIM, HEAD_A, MERGE_M, MERGE_S)  # fmt: skip
+        return
+    tl.static_assert(HEAD_A >= HEAD_DIM)  # the decode holds a head in one tile (head_sizes(one_tile=True))
+    rows = pid_m * BLOCK_M + tl.arange(0, MERGE_M)  # [MERGE_M] packed rows
+    row_mask = rows < num_rows
+    cols = tl.arange(0, HEAD_A)
+    first = tl.cast(pid_bh, tl.int64) * num_splits * num_rows  # this block's split 0, row 0
+    lse_base = LSE_PART + first
+    part_base = O_PART + first * HEAD_DIM
+    m_i = tl.full([MERGE_M, 1], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([MERGE_M, 1], dtype=tl.float32)
+    acc = tl.zeros([MERGE_M, HEAD_A], dtype=tl.float32)
+    for s0 in range(0, splits, MERGE_S):
+        s = s0 + tl.arange(0, MERGE_S)
+        idx = (s[:, None] * num_rows + rows[None, :])[:, :, None]  # [MERGE_S, MERGE_M, 1] partial rows (int32)
+        mask = ((s < splits)[:, None] & row_mask[None, :])[:, :, None]
+        lse = tl.load(lse_base + idx, mask=mask, other=float("-inf"), cache_modifier=".cg")  # log2 units
+        if HEAD_A > HEAD_DIM:
+            mask = mask & (cols < HEAD_DIM)[None, None, :]
+        part = tl.load(part_base + idx * HEAD_DIM + cols[None, None, :], mask=mask, other=0.0,
+                       cache_modifier=".cg")  # fmt: skip  # [MERGE_S, MERGE_M, HEAD_A]
+        m_new = tl.maximum(m_i, tl.max(lse, axis=0))  # [MERGE_M, 1]
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
-        weight = tl.exp2(lse - m_safe)  # 0 for a split that saw no key of this row
-        acc = _add(_scale(acc, alpha[:, None]), _scale(part, weight[:, None]))
-        l_i = l_i * alpha + weight
+        weight = tl.exp2(lse - m_safe[None, :, :])  # 0 for a split that saw no key of this row; NaN if poisoned
+        acc = acc * alpha + tl.sum(weight * part, axis=0)
+        l_i = l_i * alpha + tl.sum(weight, axis=0)
         m_i = m_new
-    out = _divide(acc, tl.where(l_i == 0.0, 1.0, l_i)[:, None])
-    out = _scale(out, tl.where(invalid, float("nan"), 1.0))
-    o_base = O + _head_offset(seq, kv_head * group, 0, stride_ob, stride_oh, 0)
-    _store_rows(o_base, _row_offsets(offs_m, n_new, stride_oh, stride_ot), 1, m_mask, out, ROW)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)
+    out = out * tl.where(invalid, float("nan"), 1.0)
+    o_rows = _row_offsets(rows, n_new, stride_oh, stride_ot)
+    tl.store(o_base + o_rows[:, None] + cols[None, :], out.to(o_base.dtype.element_ty),
+             mask=row_mask[:, None] & (cols < HEAD_DIM)[None, :])  # fmt: skip
+
+
+@triton.jit
+def _merge_unrolled(
+    O_PART, LSE_PART, o_base, pid_bh, pid_m, num_splits, splits, num_rows, n_new, stride_oh, stride_ot, invalid,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, MERGE_M: tl.constexpr,
+    MERGE_S: tl.constexpr,
+):  # fmt: skip
+    """:func:`_merge_splits`, each chunk's splits unrolled: their ``[MERGE_M, HEAD_A]`` loads issue together."""
+    rows = pid_m * BLOCK_M + tl.arange(0, MERGE_M)  # [MERGE_M] packed rows
+    row_mask = rows < num_rows
+    cols = tl.arange(0, HEAD_A)
+    col_mask = cols < HEAD_DIM
+    first = tl.cast(pid_bh, tl.int64) * num_splits * num_rows  # this block's split 0, row 0
+    lse_ptrs = LSE_PART + first + rows  # [MERGE_M] split 0's
+    part_ptrs = O_PART + first * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]  # [MERGE_M, HEAD_A]
+    m_i = tl.full([MERGE_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([MERGE_M], dtype=tl.float32)
+    acc = tl.zeros([MERGE_M, HEAD_A], dtype=tl.float32)
+    for s0 in range(0, splits, MERGE_S):
+        lse = ()
+        part = ()
+        m_new = m_i
+        for j in tl.static_range(MERGE_S):
+            mask = tl.where(s0 + j < splits, row_mask, False)  # not &: see _paged_rows
+            step = (s0 + j) * num_rows  # partial rows from split 0's
+            lse_j = tl.load(lse_ptrs + step, mask=mask, other=float("-inf"), cache_modifier=".cg")
+            part = part + (
+                tl.load(part_ptrs + step * HEAD_DIM, mask=mask[:, None] & col_mask[None, :], other=0.0,
+                        cache_modifier=".cg"),
+            )  # fmt: skip
+            lse = lse + (lse_j,)
+            m_new = tl.maximum(m_new, lse_j)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        for j in tl.static_range(MERGE_S):
+            weight = tl.exp2(lse[j] - m_safe)  # 0 for a split that saw no key of this row; NaN if poisoned
+            acc = tl.fma(part[j], weight[:, None], acc)
+            l_i = l_i + weight
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = out * tl.where(invalid, float("nan"), 1.0)
+    o_rows = _row_offsets(rows, n_new, stride_oh, stride_ot)
+    tl.store(o_base + o_rows[:, None] + cols[None, :], out.to(o_base.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -440,7 +517,38 @@ _NUM_STAGES = 3  # software pipeline: the k and v tiles of the next two trips lo
 # Paged: the block ids are a load the k/v addresses depend on; Triton's pipeliner gives that chain its own stages,
 # and only 5 keep two k/v tiles in flight as the dense kernel does (3 and 4 leave one; same registers, sm_90).
 _NUM_STAGES_PAGED = 5
-_MERGE_BLOCK_M = 16  # 64-row merge tiles spill registers on sm_90 (1 KB at 128 channels); 16 never did
+_MERGE_ELEMENTS_PER_THREAD = 64  # the in-kernel merge's chunk of partials: [MERGE_S, MERGE_M, HEAD_A] fp32
+_COUNTERS: dict[tuple[str, int], Tensor] = {}  # (device, stream) -> int32 arrival counters, all 0 between launches
+
+
+def _arrival_counters(device: torch.device, count: int) -> Tensor:
+    """``count`` int32 counters, each 0, for the split programs of one launch to count their arrivals
+    (the last merges and resets its counter to 0, so they are 0 again after every launch: no memset per step).
+
+    One workspace per (device, stream): launches on one stream are ordered, so they never share counters at
+    once; two streams get two. Grown (a new zeroed tensor) when a launch needs more; a CUDA graph captures the
+    workspace it saw, which its launches leave at 0 as well."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        if device.type != "meta":
+            _COUNTERS[key] = counters
+    return counters
+
+
+def _merge_tile(num_rows: int, block_m: int, num_splits: int, head_dim: int, num_warps: int) -> tuple[int, int, bool]:
+    """(MERGE_M, MERGE_S, MERGE_UNROLLED) of the in-kernel merge (:func:`_merge_splits`): its rows (a row block's
+    real rows, a power of two), its splits per chunk (``_MERGE_ELEMENTS_PER_THREAD`` fp32 of partials a thread, so
+    that most merges take one or two loads), and whether the chunk's splits are unrolled (a split's rows give each
+    thread 4 fp32 or more)."""
+    merge_m = min(block_m, triton.next_power_of_2(num_rows))
+    per_split = merge_m * triton.next_power_of_2(head_dim)
+    threads = 32 * num_warps
+    budget = _MERGE_ELEMENTS_PER_THREAD * threads
+    merge_s = min(triton.next_power_of_2(num_splits), max(1, triton.next_power_of_2(budget // per_split + 1) // 2))
+    return merge_m, merge_s, per_split >= 4 * threads
 
 
 def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype, paged: bool = False) -> tuple[int, int]:
@@ -459,11 +567,17 @@ def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype, paged: bool =
     if dtype == torch.float32:
         # Paged fp32 in 16-key tiles: the 32-key tiles' per-key block offsets spill (8-52 B on Triton 3.6).
         return block_m, 16 if paged else 32
+    if 64 < head_dim <= 96 and block_m == 16:
+        # 128-key tiles at 80-96 channels (one new token of MHA or GQA <= 16): a trip's fixed work (q turned by the
+        # tile's base angle, the softmax's row statistics) spreads over twice the keys: 604 -> ~1,010 SASS for
+        # twice the bytes at 96 channels (sm_90, Triton 3.9), 64-66% -> 76-79% of H200's bandwidth predicted
+        # (paged: 59-61% -> 69-73%); 139-142 KB of shared memory, under sm_80's 163 KB; 0 spills, as launched.
+        return block_m, 128
     return block_m, 64
 
 
 def _num_warps(head_dim: int, block_m: int = 16) -> int:
-    """Warps of the decode and merge kernels: 8 above 64 channels (4 warps spill registers on sm_80 at 128) or
+    """Warps of the decode kernel: 8 above 64 channels (4 warps spill registers on sm_80 at 128) or
     above 16 rows (64-row tiles spilled 56 B in 4 warps at head 64 on sm_80, as launched)."""
     return 8 if (head_dim > 64 or block_m > 16) and not triton_interpreting() else 4
 
@@ -551,33 +665,32 @@ def rope_decode(
         min_split_keys = _MIN_SPLIT_TILES * block_n
 
     is_split = num_splits > 1
+    num_warps = _num_warps(head_dim, block_m)
+    merge = _merge_tile(num_rows, block_m, num_splits, head_dim, num_warps) if is_split else (1, 1, False)
     if is_split:
         o_part = torch.empty((batch * num_kv_heads, num_splits, num_rows, head_dim), dtype=torch.float32,
                              device=q.device)  # fmt: skip
         lse_part = torch.empty((batch * num_kv_heads, num_splits, num_rows), dtype=torch.float32, device=q.device)
+        counters = _arrival_counters(q.device, batch * num_kv_heads * m_blocks)
     else:
         o_part = lse_part = out  # unused
+        counters = None
     sizes = head_sizes(head_dim, one_tile=True)  # 16-row tiles: a 16-channel tile would be replicated
     out_strides = (out.stride(0), out.stride(1), out.stride(2))
     seqlens = int32(cache_seqlens)
+    if counters is None:
+        counters = seqlens  # unused: any int32 pointer
     _rope_decode_kernel[(batch * num_kv_heads, num_splits, m_blocks)](
         q, k_cache, v_cache, out, o_part, lse_part, seqlens, inv_freq,
         q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides,
         *out_strides, num_kv_heads, group, n_new, max_len, num_splits, min_split_keys, original_max_position,
-        softmax_scale * LOG2E, attention_short, attention_long, table, *table_args,
+        softmax_scale * LOG2E, attention_short, attention_long, table, *table_args, counters,
         **split_sizes(head_dim, rotary_dim_of(inv_freq)), **sizes,
         BLOCK_M=block_m, BLOCK_N=block_n, IS_SPLIT=is_split, PRECISION=dot_precision(q.dtype), PAGE=page,
         SAME_KV_STRIDES=page != 0 and k_strides == v_strides,
-        num_warps=_num_warps(head_dim, block_m), num_stages=_NUM_STAGES_PAGED if page else _NUM_STAGES,
+        MERGE_M=merge[0], MERGE_S=merge[1], MERGE_UNROLLED=merge[2],
+        num_warps=num_warps, num_stages=_NUM_STAGES_PAGED if page else _NUM_STAGES,
         maxnreg=255,  # else ptxas caps itself at 128 and spills as launched (16 B at 96 channels on sm_80)
         enable_fp_fusion=False,  # the angle products must round as HF's do (see _tile_angles)
     )  # fmt: skip
-    if is_split:
-        # Rows merge independently: the merge tiles its rows by _MERGE_BLOCK_M, whatever the decode's BLOCK_M.
-        _rope_decode_merge_kernel[(batch * num_kv_heads, triton.cdiv(num_rows, _MERGE_BLOCK_M))](
-            out, o_part, lse_part, seqlens, *out_strides, num_kv_heads, group, n_new, max_len, num_splits,
-            min_split_keys, **sizes,
-            BLOCK_M=_MERGE_BLOCK_M,
-            num_warps=_num_warps(head_dim),
-        )  # fmt: skip
     return out

@@ -61,7 +61,7 @@ from lr2kernels.ops.triton._jit import (
     _pair_channels,
     _positions,
     _rotate_rows,
-    _row_descriptors,
+    _row_descriptor,
     _row_dot,
     _sequence_program,
     _store_pairs_transposed,
@@ -249,14 +249,25 @@ def _load_loop_tile(
 
 
 @triton.jit
-def _key_sources(base, seq_len, row_stride, BLOCK_N: tl.constexpr, ROW: tl.constexpr, USE_TMA: tl.constexpr):
-    """What the forward's loop reads the ``[seq_len, D]`` rows of one kv head (rotated keys, values) through: TMA
-    descriptors bounded by the sequence (USE_TMA; a tile past its end arrives zero-filled, as masked loads give it),
-    else the rows' base pointer."""
-    src = base
+def _key_sources(
+    base, seq_len, row_stride, BLOCK_N: tl.constexpr, ROW: tl.constexpr, USE_TMA: tl.constexpr,
+    NARROW_BY_POINTER: tl.constexpr,
+):  # fmt: skip
+    """What the forward's loop reads the ``[seq_len, D]`` rows of one kv head (rotated keys, values) through:
+    (TMA descriptors, the rows' base pointer). With USE_TMA, one descriptor per row tile, bounded by the sequence
+    (a tile past its end arrives zero-filled, as masked loads give it), except that where NARROW_BY_POINTER and the
+    row is two tiles (96 channels: 64 + 32; 80: 64 + 16), the narrow second tile has none and the loop loads it by
+    pointer (cp.async). Each TMA load costs about 15 SASS instructions a trip in every thread (its elected thread's
+    predicates, the descriptor's address moved into uniform registers, a barrier); a [128, 32] tile by pointer is
+    two 16-byte copies a thread and fewer instructions: at 96 channels (v's 32-channel tile by pointer, sm_90,
+    128 x 128 tiles, 8 warps, as launched) 525 SASS a trip with Triton 3.6 against 540 with four TMA loads. Pointer
+    loads for both narrow tiles (k's and v's) gave 538."""
+    descs = ()
     if USE_TMA:
-        src = _row_descriptors(base, seq_len, row_stride, BLOCK_N, ROW)
-    return src
+        for i in tl.static_range(1 if NARROW_BY_POINTER else (ROW[0] > 0) + (ROW[0] > ROW[1])):
+            descs = descs + (_row_descriptor(base + i * ROW[1], seq_len, ROW[0] - i * ROW[1], row_stride, BLOCK_N,
+                                             ROW[1] + i * (ROW[2] - ROW[1])),)  # fmt: skip
+    return descs, base
 
 
 @triton.jit
@@ -265,12 +276,13 @@ def _key_rows(
     USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Rows ``n_start .. n_start + BLOCK_N - 1`` of a :func:`_key_sources` source as row tiles ``[BLOCK_N, *]``, zero
-    past the sequence (a pointer source predicates its loads only in a MASKED tile)."""
+    past the sequence: the tiles it has descriptors for by TMA, the others by pointer (predicated only in a MASKED
+    tile)."""
+    descs, base = src
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    tiles = _load_row_tiles(base, offs_n, row_stride, offs_n < seq_len, ROW, MASKED)  # unused loads are dropped
     if USE_TMA:
-        tiles = _load_row_descriptors(src, n_start)
-    else:
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        tiles = _load_row_tiles(src, offs_n, row_stride, offs_n < seq_len, ROW, MASKED)
+        tiles = _load_row_descriptors(descs, n_start) + tiles[len(descs) :]
     return tiles
 
 
@@ -295,7 +307,12 @@ def _fwd_key_tile(
     else:
         n_mask = offs_n < seq_len
         pos = _positions(pos_base, offs_n, n_mask, HAS_POS)
-        k = _rotate_rows(k_src, offs_n, stride_kt, n_mask, pos, INV_FREQ, is_long, attention, q[0].dtype, HALF, ROW)
+        k = _rotate_rows(k_src[1], offs_n, stride_kt, n_mask, pos, INV_FREQ, is_long, attention, q[0].dtype, HALF,
+                         ROW)  # fmt: skip
+    # v's TMA loads share k's barrier, one wait a trip: at 96 channels 525 SASS a trip (Triton 3.6) and 557 (3.9)
+    # against 529 and 575 with v loaded after the softmax (sm_90, 128 x 128, as launched).
+    if USE_TMA:
+        v = _key_rows(v_src, n_start, stride_vt, seq_len, ROW, BLOCK_N, MASKED, USE_TMA)  # [BLOCK_N, *]
     # One dot per row tile, chained through the accumulator (no wait between them).
     scores = tl.dot(q[0], tl.trans(k[0]), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N] fp32, unscaled
     for i in tl.static_range(1, len(q)):
@@ -309,7 +326,8 @@ def _fwd_key_tile(
     p = tl.exp2(scores * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _key_rows(v_src, n_start, stride_vt, seq_len, ROW, BLOCK_N, MASKED, USE_TMA)  # [BLOCK_N, *]
+    if not USE_TMA:  # sm_80: loaded before q k^T, v's tiles spilled 8 B at 96 channels (64 x 32, Triton 3.6)
+        v = _key_rows(v_src, n_start, stride_vt, seq_len, ROW, BLOCK_N, MASKED, USE_TMA)
     p = p.to(q[0].dtype)
     rescaled = ()
     for i in tl.static_range(len(v)):
@@ -346,7 +364,8 @@ def _rope_attention_fwd_kernel(
 
     The key tiles of a causal block are walked in two loops, as in FlashAttention: those left of the block's
     diagonal, which every query sees (no mask), then the diagonal ones; without causality, the whole tiles, then
-    the sequence's last partial tile. With USE_TMA, k and v tiles arrive by TMA (:func:`_key_sources`).
+    the sequence's last partial tile. With USE_TMA, k and v tiles arrive by TMA, but for v's narrow second tile at
+    80 and 96 channels (:func:`_key_sources`).
     """
     tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the diagonal starts on a key tile
     SPLIT: tl.constexpr = (HALF, HALF_A, HALF_B, PASS, PASS_A, PASS_B)
@@ -381,8 +400,8 @@ def _rope_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = _zeros_fp32(BLOCK_M, ROW)  # [BLOCK_M, *] row tiles
-    k_src = _key_sources(k_base, seq_len, stride_kt, BLOCK_N, ROW, USE_TMA and STAGED)
-    v_src = _key_sources(v_base, seq_len, stride_vt, BLOCK_N, ROW, USE_TMA)
+    k_src = _key_sources(k_base, seq_len, stride_kt, BLOCK_N, ROW, USE_TMA and STAGED, False)
+    v_src = _key_sources(v_base, seq_len, stride_vt, BLOCK_N, ROW, USE_TMA, True)
     tile_args = (k_src, v_src, stride_kt, stride_vt)
     table_args = (pos_base, INV_FREQ, is_long, attention, sm_scale_log2)
     if IS_CAUSAL:

@@ -74,6 +74,20 @@ def test_two_pass_dkdv_equals_the_fused_kernel_and_the_reference(layout, causal,
                            _reference(q, k, v, table, grad_out, causal=causal, **kwargs))  # fmt: skip
 
 
+def test_two_pass_dkdv_rotating_per_tile(monkeypatch):
+    """``staged=False``: each pass rotates its key tile and every query tile it loads itself."""
+    from lr2kernels.ops.triton import attention
+
+    q, k, v, table, kwargs = _inputs("varlen", torch.float32)
+    grad_out = randn(*q.shape)
+    two_pass = _triton_launchers(q, k, v, table, grad_out, staged=False, **kwargs)
+    monkeypatch.setattr(attention, "dkdv_two_pass", lambda head_dim: False)
+    fused = _triton_launchers(q, k, v, table, grad_out, staged=False, **kwargs)
+    for name, got, want in zip(["dk", "dv"], two_pass[2:], fused[2:], strict=True):
+        assert torch.equal(got, want), name
+    _assert_like_reference("triton", torch.float32, two_pass, _reference(q, k, v, table, grad_out, **kwargs))
+
+
 def test_two_pass_dkdv_in_fp16(monkeypatch):
     """fp16 inputs: the passes cast p and dS to fp16 for their dots as the fused kernel does, bit for bit; dk and
     dv err from the fp64 reference at most twice as much as the reference itself run in fp16 (FlashAttention's

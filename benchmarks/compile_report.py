@@ -15,7 +15,9 @@ Each compilation records ptxas's registers and spill stores, Triton's dynamic sh
 sm_90 232,448 B), and, for the kernels with a tile loop (attention forward, dq, dk/dv, decode), the loop in the
 cubin's disassembly (nvdisasm; Triton 3.6's ``asm["sass"]`` is cut short): the innermost loop issuing MMA, its SASS
 instructions per trip, its MMA kind (wgmma on sm_90 / mma.sync / none) and warp-instructions per 1K scores
-(per-trip SASS x num_warps x 1000 / scores per trip: BLOCK_M x BLOCK_N, decode: real rows x BLOCK_N).
+(per-trip SASS x num_warps x 1000 / scores per trip: BLOCK_M x BLOCK_N, decode: real rows x BLOCK_N). ``bwd_dkdv``
+names the dk/dv kernel and its two passes (``bwd_dv``, ``bwd_dk``: what the backward launches above 128 channels),
+each compiled where the launcher launches it.
 
 Usage::
 
@@ -901,7 +903,9 @@ def ratios_markdown(ratios: list[dict], peer: dict) -> list[str]:
         "powers of "
         "two: a head of 96 is compared with its 128 (what it pads 96 to), Phi-4-mini's 96-of-128 with its 128. MMA "
         "work: what the loop's MMA instructions issue per trip (M x N x K of each, all warps) over what its dots "
-        "need (1.00: none repeated).",
+        "need (1.00: none repeated). dk/dv at a head where the backward runs it in two passes (above 128 channels): "
+        "the sum of the dv and dk passes' figures, each pass's best spill-free config (joined by +), MMA and dot "
+        "work summed.",
         "",
         "| Triton | kernel | head | arch | lr2kernels | config | MMA | MMA work | tutorial | config | ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -195,10 +195,10 @@ _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]] | dict[int, se
     # over 8 warps it repeated q k^T and dO v^T, 65 wgmma per trip for 33) are spill-free with its store rotating a
     # quarter of the pairs at a time; 64 x 32 still spills 48-80 B.
     ("dkdv", 256, False): {80: {(16, 64, 8, 2), (16, 32, 8, 2)}, 90: {(16, 32, 8, 2)}},  # not launched: dv, dk
-    # The two passes at 256 channels, one fp32 accumulator of 128 registers a thread over one warp group each:
-    # 64 rows per warp group (wgmma, no MMA repeated) are spill-free on sm_90 with 16 or 32 queries a trip and dk's
-    # store rotating a quarter of the pairs at a time (its 64 x 64 spills 64-148 B, dv's 32 x 64 w4 44 B on 3.6,
-    # 64 x 64 w4 272-480 B); on sm_80, mma.sync, 64 keys over 8 warps or 32 x 64 over 4.
+    # The two passes at 256 channels, one fp32 accumulator each (128 registers a thread at 64 keys per warp group):
+    # on sm_90 64 keys per warp group (wgmma, no MMA repeated) with 16 or 32 queries a trip, dk's store rotating a
+    # quarter of the pairs at a time, are spill-free (32 queries x 64 keys over 4 warps: dk spills 64-148 B, dv
+    # 44 B on 3.6; 64 x 64: 272-528 B); on sm_80 (mma.sync) 64 keys over 8 warps, or 32 x 64 over 4.
     ("dv", 256, False): {
         90: {(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)},
         80: {(64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)},
@@ -1045,9 +1045,9 @@ def dkdv_two_pass(head_dim: int) -> bool:
 
     dk and dv of 64 keys x 256 channels in fp32 take 256 registers a thread over one warp group (4 warps), the rows
     wgmma takes on sm_90; over 8 warps they spilled and repeated q k^T, so the fused kernel ran 16 x 32 mma.sync
-    tiles at 2.5x its dots' MMA work. One accumulator takes 128 registers: each pass runs wgmma on 64-key tiles with
-    no MMA repeated, and the pair does five dots where the fused kernel does four (q k^T in both passes), 1.25x its
-    MMA work, and reads q and dO twice (benchmarks/compile_report.py; docs/backends.md).
+    tiles at 2.5x its dots' MMA work. One accumulator takes 128 registers: each pass runs wgmma on 64 keys per warp
+    group with no MMA repeated, and the pair does five dots where the fused kernel does four (q k^T in both
+    passes), 1.25x its MMA work, and reads q and dO twice (benchmarks/compile_report.py; docs/backends.md).
     """
     return head_dim > 128
 

@@ -776,14 +776,15 @@ def _rope_attention_bwd_dkdv(
                     n_mask, dv, ROW)  # fmt: skip
     # dk of the rotated k (q carried no scale): times sm_scale, then the transposed rotation, to the pre-RoPE k.
     if WITH_DK:
-        dk_base = DK + _head_offset(seq, slot, start, stride_dkb, stride_dkh, stride_dkt)
         positions = _positions(pos_base, offs_n, n_mask, HAS_POS)
         if HEAD_DIM >= 256:  # as dq's: 64 keys' dk and all the pairs' sin/cos spilled 3 KB (dk pass, sm_90)
-            _store_pairs_transposed_in_quarters(dk_base, offs_n, stride_dkt, n_mask, dk, positions, INV_FREQ, is_long,
+            _store_pairs_transposed_in_quarters(DK + _head_offset(seq, slot, start, stride_dkb, stride_dkh, stride_dkt),
+                                                offs_n, stride_dkt, n_mask, dk, positions, INV_FREQ, is_long,
                                                 attention, sm_scale, HALF, ROW)  # fmt: skip
         else:
             cos, sin = _pair_angles(positions, INV_FREQ, is_long, attention, HALF, ROW)
-            _store_pairs_transposed(dk_base, offs_n, stride_dkt, n_mask, dk, cos, sin, sm_scale, HALF, ROW)
+            _store_pairs_transposed(DK + _head_offset(seq, slot, start, stride_dkb, stride_dkh, stride_dkt), offs_n,
+                                    stride_dkt, n_mask, dk, cos, sin, sm_scale, HALF, ROW)  # fmt: skip
 
 
 def _dkdv_autotune(kind: str):

@@ -15,7 +15,9 @@ Each compilation records ptxas's registers and spill stores, Triton's dynamic sh
 sm_90 232,448 B), and, for the kernels with a tile loop (attention forward, dq, dk/dv, decode), the loop in the
 cubin's disassembly (nvdisasm; Triton 3.6's ``asm["sass"]`` is cut short): the innermost loop issuing MMA, its SASS
 instructions per trip, its MMA kind (wgmma on sm_90 / mma.sync / none) and warp-instructions per 1K scores
-(per-trip SASS x num_warps x 1000 / scores per trip: BLOCK_M x BLOCK_N, decode: real rows x BLOCK_N).
+(per-trip SASS x num_warps x 1000 / scores per trip: BLOCK_M x BLOCK_N, decode: real rows x BLOCK_N). ``bwd_dkdv``
+names the dk/dv kernel and its two passes (``bwd_dv``, ``bwd_dk``: what the backward launches above 128 channels),
+each compiled where the launcher launches it.
 
 Usage::
 
@@ -71,9 +73,15 @@ MATRICES = {
     "gate": (list(HEAD_CASES), ["bf16"]),
     "half": (list(HEAD_CASES), ["bf16", "fp16"]),
 }
-KERNELS = ["fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "bwd_stage", "decode", "apply_rope", "rerotate"]
+KERNELS = ["fwd", "bwd_dq", "bwd_dkdv", "bwd_dv", "bwd_dk", "bwd_delta", "bwd_stage", "decode", "apply_rope",
+           "rerotate"]  # fmt: skip
+# dk/dv: the fused kernel, and the two passes (dv, then dk) that replace it above 128 channels
+# (attention.dkdv_two_pass); naming bwd_dkdv compiles all three, each where the launcher launches it.
+DKDV_PASSES = ["bwd_dv", "bwd_dk"]
+FAMILIES = {"bwd_dkdv": ["bwd_dkdv", *DKDV_PASSES]}
 LOOP_KERNELS = ["fwd", "bwd_dq", "bwd_dkdv"]  # the attention kernels (loops staged vs rotated per tile)
-TILE_LOOP_KERNELS = {"fwd", "bwd_dq", "bwd_dkdv", "decode"}  # kernels whose tile loop is found in the SASS
+SCORE_KERNELS = {*LOOP_KERNELS, *DKDV_PASSES}  # scores per trip: BLOCK_M x BLOCK_N
+TILE_LOOP_KERNELS = {*SCORE_KERNELS, "decode"}  # kernels whose tile loop is found in the SASS
 PEER_JSON = ROOT / "benchmarks/results/peer_tutorial_attention.json"
 
 # The SM count the launchers' grid heuristics see (rope's head chunks, the dk/dv group split): an H100 SXM's.
@@ -170,6 +178,8 @@ _KERNEL_OBJECTS = {
     "fwd": (0, "_rope_attention_fwd_kernel"),
     "bwd_dq": (0, "_rope_attention_bwd_dq_kernel"),
     "bwd_dkdv": (0, "_rope_attention_bwd_dkdv_kernel"),
+    "bwd_dv": (0, "_rope_attention_bwd_dv_kernel"),  # the two-pass dk/dv backward's passes (above 128 channels)
+    "bwd_dk": (0, "_rope_attention_bwd_dk_kernel"),
     "bwd_delta": (0, "_delta_kernel"),
     "bwd_stage": (0, "_stage_rotated_kernel"),  # the backward's rotated copies of q and k
     "decode": (1, "_rope_decode_kernel"),
@@ -306,6 +316,8 @@ KERNEL_CALLS = {
     "fwd": ["forward"],
     "bwd_dq": ["backward"],
     "bwd_dkdv": ["backward"],
+    "bwd_dv": ["backward"],
+    "bwd_dk": ["backward"],
     "bwd_delta": ["backward"],
     "bwd_stage": ["backward"],
     "decode": list(DECODE_CASES),
@@ -370,7 +382,7 @@ def _named(fn, constexprs: dict) -> dict:
 
 def _config_name(kernel: str, named: dict, options: dict, case: str) -> str:
     warps, stages = options["num_warps"], options["num_stages"]
-    if kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+    if kernel in SCORE_KERNELS:
         return f"M{named['BLOCK_M']} N{named['BLOCK_N']} w{warps} s{stages}"
     if kernel == "decode":
         page = f" page={named['PAGE']}" if named.get("PAGE") else ""  # paged caches (block_table)
@@ -419,7 +431,7 @@ def jobs_for(
                     continue
                 seen.add(name)
                 block_m, block_n = named.get("BLOCK_M", 0), named.get("BLOCK_N", 0)
-                scores = block_m * block_n if kernel in LOOP_KERNELS else 0
+                scores = block_m * block_n if kernel in SCORE_KERNELS else 0
                 if kernel == "decode":
                     scores = min(_decode_rows(launch.case), block_m) * block_n
                 jobs.append(Job(kernel, head, dtype, arch, name, launch.case, signature, constexprs, attrs, options,
@@ -708,6 +720,10 @@ def summarize(rows: list[Row]) -> dict[tuple, bool]:
 
 # ------------------------------------------------------------------------------------------------ the peer
 PEER_KERNELS = {"fwd": "forward", "bwd_dq": "dq", "bwd_dkdv": "dk/dv"}
+# The kernels whose loops make up each compared figure, alternatives in order: dk/dv is the fused kernel's or, at a
+# head where the launcher runs the two passes instead (attention.dkdv_two_pass), the sum of the dv and dk passes'
+# figures (each pass walks every score once, so their warp-instructions per 1K scores add).
+PEER_PARTS = {"fwd": [["fwd"]], "bwd_dq": [["bwd_dq"]], "bwd_dkdv": [["bwd_dkdv"], DKDV_PASSES]}
 # Head case -> the tutorial's head size it is compared with: the same size; Phi-4-mini's 96-of-128 is a head of 128;
 # 96 channels, which the tutorial cannot run (it takes 16, 32, 64, 128 or 256), against its 128, the size a user of
 # it pads 96 to. 80 is not compared.
@@ -736,18 +752,22 @@ def best_spill_free(
     return min(candidates, key=lambda r: (r["per_1k_scores"], r["smem"]), default=None)
 
 
-def peer_ratios(rows: list, peer_rows: list, head: str = "128", dtype: str = "bf16", arch: int = 90) -> list[dict]:
+def peer_ratios(
+    rows: list, peer_rows: list, head: str = "128", dtype: str = "bf16", arch: int = 90, kernels=tuple(PEER_KERNELS)
+) -> list[dict]:
     """Per attention kernel and Triton version in ``rows``: our best spill-free figure (warp-instructions per 1K
     scores, :func:`best_spill_free`) at head case ``head`` over the tutorial's (``peer_rows``,
     benchmarks/peer_report.py) at :data:`PEER_HEADS`' head size, on the same arch and Triton minor version. The
     tutorial measured in fp16 stands in where it has no ``dtype`` rows (its kernels cast to fp16 themselves:
     :func:`peer_dtype`). Where every config of the tutorial spills (its backward at head 256), its fewest
     instructions among them stand in (``peer_spill_bytes`` > 0; spill traffic is not counted, so that figure flatters
-    it). A ratio is None where either side has no figure."""
+    it). A ratio is None where either side has no figure. Where the figure is the sum of several kernels'
+    (:data:`PEER_PARTS`: the two-pass dk/dv), ``parts`` holds each one's best spill-free config and MMA work, and
+    ``ours`` is None unless each has one."""
     out = []
     for version in sorted({_as_dict(r)["triton"] for r in rows}):
-        for kernel in PEER_KERNELS:
-            ours = best_spill_free(rows, kernel, head, dtype, arch, version)
+        for kernel in kernels:
+            ours, parts = ours_figure(rows, kernel, head, dtype, arch, version)
             theirs_dtype = peer_dtype(peer_rows, dtype)
             peer_head = PEER_HEADS.get(head, head)
             theirs = best_spill_free(peer_rows, kernel, peer_head, theirs_dtype, arch, version) or best_spill_free(
@@ -760,9 +780,38 @@ def peer_ratios(rows: list, peer_rows: list, head: str = "128", dtype: str = "bf
                             peer_config=theirs and theirs["config"], peer_dtype=theirs_dtype,
                             peer_head=peer_head, peer_spill_bytes=theirs and theirs["spill_bytes"],
                             ours_mma_work=ours and ours.get("mma_work"),
-                            ours_dot_work=ours and ours.get("dot_work"),
+                            ours_dot_work=ours and ours.get("dot_work"), parts=parts,
                             ratio=None if ratio is None else round(ratio, 3)))  # fmt: skip
     return out
+
+
+def ours_figure(rows: list, kernel: str, head: str, dtype: str, arch: int, triton_version: str) -> tuple:
+    """(figure, parts) of a compared kernel (:data:`PEER_PARTS`): the first alternative whose kernels were all
+    compiled at this head (as launched: the launcher runs them there), each part's best spill-free row (None where it
+    has none) and the figure as one row: per-1K scores, MMA and dot work summed over the parts, configs and MMA kinds
+    joined (None unless every part has a spill-free config)."""
+    compiled = {(r["kernel"], _minor(r["triton"])) for r in map(_as_dict, rows)
+                if (r["head"], r["dtype"], r["arch"]) == (head, dtype, arch)}  # fmt: skip
+    alternatives = PEER_PARTS[kernel]
+    names = next((a for a in alternatives if all((k, _minor(triton_version)) in compiled for k in a)), alternatives[0])
+    best = [best_spill_free(rows, name, head, dtype, arch, triton_version) for name in names]
+    parts = [dict(kernel=name, per_1k_scores=b and b["per_1k_scores"], config=b and b["config"],
+                  mma_kind=b and b["mma_kind"], mma_work=b and b.get("mma_work"), dot_work=b and b.get("dot_work"))
+             for name, b in zip(names, best)]  # fmt: skip
+    if any(b is None for b in best):
+        return None, parts
+    if len(best) == 1:
+        return best[0], parts
+
+    def total(field: str):
+        values = [b.get(field) for b in best]
+        return None if any(v is None for v in values) else sum(values)
+
+    kinds = list(dict.fromkeys(b["mma_kind"] for b in best))
+    figure = dict(per_1k_scores=round(total("per_1k_scores"), 1), mma_kind="+".join(kinds),
+                  config=" + ".join(f"{name.removeprefix('bwd_')} {b['config']}" for name, b in zip(names, best)),
+                  mma_work=total("mma_work"), dot_work=total("dot_work"))  # fmt: skip
+    return figure, parts
 
 
 def peer_dtype(peer_rows: list, dtype: str) -> str:
@@ -850,7 +899,9 @@ def ratios_markdown(ratios: list[dict], peer: dict) -> list[str]:
         "powers of "
         "two: a head of 96 is compared with its 128 (what it pads 96 to), Phi-4-mini's 96-of-128 with its 128. MMA "
         "work: what the loop's MMA instructions issue per trip (M x N x K of each, all warps) over what its dots "
-        "need (1.00: none repeated).",
+        "need (1.00: none repeated). dk/dv at a head where the backward runs it in two passes (above 128 channels): "
+        "the sum of the dv and dk passes' figures, each pass's best spill-free config (joined by +), MMA and dot "
+        "work summed.",
         "",
         "| Triton | kernel | head | arch | lr2kernels | config | MMA | MMA work | tutorial | config | ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -985,6 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="compile nothing: rewrite the report (and --json) from an earlier --json output of the same "
                         "arguments, with the tutorial's figures as --peer holds them now")  # fmt: skip
     args = p.parse_args(argv)
+    args.kernels = list(dict.fromkeys(k for name in args.kernels for k in FAMILIES.get(name, [name])))
     heads, dtypes = MATRICES[args.matrix]
     heads, dtypes = args.heads or heads, args.dtypes or dtypes
     t0 = time.perf_counter()
@@ -1006,10 +1058,11 @@ def main(argv: list[str] | None = None) -> int:
                 loops += run_loops(head, dtypes[0], 90, args.workers, rows)
     peer = load_peer(args.peer)
     ratios = []
-    if 90 in args.archs and set(PEER_KERNELS) <= set(args.kernels):  # every compared head whose loops were counted
+    if 90 in args.archs and set(PEER_KERNELS) & set(args.kernels):  # every compared head whose loops were counted
         compared = [h for h in heads if h in PEER_HEADS and (args.sass_heads is None or h in args.sass_heads)]
         ratios = [r for dtype in dtypes if dtype != "fp32" for head in compared
-                  for r in peer_ratios(rows, peer["rows"], head, dtype, 90)]  # fmt: skip
+                  for r in peer_ratios(rows, peer["rows"], head, dtype, 90,
+                                       [k for k in PEER_KERNELS if k in args.kernels])]  # fmt: skip
     seconds = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(rows, seconds, shown, loops, ratios, peer))

@@ -102,12 +102,16 @@ _BWD_TILES = {
            (64, 32, 4, 2), (64, 16, 4, 2), (64, 16, 8, 2), (32, 16, 8, 2)],
     "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2),
              (16, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 8, 2)],
+    # The two passes above 128 channels (dkdv_two_pass), one fp32 accumulator each: the tiles kept on one arch
+    # or the other at 256 channels (_KEEP).
+    "dv": [(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
+    "dk": [(32, 128, 8, 2), (16, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
 }  # fmt: skip
 
 
 def _bwd_configs(kind: str) -> list[triton.Config]:
-    """Autotune space of the backward kernel ``kind`` ("dq" or "dkdv"): :data:`_BWD_TILES`; in the interpreter, one
-    small config whose causal diagonal spans two loop tiles (numpy runs every lane)."""
+    """Autotune space of the backward kernel ``kind`` ("dq", "dkdv", or a pass "dv" / "dk"): :data:`_BWD_TILES`;
+    in the interpreter, one small config whose causal diagonal spans two loop tiles (numpy runs every lane)."""
     if triton_interpreting():
         m, n = (32, 16) if kind == "dq" else (16, 32)
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1)]
@@ -130,7 +134,9 @@ def _prune_configs(
     tile."""
     if triton_interpreting():
         return configs
-    kind = "dkdv" if "DK" in named_args else "dq" if "DQ" in named_args else "fwd"
+    kind = "dq" if "DQ" in named_args else "fwd"
+    if "DK" in named_args:  # the dk/dv kernel, fused or one of its two passes
+        kind = "dkdv" if kwargs["WITH_DK"] and kwargs["WITH_DV"] else "dk" if kwargs["WITH_DK"] else "dv"
     head_dim = kwargs.get("HEAD_DIM", 128)
     partial = 2 * kwargs.get("HALF", head_dim // 2) < head_dim  # a pass-through (the backward has no PASS)
     keep = _KEEP.get((kind, head_dim, partial))
@@ -194,7 +200,16 @@ _KEEP: dict[tuple[str, int, bool], set[tuple[int, int, int, int]] | dict[int, se
     # spills 60 B on 3.9; 128 x 16 issues more, and its 160 KB of shared memory hold the SM alone as 128 x 32's
     # 192 KB do). 64 x 16 stays for short sequences (twice the programs, 96 KB: two blocks an SM).
     # On sm_80 (mma.sync) 128-row tiles spill or overflow shared memory.
-    ("dkdv", 256, False): {80: {(16, 64, 8, 2), (16, 32, 8, 2)}, 90: {(16, 32, 8, 2)}},
+    ("dkdv", 256, False): {80: {(16, 64, 8, 2), (16, 32, 8, 2)}, 90: {(16, 32, 8, 2)}},  # not launched: dv, dk
+    # The two passes at 256 channels, one fp32 accumulator each (128 registers a thread at 64 keys per warp group):
+    # on sm_90 64 keys per warp group (wgmma, no MMA repeated) with 16 or 32 queries a trip, dk's store rotating a
+    # quarter of the pairs at a time, are spill-free (32 queries x 64 keys over 4 warps: dk spills 64-148 B, dv
+    # 44 B on 3.6; 64 x 64: 272-528 B); on sm_80 (mma.sync) 64 keys over 8 warps, or 32 x 64 over 4.
+    ("dv", 256, False): {
+        90: {(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)},
+        80: {(64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)},
+    },
+    ("dk", 256, False): {90: {(32, 128, 8, 2), (16, 128, 8, 2)}, 80: {(64, 64, 8, 2), (32, 64, 4, 2)}},
 }
 
 
@@ -657,12 +672,14 @@ def _dkdv_tiles(
     stride_qb, stride_qh, stride_qt, stride_dob, stride_doh, stride_dot, stride_lse_b, stride_lse_h,
     a_start, a_end, b_start, b_end, seq_len, pos_base, INV_FREQ, is_long, attention, dtype,
     HALF: tl.constexpr, ROW: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-    PRECISION: tl.constexpr, STAGED: tl.constexpr, MASKED: tl.constexpr,
+    PRECISION: tl.constexpr, STAGED: tl.constexpr, MASKED: tl.constexpr, WITH_DK: tl.constexpr,
+    WITH_DV: tl.constexpr,
 ):  # fmt: skip
     """(dk, dv) (whole-head fp32 tiles ``[BLOCK_N, *]``; dk in pair order) += the query tiles ``a_start ..
     a_end`` then (MASKED) ``b_start .. b_end`` of each of ``heads`` q heads, in the transposed orientation (keys
     are the rows). MASKED: the tiles on the causal diagonal or past the sequence's end. Query rows past the end load
-    as zeros (q, dO, lse, delta), so their p is finite and their dO and ds are 0: they add nothing.
+    as zeros (q, dO, lse, delta), so their p is finite and their dO and ds are 0: they add nothing. WITH_DK,
+    WITH_DV: which of the two it accumulates (the other is returned as given; ``v`` is read only for dk).
 
     One loop over (head, tile) pairs, not a loop over heads around a loop over tiles: the nest held its bounds and
     the next loop's pipeline prologue in registers across heads, and 32 x 128 tiles spilled at 128 channels. The
@@ -693,10 +710,12 @@ def _dkdv_tiles(
         if MASKED and IS_CAUSAL:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
         do = _load_row_tiles(do_ptr, rows, stride_dot, m_mask, ROW, MASKED)  # [BLOCK_M, *]
-        dv = _dot_acc(dv, p_t.to(dtype), do, PRECISION)
-        delta = _row_values(DELTA + row_off, rows, m_mask, MASKED)
-        ds_t = (p_t * (_dots_t(v, do, PRECISION) - delta[None, :])).to(dtype)
-        dk = _dot_acc(dk, ds_t, q, PRECISION)
+        if WITH_DV:
+            dv = _dot_acc(dv, p_t.to(dtype), do, PRECISION)
+        if WITH_DK:
+            delta = _row_values(DELTA + row_off, rows, m_mask, MASKED)
+            ds_t = (p_t * (_dots_t(v, do, PRECISION) - delta[None, :])).to(dtype)
+            dk = _dot_acc(dk, ds_t, q, PRECISION)
         tile += 1
         m_start += BLOCK_M
         if MASKED:  # few trips: jumps recompute the pointers
@@ -718,11 +737,8 @@ def _dkdv_tiles(
     return dk, dv
 
 
-@triton.autotune(
-    configs=_bwd_configs("dkdv"), key=_BWD_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
-)
 @triton.jit
-def _rope_attention_bwd_dkdv_kernel(
+def _rope_attention_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, INV_FREQ, CU_SEQLENS, POS, IS_LONG,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
@@ -736,12 +752,13 @@ def _rope_attention_bwd_dkdv_kernel(
     HALF: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
-    STAGED: tl.constexpr,
+    STAGED: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
 ):  # fmt: skip
     """dk, dv for one key tile of one kv head, summed over the q heads of its GQA group, or over one of
     ``group_splits`` equal parts of it: programs per sequence are Hk x group_splits, and program ``slot`` writes the
     partial sums of its part to head ``slot`` of DK/DV (the launcher adds the parts; with 1 part, DK/DV are dk/dv).
-    Q, K as in the dq kernel."""
+    Q, K as in the dq kernel. WITH_DK, WITH_DV: which gradients it computes and writes (both: the fused kernel; one:
+    a pass of the two-pass backward, :func:`dkdv_two_pass`)."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)  # the diagonal ends on a query tile
     ROW: tl.constexpr = (HEAD_DIM, HEAD_A, HEAD_B)
     first, seq, slot, start, seq_len, is_long, attention, pos_base = _sequence_program(
@@ -759,9 +776,11 @@ def _rope_attention_bwd_dkdv_kernel(
     k = _load_pair_tile(K + _head_offset(seq, kv_head, start, stride_kb, stride_kh, stride_kt), stride_kt, offs_n,
                         offs_n, n_mask, pos_base, INV_FREQ, is_long, attention, sm_scale_log2, dtype, HALF, ROW,
                         HAS_POS, STAGED, True)  # fmt: skip
-    v = _load_rows(V + _head_offset(seq, kv_head, start, stride_vb, stride_vh, stride_vt), offs_n, stride_vt, n_mask,
-                   ROW)  # fmt: skip
-    dk = _zeros_fp32(BLOCK_N, ROW)  # [BLOCK_N, *] whole-head tiles, pair order
+    v = k  # dv alone never reads v
+    if WITH_DK:
+        v = _load_rows(V + _head_offset(seq, kv_head, start, stride_vb, stride_vh, stride_vt), offs_n, stride_vt,
+                       n_mask, ROW)  # fmt: skip
+    dk = _zeros_fp32(BLOCK_N, ROW)  # [BLOCK_N, *] whole-head tiles, pair order (unused in a dv pass: eliminated)
     dv = _zeros_fp32(BLOCK_N, ROW)
     # Query tiles: the diagonal (causal) and the sequence's partial last tile, masked; the whole tiles between.
     lo = first + BLOCK_N if IS_CAUSAL else 0
@@ -772,17 +791,38 @@ def _rope_attention_bwd_dkdv_kernel(
     table_args = (pos_base, INV_FREQ, is_long, attention)
     dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, Q, DO, LSE, DELTA, seq, start, first_head, heads_per_program, *strides,
                          diagonal, diagonal_end, full, seq_len, seq_len, *table_args, dtype, HALF, ROW, BLOCK_M,
-                         IS_CAUSAL, HAS_POS, PRECISION, STAGED, True)  # fmt: skip
+                         IS_CAUSAL, HAS_POS, PRECISION, STAGED, True, WITH_DK, WITH_DV)  # fmt: skip
     dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, Q, DO, LSE, DELTA, seq, start, first_head, heads_per_program, *strides,
                          lo, full, full, full, seq_len, *table_args, dtype, HALF, ROW, BLOCK_M, IS_CAUSAL, HAS_POS,
-                         PRECISION, STAGED, False)  # fmt: skip
+                         PRECISION, STAGED, False, WITH_DK, WITH_DV)  # fmt: skip
     # dv first: its registers are then free for the sin/cos of dk's rotation.
-    _store_rows(DV + _head_offset(seq, slot, start, stride_dvb, stride_dvh, stride_dvt), offs_n, stride_dvt, n_mask,
-                dv, ROW)  # fmt: skip
+    if WITH_DV:
+        _store_rows(DV + _head_offset(seq, slot, start, stride_dvb, stride_dvh, stride_dvt), offs_n, stride_dvt,
+                    n_mask, dv, ROW)  # fmt: skip
     # dk of the rotated k (q carried no scale): times sm_scale, then the transposed rotation, to the pre-RoPE k.
-    cos, sin = _pair_angles(_positions(pos_base, offs_n, n_mask, HAS_POS), INV_FREQ, is_long, attention, HALF, ROW)
-    _store_pairs_transposed(DK + _head_offset(seq, slot, start, stride_dkb, stride_dkh, stride_dkt), offs_n,
-                            stride_dkt, n_mask, dk, cos, sin, sm_scale, HALF, ROW)  # fmt: skip
+    if WITH_DK:
+        positions = _positions(pos_base, offs_n, n_mask, HAS_POS)
+        if HEAD_DIM >= 256:  # as dq's: 64 keys' dk and all the pairs' sin/cos spilled 3 KB (dk pass, sm_90)
+            _store_pairs_transposed_in_quarters(DK + _head_offset(seq, slot, start, stride_dkb, stride_dkh, stride_dkt),
+                                                offs_n, stride_dkt, n_mask, dk, positions, INV_FREQ, is_long,
+                                                attention, sm_scale, HALF, ROW)  # fmt: skip
+        else:
+            cos, sin = _pair_angles(positions, INV_FREQ, is_long, attention, HALF, ROW)
+            _store_pairs_transposed(DK + _head_offset(seq, slot, start, stride_dkb, stride_dkh, stride_dkt), offs_n,
+                                    stride_dkt, n_mask, dk, cos, sin, sm_scale, HALF, ROW)  # fmt: skip
+
+
+def _dkdv_autotune(kind: str):
+    return triton.autotune(
+        configs=_bwd_configs(kind), key=_BWD_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+    )(_rope_attention_bwd_dkdv)
+
+
+# One kernel body, three autotuned launches of it, each with its own tiles (_BWD_TILES, _KEEP): dk and dv together
+# (WITH_DK = WITH_DV = True), or the two passes of the two-pass backward, dv alone and dk alone (dkdv_two_pass).
+_rope_attention_bwd_dkdv_kernel = _dkdv_autotune("dkdv")
+_rope_attention_bwd_dv_kernel = _dkdv_autotune("dv")
+_rope_attention_bwd_dk_kernel = _dkdv_autotune("dk")
 
 
 @triton.jit
@@ -996,8 +1036,10 @@ def rope_attention_bwd(
         *lse_strides, stride_pos_b, seq_len, num_q_heads, num_q_heads // num_kv_heads,
         sm_scale_log2, attention_short, attention_long, length_bucket(seq_len), **constexprs,
     )  # fmt: skip
+    two_pass = dkdv_two_pass(q.shape[-1])
     if group_splits is None:
-        largest_block_n = max(c.kwargs["BLOCK_N"] for c in _bwd_configs("dkdv"))  # the fewest programs any config has
+        kinds = ("dv", "dk") if two_pass else ("dkdv",)  # the fewest programs any config has:
+        largest_block_n = max(c.kwargs["BLOCK_N"] for kind in kinds for c in _bwd_configs(kind))
         splits = dkdv_group_splits(batch * num_kv_heads * triton.cdiv(seq_len, largest_block_n), group, q.device)
     else:
         splits = group_splits
@@ -1005,17 +1047,35 @@ def rope_attention_bwd(
     if splits > 1:  # fp32 partial sums, heads kv_head * splits + part: [B, Hk * splits, L, D] or [T, Hk * splits, D]
         dk_out, dv_out = (_partials(x, splits) for x in (k, v))
     grid_kv = lambda meta: sequence_grid(triton.cdiv(seq_len, meta["BLOCK_N"]), num_kv_heads * splits, batch)
-    _rope_attention_bwd_dkdv_kernel[grid_kv](
-        q_in, k_in, v, grad_out, dk_out, dv_out, lse_log2, delta, *table_args,
-        *bht_strides(q_in, varlen), *bht_strides(k_in, varlen), *v_do_strides,
-        *bht_strides(dk_out, varlen), *bht_strides(dv_out, varlen),
-        *lse_strides, stride_pos_b, seq_len, num_kv_heads, group, splits,
-        softmax_scale, sm_scale_log2, attention_short, attention_long, length_bucket(seq_len), **constexprs,
-    )  # fmt: skip
+    passes = [(_rope_attention_bwd_dkdv_kernel, True, True)]  # (kernel, WITH_DK, WITH_DV)
+    if two_pass:
+        passes = [(_rope_attention_bwd_dv_kernel, False, True), (_rope_attention_bwd_dk_kernel, True, False)]
+    for kernel, with_dk, with_dv in passes:
+        kernel[grid_kv](
+            q_in, k_in, v, grad_out, dk_out, dv_out, lse_log2, delta, *table_args,
+            *bht_strides(q_in, varlen), *bht_strides(k_in, varlen), *v_do_strides,
+            *bht_strides(dk_out, varlen), *bht_strides(dv_out, varlen),
+            *lse_strides, stride_pos_b, seq_len, num_kv_heads, group, splits,
+            softmax_scale, sm_scale_log2, attention_short, attention_long, length_bucket(seq_len), **constexprs,
+            WITH_DK=with_dk, WITH_DV=with_dv,
+        )  # fmt: skip
     if splits > 1:
         for out, parts in ((dk, dk_out), (dv, dv_out)):
             out.copy_(_sum_partials(parts, splits))
     return dq, dk, dv
+
+
+def dkdv_two_pass(head_dim: int) -> bool:
+    """Whether the backward computes dv and dk in two passes over each key tile (two launches of the dk/dv kernel,
+    each holding one fp32 accumulator) rather than together: above 128 channels.
+
+    dk and dv of 64 keys x 256 channels in fp32 take 256 registers a thread over one warp group (4 warps), the rows
+    wgmma takes on sm_90; over 8 warps they spilled and repeated q k^T, so the fused kernel ran 16 x 32 mma.sync
+    tiles at 2.5x its dots' MMA work. One accumulator takes 128 registers: each pass runs wgmma on 64 keys per warp
+    group with no MMA repeated, and the pair does five dots where the fused kernel does four (q k^T in both
+    passes), 1.25x its MMA work, and reads q and dO twice (benchmarks/compile_report.py; docs/backends.md).
+    """
+    return head_dim > 128
 
 
 def dkdv_group_splits(programs: int, group: int, device: torch.device) -> int:

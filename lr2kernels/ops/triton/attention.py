@@ -328,7 +328,8 @@ def _fwd_key_tile(
     # against 529 and 575 with v loaded after the softmax (sm_90, 128 x 128, as launched).
     if USE_TMA:
         v = _key_rows(v_src, n_start, stride_vt, seq_len, ROW, BLOCK_N, MASKED, USE_TMA)  # [BLOCK_N, *]
-    # One dot per row tile, chained through the accumulator (no wait between them).
+    # One dot per row tile, chained through the accumulator. Triton (3.6, 3.9) still waits on each before the next:
+    # a wgmma whose result the loop reads gets its own warp_group_dot_wait.
     scores = tl.dot(q[0], tl.trans(k[0]), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N] fp32, unscaled
     for i in tl.static_range(1, len(q)):
         scores = tl.dot(q[i], tl.trans(k[i]), scores, input_precision=PRECISION)

@@ -101,8 +101,9 @@ def _expected(q, k_cache, v_cache, seqlens, table, **kwargs):
     return reference.rope_decode(q.double(), k_cache.double(), v_cache.double(), seqlens, table, **kwargs)
 
 
-# (block_size, (hq, hk), n_new): block sizes below, at and above the interpreter's 32-key tile and one that is not a
-# power of two; GQA groups of 1, 2 and 4 (and 3); one and several new tokens.
+# (block_size, (hq, hk), n_new): block sizes below the interpreter's 32-key tile (ids loaded once a block: 1, 8, 16),
+# at and above it (one id a tile) and one that is not a power of two (one id a key); GQA groups of 1, 2 and 4 (and 3);
+# one and several new tokens.
 CASES = [
     (16, (4, 4), 1),
     (16, (4, 2), 3),
@@ -110,6 +111,8 @@ CASES = [
     (64, (6, 2), 3),
     (128, (4, 2), 2),
     (24, (4, 2), 2),
+    (8, (4, 2), 2),
+    (1, (4, 1), 1),
 ]
 
 
@@ -214,14 +217,16 @@ def _without_value_checks(backend, gpu_like, monkeypatch, *args, **kwargs):
         validation.set_host_reads(previous_reads)
 
 
+@pytest.mark.parametrize("block_size", [16, 32], ids=["bs16", "bs32"])
 @pytest.mark.parametrize("gpu_like", [False, True], ids=["host_values", "device_values"])
-def test_unchecked_bad_block_ids_and_lengths_give_nan_rows(backend, gpu_like, monkeypatch):
+def test_unchecked_bad_block_ids_and_lengths_give_nan_rows(backend, gpu_like, block_size, monkeypatch):
     # Value checks off: a block id outside [0, num_blocks) among those a sequence reads, or a length outside
     # [n, capacity], makes that sequence's rows NaN and reads nothing through the bad id or past the capacity (the
-    # caches are views of storage with NaN blocks past num_blocks); the other sequences are exact.
-    n_new, block_size = 2, 16
+    # caches are views of storage with NaN blocks past num_blocks); the other sequences are exact. Blocks of 16
+    # and 32 keys: two ids a 32-key tile (the interpreter's) and one.
+    n_new = 2
     lengths = [40, 20, 33, 50, 1, 18]
-    capacity = 64  # 4 blocks per sequence
+    capacity = 64  # 4 or 2 blocks per sequence
     q, k_dense, v_dense, seqlens = _dense_inputs(
         [min(n, capacity) for n in lengths], 4, 2, n_new, 64, capacity, torch.float32
     )
@@ -231,9 +236,9 @@ def test_unchecked_bad_block_ids_and_lengths_give_nan_rows(backend, gpu_like, mo
     v_store = torch.full_like(k_store, float("nan"))
     k_store[:num_blocks], v_store[:num_blocks] = k_paged, v_paged
     k_paged, v_paged = k_store[:num_blocks], v_store[:num_blocks]
-    block_table[0, 1] = num_blocks + 2  # read by sequence 0 (40 tokens: 3 blocks): past the cache
-    block_table[2, 2] = -3  # read by sequence 2 (33 tokens: 3 blocks): negative
-    block_table[1, 2] = num_blocks + 5  # NOT read by sequence 1 (20 tokens: 2 blocks): ignored
+    block_table[0, 1] = num_blocks + 2  # read by sequence 0 (40 tokens): past the cache
+    block_table[2, 32 // block_size] = -3  # the last block sequence 2 (33 tokens) reads: negative
+    block_table[1, -(-20 // block_size)] = num_blocks + 5  # the first block sequence 1 (20 tokens) does NOT read
     lengths[3] = capacity + 9  # past the capacity
     seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)  # sequence 4: 1 < n_new
     reads = _BlockReads(monkeypatch, k_paged) if backend == "triton" and INTERPRETED else None
@@ -429,3 +434,19 @@ def test_triton_128_key_tiles_dense_and_paged(monkeypatch):
                     q.shape[-1] ** -0.5, num_splits=num_splits, min_split_keys=1, **paged,
                 )  # fmt: skip
                 torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])
+
+
+@requires_triton
+@pytest.mark.parametrize("block_size", [8, 24, 64], ids=["bs8", "bs24", "bs64"])
+def test_triton_paged_int64_offsets(monkeypatch, block_size):
+    # Caches of 2^31 elements or more take 64-bit per-key offsets: that path, forced on small caches, for ids loaded
+    # once a block, one a key and one a tile (the interpreter's 32-key tiles); k and v of different layouts.
+    from lr2kernels.ops.triton import decode
+
+    monkeypatch.setattr(decode, "_INT32_ROWS_LIMIT", 0)
+    table, q, k_dense, v_dense, k_paged, v_paged, block_table, seqlens = _case([3, 65, 130], (4, 2), 2, 64, block_size)
+    k_strided = k_paged.transpose(1, 2).contiguous().transpose(1, 2)
+    out = run("triton", lr2.rope_decode, q, k_strided, v_paged, table, cache_seqlens=seqlens, block_table=block_table)
+    torch.testing.assert_close(
+        out.double(), _expected(q, k_dense, v_dense, seqlens, table), **tolerance("triton", torch.float32, "decode")
+    )

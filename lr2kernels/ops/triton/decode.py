@@ -20,10 +20,11 @@ Paged caches (``block_table``, FlashAttention's / vLLM's ``[num_blocks, block_si
 specialization of the same kernel (``PAGE`` = the block size; the dense kernel's machine code is unchanged): the key
 tiles stay ``BLOCK_N`` keys at logical positions (so the angles, splits and merge are the dense kernel's), and each
 tile's rows are found through the table (:func:`_paged_rows`): one block id per tile when the block size is a
-multiple of ``BLOCK_N``, else one per key; any block size works. The k/v rows still arrive by 16-byte ``cp.async``
-(their offsets are multiples of the 16-divisible strides), two tiles ahead (``_NUM_STAGES_PAGED``); fp32 takes
-16-key tiles. A block id outside ``[0, num_blocks)`` among those a
-sequence reads is never read through, and that sequence's output rows are NaN, as for a bad length.
+multiple of ``BLOCK_N`` (a per-tile base, the dense loop's in-tile rows), one per block broadcast to its keys when it
+divides ``BLOCK_N``, else one per key; any block size works; 32-bit per-key offsets where the cache allows. The k/v
+rows still arrive by 16-byte ``cp.async`` (their offsets are multiples of the 16-divisible strides), two tiles ahead
+(``_NUM_STAGES_PAGED``); fp32 takes 16-key tiles. A block id outside ``[0, num_blocks)`` among those a sequence
+reads is never read through, and that sequence's output rows are NaN, as for a bad length.
 
 The launcher :func:`rope_decode` takes tensors and Python scalars only: the prepared ``[2, rotary_dim // 2]`` fp32
 inverse frequencies (short row, long row), L0 and the tables' attention factors.
@@ -250,37 +251,68 @@ def _part_rows(pid_bh, split, num_splits, num_rows, rows):
 
 @triton.jit
 def _paged_rows(
-    table_row, n_start, offs_n, n_mask, num_blocks, stride_kb, stride_kt, stride_vb, stride_vt, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SAME_KV_STRIDES: tl.constexpr,
+    k_base, v_base, table_row, n_start, n_mask, hi, num_blocks, stride_kb, stride_kt, stride_vb, stride_vt,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SAME_KV_STRIDES: tl.constexpr, INT32_ROWS: tl.constexpr,
+    ALIGNED_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """Where the keys ``offs_n`` (tile start ``n_start``, a multiple of BLOCK_N) of a paged sequence lie: (k row
-    offsets, v row offsets (int64 elements from the head's base), load mask, keys whose block id is bad).
+    """Where the key tile starting at ``n_start`` (a multiple of BLOCK_N) of a paged sequence lies: (k tile base, v
+    tile base, k rows, v rows, k row stride, v row stride, load mask, keys whose block id is bad); key i of the tile
+    is at ``k tile base + k rows[i] * k row stride``.
 
     Key j sits in slot ``j % PAGE`` of block ``table_row[j // PAGE]``. A block of a multiple of BLOCK_N keys holds
-    the whole tile: one block id per tile; smaller (or not power-of-two) blocks: one per key. Only ids of keys below
-    the split's end are loaded (all inside the table: the length is clamped to its capacity). An id outside
-    ``[0, num_blocks)`` is not read through (its keys are masked off: a masked lane's address is never accessed)
-    and reported. ``SAME_KV_STRIDES``: v's rows are at k's offsets (caches of one layout), computed once.
+    the whole tile: one block id per tile, a scalar tile base, and the in-tile rows are the loop's invariant
+    ``0..BLOCK_N-1`` (the dense loop's addressing). BLOCK_N / PAGE whole blocks: their ids are loaded once each
+    (``[BLOCK_N // PAGE]``), turned into one offset per block and broadcast to the block's keys, whose in-block
+    offsets are the loop's invariant. Other block sizes (not dividing BLOCK_N nor a multiple of it): one id per key.
+    ``INT32_ROWS``: every offset in the cache fits int32 (checked by the launcher), so the per-key offsets stay
+    32-bit; ``ALIGNED_ROWS``: the strides are multiples of 16 (the launcher's check), so are the offsets (Triton 3.6
+    loses that through the reshape, and with it the 16-byte ``cp.async``). Only ids of keys below the split's end
+    ``hi`` are loaded (all inside the table: the length is clamped to its capacity). An id outside ``[0,
+    num_blocks)`` is not read through (its keys are masked off: a masked lane's address is never accessed) and
+    reported. ``SAME_KV_STRIDES``: v's rows are at k's offsets, computed once.
     """
+    ROWS: tl.constexpr = tl.int32 if INT32_ROWS else tl.int64
     if PAGE % BLOCK_N == 0:
         block = tl.load(table_row + n_start // PAGE)  # the tile's block: n_start < the split's end
-        slot = n_start % PAGE + tl.arange(0, BLOCK_N)
-    elif BLOCK_N % PAGE == 0:  # BLOCK_N / PAGE whole blocks: each key's slot is the same in every tile
-        offs = tl.arange(0, BLOCK_N)
-        block = tl.load(table_row + n_start // PAGE + offs // PAGE, mask=n_mask, other=0)  # [BLOCK_N]
-        slot = offs % PAGE
+        inside = block.to(tl.uint32) < num_blocks  # one unsigned compare: a negative id wraps past num_blocks
+        block = block.to(tl.int64)
+        slot = tl.cast(n_start % PAGE, tl.int64)
+        k_offset = block * stride_kb + slot * stride_kt
+        k_tile = k_base + k_offset
+        v_tile = v_base + (k_offset if SAME_KV_STRIDES else block * stride_vb + slot * stride_vt)
+        k_rows = tl.arange(0, BLOCK_N)  # [BLOCK_N], the same in every tile
+        v_rows = k_rows
+        k_stride, v_stride = stride_kt, stride_vt
+    elif BLOCK_N % PAGE == 0:  # BLOCK_N / PAGE whole blocks, one id each
+        NB: tl.constexpr = BLOCK_N // PAGE
+        first = n_start // PAGE + tl.arange(0, NB)  # [NB] the tile's blocks
+        block = tl.load(table_row + first, mask=first * PAGE < hi, other=0)  # [NB]
+        inside = block.to(tl.uint32) < num_blocks
+        block = block.to(ROWS)
+        slot = tl.arange(0, PAGE).to(ROWS)  # [PAGE], the same in every tile
+        k_rows = tl.reshape(block[:, None] * stride_kb + slot[None, :] * stride_kt, [BLOCK_N])
+        if SAME_KV_STRIDES:
+            v_rows = k_rows
+        else:
+            v_rows = tl.reshape(block[:, None] * stride_vb + slot[None, :] * stride_vt, [BLOCK_N])
+        if ALIGNED_ROWS:  # [BLOCK_N] multiples of 16: Triton 3.6's reshape forgets the strides' divisibility
+            k_rows = tl.multiple_of(k_rows, 16)
+            v_rows = tl.multiple_of(v_rows, 16)
+        inside = tl.reshape(tl.broadcast_to(inside[:, None], [NB, PAGE]), [BLOCK_N])
+        k_tile, v_tile, k_stride, v_stride = k_base, v_base, 1, 1
     else:
+        offs_n = n_start + tl.arange(0, BLOCK_N)
         block = tl.load(table_row + offs_n // PAGE, mask=n_mask, other=0)  # [BLOCK_N]
-        slot = offs_n % PAGE
-    inside = block.to(tl.uint32) < num_blocks  # one unsigned compare: a negative id wraps past num_blocks
+        inside = block.to(tl.uint32) < num_blocks
+        block = block.to(ROWS)
+        slot = (offs_n % PAGE).to(ROWS)
+        k_rows = block * stride_kb + slot * stride_kt
+        v_rows = k_rows if SAME_KV_STRIDES else block * stride_vb + slot * stride_vt
+        k_tile, v_tile, k_stride, v_stride = k_base, v_base, 1, 1
     # tl.where, not &: Triton 3.9's interpreter refuses a mask from a vector & a scalar (its dtype comes out int8).
     load_mask = tl.where(inside, n_mask, False)
     bad = tl.where(inside, False, n_mask)
-    block = block.to(tl.int64)
-    slot = slot.to(tl.int64)
-    k_rows = block * stride_kb + slot * stride_kt
-    v_rows = k_rows if SAME_KV_STRIDES else block * stride_vb + slot * stride_vt
-    return k_rows, v_rows, load_mask, bad
+    return k_tile, v_tile, k_rows, v_rows, k_stride, v_stride, load_mask, bad
 
 
 @triton.jit
@@ -297,8 +329,8 @@ def _rope_decode_kernel(
     PASS: tl.constexpr, PASS_A: tl.constexpr, PASS_B: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    PAGE: tl.constexpr, SAME_KV_STRIDES: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
-    MERGE_UNROLLED: tl.constexpr,
+    PAGE: tl.constexpr, SAME_KV_STRIDES: tl.constexpr, INT32_ROWS: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
+    MERGE_M: tl.constexpr, MERGE_S: tl.constexpr, MERGE_UNROLLED: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, kv head) x KV split x block of packed rows: its output, or its partial output and lse.
 
@@ -355,23 +387,23 @@ def _rope_decode_kernel(
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
         if PAGE == 0:
-            k_rows, v_rows, k_stride, v_stride, kv_mask = offs_n, offs_n, stride_kt, stride_vt, n_mask
+            k_tile, v_tile, k_stride, v_stride = k_base, v_base, stride_kt, stride_vt
+            k_rows, v_rows, kv_mask = offs_n, offs_n, n_mask
         else:
-            k_rows, v_rows, kv_mask, bad = _paged_rows(
-                table_row, n_start, offs_n, n_mask, num_blocks, stride_kb, stride_kt, stride_vb, stride_vt, PAGE,
-                BLOCK_N, SAME_KV_STRIDES,
+            k_tile, v_tile, k_rows, v_rows, k_stride, v_stride, kv_mask, bad = _paged_rows(
+                k_base, v_base, table_row, n_start, n_mask, hi, num_blocks, stride_kb, stride_kt, stride_vb,
+                stride_vt, PAGE, BLOCK_N, SAME_KV_STRIDES, INT32_ROWS, ALIGNED_ROWS,
             )  # fmt: skip
-            k_stride, v_stride = 1, 1
             bad_block = bad_block | bad
         # The keys turn by their offsets in the tile (the angle-addition table), q by minus the tile's base angle.
-        k1, k2, kp = _load_split(k_base, k_rows, k_stride, kv_mask, SPLIT)  # [BLOCK_N, *]
+        k1, k2, kp = _load_split(k_tile, k_rows, k_stride, kv_mask, SPLIT)  # [BLOCK_N, *]
         base, cos_k, sin_k = _key_offsets(n_start, inv_freq, cos_step, sin_step, BLOCK_N)
         k1, k2, kp = _rotate_keys(k1, k2, kp, cos_k, sin_k, dtype)
         fast = n_start < fast_sincos_end  # every base angle of this tile in _sincos's range
         q1_t, q2_t = _query_in_tile_frame(q1, q2, base, fast, key_scale, dtype)  # [BLOCK_M, *]
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])  # causal among the new tokens
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q1_t, q2_t, qp, k1, k2, kp, visible, 1.0, v_base, v_rows, v_stride, kv_mask,
+            acc, m_i, l_i, q1_t, q2_t, qp, k1, k2, kp, visible, 1.0, v_tile, v_rows, v_stride, kv_mask,
             ROW, PRECISION,
         )  # fmt: skip
 
@@ -517,6 +549,7 @@ _NUM_STAGES = 3  # software pipeline: the k and v tiles of the next two trips lo
 # Paged: the block ids are a load the k/v addresses depend on; Triton's pipeliner gives that chain its own stages,
 # and only 5 keep two k/v tiles in flight as the dense kernel does (3 and 4 leave one; same registers, sm_90).
 _NUM_STAGES_PAGED = 5
+_INT32_ROWS_LIMIT = 2**31  # paged: 32-bit per-key offsets while every k/v offset from a head's base is below
 _MERGE_ELEMENTS_PER_THREAD = 64  # the in-kernel merge's chunk of partials: [MERGE_S, MERGE_M, HEAD_A] fp32
 _COUNTERS: dict[tuple[str, int], Tensor] = {}  # (device, stream) -> int32 arrival counters, all 0 between launches
 
@@ -646,7 +679,7 @@ def rope_decode(
         # (batch, head, token) strides
         k_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
         v_strides = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
-        table, table_args, page = None, (0, 0), 0
+        table, table_args, page, int32_rows, aligned_rows = None, (0, 0), 0, False, False
     else:
         num_blocks, page, num_kv_heads = k_cache.shape[:3]
         max_len = block_table.shape[1] * page  # the capacity
@@ -655,6 +688,11 @@ def rope_decode(
         v_strides = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
         table = int32(block_table)
         table_args = (table.stride(0), num_blocks)
+        # The largest k/v offset from a head's base (block, slot): 32-bit per-key offsets when it fits.
+        aligned_rows = all(x % 16 == 0 for x in (*k_strides, *v_strides))
+        int32_rows = all(
+            (num_blocks - 1) * s[0] + (page - 1) * s[2] < _INT32_ROWS_LIMIT for s in (k_strides, v_strides)
+        )
     group = num_q_heads // num_kv_heads
     num_rows = group * n_new
     block_m, block_n = _block_sizes(num_rows, head_dim, q.dtype, paged=page != 0)
@@ -687,7 +725,8 @@ def rope_decode(
         softmax_scale * LOG2E, attention_short, attention_long, table, *table_args, counters,
         **split_sizes(head_dim, rotary_dim_of(inv_freq)), **sizes,
         BLOCK_M=block_m, BLOCK_N=block_n, IS_SPLIT=is_split, PRECISION=dot_precision(q.dtype), PAGE=page,
-        SAME_KV_STRIDES=page != 0 and k_strides == v_strides,
+        SAME_KV_STRIDES=page != 0 and k_strides == v_strides, INT32_ROWS=int32_rows,
+        ALIGNED_ROWS=aligned_rows,
         MERGE_M=merge[0], MERGE_S=merge[1], MERGE_UNROLLED=merge[2],
         num_warps=num_warps, num_stages=_NUM_STAGES_PAGED if page else _NUM_STAGES,
         maxnreg=255,  # else ptxas caps itself at 128 and spills as launched (16 B at 96 channels on sm_80)

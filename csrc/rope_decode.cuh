@@ -358,6 +358,24 @@ __device__ __forceinline__ void rope_decode_mma_tiles(const DecodeParams& p, T* 
     }
 }
 
+// Paged: the k/v rows of logical key q0 of sequence seq (its block from the table, q0 < that sequence's length <=
+// capacity), from k_base / v_base (the kv head's origin); false when the block id lies outside [0, num_blocks): then
+// block 0 stands in for the addresses, so a bad id never enters one, and the caller reads nothing through them.
+// p0 / block_size: a shift for the usual powers of two (a divide costs ~20 instructions a tile; a multiply-high by a
+// magic number costs a spilled register on sm_90's 2-row tiles).
+template <typename T>
+__device__ __forceinline__ bool paged_rows(const DecodeParams& p, int seq, int q0, const T* k_base, const T* v_base,
+                                           const T*& k_src, const T*& v_src) {
+    const int block_index = p.block_size_shift >= 0 ? q0 >> p.block_size_shift : q0 / p.block_size;
+    const int block = __ldg(p.block_table + seq * p.block_table_stride + block_index);
+    const bool ok = static_cast<unsigned>(block) < static_cast<unsigned>(p.num_blocks);
+    const int64_t safe = ok ? block : 0;
+    const int64_t row = q0 - block_index * p.block_size;
+    k_src = k_base + safe * p.k_strides[0] + row * p.k_strides[2];
+    v_src = v_base + safe * p.v_strides[0] + row * p.v_strides[2];
+    return ok;
+}
+
 template <typename T, int D, int ROWS, bool PAGED>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_BLOCKS)
     rope_decode_kernel(const DecodeParams p) {
@@ -436,15 +454,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
             const T* v_src = v_base;
             bool block_ok = true;
             if constexpr (PAGED) {
-                if (q0 < hi) {
-                    const int block_index = p.block_size_shift >= 0 ? q0 >> p.block_size_shift : q0 / p.block_size;
-                    const int block = __ldg(p.block_table + seq * p.block_table_stride + block_index);
-                    block_ok = static_cast<unsigned>(block) < static_cast<unsigned>(p.num_blocks);
-                    const int64_t safe = block_ok ? block : 0;  // a bad id never enters an address
-                    const int64_t row = q0 - block_index * p.block_size;
-                    k_src += safe * p.k_strides[0] + row * p.k_strides[2];
-                    v_src += safe * p.v_strides[0] + row * p.v_strides[2];
-                }
+                if (q0 < hi) block_ok = paged_rows(p, seq, q0, k_base, v_base, k_src, v_src);
             }
             for (int c = threadIdx.x % 32; c < 2 * KEYS * ROW_CHUNKS; c += 32) {
                 const int is_v = c / (KEYS * ROW_CHUNKS);
@@ -467,14 +477,9 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
             for (int half_tile = 0; half_tile < 2; ++half_tile) {
                 const int q0 = p0 + half_tile * S::PAGE_SPAN;
                 if (half_tile == 1 && q0 >= hi) break;
-                const int block_index = p.block_size_shift >= 0 ? q0 >> p.block_size_shift : q0 / p.block_size;
-                const int block = __ldg(p.block_table + seq * p.block_table_stride + block_index);
-                const bool ok = static_cast<unsigned>(block) < static_cast<unsigned>(p.num_blocks);
+                const bool ok = paged_rows(p, seq, q0, k_base, v_base, half_tile ? k_src1 : k_src0,
+                                           half_tile ? v_src1 : v_src0);
                 block_ok = block_ok && ok;
-                const int64_t safe = ok ? block : 0;  // a bad id never enters an address
-                const int64_t row = q0 - block_index * p.block_size;
-                (half_tile ? k_src1 : k_src0) = k_base + safe * p.k_strides[0] + row * p.k_strides[2];
-                (half_tile ? v_src1 : v_src0) = v_base + safe * p.v_strides[0] + row * p.v_strides[2];
             }
             for (int c = threadIdx.x; c < 2 * TILE * ROW_CHUNKS; c += kDecodeThreads) {
                 const int is_v = c / (TILE * ROW_CHUNKS);
@@ -492,17 +497,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeShape<T, D, ROWS>::MIN_B
         const T* k_src = k_base;  // dense: key j at row j; paged: the tile's first key, key p0 + t at row t
         const T* v_src = v_base;
         bool block_ok = true;
-        if constexpr (PAGED) {
-            // p0 / block_size: a shift for the usual powers of two (a divide costs ~20 instructions a tile; a
-            // multiply-high by a magic number costs a spilled register on sm_90's 2-row tiles).
-            const int block_index = p.block_size_shift >= 0 ? p0 >> p.block_size_shift : p0 / p.block_size;
-            const int block = __ldg(p.block_table + seq * p.block_table_stride + block_index);
-            block_ok = static_cast<unsigned>(block) < static_cast<unsigned>(p.num_blocks);
-            const int64_t safe = block_ok ? block : 0;  // a bad id never enters an address
-            const int64_t row = p0 - block_index * p.block_size;
-            k_src += safe * p.k_strides[0] + row * p.k_strides[2];
-            v_src += safe * p.v_strides[0] + row * p.v_strides[2];
-        }
+        if constexpr (PAGED) block_ok = paged_rows(p, seq, p0, k_base, v_base, k_src, v_src);
         for (int c = threadIdx.x; c < 2 * TILE * ROW_CHUNKS; c += kDecodeThreads) {
             const int is_v = c / (TILE * ROW_CHUNKS);
             const int key = (c / ROW_CHUNKS) % TILE;

@@ -22,9 +22,10 @@ tiles stay ``BLOCK_N`` keys at logical positions (so the angles, splits and merg
 tile's rows are found through the table (:func:`_paged_rows`): one block id per tile when the block size is a
 multiple of ``BLOCK_N`` (a per-tile base, the dense loop's in-tile rows), one per block broadcast to its keys when it
 divides ``BLOCK_N``, else one per key; any block size works; 32-bit per-key offsets where the cache allows. The k/v
-rows still arrive by 16-byte ``cp.async`` (their offsets are multiples of the 16-divisible strides), two tiles ahead
-(``_NUM_STAGES_PAGED``); fp32 takes 16-key tiles. A block id outside ``[0, num_blocks)`` among those a sequence
-reads is never read through, and that sequence's output rows are NaN, as for a bad length.
+rows still arrive by 16-byte ``cp.async`` (their offsets are multiples of the 16-divisible strides), two tiles ahead;
+the block ids are loaded a trip ahead or in the trip (:func:`_ids_ahead`); fp32 takes 16-key tiles. A block id
+outside ``[0, num_blocks)`` among those a sequence reads is never read through (its whole tile is masked off), and
+that sequence's output rows are NaN, as for a bad length.
 
 The launcher :func:`rope_decode` takes tensors and Python scalars only: the prepared ``[2, rotary_dim // 2]`` fp32
 inverse frequencies (short row, long row), L0 and the tables' attention factors.
@@ -284,10 +285,11 @@ def _paged_rows(
     offsets are the loop's invariant. Other block sizes (not dividing BLOCK_N nor a multiple of it): one id per key.
     ``INT32_ROWS``: every offset in the cache fits int32 (checked by the launcher), so the per-key offsets stay
     32-bit; ``ALIGNED_ROWS``: the strides are multiples of 16 (the launcher's check), so are the offsets (Triton 3.6
-    loses that through the reshape, and with it the 16-byte ``cp.async``). Only ids of keys below the split's end
-    ``hi`` are loaded (all inside the table: the length is clamped to its capacity). An id outside ``[0,
-    num_blocks)`` is not read through (its keys are masked off: a masked lane's address is never accessed) and
-    reported. ``SAME_KV_STRIDES``: v's rows are at k's offsets, computed once.
+    loses that through the reshape, and with it the 16-byte ``cp.async``). ``ids``: the tile's ids from
+    :func:`_paged_ids` (blocks of keys below the split's end ``hi`` only; all inside the table: the length is
+    clamped to its capacity), unused with an id a key. An id outside ``[0, num_blocks)`` is not read through (its
+    whole tile is masked off, its keys with an id a key: a masked lane's address is never accessed) and reported.
+    ``SAME_KV_STRIDES``: v's rows are at k's offsets, computed once.
     """
     ROWS: tl.constexpr = tl.int32 if INT32_ROWS else tl.int64
     if PAGE % BLOCK_N == 0:

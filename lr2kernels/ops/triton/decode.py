@@ -613,11 +613,11 @@ def _ids_ahead(page: int, block_n: int) -> bool:
     dense kernel's) rather than this tile's in the trip (the pipeliner then gives their chain stages of its own:
     ``_NUM_STAGES_PAGED``). Where it is the shorter trip as compiled (sm_90, head 128, docs/decode_bandwidth.md):
     Triton 3.6 with blocks dividing BLOCK_N (16 keys: 742 -> 703 SASS a trip), Triton 3.9 with blocks a multiple
-    of it (256 keys: 672 -> 666). Per-key ids (other block sizes) are always loaded in the trip."""
+    of it, BLOCK_N included (256 keys: 672 -> 666). Per-key ids (other block sizes) are always loaded in the trip."""
     if page == 0 or (page % block_n and block_n % page):
         return False
     old_triton = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
-    return old_triton if block_n % page == 0 else not old_triton
+    return not old_triton if page % block_n == 0 else old_triton
 
 
 def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype, paged: bool = False) -> tuple[int, int]:

@@ -345,9 +345,10 @@ def model(shape, length, batch, gpu, dtype, ipc, compiled_cache, page=0):
     block_n = main.constants["BLOCK_N"]
     tile_bytes = 2 * block_n * shape.head_dim * elt  # k and v
     per_sm = programs_per_sm(main, gpu)
-    # k/v tiles loading ahead of the one computed: stages - 1; paged, the block ids' chain takes two stages of the
-    # pipeline (the launcher's _NUM_STAGES_PAGED = 5 keeps two k/v tiles ahead, as the dense kernel's 3)
-    ahead = main.stages - (3 if page else 1)
+    # k/v tiles loading ahead of the one computed: stages - 1 (paged too: the kernel loads the block ids a trip
+    # ahead itself); a block id per key (a block size neither dividing BLOCK_N nor a multiple of it) is a load in
+    # the loop whose chain takes two stages of the pipeline (the launcher's 5 keep two k/v tiles ahead)
+    ahead = main.stages - (3 if page and not main.constants["IDS_AHEAD"] else 1)
     in_flight = tile_bytes * ahead * per_sm
     lbp = [gpu.bandwidth * lat * 1e-9 / gpu.sms for lat in LATENCIES_NS]
     mlp_sm = in_flight / (max(LATENCIES_NS) * 1e-9)  # bytes/s one SM can keep coming

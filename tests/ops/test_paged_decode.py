@@ -450,3 +450,21 @@ def test_triton_paged_int64_offsets(monkeypatch, block_size):
     torch.testing.assert_close(
         out.double(), _expected(q, k_dense, v_dense, seqlens, table), **tolerance("triton", torch.float32, "decode")
     )
+
+
+@requires_triton
+@pytest.mark.parametrize("ahead", [False, True], ids=["in_trip", "ahead"])
+@pytest.mark.parametrize("block_size", [8, 16, 32, 64, 256], ids=["bs8", "bs16", "bs32", "bs64", "bs256"])
+def test_triton_paged_ids_ahead_and_in_trip(monkeypatch, block_size, ahead):
+    # The key loop loads the block ids a trip ahead or in the trip, by Triton version (_ids_ahead): both paths, for
+    # ids once a block and once a tile (the interpreter's 32-key tiles), exact, and with the bad-id guard.
+    from lr2kernels.ops.triton import decode
+
+    monkeypatch.setattr(decode, "_ids_ahead", lambda page, block_n: ahead)
+    table, q, k_dense, v_dense, k_paged, v_paged, block_table, seqlens = _case([3, 65, 130], (4, 2), 2, 64, block_size)
+    out = run("triton", lr2.rope_decode, q, k_paged, v_paged, table, cache_seqlens=seqlens, block_table=block_table)
+    torch.testing.assert_close(
+        out.double(), _expected(q, k_dense, v_dense, seqlens, table), **tolerance("triton", torch.float32, "decode")
+    )
+    if block_size in (16, 32):
+        test_unchecked_bad_block_ids_and_lengths_give_nan_rows("triton", True, block_size, monkeypatch)

@@ -22,9 +22,10 @@ tiles stay ``BLOCK_N`` keys at logical positions (so the angles, splits and merg
 tile's rows are found through the table (:func:`_paged_rows`): one block id per tile when the block size is a
 multiple of ``BLOCK_N`` (a per-tile base, the dense loop's in-tile rows), one per block broadcast to its keys when it
 divides ``BLOCK_N``, else one per key; any block size works; 32-bit per-key offsets where the cache allows. The k/v
-rows still arrive by 16-byte ``cp.async`` (their offsets are multiples of the 16-divisible strides), two tiles ahead
-(``_NUM_STAGES_PAGED``); fp32 takes 16-key tiles. A block id outside ``[0, num_blocks)`` among those a sequence
-reads is never read through, and that sequence's output rows are NaN, as for a bad length.
+rows still arrive by 16-byte ``cp.async`` (their offsets are multiples of the 16-divisible strides), two tiles ahead;
+the block ids are loaded a trip ahead or in the trip (:func:`_ids_ahead`); fp32 takes 16-key tiles. A block id
+outside ``[0, num_blocks)`` among those a sequence reads is never read through (its whole tile is masked off), and
+that sequence's output rows are NaN, as for a bad length.
 
 The launcher :func:`rope_decode` takes tensors and Python scalars only: the prepared ``[2, rotary_dim // 2]`` fp32
 inverse frequencies (short row, long row), L0 and the tables' attention factors.
@@ -250,8 +251,26 @@ def _part_rows(pid_bh, split, num_splits, num_rows, rows):
 
 
 @triton.jit
+def _paged_ids(table_row, n_start, hi, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, AHEAD: tl.constexpr):
+    """The block ids of the key tile starting at ``n_start`` (those below ``hi`` only; 0 elsewhere): ``[1]`` when
+    the block holds the whole tile, ``[BLOCK_N // PAGE]`` when whole blocks make up the tile, else 0 (the ids are
+    loaded per key in :func:`_paged_rows`). Loaded a trip ahead by the key loop, so that the k/v addresses do not
+    wait on them and the pipeliner gives them no stages of their own."""
+    if PAGE % BLOCK_N == 0:
+        if AHEAD:  # past the split's end: its last block's (hi >= 1)
+            return tl.load(table_row + tl.minimum(n_start // PAGE, (hi - 1) // PAGE))
+        return tl.load(table_row + n_start // PAGE)  # n_start < hi in the trip
+    elif BLOCK_N % PAGE == 0:
+        # [NB] the tile's blocks, clamped to the split's last (no mask: its keys are masked off anyway)
+        first = tl.minimum(n_start // PAGE + tl.arange(0, BLOCK_N // PAGE), (hi - 1) // PAGE)
+        return tl.load(table_row + first)
+    else:
+        return 0
+
+
+@triton.jit
 def _paged_rows(
-    k_base, v_base, table_row, n_start, n_mask, hi, num_blocks, stride_kb, stride_kt, stride_vb, stride_vt,
+    ids, k_base, v_base, table_row, n_start, n_mask, hi, num_blocks, stride_kb, stride_kt, stride_vb, stride_vt,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SAME_KV_STRIDES: tl.constexpr, INT32_ROWS: tl.constexpr,
     ALIGNED_ROWS: tl.constexpr,
 ):  # fmt: skip
@@ -266,14 +285,15 @@ def _paged_rows(
     offsets are the loop's invariant. Other block sizes (not dividing BLOCK_N nor a multiple of it): one id per key.
     ``INT32_ROWS``: every offset in the cache fits int32 (checked by the launcher), so the per-key offsets stay
     32-bit; ``ALIGNED_ROWS``: the strides are multiples of 16 (the launcher's check), so are the offsets (Triton 3.6
-    loses that through the reshape, and with it the 16-byte ``cp.async``). Only ids of keys below the split's end
-    ``hi`` are loaded (all inside the table: the length is clamped to its capacity). An id outside ``[0,
-    num_blocks)`` is not read through (its keys are masked off: a masked lane's address is never accessed) and
-    reported. ``SAME_KV_STRIDES``: v's rows are at k's offsets, computed once.
+    loses that through the reshape, and with it the 16-byte ``cp.async``). ``ids``: the tile's ids from
+    :func:`_paged_ids` (blocks of keys below the split's end ``hi`` only; all inside the table: the length is
+    clamped to its capacity), unused with an id a key. An id outside ``[0, num_blocks)`` is not read through (its
+    whole tile is masked off, its keys with an id a key: a masked lane's address is never accessed) and reported.
+    ``SAME_KV_STRIDES``: v's rows are at k's offsets, computed once.
     """
     ROWS: tl.constexpr = tl.int32 if INT32_ROWS else tl.int64
     if PAGE % BLOCK_N == 0:
-        block = tl.load(table_row + n_start // PAGE)  # the tile's block: n_start < the split's end
+        block = ids  # the tile's block: n_start < the split's end
         inside = block.to(tl.uint32) < num_blocks  # one unsigned compare: a negative id wraps past num_blocks
         block = block.to(tl.int64)
         slot = tl.cast(n_start % PAGE, tl.int64)
@@ -284,9 +304,7 @@ def _paged_rows(
         v_rows = k_rows
         k_stride, v_stride = stride_kt, stride_vt
     elif BLOCK_N % PAGE == 0:  # BLOCK_N / PAGE whole blocks, one id each
-        NB: tl.constexpr = BLOCK_N // PAGE
-        first = n_start // PAGE + tl.arange(0, NB)  # [NB] the tile's blocks
-        block = tl.load(table_row + first, mask=first * PAGE < hi, other=0)  # [NB]
+        block = ids  # [BLOCK_N // PAGE], loaded by _paged_ids
         inside = block.to(tl.uint32) < num_blocks
         block = block.to(ROWS)
         slot = tl.arange(0, PAGE).to(ROWS)  # [PAGE], the same in every tile
@@ -298,7 +316,7 @@ def _paged_rows(
         if ALIGNED_ROWS:  # [BLOCK_N] multiples of 16: Triton 3.6's reshape forgets the strides' divisibility
             k_rows = tl.multiple_of(k_rows, 16)
             v_rows = tl.multiple_of(v_rows, 16)
-        inside = tl.reshape(tl.broadcast_to(inside[:, None], [NB, PAGE]), [BLOCK_N])
+        inside = tl.min(inside.to(tl.int32), axis=0) != 0  # the whole tile: one bad id masks it all
         k_tile, v_tile, k_stride, v_stride = k_base, v_base, 1, 1
     else:
         offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -330,7 +348,7 @@ def _rope_decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     PAGE: tl.constexpr, SAME_KV_STRIDES: tl.constexpr, INT32_ROWS: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
-    MERGE_M: tl.constexpr, MERGE_S: tl.constexpr, MERGE_UNROLLED: tl.constexpr,
+    IDS_AHEAD: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr, MERGE_UNROLLED: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, kv head) x KV split x block of packed rows: its output, or its partial output and lse.
 
@@ -383,6 +401,8 @@ def _rope_decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = _zeros_fp32(BLOCK_M, ROW)  # [BLOCK_M, *] row tiles
+    # Ids a trip ahead: the first tile's here, each trip loads the next's.
+    ids = _paged_ids(table_row, lo, hi, PAGE, BLOCK_N, True) if PAGE != 0 and IDS_AHEAD else 0
     for n_start in range(lo, hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
@@ -390,11 +410,14 @@ def _rope_decode_kernel(
             k_tile, v_tile, k_stride, v_stride = k_base, v_base, stride_kt, stride_vt
             k_rows, v_rows, kv_mask = offs_n, offs_n, n_mask
         else:
+            tile_ids = ids if IDS_AHEAD else _paged_ids(table_row, n_start, hi, PAGE, BLOCK_N, False)
             k_tile, v_tile, k_rows, v_rows, k_stride, v_stride, kv_mask, bad = _paged_rows(
-                k_base, v_base, table_row, n_start, n_mask, hi, num_blocks, stride_kb, stride_kt, stride_vb,
+                tile_ids, k_base, v_base, table_row, n_start, n_mask, hi, num_blocks, stride_kb, stride_kt, stride_vb,
                 stride_vt, PAGE, BLOCK_N, SAME_KV_STRIDES, INT32_ROWS, ALIGNED_ROWS,
             )  # fmt: skip
             bad_block = bad_block | bad
+            if IDS_AHEAD:
+                ids = _paged_ids(table_row, n_start + BLOCK_N, hi, PAGE, BLOCK_N, True)
         # The keys turn by their offsets in the tile (the angle-addition table), q by minus the tile's base angle.
         k1, k2, kp = _load_split(k_tile, k_rows, k_stride, kv_mask, SPLIT)  # [BLOCK_N, *]
         base, cos_k, sin_k = _key_offsets(n_start, inv_freq, cos_step, sin_step, BLOCK_N)
@@ -546,8 +569,9 @@ def _merge_unrolled(
 _MAX_SPLITS = 256
 _MIN_SPLIT_TILES = 4  # a split's prologue (q, the step table's sincos) is worth about one key tile
 _NUM_STAGES = 3  # software pipeline: the k and v tiles of the next two trips load (cp.async) during this one
-# Paged: the block ids are a load the k/v addresses depend on; Triton's pipeliner gives that chain its own stages,
-# and only 5 keep two k/v tiles in flight as the dense kernel does (3 and 4 leave one; same registers, sm_90).
+# Paged with a block id per key (a block size neither dividing BLOCK_N nor a multiple of it): the ids are a load in
+# the loop that the k/v addresses depend on; Triton's pipeliner gives that chain its own stages, and only 5 keep two
+# k/v tiles in flight as the dense kernel does. Other block sizes load their ids a trip ahead (_paged_ids): 3.
 _NUM_STAGES_PAGED = 5
 _INT32_ROWS_LIMIT = 2**31  # paged: 32-bit per-key offsets while every k/v offset from a head's base is below
 # The in-kernel merge's chunk of partials, [MERGE_S, MERGE_M, HEAD_A] fp32, per thread: each chunk is an L2 round
@@ -586,6 +610,18 @@ def _merge_tile(num_rows: int, block_m: int, num_splits: int, head_dim: int, num
     budget = _MERGE_ELEMENTS_PER_THREAD * threads
     merge_s = min(triton.next_power_of_2(num_splits), max(1, triton.next_power_of_2(budget // per_split + 1) // 2))
     return merge_m, merge_s, per_split >= 4 * threads
+
+
+def _ids_ahead(page: int, block_n: int) -> bool:
+    """Paged: whether the key loop loads the next tile's block ids a trip ahead (:func:`_paged_ids`; 3 stages, the
+    dense kernel's) rather than this tile's in the trip (the pipeliner then gives their chain stages of its own:
+    ``_NUM_STAGES_PAGED``). Where it is the shorter trip as compiled (sm_90, head 128, docs/decode_bandwidth.md):
+    Triton 3.6 with blocks dividing BLOCK_N (16 keys: 742 -> 703 SASS a trip), Triton 3.9 with blocks a multiple
+    of it, BLOCK_N included (256 keys: 672 -> 666). Per-key ids (other block sizes) are always loaded in the trip."""
+    if page == 0 or (page % block_n and block_n % page):
+        return False
+    old_triton = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
+    return not old_triton if page % block_n == 0 else old_triton
 
 
 def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype, paged: bool = False) -> tuple[int, int]:
@@ -700,6 +736,7 @@ def rope_decode(
     group = num_q_heads // num_kv_heads
     num_rows = group * n_new
     block_m, block_n = _block_sizes(num_rows, head_dim, q.dtype, paged=page != 0)
+    ids_ahead = _ids_ahead(page, block_n)
     m_blocks = triton.cdiv(num_rows, block_m)
     if num_splits is None:
         num_splits = _num_splits(batch * num_kv_heads * m_blocks, max_len, block_n, q.device, head_dim)
@@ -732,7 +769,8 @@ def rope_decode(
         SAME_KV_STRIDES=page != 0 and k_strides == v_strides, INT32_ROWS=int32_rows,
         ALIGNED_ROWS=aligned_rows,
         MERGE_M=merge[0], MERGE_S=merge[1], MERGE_UNROLLED=merge[2],
-        num_warps=num_warps, num_stages=_NUM_STAGES_PAGED if page else _NUM_STAGES,
+        IDS_AHEAD=ids_ahead, num_warps=num_warps,
+        num_stages=_NUM_STAGES_PAGED if page and not ids_ahead else _NUM_STAGES,
         maxnreg=255,  # else ptxas caps itself at 128 and spills as launched (16 B at 96 channels on sm_80)
         enable_fp_fusion=False,  # the angle products must round as HF's do (see _tile_angles)
     )  # fmt: skip

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from lr2kernels.hf.rotated_keys import growth_capacity
+
 _ROOM = "_lr2_kv_room"  # on an AppendingDynamicLayer: its _Room
-_MIN_GROWTH_ROWS = 256  # growth when a buffer is full: at least this many rows, or a quarter of the length
 
 
 class _Room:
@@ -64,10 +65,6 @@ def _fits(rows: torch.Tensor, cached: torch.Tensor) -> bool:
         and rows.shape[:2] == cached.shape[:2]
         and rows.shape[3] == cached.shape[3]
     )
-
-
-def _capacity(total: int) -> int:
-    return max(total + _MIN_GROWTH_ROWS, total + total // 4)
 
 
 def _grown(cached: torch.Tensor, rows: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -107,11 +104,11 @@ class AppendingDynamicLayer(DynamicLayer):
         length, total = keys.shape[2], keys.shape[2] + key_states.shape[2]
         if room is None or room.keys is not keys or room.values is not values:
             # Not the views this layer's buffers gave (replaced, or the first step): new buffers, one copy.
-            capacity = _capacity(total)
+            capacity = growth_capacity(total)
             room = _Room(_grown(keys, key_states, capacity), _grown(values, value_states, capacity))
             self.__dict__[_ROOM] = room
         elif total > room.key_buffer.shape[2]:
-            capacity = _capacity(total)
+            capacity = growth_capacity(total)
             room.key_buffer = _grown(keys, key_states, capacity)
             room.value_buffer = _grown(values, value_states, capacity)
         else:

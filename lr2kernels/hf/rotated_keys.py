@@ -164,6 +164,13 @@ def rotate_for_decode(
     return query, copy.buffer.narrow(2, 0, total)
 
 
+def growth_capacity(total: int) -> int:
+    """Rows to allocate when a cache-side buffer must hold ``total`` rows: room to grow by at least
+    ``_MIN_GROWTH_ROWS`` rows or a quarter of the length, so that appends copy the buffer O(log T) times, not each
+    step (also the rule of :mod:`~lr2kernels.hf.appending_layer`'s key/value buffers)."""
+    return max(total + _MIN_GROWTH_ROWS, total + total // 4)
+
+
 def _reallocate(copy: RotatedKeys, keys: torch.Tensor, valid: int, total: int, same_layout: bool) -> None:
     """Give ``copy`` a buffer for keys like ``keys`` with room for ``total`` rows, keeping its first ``valid`` rows:
     the current buffer when it has the layout (dtype, device, batch, heads, head_dim) and room (and is not far larger
@@ -171,7 +178,7 @@ def _reallocate(copy: RotatedKeys, keys: torch.Tensor, valid: int, total: int, s
     if same_layout and total <= copy.capacity <= 2 * total + _MIN_GROWTH_ROWS:
         return
     batch, heads, _, head_dim = keys.shape
-    capacity = max(total + _MIN_GROWTH_ROWS, total + total // 4)
+    capacity = growth_capacity(total)
     grown = keys.new_empty(batch, heads, capacity, head_dim)  # [B, Hk, capacity, D]
     if valid:
         grown[:, :, :valid] = copy.buffer[:, :, :valid]

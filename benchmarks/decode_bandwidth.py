@@ -292,6 +292,9 @@ SHAPES = [
     Shape("MHA 32/32, D128", 32, 32, 128),
     Shape("Phi-3-mini (MHA 32/32, D96)", 32, 32, 96),
     Shape("SmolLM2-135M (GQA 9/3, D64)", 9, 3, 64),
+    # Few kv heads: a small cache a step (16 MB at 32K for one kv head of 128), the merge of many splits on one SM.
+    Shape("MQA 8/1, D128", 8, 1, 128),
+    Shape("GQA 16/2, D128", 16, 2, 128),
 ]
 LENGTHS = [32768, 65536, 131072]
 

@@ -122,7 +122,7 @@ def _step_table(inv_freq, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _offset_angles(start, inv_freq, cos_step, sin_step, BLOCK_N: tl.constexpr):
+def _offset_angles(start, inv_freq, cos_step, sin_step, BLOCK_N: tl.constexpr, ORDER: tl.constexpr = 3):
     """cos/sin ``[BLOCK_N, *]`` (one tile of a half: inv_freq ``[*]`` and the step table's tile) of the keys' angles
     relative to the tile's first key, ``float32(p * inv_freq) - float32(start * inv_freq)``, p = start + t, exactly
     as HF rounds the angles, and that base angle ``[*]``.
@@ -132,26 +132,37 @@ def _offset_angles(start, inv_freq, cos_step, sin_step, BLOCK_N: tl.constexpr):
     BLOCK_N: Sterbenz) and applied to the step table's entry as a small rotation (|delta| <= ~1 ulp of the angle,
     < 0.03 rad at 131K positions: the cubic terms suffice). The kernel must be compiled without FMA contraction so
     that the products are rounded as in HF; the rest is written in explicit FMAs (tl.fma is exempt).
+
+    ``ORDER`` 1 (16-bit caches, whose rotated keys are rounded to 16 bits next): the small rotation to first order,
+    ``cos - delta sin`` and ``sin + delta cos``, 2 operations per entry instead of 8. delta is HF's rounding of
+    ``p w`` less that of ``p0 w`` (and of ``t w``, far smaller): at most ~1 ulp of the angle, 0.0078 rad below
+    131072 positions (angles < 2^17), so the dropped terms are <= delta^2 / 2 = 3.1e-5, 1.6% of a bf16 half-ulp
+    (2^-9) and 13% of fp16's (2^-12); HF itself rounds its cos/sin to 16 bits, 64x (bf16) and 8x (fp16) that.
+    ``ORDER`` 3 (fp32 caches): through the cubic terms, HF's fp32 cos/sin to ~1e-7.
     """
     base = start * inv_freq  # [*] float32(p0 w): the int promotes to fp32 exactly (< 2^24)
     offs = tl.arange(0, BLOCK_N)
     angle = (start + offs).to(tl.float32)[:, None] * inv_freq[None, :]  # [BLOCK_N, *] HF's angles
     step = offs.to(tl.float32)[:, None] * inv_freq[None, :]  # the step table's angles
     delta = (angle - base[None, :]) - step
-    delta_sq = delta * delta
-    cos_delta = tl.fma(delta_sq, -0.5, 1.0)
-    sin_delta = delta * tl.fma(delta_sq, -1.0 / 6.0, 1.0)
-    cos_off = tl.fma(-sin_step, sin_delta, cos_step * cos_delta)  # cos(angle - base)
-    sin_off = tl.fma(sin_step, cos_delta, cos_step * sin_delta)
+    if ORDER == 1:
+        cos_off = tl.fma(-sin_step, delta, cos_step)  # cos(angle - base)
+        sin_off = tl.fma(cos_step, delta, sin_step)
+    else:
+        delta_sq = delta * delta
+        cos_delta = tl.fma(delta_sq, -0.5, 1.0)
+        sin_delta = delta * tl.fma(delta_sq, -1.0 / 6.0, 1.0)
+        cos_off = tl.fma(-sin_step, sin_delta, cos_step * cos_delta)  # cos(angle - base)
+        sin_off = tl.fma(sin_step, cos_delta, cos_step * sin_delta)
     return base, cos_off, sin_off
 
 
 @triton.jit
-def _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.constexpr):
+def _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.constexpr, ORDER: tl.constexpr = 3):
     """Scaled cos/sin ``[BLOCK_N, *]`` of HF's fp32 angles ``float32(p * inv_freq)``, p = start + t: the tile's
     base angle (one sincos per frequency) composed with :func:`_offset_angles`. The kernel itself never composes
     them (it turns q by -base instead, :func:`_query_in_tile_frame`); this is their precision, tested."""
-    base, cos_off, sin_off = _offset_angles(start, inv_freq, cos_step, sin_step, BLOCK_N)
+    base, cos_off, sin_off = _offset_angles(start, inv_freq, cos_step, sin_step, BLOCK_N, ORDER)
     cos_base = tl.cos(base) * attention
     sin_base = tl.sin(base) * attention
     cos = tl.fma(-sin_base[None, :], sin_off, cos_base[None, :] * cos_off)
@@ -160,14 +171,14 @@ def _tile_angles(start, inv_freq, cos_step, sin_step, attention, BLOCK_N: tl.con
 
 
 @triton.jit
-def _key_offsets(start, inv_freq, cos_step, sin_step, BLOCK_N: tl.constexpr):
+def _key_offsets(start, inv_freq, cos_step, sin_step, BLOCK_N: tl.constexpr, ORDER: tl.constexpr):
     """:func:`_offset_angles` of keys ``start .. start + BLOCK_N - 1`` for each tile of a half: (base, cos, sin)
     tiled like it."""
     base = ()
     cos = ()
     sin = ()
     for i in tl.static_range(len(inv_freq)):
-        base_i, cos_i, sin_i = _offset_angles(start, inv_freq[i], cos_step[i], sin_step[i], BLOCK_N)
+        base_i, cos_i, sin_i = _offset_angles(start, inv_freq[i], cos_step[i], sin_step[i], BLOCK_N, ORDER)
         base = base + (base_i,)
         cos = cos + (cos_i,)
         sin = sin + (sin_i,)
@@ -349,6 +360,7 @@ def _rope_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     PAGE: tl.constexpr, SAME_KV_STRIDES: tl.constexpr, INT32_ROWS: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
     IDS_AHEAD: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr, MERGE_UNROLLED: tl.constexpr,
+    ANGLE_ORDER: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, kv head) x KV split x block of packed rows: its output, or its partial output and lse.
 
@@ -420,7 +432,7 @@ def _rope_decode_kernel(
                 ids = _paged_ids(table_row, n_start + BLOCK_N, hi, PAGE, BLOCK_N, True)
         # The keys turn by their offsets in the tile (the angle-addition table), q by minus the tile's base angle.
         k1, k2, kp = _load_split(k_tile, k_rows, k_stride, kv_mask, SPLIT)  # [BLOCK_N, *]
-        base, cos_k, sin_k = _key_offsets(n_start, inv_freq, cos_step, sin_step, BLOCK_N)
+        base, cos_k, sin_k = _key_offsets(n_start, inv_freq, cos_step, sin_step, BLOCK_N, ANGLE_ORDER)
         k1, k2, kp = _rotate_keys(k1, k2, kp, cos_k, sin_k, dtype)
         fast = n_start < fast_sincos_end  # every base angle of this tile in _sincos's range
         q1_t, q2_t = _query_in_tile_frame(q1, q2, base, fast, key_scale, dtype)  # [BLOCK_M, *]
@@ -612,6 +624,12 @@ def _merge_tile(num_rows: int, block_m: int, num_splits: int, head_dim: int, num
     return merge_m, merge_s, per_split >= 4 * threads
 
 
+def _angle_order(dtype: torch.dtype) -> int:
+    """The order of the keys' angle correction (:func:`_offset_angles`): 1 for 16-bit caches (the keys are rounded
+    to 16 bits after it; 96 fewer SASS a trip at head 128, of ~665), 3 for fp32 (HF's fp32 cos/sin to ~1e-7)."""
+    return 3 if dtype == torch.float32 else 1
+
+
 def _ids_ahead(page: int, block_n: int) -> bool:
     """Paged: whether the key loop loads the next tile's block ids a trip ahead (:func:`_paged_ids`; 3 stages, the
     dense kernel's) rather than this tile's in the trip (the pipeliner then gives their chain stages of its own:
@@ -769,7 +787,7 @@ def rope_decode(
         SAME_KV_STRIDES=page != 0 and k_strides == v_strides, INT32_ROWS=int32_rows,
         ALIGNED_ROWS=aligned_rows,
         MERGE_M=merge[0], MERGE_S=merge[1], MERGE_UNROLLED=merge[2],
-        IDS_AHEAD=ids_ahead, num_warps=num_warps,
+        IDS_AHEAD=ids_ahead, ANGLE_ORDER=_angle_order(q.dtype), num_warps=num_warps,
         num_stages=_NUM_STAGES_PAGED if page and not ids_ahead else _NUM_STAGES,
         maxnreg=255,  # else ptxas caps itself at 128 and spills as launched (16 B at 96 channels on sm_80)
         enable_fp_fusion=False,  # the angle products must round as HF's do (see _tile_angles)

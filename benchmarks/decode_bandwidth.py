@@ -319,7 +319,9 @@ def launches(shape: Shape, length: int, batch: int, gpu: Gpu, dtype: torch.dtype
     real_sm_count = decode.sm_count
     decode.sm_count = lambda device: gpu.sms
     try:
-        splits = decode._num_splits(programs, length, block_n, torch.device("cuda"), shape.head_dim)
+        warps = decode._num_warps(shape.head_dim, block_m)
+        splits = decode._auto_splits(programs, length, block_n, torch.device("cuda"), shape.head_dim, rows, block_m,
+                                     warps)  # fmt: skip
     finally:
         decode.sm_count = real_sm_count
     with captured_launches(gpu.arch) as captured:

@@ -339,6 +339,43 @@ def test_triton_key_tiles_past_the_fast_sincos_range(num_splits):
 
 
 @requires_triton
+@pytest.mark.parametrize(
+    ("splits", "chunk", "expected"),
+    [(66, 32, 64), (132, 32, 128), (70, 64, 64), (88, 64, 88), (9, 8, 9), (16, 16, 16), (2, 2, 2), (1, 1, 1),
+     (3, 2, 3)],
+)  # fmt: skip
+def test_triton_auto_splits_whole_merge_chunks(splits, chunk, expected):
+    # The launcher's own split count drops the few splits that would take the merge one more chunk (an L2 round
+    # trip and a merge-loop trip on the merging SM), only when it keeps >= 90% of them.
+    from lr2kernels.ops.triton import decode
+
+    assert decode._whole_merge_chunks(splits, chunk) == expected
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "expected"),
+    [(8, 1, 128), (16, 2, 64), (32, 8, 16), (9, 3, 88)],
+    ids=["mqa8of1", "gqa16of2", "llama8b", "smollm2"],
+)
+def test_triton_auto_splits_on_a_132_sm_gpu(monkeypatch, q_heads, kv_heads, expected):
+    # The launcher's choice for one new token at batch 1 and 32K on a 132-SM GPU (as the bandwidth model takes it):
+    # one wave is 132 splits of MQA 8/1 and 66 of GQA 16/2, whose merges read 32 splits of 8 rows a chunk, so they
+    # take 128 and 64 (4 and 2 chunks, not 5 and 3); Llama-3-8B's 16 and SmolLM2's 88 (2 programs a SM at head 64;
+    # chunks of 64) stay.
+    from lr2kernels.ops.triton import decode
+
+    monkeypatch.setattr(decode, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(decode, "sm_count", lambda device: 132)
+    head_dim = 64 if (q_heads, kv_heads) == (9, 3) else 128
+    rows = q_heads // kv_heads
+    block_m, block_n = decode._block_sizes(rows, head_dim, torch.bfloat16)
+    warps = decode._num_warps(head_dim, block_m)
+    splits = decode._auto_splits(kv_heads, 32768, block_n, torch.device("cuda"), head_dim, rows, block_m, warps)
+    assert splits == expected
+
+
+@requires_triton
 def test_triton_bad_num_splits():
     table = make_table(64)
     q, k_cache, v_cache, cache_seqlens = _inputs([3], 2, 1, 1, 64)

@@ -56,8 +56,8 @@ from lr2kernels.ops.triton._jit import (
     _cast,
     _head_offset,
     _inv_freq,
-    _load_rotated,
     _load_split,
+    _rotate_cast,
     _scale,
     _store_rows,
     _zeros_fp32,
@@ -95,6 +95,18 @@ def _sincos(x):
 
 
 @triton.jit
+def _sincos_if(angle, fast):
+    """(cos, sin) of fp32 angles: :func:`_sincos` where ``fast`` (every angle below 105615, its range), else
+    libdevice's ``cos`` and ``sin``, each with its own range reduction and slow path."""
+    if fast:
+        cos, sin = _sincos(angle)
+    else:
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
+    return cos, sin
+
+
+@triton.jit
 def _fast_sincos_end(inv_freq):
     """The first tile start whose base angles ``float32(start * w)`` may leave :func:`_sincos`'s range: 105615
     (libdevice's fast-path bound) over the largest frequency, with a margin for the product's rounding."""
@@ -109,15 +121,17 @@ def _step_table(inv_freq, BLOCK_N: tl.constexpr):
     """cos/sin ``[BLOCK_N, *]``, tiled like a half, of the in-tile offsets' angles ``float32(t * inv_freq)``,
     t < BLOCK_N.
 
-    libdevice's sincos, not :func:`_sincos`: with it the table stays in a layout of its own and the loop's key
-    tiles follow it (753 SASS a trip instead of 685 at 128 channels on sm_90, 235 registers instead of 189), for
-    430 fewer SASS of prologue."""
+    Through :func:`_sincos` (the angles are below 128 rad, in its range; libdevice's fast-path algorithm, ~1 ulp
+    as ``tl.cos`` / ``tl.sin``): one range reduction for both, ~405 fewer SASS of prologue at 128 channels
+    (1,729 -> 1,324 on sm_90, Triton 3.9). Before the first-order angle correction it cost the loop a layout change
+    (685 -> 753 SASS a trip); since, 568 -> 570."""
     cos = ()
     sin = ()
     for i in tl.static_range(len(inv_freq)):
         step = tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * inv_freq[i][None, :]
-        cos = cos + (tl.cos(step),)
-        sin = sin + (tl.sin(step),)
+        c, s = _sincos(step)
+        cos = cos + (c,)
+        sin = sin + (s,)
     return cos, sin
 
 
@@ -191,12 +205,25 @@ def _spread_sincos(angle, fast):
     one-element sum: in q's layout a thread holds several columns and would run a precise sincos (~35 SASS) for each
     of them, 8 a trip at 128 channels, where the layout change costs a few shared-memory accesses. ``fast``: every
     angle is below 105615, :func:`_sincos`'s range (one range reduction for both); else libdevice's."""
-    if fast:
-        cos, sin = _sincos(angle)
-    else:
-        cos = tl.cos(angle)
-        sin = tl.sin(angle)
+    cos, sin = _sincos_if(angle, fast)
     return tl.sum(cos[:, None], axis=1), tl.sum(sin[:, None], axis=1)
+
+
+@triton.jit
+def _query_rotated(q_base, q_rows, m_mask, q_pos, inv_freq, fast, attention, SPLIT: tl.constexpr):
+    """q's rows ``[BLOCK_M, *]`` turned to their positions (HF's fp32 angles ``float32(pos) * inv_freq``, scaled by
+    the attention factor), fp32: as ``_load_rotated``, but where ``fast`` (every angle in :func:`_sincos`'s range)
+    one range reduction for each angle's cos and sin, not one apiece with a slow-path branch each: 16 rows x 64
+    angles at 128 channels are 4 a thread, ~50 SASS each through ``tl.cos`` and ``tl.sin``."""
+    q1, q2, qp = _load_split(q_base, q_rows, 1, m_mask, SPLIT)  # [BLOCK_M, *] fp32
+    cos = ()
+    sin = ()
+    for i in tl.static_range(len(inv_freq)):
+        angle = q_pos.to(tl.float32)[:, None] * inv_freq[i][None, :]  # [BLOCK_M, *]
+        cos_i, sin_i = _sincos_if(angle, fast)
+        cos = cos + (cos_i * attention,)
+        sin = sin + (sin_i * attention,)
+    return _rotate_cast(q1, q2, qp, cos, sin, tl.float32, False)
 
 
 @triton.jit
@@ -388,8 +415,10 @@ def _rope_decode_kernel(
     q_pos = seq_len - n_new + offs_m % n_new
     q_base = Q + _head_offset(seq, kv_head * group, 0, stride_qb, stride_qh, 0)
     q_rows = _row_offsets(offs_m, n_new, stride_qh, stride_qt)
-    q1, q2, qp, cos_q, sin_q = _load_rotated(
-        q_base, q_rows, 1, m_mask, q_pos, INV_FREQ, is_long, attention, tl.float32, SPLIT
+    inv_freq = _inv_freq(INV_FREQ, is_long, SPLIT)  # [*] tiled like a half
+    fast_sincos_end = _fast_sincos_end(inv_freq)
+    q1, q2, qp = _query_rotated(
+        q_base, q_rows, m_mask, q_pos, inv_freq, seq_len <= fast_sincos_end, attention, SPLIT
     )  # [BLOCK_M, *] fp32, turned into each key tile's frame in the loop
     qp = _cast(_scale(qp, sm_scale_log2), dtype)  # the pass-through channels do not turn
     key_scale = attention * sm_scale_log2  # the keys' attention factor and the softmax scale, carried by q
@@ -399,9 +428,7 @@ def _rope_decode_kernel(
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
-    inv_freq = _inv_freq(INV_FREQ, is_long, SPLIT)  # [*] tiled like a half
     cos_step, sin_step = _step_table(inv_freq, BLOCK_N)  # [BLOCK_N, *], once per program
-    fast_sincos_end = _fast_sincos_end(inv_freq)
     if PAGE == 0:
         k_base = K + _head_offset(seq, kv_head, 0, stride_kb, stride_kh, 0)
         v_base = V + _head_offset(seq, kv_head, 0, stride_vb, stride_vh, 0)
@@ -624,6 +651,20 @@ def _merge_tile(num_rows: int, block_m: int, num_splits: int, head_dim: int, num
     return merge_m, merge_s, per_split >= 4 * threads
 
 
+# Auto splits may drop to a whole number of merge chunks when that keeps at least this share of them: 66 -> 64
+# (GQA 16/2 at head 128, 32 splits a chunk), 132 -> 128 (MQA 8/1).
+_WHOLE_CHUNK_KEEP = 0.9
+
+
+def _whole_merge_chunks(num_splits: int, chunk: int) -> int:
+    """``num_splits`` less the few that would take the merge one more chunk of ``chunk`` splits: each chunk is an
+    L2 round trip and a trip of the merge's loop on the one SM that merges (1.9 us at head 128 and 8 rows on H200 in
+    the model), where a split less costs the loop a 1/splits share of one SM. Kept as they are when dropping them
+    would lose more than 10% (SmolLM2's 88 splits in chunks of 64 stay 88)."""
+    whole = num_splits // chunk * chunk
+    return whole if whole >= 1 and whole >= _WHOLE_CHUNK_KEEP * num_splits else num_splits
+
+
 def _angle_order(dtype: torch.dtype) -> int:
     """The order of the keys' angle correction (:func:`_offset_angles`): 1 for 16-bit caches (the keys are rounded
     to 16 bits after it; 96 fewer SASS a trip at head 128, of ~665), 3 for fp32 (HF's fp32 cos/sin to ~1e-7)."""
@@ -699,6 +740,17 @@ def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device,
     return max(1, min(slots // programs, tiles // _MIN_SPLIT_TILES, _MAX_SPLITS))
 
 
+def _auto_splits(
+    programs: int, max_len: int, block_n: int, device: torch.device, head_dim: int, num_rows: int, block_m: int,
+    num_warps: int,
+) -> int:
+    """The launcher's splits per (sequence, kv head) when the caller gives none: one wave
+    (:func:`_num_splits`), less the few that would take the merge one more chunk (:func:`_whole_merge_chunks`)."""
+    num_splits = _num_splits(programs, max_len, block_n, device, head_dim)
+    chunk = _merge_tile(num_rows, block_m, num_splits, head_dim, num_warps)[1]
+    return _whole_merge_chunks(num_splits, chunk)
+
+
 def rope_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, inv_freq: Tensor, original_max_position: int,
     attention_short: float, attention_long: float, softmax_scale: float, num_splits: int | None = None,
@@ -756,13 +808,14 @@ def rope_decode(
     block_m, block_n = _block_sizes(num_rows, head_dim, q.dtype, paged=page != 0)
     ids_ahead = _ids_ahead(page, block_n)
     m_blocks = triton.cdiv(num_rows, block_m)
+    num_warps = _num_warps(head_dim, block_m)
     if num_splits is None:
-        num_splits = _num_splits(batch * num_kv_heads * m_blocks, max_len, block_n, q.device, head_dim)
+        programs = batch * num_kv_heads * m_blocks
+        num_splits = _auto_splits(programs, max_len, block_n, q.device, head_dim, num_rows, block_m, num_warps)
     if min_split_keys is None:
         min_split_keys = _MIN_SPLIT_TILES * block_n
 
     is_split = num_splits > 1
-    num_warps = _num_warps(head_dim, block_m)
     merge = _merge_tile(num_rows, block_m, num_splits, head_dim, num_warps) if is_split else (1, 1, False)
     if is_split:
         o_part = torch.empty((batch * num_kv_heads, num_splits, num_rows, head_dim), dtype=torch.float32,

@@ -162,6 +162,7 @@ class Row:
     mma_work: int | None = None  # SASS: the MMA work the loop's instructions issue per trip, all warps
     trig_in_loop: int | None = None  # TTIR: math.sin / math.cos ops inside loops
     mma_loops: list = field(default_factory=list)  # every innermost MMA loop: [SASS, MMA] each
+    entry: str = ""  # the compiled kernel's name (its PTX entry), as a profiler shows it
 
     @property
     def ok(self) -> bool:
@@ -636,7 +637,8 @@ def compile_job(job: Job) -> Row:
         main = max(loops, key=lambda x: (x["mma"], -x["sass"]), default=None)
         extra.update(tile_loop(main, job.num_warps, job.scores_per_trip), mma_loops=[[x["sass"], x["mma"]]
                                                                                       for x in loops])  # fmt: skip
-    return Row(**base, **measure(compiled, log, job.arch), **extra, seconds=time.perf_counter() - t0)
+    return Row(**base, **measure(compiled, log, job.arch), **extra, entry=compiled.metadata.name,
+               seconds=time.perf_counter() - t0)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ runs

@@ -108,6 +108,19 @@ def test_every_kernel_compiles(report):
     assert not failed
 
 
+def test_dkdv_passes_compile_under_names_of_their_own(report):
+    # One kernel body, three names: a profiler tells the two-pass backward's dv and dk passes from the fused kernel.
+    entries: dict[str, set] = {}
+    for r in report["rows"]:
+        if r["kernel"] in ("bwd_dkdv", "bwd_dv", "bwd_dk") and not r["error"]:
+            entries.setdefault(r["kernel"], set()).add(r["entry"])
+    assert entries == {
+        "bwd_dkdv": {"_rope_attention_bwd_dkdv"},
+        "bwd_dv": {"_rope_attention_bwd_dv"},
+        "bwd_dk": {"_rope_attention_bwd_dk"},
+    }
+
+
 def test_no_reachable_config_overflows_shared_memory(report):
     over = [(r["kernel"], r["head"], r["dtype"], r["arch"], r["config"], r["smem"]) for r in report["rows"]
             if not r["fits"]]  # fmt: skip

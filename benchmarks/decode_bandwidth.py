@@ -284,6 +284,7 @@ class Shape:
     kv_heads: int
     head_dim: int
     n_new: int = 1
+    rotary_dim: int = 0  # 0: the whole head turns
 
 
 SHAPES = [
@@ -292,6 +293,8 @@ SHAPES = [
     Shape("MHA 32/32, D128", 32, 32, 128),
     Shape("Phi-3-mini (MHA 32/32, D96)", 32, 32, 96),
     Shape("SmolLM2-135M (GQA 9/3, D64)", 9, 3, 64),
+    Shape("Qwen2.5-7B (GQA 28/4, D128)", 28, 4, 128),
+    Shape("Phi-4-mini (GQA 24/8, D128, rotary 96)", 24, 8, 128, rotary_dim=96),
     # Few kv heads: a small cache a step (16 MB at 32K for one kv head of 128), the merge of many splits on one SM.
     Shape("MQA 8/1, D128", 8, 1, 128),
     Shape("GQA 16/2, D128", 16, 2, 128),
@@ -312,7 +315,7 @@ def launches(shape: Shape, length: int, batch: int, gpu: Gpu, dtype: torch.dtype
         cache = torch.empty(batch, shape.kv_heads, length, shape.head_dim, device="meta", dtype=dtype)
         paged = {}
     seqlens = torch.empty(batch, dtype=torch.int32, device="meta")
-    inv_freq = torch.empty(2, shape.head_dim // 2, device="meta")
+    inv_freq = torch.empty(2, (shape.rotary_dim or shape.head_dim) // 2, device="meta")
     rows = shape.q_heads // shape.kv_heads * shape.n_new
     block_m, block_n = decode._block_sizes(rows, shape.head_dim, dtype, paged=bool(page))
     programs = batch * shape.kv_heads * triton.cdiv(rows, block_m)

@@ -263,6 +263,58 @@ def test_triton_in_kernel_merge_every_split_count(heads, n_new, chunk, monkeypat
         assert (counters == 0).all(), "every merger resets its block's counter"
 
 
+@requires_triton
+@pytest.mark.skipif(not INTERPRETED, reason="records every load and store: Triton's interpreter")
+@pytest.mark.parametrize("chunk", ["chunk_default", "chunk_small"])
+@pytest.mark.parametrize(
+    "heads,n_new", [((4, 4), 1), ((8, 1), 1), ((6, 2), 1), ((6, 2), 3)],
+    ids=["mha_tile3d", "gqa8_unrolled", "gqa3_pad1", "gqa3_new3_pad7"],
+)  # fmt: skip
+def test_triton_merge_reads_only_written_partials(heads, n_new, chunk, monkeypatch):
+    # The merge loads the partials with no row mask and whole chunks of splits with no split mask (the partials
+    # keep MERGE_M rows a split, padding rows included): every partial it loads must have been stored in this
+    # launch, never the padding of a torch.empty or a slot of a split the sequence does not use. In the
+    # interpreter (programs one after the other; the merger last), each loaded address outside the inputs must
+    # be one stored before.
+    from triton.runtime import interpreter
+
+    from lr2kernels.ops.triton import decode
+
+    if chunk == "chunk_small":
+        monkeypatch.setattr(decode, "_MERGE_ELEMENTS_PER_THREAD", 1)
+    table = make_table(64)
+    q, k_cache, v_cache, cache_seqlens = _inputs([3, 64, 65, 130, 257], *heads, n_new, 64)
+    inv_freq = rotary.inv_freq_pair(table, q.device).contiguous()
+    inputs = [x.untyped_storage() for x in (q, k_cache, v_cache, cache_seqlens, inv_freq)]
+    stored, loaded_elsewhere = set(), []
+    original_load = interpreter.InterpreterBuilder.create_masked_load
+    original_store = interpreter.InterpreterBuilder.create_masked_store
+
+    def recording_load(builder, ptrs, mask, *args, **kwargs):
+        addresses = ptrs.data[mask.data.astype(bool)].astype("int64").ravel().tolist()
+        loaded_elsewhere.extend(
+            a for a in addresses if not any(x.data_ptr() <= a < x.data_ptr() + x.nbytes() for x in inputs)
+        )
+        return original_load(builder, ptrs, mask, *args, **kwargs)
+
+    def recording_store(builder, ptrs, value, mask, *args, **kwargs):
+        stored.update(ptrs.data[mask.data.astype(bool)].astype("int64").ravel().tolist())
+        return original_store(builder, ptrs, value, mask, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", recording_load)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", recording_store)
+    out = decode.rope_decode(
+        q, k_cache, v_cache, cache_seqlens, inv_freq, table.original_max_position, table.attention_factor_for(False),
+        table.attention_factor_for(True), q.shape[-1] ** -0.5, num_splits=9, min_split_keys=1,
+    )  # fmt: skip  # 3 keys: 3 of the 9 splits; 257 keys: all 9
+    torch.testing.assert_close(
+        out.double(), _expected(q, k_cache, v_cache, cache_seqlens, table), **TOLERANCES[torch.float32]
+    )
+    assert loaded_elsewhere, "the merge loaded partials"
+    unwritten = sorted(set(loaded_elsewhere) - stored)
+    assert not unwritten, f"{len(unwritten)} addresses loaded that no program of the launch stored"
+
+
 class _CacheReads:
     """Records, in Triton's interpreter, the slot of every element a kernel loads from the storage of the given
     caches (``[B, H, S, D]`` views whose heads are blocks of ``stride(1)`` elements; unmasked lanes only): the proof

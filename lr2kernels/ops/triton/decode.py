@@ -283,9 +283,12 @@ def _row_offsets(rows, n_new, stride_h, stride_t):
 
 
 @triton.jit
-def _part_rows(pid_bh, split, num_splits, num_rows, rows):
-    """Rows of split ``split`` of program ``pid_bh`` in the partials ``[B * Hk, num_splits, num_rows, *]``."""
-    return (tl.cast(pid_bh, tl.int64) * num_splits + split) * num_rows + rows
+def _part_rows(pid_bh, pid_m, split, num_splits, local_rows, MERGE_M: tl.constexpr):
+    """Rows ``local_rows`` (of the row block ``pid_m``) of split ``split`` of program ``pid_bh`` in the partials
+    ``[B * Hk, m_blocks, num_splits, MERGE_M, *]``: a row block's splits ``MERGE_M`` rows apart, a constant, so
+    that the merge reaches each split by an immediate offset (no address arithmetic a split)."""
+    block = tl.cast(pid_bh, tl.int64) * tl.num_programs(2) + pid_m
+    return (block * num_splits + split) * MERGE_M + local_rows
 
 
 @triton.jit
@@ -480,10 +483,13 @@ def _rope_decode_kernel(
             out = _scale(out, tl.where(poisoned, float("nan"), 1.0))
             lse = tl.where(poisoned, float("inf"), lse)
     if IS_SPLIT:
-        # Partials [B * Hk, num_splits, num_rows, HEAD_DIM] fp32 and their lse [B * Hk, num_splits, num_rows].
-        part_rows = _part_rows(pid_bh, split, num_splits, num_rows, offs_m)
-        _store_rows(O_PART, part_rows, HEAD_DIM, m_mask, out, ROW)
-        tl.store(LSE_PART + part_rows, lse, mask=m_mask)
+        # Partials [B * Hk, m_blocks, num_splits, MERGE_M, HEAD_DIM] fp32 and their lse (the same, less HEAD_DIM).
+        # A row block's real rows are among its first MERGE_M (MERGE_M >= min(BLOCK_M, num_rows)). All MERGE_M are
+        # stored (a padding row's q is 0: finite), so that the merge reads them unmasked and nothing unwritten.
+        local_m = tl.arange(0, BLOCK_M)
+        part_rows = _part_rows(pid_bh, pid_m, split, num_splits, local_m, MERGE_M)
+        _store_rows(O_PART, part_rows, HEAD_DIM, local_m < MERGE_M, out, ROW)
+        tl.store(LSE_PART + part_rows, lse, mask=local_m < MERGE_M)
         # The last of this row block's splits to finish merges them all (no second launch). The barrier puts
         # every thread's partial stores before the counter's release; the acquire puts the others' before the
         # merge's loads. The merger resets the counter, so it is 0 again for the next launch.
@@ -513,44 +519,33 @@ def _merge_splits(
     2^(lse_s - max) o_s / sum_s 2^(lse_s - max), NaN rows for an invalid length.
 
     ``MERGE_S`` splits at a time as one ``[MERGE_S, MERGE_M, HEAD_A]`` load: one round trip to L2 a chunk, where a
-    loop over the splits would wait for each. The lse load as ``[MERGE_S, MERGE_M, 1]``, in the partials' layout
-    (no layout change for their weights). ``MERGE_M`` rows: the row block's real rows, a power of two (1 for MHA
-    with one new token, not BLOCK_M's 16). Loads bypass L1 (``.cg``): the partials were written by other SMs.
+    loop over the splits would wait for each. ``MERGE_M`` rows: the row block's first rows, a power of two (1 for
+    MHA with one new token, not BLOCK_M's 16); a split's rows are ``MERGE_M`` apart in the partials
+    (:func:`_part_rows`), every one of them written by the split (padding rows too), so the rows load unmasked;
+    only the real ones are stored. Loads bypass L1 (``.cg``): the partials were written by other SMs.
 
     ``MERGE_UNROLLED``: the chunk's splits as ``MERGE_S`` loads of ``[MERGE_M, HEAD_A]``, unrolled, added element
-    by element: where a split's rows give each thread 4 or more elements (the 3D tile's reduction over the splits
-    crosses lanes and warps: 900 SASS a chunk of 16 x 8 rows at 128 channels on Triton 3.6, 480 unrolled)."""
-    if MERGE_UNROLLED:
-        _merge_unrolled(O_PART, LSE_PART, o_base, pid_bh, pid_m, num_splits, splits, num_rows, n_new, stride_oh,
-                        stride_ot, invalid, BLOCK_M, HEAD_DIM, HEAD_A, MERGE_M, MERGE_S)  # fmt: skip
-        return
-    tl.static_assert(HEAD_A >= HEAD_DIM)  # the decode holds a head in one tile (head_sizes(one_tile=True))
+    by element (:func:`_merge_unrolled`): where a split's rows give each thread 4 or more elements (the 3D tile's
+    reduction over the splits crosses lanes and warps)."""
     rows = pid_m * BLOCK_M + tl.arange(0, MERGE_M)  # [MERGE_M] packed rows
     row_mask = rows < num_rows
     cols = tl.arange(0, HEAD_A)
-    first = tl.cast(pid_bh, tl.int64) * num_splits * num_rows  # this block's split 0, row 0
-    lse_base = LSE_PART + first
-    part_base = O_PART + first * HEAD_DIM
-    m_i = tl.full([MERGE_M, 1], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([MERGE_M, 1], dtype=tl.float32)
-    acc = tl.zeros([MERGE_M, HEAD_A], dtype=tl.float32)
-    for s0 in range(0, splits, MERGE_S):
-        s = s0 + tl.arange(0, MERGE_S)
-        idx = (s[:, None] * num_rows + rows[None, :])[:, :, None]  # [MERGE_S, MERGE_M, 1] partial rows (int32)
-        mask = ((s < splits)[:, None] & row_mask[None, :])[:, :, None]
-        lse = tl.load(lse_base + idx, mask=mask, other=float("-inf"), cache_modifier=".cg")  # log2 units
-        if HEAD_A > HEAD_DIM:
-            mask = mask & (cols < HEAD_DIM)[None, None, :]
-        part = tl.load(part_base + idx * HEAD_DIM + cols[None, None, :], mask=mask, other=0.0,
-                       cache_modifier=".cg")  # fmt: skip  # [MERGE_S, MERGE_M, HEAD_A]
-        m_new = tl.maximum(m_i, tl.max(lse, axis=0))  # [MERGE_M, 1]
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        weight = tl.exp2(lse - m_safe[None, :, :])  # 0 for a split that saw no key of this row; NaN if poisoned
-        acc = acc * alpha + tl.sum(weight * part, axis=0)
-        l_i = l_i * alpha + tl.sum(weight, axis=0)
-        m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)
+    first = _part_rows(pid_bh, pid_m, 0, num_splits, 0, MERGE_M)  # this row block's split 0, row 0
+    if MERGE_UNROLLED:
+        out = _merge_unrolled(O_PART + first * HEAD_DIM, LSE_PART + first, splits, HEAD_DIM, HEAD_A, MERGE_M, MERGE_S)
+    else:
+        tl.static_assert(HEAD_A >= HEAD_DIM)  # the decode holds a head in one tile (head_sizes(one_tile=True))
+        m_i = tl.full([MERGE_M, 1], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([MERGE_M, 1], dtype=tl.float32)
+        acc = tl.zeros([MERGE_M, HEAD_A], dtype=tl.float32)
+        whole = splits // MERGE_S * MERGE_S  # the chunks that are whole take no mask
+        for s0 in range(0, whole, MERGE_S):
+            m_i, l_i, acc = _merge_tile3d(O_PART + first * HEAD_DIM, LSE_PART + first, s0, splits, m_i, l_i, acc,
+                                          False, HEAD_DIM, HEAD_A, MERGE_M, MERGE_S)  # fmt: skip
+        if whole < splits:
+            m_i, l_i, acc = _merge_tile3d(O_PART + first * HEAD_DIM, LSE_PART + first, whole, splits, m_i, l_i, acc,
+                                          True, HEAD_DIM, HEAD_A, MERGE_M, MERGE_S)  # fmt: skip
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)
     out = out * tl.where(invalid, float("nan"), 1.0)
     o_rows = _row_offsets(rows, n_new, stride_oh, stride_ot)
     tl.store(o_base + o_rows[:, None] + cols[None, :], out.to(o_base.dtype.element_ty),
@@ -558,50 +553,108 @@ def _merge_splits(
 
 
 @triton.jit
+def _merge_tile3d(
+    part_first, lse_first, s0, splits, m_i, l_i, acc, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_A: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
+):  # fmt: skip
+    """Splits ``s0 .. s0 + MERGE_S`` (``MASKED``: those below ``splits``) into the running (m_i, l_i ``[MERGE_M,
+    1]``, acc ``[MERGE_M, HEAD_A]``) as one ``[MERGE_S, MERGE_M, HEAD_A]`` load and a reduction over the splits."""
+    s = s0 + tl.arange(0, MERGE_S)
+    idx = (s[:, None] * MERGE_M + tl.arange(0, MERGE_M)[None, :])[:, :, None]  # [MERGE_S, MERGE_M, 1] partial rows
+    cols = tl.arange(0, HEAD_A)[None, None, :]
+    if MASKED:
+        mask = (s < splits)[:, None, None]
+        lse = tl.load(lse_first + idx, mask=mask, other=float("-inf"), cache_modifier=".cg")  # log2 units
+        if HEAD_A > HEAD_DIM:
+            mask = mask & (cols < HEAD_DIM)
+        part = tl.load(part_first + idx * HEAD_DIM + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        lse = tl.load(lse_first + idx, cache_modifier=".cg")
+        if HEAD_A > HEAD_DIM:
+            part = tl.load(part_first + idx * HEAD_DIM + cols, mask=cols < HEAD_DIM, other=0.0, cache_modifier=".cg")
+        else:
+            part = tl.load(part_first + idx * HEAD_DIM + cols, cache_modifier=".cg")  # [MERGE_S, MERGE_M, HEAD_A]
+    m_new = tl.maximum(m_i, tl.max(lse, axis=0))  # [MERGE_M, 1]
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    weight = tl.exp2(lse - m_safe[None, :, :])  # 0 for a split that saw no key of this row; NaN if poisoned
+    acc = acc * alpha + tl.sum(weight * part, axis=0)
+    l_i = l_i * alpha + tl.sum(weight, axis=0)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _merge_unrolled(
-    O_PART, LSE_PART, o_base, pid_bh, pid_m, num_splits, splits, num_rows, n_new, stride_oh, stride_ot, invalid,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, MERGE_M: tl.constexpr,
+    part_first, lse_first, splits, HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, MERGE_M: tl.constexpr,
     MERGE_S: tl.constexpr,
 ):  # fmt: skip
-    """:func:`_merge_splits`, each chunk's splits unrolled: their ``[MERGE_M, HEAD_A]`` loads issue together."""
-    rows = pid_m * BLOCK_M + tl.arange(0, MERGE_M)  # [MERGE_M] packed rows
-    row_mask = rows < num_rows
-    cols = tl.arange(0, HEAD_A)
-    col_mask = cols < HEAD_DIM
-    first = tl.cast(pid_bh, tl.int64) * num_splits * num_rows  # this block's split 0, row 0
-    lse_ptrs = LSE_PART + first + rows  # [MERGE_M] split 0's
-    part_ptrs = O_PART + first * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]  # [MERGE_M, HEAD_A]
+    """The merge of :func:`_merge_splits` (its ``[MERGE_M, HEAD_A]`` output), each chunk's splits unrolled: their
+    loads issue together, at offsets that are constants. The chunks that are whole take no mask; the last, if
+    partial, masks the splits past ``splits``."""
     m_i = tl.full([MERGE_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([MERGE_M], dtype=tl.float32)
     acc = tl.zeros([MERGE_M, HEAD_A], dtype=tl.float32)
-    for s0 in range(0, splits, MERGE_S):
-        lse = ()
-        part = ()
-        m_new = m_i
-        for j in tl.static_range(MERGE_S):
-            mask = tl.where(s0 + j < splits, row_mask, False)  # not &: see _paged_rows
-            step = (s0 + j) * num_rows  # partial rows from split 0's
-            lse_j = tl.load(lse_ptrs + step, mask=mask, other=float("-inf"), cache_modifier=".cg")
-            part = part + (
-                tl.load(part_ptrs + step * HEAD_DIM, mask=mask[:, None] & col_mask[None, :], other=0.0,
-                        cache_modifier=".cg"),
-            )  # fmt: skip
-            lse = lse + (lse_j,)
-            m_new = tl.maximum(m_new, lse_j)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-        for j in tl.static_range(MERGE_S):
-            weight = tl.exp2(lse[j] - m_safe)  # 0 for a split that saw no key of this row; NaN if poisoned
-            acc = tl.fma(part[j], weight[:, None], acc)
-            l_i = l_i + weight
-        m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    out = out * tl.where(invalid, float("nan"), 1.0)
-    o_rows = _row_offsets(rows, n_new, stride_oh, stride_ot)
-    tl.store(o_base + o_rows[:, None] + cols[None, :], out.to(o_base.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
+    whole = splits // MERGE_S * MERGE_S
+    for s0 in range(0, whole, MERGE_S):
+        m_i, l_i, acc = _merge_chunk(part_first, lse_first, s0, splits, m_i, l_i, acc, False, HEAD_DIM, HEAD_A,
+                                     MERGE_M, MERGE_S)  # fmt: skip
+    if whole < splits:
+        m_i, l_i, acc = _merge_chunk(part_first, lse_first, whole, splits, m_i, l_i, acc, True, HEAD_DIM, HEAD_A,
+                                     MERGE_M, MERGE_S)  # fmt: skip
+    return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+
+
+@triton.jit
+def _merge_chunk(
+    part_first, lse_first, s0, splits, m_i, l_i, acc, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_A: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
+):  # fmt: skip
+    """Splits ``s0 .. s0 + MERGE_S`` (``MASKED``: those below ``splits``) into the running (m_i, l_i, acc).
+
+    The running max and the weights come from per-split lse loads, the weights' sum from the chunk's lse as one
+    ``[MERGE_S, MERGE_M]`` load (a reduction over the splits). Summed a split at a time, the sum's chain was kept
+    in another layout than the accumulator's rows, and with it a second copy of every lse load, max and exp2
+    (881 SASS a chunk of 32 splits x 8 rows at 128 channels, sm_90, Triton 3.9; 411 so on 3.9 and 410 on 3.6).
+    Max and sum both from the 2D load is 360 on 3.9 but 457 on 3.6, whose weights then change layout a split
+    through shared memory (72 barriers a chunk)."""
+    offs_s = tl.arange(0, MERGE_S)
+    local = tl.arange(0, MERGE_M)
+    cols = tl.arange(0, HEAD_A)
+    lse_chunk = lse_first + s0 * MERGE_M
+    part_chunk = part_first + (s0 * MERGE_M) * HEAD_DIM
+    if MASKED:
+        lse_all = tl.load(lse_chunk + offs_s[:, None] * MERGE_M + local[None, :], mask=(s0 + offs_s < splits)[:, None],
+                          other=float("-inf"), cache_modifier=".cg")  # fmt: skip  # [MERGE_S, MERGE_M] log2 units
+    else:
+        lse_all = tl.load(lse_chunk + offs_s[:, None] * MERGE_M + local[None, :], cache_modifier=".cg")
+    lse = ()
+    part = ()
+    m_new = m_i
+    for j in tl.static_range(MERGE_S):
+        lse_ptrs = lse_chunk + j * MERGE_M + local  # [MERGE_M]
+        part_ptrs = part_chunk + (j * MERGE_M) * HEAD_DIM + local[:, None] * HEAD_DIM + cols[None, :]
+        if MASKED:
+            valid = (s0 + j + local * 0) < splits  # [MERGE_M], a vector: see _paged_rows
+            lse_j = tl.load(lse_ptrs, mask=valid, other=float("-inf"), cache_modifier=".cg")
+            mask = valid[:, None] & (cols < HEAD_DIM)[None, :]
+            part_j = tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        else:
+            lse_j = tl.load(lse_ptrs, cache_modifier=".cg")
+            if HEAD_A > HEAD_DIM:
+                part_j = tl.load(part_ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
+            else:
+                part_j = tl.load(part_ptrs, cache_modifier=".cg")  # [MERGE_M, HEAD_A]
+        lse = lse + (lse_j,)
+        part = part + (part_j,)
+        m_new = tl.maximum(m_new, lse_j)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    acc = acc * alpha[:, None]
+    l_i = l_i * alpha + tl.sum(tl.exp2(lse_all - m_safe[None, :]), axis=0)
+    for j in tl.static_range(MERGE_S):
+        weight = tl.exp2(lse[j] - m_safe)  # 0 for a split that saw no key of this row; NaN if poisoned
+        acc = tl.fma(part[j], weight[:, None], acc)
+    return m_new, l_i, acc
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -823,9 +876,10 @@ def rope_decode(
     is_split = num_splits > 1
     merge = _merge_tile(num_rows, block_m, num_splits, head_dim, num_warps) if is_split else (1, 1, False)
     if is_split:
-        o_part = torch.empty((batch * num_kv_heads, num_splits, num_rows, head_dim), dtype=torch.float32,
-                             device=q.device)  # fmt: skip
-        lse_part = torch.empty((batch * num_kv_heads, num_splits, num_rows), dtype=torch.float32, device=q.device)
+        # A row block's splits MERGE_M rows apart (_part_rows): [B * Hk, m_blocks, num_splits, MERGE_M, *]
+        parts = (batch * num_kv_heads, m_blocks, num_splits, merge[0])
+        o_part = torch.empty((*parts, head_dim), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(parts, dtype=torch.float32, device=q.device)
         counters = _arrival_counters(q.device, batch * num_kv_heads * m_blocks)
     else:
         o_part = lse_part = out  # unused

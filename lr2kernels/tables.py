@@ -332,6 +332,17 @@ class RopeTable:
             self._inv_freq_cache[key] = cached
         return cached
 
+    def _inv_freq_pair(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[2, rotary_dim // 2]`` fp32, row 0 the short table's frequencies, row 1 the long one's: cached, one
+        tensor object per device for every call (the Triton decode keeps its angle table per frequencies' tensor)."""
+        key = ("pair", str(torch.device(device) if device is not None else torch.device("cpu")))
+        cached = self._inv_freq_cache.get(key)
+        if cached is None:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, as in _inv_freq
+                cached = torch.stack([self._inv_freq(False, key[1]), self._inv_freq(True, key[1])])
+            self._inv_freq_cache[key] = cached
+        return cached
+
     def _cos_sin_prefix(
         self, long: bool, length: int, device: torch.device | str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

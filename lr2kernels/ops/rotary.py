@@ -17,8 +17,11 @@ from lr2kernels.tables import RopeTable
 
 
 def inv_freq_pair(table: RopeTable, device: torch.device) -> torch.Tensor:
-    """``[2, rotary_dim // 2]`` fp32 inverse frequencies on ``device``: row 0 the short table, row 1 the long one."""
-    return torch.stack([table._inv_freq(False, device), table._inv_freq(True, device)])
+    """``[2, rotary_dim // 2]`` fp32 inverse frequencies on ``device``: row 0 the short table, row 1 the long one.
+
+    Cached and shared (one tensor per table and device, never to be modified): no stack per call, and the Triton
+    decode finds its angle table for these frequencies again (``decode._step_tables``)."""
+    return table._inv_freq_pair(device)
 
 
 def default_position_ids(num_tokens: int, device: torch.device, cu_seqlens: torch.Tensor | None) -> torch.Tensor:

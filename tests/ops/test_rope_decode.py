@@ -33,6 +33,7 @@ try:  # the Triton-only tests below need the kernels' device helpers; every othe
     import triton
     import triton.language as tl
 
+    from lr2kernels.ops.triton import decode
     from lr2kernels.ops.triton.decode import _step_table, _tile_angles
 except ImportError as error:
     triton = None
@@ -285,7 +286,8 @@ def test_triton_merge_reads_only_written_partials(heads, n_new, chunk, monkeypat
     table = make_table(64)
     q, k_cache, v_cache, cache_seqlens = _inputs([3, 64, 65, 130, 257], *heads, n_new, 64)
     inv_freq = rotary.inv_freq_pair(table, q.device).contiguous()
-    inputs = [x.untyped_storage() for x in (q, k_cache, v_cache, cache_seqlens, inv_freq)]
+    step = decode._step_tables(inv_freq)  # the launch's own (cached on inv_freq)
+    inputs = [x.untyped_storage() for x in (q, k_cache, v_cache, cache_seqlens, inv_freq, step)]
     stored, loaded_elsewhere = set(), []
     original_load = interpreter.InterpreterBuilder.create_masked_load
     original_store = interpreter.InterpreterBuilder.create_masked_store
@@ -428,6 +430,33 @@ def test_triton_auto_splits_on_a_132_sm_gpu(monkeypatch, q_heads, kv_heads, expe
 
 
 @requires_triton
+def test_triton_step_tables_made_once_per_frequencies():
+    # The kernel's angle-addition table [table, cos/sin, offset, frequency]: cos/sin of HF's fp32 angles
+    # float32(t) * inv_freq, rounded once from float64; made once per frequencies' tensor (the package passes one
+    # cached tensor per table and device), again when that tensor changes in place, and never shared by another.
+    table = make_table(64)
+    pair = rotary.inv_freq_pair(table, DEVICE)
+    assert rotary.inv_freq_pair(table, DEVICE) is pair, "one cached pair per table and device"
+    step = decode._step_tables(pair)
+    assert step.shape == (2, 2, decode._STEP_ROWS, pair.shape[1]) and step.dtype == torch.float32
+    assert step.is_contiguous()
+    angles = torch.arange(decode._STEP_ROWS, dtype=torch.float32, device=DEVICE)[:, None] * pair[:, None, :]
+    torch.testing.assert_close(step[:, 0], angles.double().cos().float(), rtol=0, atol=0)
+    torch.testing.assert_close(step[:, 1], angles.double().sin().float(), rtol=0, atol=0)
+    assert decode._step_tables(pair) is step, "made once"
+    other = pair.clone()
+    assert decode._step_tables(other) is not step, "another tensor, its own table"
+    other[1] *= 2  # in place: a new version
+    changed = decode._step_tables(other)
+    torch.testing.assert_close(changed[1, 1, 1], torch.sin(other[1].double()).float(), rtol=0, atol=0)
+    with torch.inference_mode():  # no version counter: made at every call, never cached
+        inference = pair.clone()
+        first = decode._step_tables(inference)
+        assert decode._step_tables(inference) is not first
+    torch.testing.assert_close(first, step, rtol=0, atol=0)
+
+
+@requires_triton
 def test_triton_bad_num_splits():
     table = make_table(64)
     q, k_cache, v_cache, cache_seqlens = _inputs([3], 2, 1, 1, 64)
@@ -442,14 +471,15 @@ if triton is not None:
 
     @triton.jit
     def _tile_angles_kernel(
-        STARTS, INV_FREQ, COS, SIN, attention, HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-        ORDER: tl.constexpr,
+        STARTS, INV_FREQ, STEP, COS, SIN, attention, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, ORDER: tl.constexpr, STEP_ROWS: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         start = tl.load(STARTS + pid)
         cols = tl.arange(0, HALF_PAD)
         inv_freq = tl.load(INV_FREQ + cols, mask=cols < HALF, other=0.0)
-        cos_step, sin_step = _step_table((inv_freq,), BLOCK_N)  # a half of one tile
+        SPLIT: tl.constexpr = (HALF, HALF_PAD, HALF_PAD)  # a half in one tile
+        cos_step, sin_step = _step_table(STEP, 0, STEP_ROWS, BLOCK_N, SPLIT)  # the launcher's table, row 0
         cos, sin = _tile_angles(start, inv_freq, cos_step[0], sin_step[0], attention, BLOCK_N, ORDER)
         offs = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * HALF + cols[None, :]
         mask = (cols < HALF)[None, :]
@@ -497,9 +527,12 @@ def test_triton_angle_addition_precision_up_to_131k(long, block_n, order):
     attention = table.attention_factor_for(long)
     cos = torch.full((len(starts) * block_n, half), float("nan"), device=DEVICE)
     sin = torch.full_like(cos, float("nan"))
+    inv_freq_device = inv_freq.to(DEVICE)
+    step = decode._step_tables(torch.stack([inv_freq_device, inv_freq_device]))  # as the launcher makes it
     _tile_angles_kernel[(len(starts),)](
-        starts.to(DEVICE), inv_freq.to(DEVICE), cos, sin, attention,
-        HALF=half, HALF_PAD=half, BLOCK_N=block_n, ORDER=angle_order, enable_fp_fusion=False,
+        starts.to(DEVICE), inv_freq_device, step, cos, sin, attention,
+        HALF=half, HALF_PAD=half, BLOCK_N=block_n, ORDER=angle_order, STEP_ROWS=decode._STEP_ROWS,
+        enable_fp_fusion=False,
     )  # fmt: skip
     positions = (starts[:, None].long() + torch.arange(block_n)).reshape(-1)  # [len(starts) * block_n]
     angle64 = positions.double()[:, None] * inv_freq.double()[None, :]  # float64 truth from the same fp32 inv_freq

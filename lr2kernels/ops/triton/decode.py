@@ -13,7 +13,8 @@ With more than one split, each program writes a partial output and its log-sum-e
 head) row block's splits to finish merges them (log-sum-exp rule), counted by an int32 arrival counter per row block
 (:func:`_arrival_counters`: a workspace per device and stream that every launch leaves at 0): one launch, no
 second kernel's launch gap. The keys turn only by their angle's offset from their tile's first key (a
-per-program ``[BLOCK_N, HALF]`` sincos table of the in-tile offsets, corrected to HF's fp32 angle rounding), and q
+``[BLOCK_N, HALF]`` cos/sin table of the in-tile offsets, made once per frequencies' tensor on the host and loaded by
+each program, corrected to HF's fp32 angle rounding), and q
 turns the other way by that first key's angle, once per tile: ``<q, R(a + o) k> = <R(-a) q, R(o) k>``.
 
 Paged caches (``block_table``, FlashAttention's / vLLM's ``[num_blocks, block_size, Hk, D]``) are a constexpr
@@ -28,7 +29,8 @@ outside ``[0, num_blocks)`` among those a sequence reads is never read through (
 that sequence's output rows are NaN, as for a bad length.
 
 The launcher :func:`rope_decode` takes tensors and Python scalars only: the prepared ``[2, rotary_dim // 2]`` fp32
-inverse frequencies (short row, long row), L0 and the tables' attention factors.
+inverse frequencies (short row, long row), L0 and the tables' attention factors. Its offsets' cos/sin table is
+cached per frequencies' tensor (:func:`_step_tables`): pass the same tensor at every call, as the package does.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from lr2kernels.ops.triton._host import (
     LOG2E,
@@ -70,8 +73,8 @@ __all__ = ["rope_decode"]
 def _sincos(x):
     """(cos, sin) of fp32 angles ``0 <= x < 105615`` with one range reduction for both: libdevice's ``cosf`` /
     ``sinf`` fast path (the same Cody-Waite constants and polynomials, so ~1 ulp as they are), which ``tl.cos`` and
-    ``tl.sin`` each run on their own, with a slow-path branch apiece (the step table's 64 x 64 angles, 16 per
-    thread, were ~1,100 SASS of a ~1,700 prologue at 128 channels). Needs FMA contraction off (the kernel's)."""
+    ``tl.sin`` each run on their own, with a slow-path branch apiece (q's angles, and each tile's base angle).
+    Needs FMA contraction off (the kernel's)."""
     shifted = x * 0.63661974668502807617 + 12582912.0  # 1.5 x 2^23: rounds x 2/pi to an integer, exactly
     j = shifted - 12582912.0
     r = tl.fma(j, -1.5707962512969970703, x)
@@ -117,21 +120,22 @@ def _fast_sincos_end(inv_freq):
 
 
 @triton.jit
-def _step_table(inv_freq, BLOCK_N: tl.constexpr):
+def _step_table(STEP, is_long, STEP_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
     """cos/sin ``[BLOCK_N, *]``, tiled like a half, of the in-tile offsets' angles ``float32(t * inv_freq)``,
-    t < BLOCK_N.
-
-    Through :func:`_sincos` (the angles are below 128 rad, in its range; libdevice's fast-path algorithm, ~1 ulp
-    as ``tl.cos`` / ``tl.sin``): one range reduction for both, ~405 fewer SASS of prologue at 128 channels
-    (1,729 -> 1,324 on sm_90, Triton 3.9). Before the first-order angle correction it cost the loop a layout change
-    (685 -> 753 SASS a trip); since, 568 -> 570."""
+    t < BLOCK_N: the first ``BLOCK_N`` rows of table ``is_long``'s part of ``STEP`` (:func:`_step_tables`, made once
+    per frequencies' tensor on the host, in float64 rounded once). Loaded, not computed: 16 sincos a thread at 128
+    channels were ~340 of the program's ~1,214 SASS before its loop (sm_90, Triton 3.9). Padding columns: cos 1,
+    sin 0 (a zero frequency's)."""
+    rows = tl.arange(0, BLOCK_N)
+    table = STEP + is_long * (2 * STEP_ROWS * SPLIT[0])  # [2 (cos, sin), STEP_ROWS, HALF] of this table
     cos = ()
     sin = ()
-    for i in tl.static_range(len(inv_freq)):
-        step = tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * inv_freq[i][None, :]
-        c, s = _sincos(step)
-        cos = cos + (c,)
-        sin = sin + (s,)
+    for i in tl.static_range(1 + (SPLIT[0] > SPLIT[1])):  # the tiles of a half, as _inv_freq's
+        cols = i * SPLIT[1] + tl.arange(0, SPLIT[1] + i * (SPLIT[2] - SPLIT[1]))
+        offsets = rows[:, None] * SPLIT[0] + cols[None, :]
+        inside = (cols < SPLIT[0])[None, :]
+        cos = cos + (tl.load(table + offsets, mask=inside, other=1.0),)
+        sin = sin + (tl.load(table + STEP_ROWS * SPLIT[0] + offsets, mask=inside, other=0.0),)
     return cos, sin
 
 
@@ -376,7 +380,7 @@ def _paged_rows(
 
 @triton.jit
 def _rope_decode_kernel(
-    Q, K, V, O, O_PART, LSE_PART, SEQLENS, INV_FREQ,
+    Q, K, V, O, O_PART, LSE_PART, SEQLENS, INV_FREQ, STEP,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -390,7 +394,7 @@ def _rope_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     PAGE: tl.constexpr, SAME_KV_STRIDES: tl.constexpr, INT32_ROWS: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
     IDS_AHEAD: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr, MERGE_UNROLLED: tl.constexpr,
-    ANGLE_ORDER: tl.constexpr,
+    ANGLE_ORDER: tl.constexpr, STEP_ROWS: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, kv head) x KV split x block of packed rows: its output, or its partial output and lse.
 
@@ -431,7 +435,7 @@ def _rope_decode_kernel(
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
-    cos_step, sin_step = _step_table(inv_freq, BLOCK_N)  # [BLOCK_N, *], once per program
+    cos_step, sin_step = _step_table(STEP, is_long, STEP_ROWS, BLOCK_N, SPLIT)  # [BLOCK_N, *], once per program
     if PAGE == 0:
         k_base = K + _head_offset(seq, kv_head, 0, stride_kb, stride_kh, 0)
         v_base = V + _head_offset(seq, kv_head, 0, stride_vb, stride_vh, 0)
@@ -659,7 +663,9 @@ def _merge_chunk(
 
 # ------------------------------------------------------------------------------------------------ host side
 _MAX_SPLITS = 256
-_MIN_SPLIT_TILES = 4  # a split's prologue (q, the step table's sincos) is worth about one key tile
+_STEP_ROWS = 128  # the angle-addition table's rows: the largest key tile (_block_sizes)
+_STEP_TABLES = WeakTensorKeyDictionary()  # inv_freq tensor -> (its version, its step tables)
+_MIN_SPLIT_TILES = 4  # a split's prologue (q and its sincos, the step table's load) is worth about one key tile
 _NUM_STAGES = 3  # software pipeline: the k and v tiles of the next two trips load (cp.async) during this one
 # Paged with a block id per key (a block size neither dividing BLOCK_N nor a multiple of it): the ids are a load in
 # the loop that the k/v addresses depend on; Triton's pipeliner gives that chain its own stages, and only 5 keep two
@@ -689,6 +695,28 @@ def _arrival_counters(device: torch.device, count: int) -> Tensor:
         if device.type != "meta":
             _COUNTERS[key] = counters
     return counters
+
+
+def _step_tables(inv_freq: Tensor) -> Tensor:
+    """``[2, 2, _STEP_ROWS, HALF]`` fp32 (table: short, long; cos, sin; in-tile offset t; frequency) of the angles
+    ``float32(t) * inv_freq`` rounded in fp32 as HF's (and as the kernel's were), their cos/sin in float64 rounded
+    once: the kernel's angle-addition table (:func:`_step_table`), the same for every program and every call.
+
+    Cached per ``inv_freq`` tensor (weakly: it goes with the tensor) and its version (an in-place change makes a new
+    one). The package's calls pass one cached tensor per (table, device) (:func:`rotary.inv_freq_pair`), so the table
+    is made once; a caller passing a new tensor at every call gets a new table at every call (a few small ops)."""
+    # An inference tensor has no version counter: no cache (it could change in place unseen).
+    version = None if inv_freq.is_inference() else inv_freq._version
+    cached = _STEP_TABLES.get(inv_freq) if version is not None else None
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whatever the caller's mode
+        offsets = torch.arange(_STEP_ROWS, device=inv_freq.device, dtype=torch.float32)
+        angles = (offsets[:, None] * inv_freq[:, None, :]).double()  # [2, _STEP_ROWS, HALF]: fp32 products
+        step = torch.stack([angles.cos(), angles.sin()], dim=1).float().contiguous()
+    if version is not None:
+        _STEP_TABLES[inv_freq] = (version, step)
+    return step
 
 
 def _merge_tile(num_rows: int, block_m: int, num_splits: int, head_dim: int, num_warps: int) -> tuple[int, int, bool]:
@@ -781,9 +809,9 @@ def _programs_per_sm(head_dim: int) -> int:
 def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device, head_dim: int = 128) -> int:
     """The grid's splits per (sequence, kv head): one wave of programs when every sequence fills the cache (as many
     as the SMs hold at once, :func:`_programs_per_sm`, rounded down so that they spread evenly), each >=
-    ``_MIN_SPLIT_TILES`` key tiles. A second wave would pay its programs' prologue (q's and the step table's
-    sincos, ~2.5 key tiles) with no load in flight on that SM: at batch 1, 32K and 8 kv heads, 33 splits in two
-    waves are predicted at 66% of H200's bandwidth, 16 in one at 72%.
+    ``_MIN_SPLIT_TILES`` key tiles. A second wave would pay its programs' prologue (q and its sincos, ~1.5 key
+    tiles) with no load in flight on that SM: at batch 1, 32K and 8 kv heads, 33 splits in two waves were predicted
+    at 66% of H200's bandwidth, 16 in one at 72% (before the step table was loaded).
 
     Decided from the cache's capacity (no host sync); each sequence then uses as many of them as its own length
     fills (:func:`_sequence_splits`), so a short sequence in a long cache costs a few idle programs, not splits of
@@ -889,8 +917,9 @@ def rope_decode(
     seqlens = int32(cache_seqlens)
     if counters is None:
         counters = seqlens  # unused: any int32 pointer
+    assert block_n <= _STEP_ROWS, (block_n, _STEP_ROWS)
     _rope_decode_kernel[(batch * num_kv_heads, num_splits, m_blocks)](
-        q, k_cache, v_cache, out, o_part, lse_part, seqlens, inv_freq,
+        q, k_cache, v_cache, out, o_part, lse_part, seqlens, inv_freq, _step_tables(inv_freq),
         q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides,
         *out_strides, num_kv_heads, group, n_new, max_len, num_splits, min_split_keys, original_max_position,
         softmax_scale * LOG2E, attention_short, attention_long, table, *table_args, counters,
@@ -899,7 +928,7 @@ def rope_decode(
         SAME_KV_STRIDES=page != 0 and k_strides == v_strides, INT32_ROWS=int32_rows,
         ALIGNED_ROWS=aligned_rows,
         MERGE_M=merge[0], MERGE_S=merge[1], MERGE_UNROLLED=merge[2],
-        IDS_AHEAD=ids_ahead, ANGLE_ORDER=_angle_order(q.dtype), num_warps=num_warps,
+        IDS_AHEAD=ids_ahead, ANGLE_ORDER=_angle_order(q.dtype), STEP_ROWS=_STEP_ROWS, num_warps=num_warps,
         num_stages=_NUM_STAGES_PAGED if page and not ids_ahead else _NUM_STAGES,
         maxnreg=255,  # else ptxas caps itself at 128 and spills as launched (16 B at 96 channels on sm_80)
         enable_fp_fusion=False,  # the angle products must round as HF's do (see _tile_angles)

@@ -183,20 +183,69 @@ def _inv_freq(inv_freq_ptr, is_long, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _sincos(x):
+    """(cos, sin) of fp32 angles ``0 <= x < 105615`` with one range reduction for both: libdevice's ``cosf`` /
+    ``sinf`` fast path (the same Cody-Waite constants and polynomials, so ~1 ulp as they are), which ``tl.cos`` and
+    ``tl.sin`` each run on their own, with a slow-path branch apiece (decode's q angles and tile base angles).
+    Needs FMA contraction off (as the decode kernel is compiled)."""
+    shifted = x * 0.63661974668502807617 + 12582912.0  # 1.5 x 2^23: rounds x 2/pi to an integer, exactly
+    j = shifted - 12582912.0
+    r = tl.fma(j, -1.5707962512969970703, x)
+    r = tl.fma(j, -7.5497894158615963534e-08, r)
+    r = tl.fma(j, -5.3903029534742383927e-15, r)  # x - j pi/2, |r| <= pi/4
+    quadrant = j.to(tl.int32)
+    r2 = r * r
+    cos_r = tl.fma(r2, 2.4279579520225525e-05, -0.0013887860113754869)  # Horner, libdevice's coefficients
+    cos_r = tl.fma(r2, cos_r, 0.041666727513074875)
+    cos_r = tl.fma(r2, cos_r, -0.4999999701976776)
+    cos_r = tl.fma(r2, cos_r, 1.0)
+    sin_r = tl.fma(r2, -0.00019574658654164523, 0.00833270326256752)
+    sin_r = tl.fma(r2, sin_r, -0.16666662693023682)
+    sin_r = tl.fma(r * r2, sin_r, r)
+    odd = (quadrant & 1) != 0
+    sin = tl.where(odd, cos_r, sin_r)
+    cos = tl.where(odd, sin_r, cos_r)
+    sin = tl.where((quadrant & 2) != 0, -sin, sin)
+    cos = tl.where(((quadrant + 1) & 2) != 0, -cos, cos)
+    return cos, sin
+
+
+@triton.jit
+def _sincos_if(angle, fast):
+    """(cos, sin) of fp32 angles: :func:`_sincos` where ``fast`` (every angle below 105615, its range), else
+    libdevice's ``cos`` and ``sin``, each with its own range reduction and slow path."""
+    if fast:
+        cos, sin = _sincos(angle)
+    else:
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
+    return cos, sin
+
+
+@triton.jit
+def _angles_of(pos, inv_freq, attention, fast):
+    """Scaled (cos, sin), each tiled like a half ``[BLOCK, *]``, for integer positions ``[BLOCK]`` and the inverse
+    frequencies' tiles ``inv_freq``: HF's angle ``float32(pos) * inv_freq`` rounded once in fp32. ``fast``: every
+    angle is in :func:`_sincos`'s range (a run-time flag, decode's queries), else libdevice's ``cos`` and ``sin``
+    (``False`` as a constant: no branch)."""
+    cos = ()
+    sin = ()
+    for i in tl.static_range(len(inv_freq)):
+        angle = pos.to(tl.float32)[:, None] * inv_freq[i][None, :]  # [BLOCK, A or B]
+        cos_i, sin_i = _sincos_if(angle, fast)
+        cos = cos + (cos_i * attention,)
+        sin = sin + (sin_i * attention,)
+    return cos, sin
+
+
+@triton.jit
 def _angles(pos, inv_freq_ptr, is_long, attention, SPLIT: tl.constexpr):
     """Scaled (cos, sin), each tiled like a half ``[BLOCK, *]``, for integer positions ``[BLOCK]``.
 
     The angle is HF's: ``float32(pos) * inv_freq`` rounded once in fp32; ``inv_freq_ptr`` holds the short table's
     ``HALF`` frequencies followed by the long table's.
     """
-    inv_freq = _inv_freq(inv_freq_ptr, is_long, SPLIT)
-    cos = ()
-    sin = ()
-    for i in tl.static_range(len(inv_freq)):
-        angle = pos.to(tl.float32)[:, None] * inv_freq[i][None, :]  # [BLOCK, A or B]
-        cos = cos + (tl.cos(angle) * attention,)
-        sin = sin + (tl.sin(angle) * attention,)
-    return cos, sin
+    return _angles_of(pos, _inv_freq(inv_freq_ptr, is_long, SPLIT), attention, False)
 
 
 @triton.jit

@@ -54,6 +54,7 @@ from lr2kernels.ops.triton._host import (
     triton_interpreting,
 )
 from lr2kernels.ops.triton._jit import (
+    _angles_of,
     _attend_finish,
     _attend_tile,
     _cast,
@@ -62,51 +63,12 @@ from lr2kernels.ops.triton._jit import (
     _load_split,
     _rotate_cast,
     _scale,
+    _sincos_if,
     _store_rows,
     _zeros_fp32,
 )
 
 __all__ = ["rope_decode"]
-
-
-@triton.jit
-def _sincos(x):
-    """(cos, sin) of fp32 angles ``0 <= x < 105615`` with one range reduction for both: libdevice's ``cosf`` /
-    ``sinf`` fast path (the same Cody-Waite constants and polynomials, so ~1 ulp as they are), which ``tl.cos`` and
-    ``tl.sin`` each run on their own, with a slow-path branch apiece (q's angles, and each tile's base angle).
-    Needs FMA contraction off (the kernel's)."""
-    shifted = x * 0.63661974668502807617 + 12582912.0  # 1.5 x 2^23: rounds x 2/pi to an integer, exactly
-    j = shifted - 12582912.0
-    r = tl.fma(j, -1.5707962512969970703, x)
-    r = tl.fma(j, -7.5497894158615963534e-08, r)
-    r = tl.fma(j, -5.3903029534742383927e-15, r)  # x - j pi/2, |r| <= pi/4
-    quadrant = j.to(tl.int32)
-    r2 = r * r
-    cos_r = tl.fma(r2, 2.4279579520225525e-05, -0.0013887860113754869)  # Horner, libdevice's coefficients
-    cos_r = tl.fma(r2, cos_r, 0.041666727513074875)
-    cos_r = tl.fma(r2, cos_r, -0.4999999701976776)
-    cos_r = tl.fma(r2, cos_r, 1.0)
-    sin_r = tl.fma(r2, -0.00019574658654164523, 0.00833270326256752)
-    sin_r = tl.fma(r2, sin_r, -0.16666662693023682)
-    sin_r = tl.fma(r * r2, sin_r, r)
-    odd = (quadrant & 1) != 0
-    sin = tl.where(odd, cos_r, sin_r)
-    cos = tl.where(odd, sin_r, cos_r)
-    sin = tl.where((quadrant & 2) != 0, -sin, sin)
-    cos = tl.where(((quadrant + 1) & 2) != 0, -cos, cos)
-    return cos, sin
-
-
-@triton.jit
-def _sincos_if(angle, fast):
-    """(cos, sin) of fp32 angles: :func:`_sincos` where ``fast`` (every angle below 105615, its range), else
-    libdevice's ``cos`` and ``sin``, each with its own range reduction and slow path."""
-    if fast:
-        cos, sin = _sincos(angle)
-    else:
-        cos = tl.cos(angle)
-        sin = tl.sin(angle)
-    return cos, sin
 
 
 @triton.jit
@@ -220,13 +182,7 @@ def _query_rotated(q_base, q_rows, m_mask, q_pos, inv_freq, fast, attention, SPL
     one range reduction for each angle's cos and sin, not one apiece with a slow-path branch each: 16 rows x 64
     angles at 128 channels are 4 a thread, ~50 SASS each through ``tl.cos`` and ``tl.sin``."""
     q1, q2, qp = _load_split(q_base, q_rows, 1, m_mask, SPLIT)  # [BLOCK_M, *] fp32
-    cos = ()
-    sin = ()
-    for i in tl.static_range(len(inv_freq)):
-        angle = q_pos.to(tl.float32)[:, None] * inv_freq[i][None, :]  # [BLOCK_M, *]
-        cos_i, sin_i = _sincos_if(angle, fast)
-        cos = cos + (cos_i * attention,)
-        sin = sin + (sin_i * attention,)
+    cos, sin = _angles_of(q_pos, inv_freq, attention, fast)
     return _rotate_cast(q1, q2, qp, cos, sin, tl.float32, False)
 
 

@@ -20,8 +20,8 @@ The model, for batch B, kv heads Hk, q heads Hq, n new tokens, a cache filled to
 - the grid: programs = B x Hk x splits (the launcher's choice for that GPU's SM count), spread evenly: the busiest
   SM streams ceil(programs / SMs) programs' bytes, min(that, programs per SM) at a time (fewer concurrent programs,
   fewer bytes in flight). Its time = bytes / min(BW / SMs, in flight / latency, issue bound), plus each program's
-  prologue and epilogue (the fast-path SASS before and after the loop: q, the step table's sincos, the stores)
-  and the in-kernel merge: the last split of each (sequence, kv head) to finish merges all of them, after an
+  prologue and epilogue (the fast-path SASS before and after the loop: q and its sincos, the step table's load, the
+  stores) and the in-kernel merge: the last split of each (sequence, kv head) to finish merges all of them, after an
   atomic arrival count (its fence and the atomic: two L2 round trips), one L2 round trip and one trip of the
   merge's loop (SASS, as compiled) per chunk of ``MERGE_S`` splits; no second launch. (A merge kernel, as
   before the in-kernel merge: a launch gap, then an L2 round trip and a loop trip per split.)

@@ -338,8 +338,11 @@ class RopeTable:
         key = ("pair", str(torch.device(device) if device is not None else torch.device("cpu")))
         cached = self._inv_freq_cache.get(key)
         if cached is None:
+            # Stacked on the CPU and copied, as _inv_freq's own values are: inside a CUDA graph capture a device-side
+            # stack would only be recorded (the cached pair would hold nothing until a replay); the copy of pageable
+            # memory is refused there instead, loudly.
             with torch.inference_mode(False), torch.no_grad():  # plain tensors, as in _inv_freq
-                cached = torch.stack([self._inv_freq(False, key[1]), self._inv_freq(True, key[1])])
+                cached = torch.stack([self._inv_freq(False), self._inv_freq(True)]).to(key[1])
             self._inv_freq_cache[key] = cached
         return cached
 

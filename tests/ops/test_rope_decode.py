@@ -430,13 +430,14 @@ def test_triton_auto_splits_on_a_132_sm_gpu(monkeypatch, q_heads, kv_heads, expe
 
 
 @requires_triton
-def test_triton_step_tables_made_once_per_frequencies():
+def test_triton_step_tables_made_once_per_frequencies(monkeypatch):
     # The kernel's angle-addition table [table, cos/sin, offset, frequency]: cos/sin of HF's fp32 angles
     # float32(t) * inv_freq, rounded once from float64; made once per frequencies' tensor (the package passes one
     # cached tensor per table and device), again when that tensor changes in place, and never shared by another.
     table = make_table(64)
     pair = rotary.inv_freq_pair(table, DEVICE)
     assert rotary.inv_freq_pair(table, DEVICE) is pair, "one cached pair per table and device"
+    assert torch.equal(pair, torch.stack([table._inv_freq(False, DEVICE), table._inv_freq(True, DEVICE)]))
     step = decode._step_tables(pair)
     assert step.shape == (2, 2, decode._STEP_ROWS, pair.shape[1]) and step.dtype == torch.float32
     assert step.is_contiguous()
@@ -449,6 +450,13 @@ def test_triton_step_tables_made_once_per_frequencies():
     other[1] *= 2  # in place: a new version
     changed = decode._step_tables(other)
     torch.testing.assert_close(changed[1, 1, 1], torch.sin(other[1].double()).float(), rtol=0, atol=0)
+    # Inside a CUDA graph capture a new table would only be recorded: refused, loudly (the check itself, as a
+    # capture cannot run on the CPU).
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="inside a CUDA graph capture.*warm-up"):
+        decode._refuse_capture(torch.device("cuda"))
+    decode._refuse_capture(torch.device("cpu"))  # only CUDA captures
+    monkeypatch.undo()
     with torch.inference_mode():  # no version counter: made at every call, never cached
         inference = pair.clone()
         first = decode._step_tables(inference)

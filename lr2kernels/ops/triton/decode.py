@@ -653,6 +653,17 @@ def _arrival_counters(device: torch.device, count: int) -> Tensor:
     return counters
 
 
+def _refuse_capture(device: torch.device) -> None:
+    """A table made inside a CUDA graph capture would only be recorded: cached, it would hold nothing for a call
+    outside the graph until the graph replays. Refused, with what to do."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "rope_decode: the RoPE step table for these frequencies would be made inside a CUDA graph capture, "
+            "where it is only recorded; run one decode step before capturing (a warm-up step, as CUDA-graph "
+            "runners do), and the capture reuses the table made then"
+        )
+
+
 def _step_tables(inv_freq: Tensor) -> Tensor:
     """``[2, 2, _STEP_ROWS, HALF]`` fp32 (table: short, long; cos, sin; in-tile offset t; frequency) of the angles
     ``float32(t) * inv_freq`` rounded in fp32 as HF's (and as the kernel's were), their cos/sin in float64 rounded
@@ -666,6 +677,7 @@ def _step_tables(inv_freq: Tensor) -> Tensor:
     cached = _STEP_TABLES.get(inv_freq) if version is not None else None
     if cached is not None and cached[0] == version:
         return cached[1]
+    _refuse_capture(inv_freq.device)
     with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whatever the caller's mode
         offsets = torch.arange(_STEP_ROWS, device=inv_freq.device, dtype=torch.float32)
         angles = (offsets[:, None] * inv_freq[:, None, :]).double()  # [2, _STEP_ROWS, HALF]: fp32 products

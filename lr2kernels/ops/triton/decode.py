@@ -485,27 +485,33 @@ def _merge_splits(
     only the real ones are stored. Loads bypass L1 (``.cg``): the partials were written by other SMs.
 
     ``MERGE_UNROLLED``: the chunk's splits as ``MERGE_S`` loads of ``[MERGE_M, HEAD_A]``, unrolled, added element
-    by element (:func:`_merge_unrolled`): where a split's rows give each thread 4 or more elements (the 3D tile's
+    by element (:func:`_merge_chunk`): where a split's rows give each thread 4 or more elements (the 3D tile's
     reduction over the splits crosses lanes and warps)."""
     rows = pid_m * BLOCK_M + tl.arange(0, MERGE_M)  # [MERGE_M] packed rows
     row_mask = rows < num_rows
     cols = tl.arange(0, HEAD_A)
+    tl.static_assert(HEAD_A >= HEAD_DIM)  # the decode holds a head in one tile (head_sizes(one_tile=True))
     first = _part_rows(pid_bh, pid_m, 0, num_splits, 0, MERGE_M)  # this row block's split 0, row 0
+    part_first = O_PART + first * HEAD_DIM
+    lse_first = LSE_PART + first
+    # The running max and weight sum: [MERGE_M] rows unrolled, [MERGE_M, 1] beside the 3D tile (its layout).
     if MERGE_UNROLLED:
-        out = _merge_unrolled(O_PART + first * HEAD_DIM, LSE_PART + first, splits, HEAD_DIM, HEAD_A, MERGE_M, MERGE_S)
+        m_i = tl.full([MERGE_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([MERGE_M], dtype=tl.float32)
     else:
-        tl.static_assert(HEAD_A >= HEAD_DIM)  # the decode holds a head in one tile (head_sizes(one_tile=True))
         m_i = tl.full([MERGE_M, 1], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([MERGE_M, 1], dtype=tl.float32)
-        acc = tl.zeros([MERGE_M, HEAD_A], dtype=tl.float32)
-        whole = splits // MERGE_S * MERGE_S  # the chunks that are whole take no mask
-        for s0 in range(0, whole, MERGE_S):
-            m_i, l_i, acc = _merge_tile3d(O_PART + first * HEAD_DIM, LSE_PART + first, s0, splits, m_i, l_i, acc,
-                                          False, HEAD_DIM, HEAD_A, MERGE_M, MERGE_S)  # fmt: skip
-        if whole < splits:
-            m_i, l_i, acc = _merge_tile3d(O_PART + first * HEAD_DIM, LSE_PART + first, whole, splits, m_i, l_i, acc,
-                                          True, HEAD_DIM, HEAD_A, MERGE_M, MERGE_S)  # fmt: skip
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)
+    acc = tl.zeros([MERGE_M, HEAD_A], dtype=tl.float32)
+    whole = splits // MERGE_S * MERGE_S  # the chunks that are whole take no mask; the last, if partial, does
+    for s0 in range(0, whole, MERGE_S):
+        m_i, l_i, acc = _merge_any(part_first, lse_first, s0, splits, m_i, l_i, acc, False, MERGE_UNROLLED,
+                                   HEAD_DIM, HEAD_A, MERGE_M, MERGE_S)  # fmt: skip
+    if whole < splits:
+        m_i, l_i, acc = _merge_any(part_first, lse_first, whole, splits, m_i, l_i, acc, True, MERGE_UNROLLED,
+                                   HEAD_DIM, HEAD_A, MERGE_M, MERGE_S)  # fmt: skip
+    if MERGE_UNROLLED:
+        l_i = l_i[:, None]
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)
     out = out * tl.where(invalid, float("nan"), 1.0)
     o_rows = _row_offsets(rows, n_new, stride_oh, stride_ot)
     tl.store(o_base + o_rows[:, None] + cols[None, :], out.to(o_base.dtype.element_ty),
@@ -544,24 +550,17 @@ def _merge_tile3d(
 
 
 @triton.jit
-def _merge_unrolled(
-    part_first, lse_first, splits, HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, MERGE_M: tl.constexpr,
-    MERGE_S: tl.constexpr,
+def _merge_any(
+    part_first, lse_first, s0, splits, m_i, l_i, acc, MASKED: tl.constexpr, UNROLLED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_A: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
 ):  # fmt: skip
-    """The merge of :func:`_merge_splits` (its ``[MERGE_M, HEAD_A]`` output), each chunk's splits unrolled: their
-    loads issue together, at offsets that are constants. The chunks that are whole take no mask; the last, if
-    partial, masks the splits past ``splits``."""
-    m_i = tl.full([MERGE_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([MERGE_M], dtype=tl.float32)
-    acc = tl.zeros([MERGE_M, HEAD_A], dtype=tl.float32)
-    whole = splits // MERGE_S * MERGE_S
-    for s0 in range(0, whole, MERGE_S):
-        m_i, l_i, acc = _merge_chunk(part_first, lse_first, s0, splits, m_i, l_i, acc, False, HEAD_DIM, HEAD_A,
-                                     MERGE_M, MERGE_S)  # fmt: skip
-    if whole < splits:
-        m_i, l_i, acc = _merge_chunk(part_first, lse_first, whole, splits, m_i, l_i, acc, True, HEAD_DIM, HEAD_A,
-                                     MERGE_M, MERGE_S)  # fmt: skip
-    return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    """One chunk of the merge, unrolled (:func:`_merge_chunk`) or as a 3D tile (:func:`_merge_tile3d`)."""
+    if UNROLLED:
+        return _merge_chunk(part_first, lse_first, s0, splits, m_i, l_i, acc, MASKED, HEAD_DIM, HEAD_A, MERGE_M,
+                            MERGE_S)  # fmt: skip
+    else:
+        return _merge_tile3d(part_first, lse_first, s0, splits, m_i, l_i, acc, MASKED, HEAD_DIM, HEAD_A, MERGE_M,
+                             MERGE_S)  # fmt: skip
 
 
 @triton.jit
@@ -582,11 +581,11 @@ def _merge_chunk(
     cols = tl.arange(0, HEAD_A)
     lse_chunk = lse_first + s0 * MERGE_M
     part_chunk = part_first + (s0 * MERGE_M) * HEAD_DIM
+    lse_all_ptrs = lse_chunk + offs_s[:, None] * MERGE_M + local[None, :]  # [MERGE_S, MERGE_M]
     if MASKED:
-        lse_all = tl.load(lse_chunk + offs_s[:, None] * MERGE_M + local[None, :], mask=(s0 + offs_s < splits)[:, None],
-                          other=float("-inf"), cache_modifier=".cg")  # fmt: skip  # [MERGE_S, MERGE_M] log2 units
+        lse_all = tl.load(lse_all_ptrs, mask=(s0 + offs_s < splits)[:, None], other=float("-inf"), cache_modifier=".cg")
     else:
-        lse_all = tl.load(lse_chunk + offs_s[:, None] * MERGE_M + local[None, :], cache_modifier=".cg")
+        lse_all = tl.load(lse_all_ptrs, cache_modifier=".cg")  # log2 units
     lse = ()
     part = ()
     m_new = m_i
